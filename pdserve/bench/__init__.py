@@ -1,0 +1,1 @@
+"""Benchmarks: serving load generator and KV transfer throughput."""

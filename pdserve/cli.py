@@ -1,0 +1,28 @@
+"""``pdserve`` command line: one subcommand per job, each defined next to the code it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("pdserve.engine.cli", "offline generation with the engine"),
+    "serve": ("pdserve.server.cli", "run an HTTP server (mixed, prefill or decode mode)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefill/decode disaggregation: bootstrap service, handshake and KV transfer backends."""

@@ -1,0 +1,1 @@
+"""The inference engine: paged KV pool, continuous-batching scheduler, sampler, offline API."""

@@ -1,0 +1,188 @@
+"""Requests inside the engine: sampling parameters, per-request state and per-step outputs.
+
+Parameter names are SGLang's (``max_new_tokens``, ``stop_token_ids``, ``min_p`` ...) so a
+``sampling_params`` dict written for SGLang works unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class RequestError(ValueError):
+    """Invalid request input; the message names the offending field and the allowed range."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    seed: int | None = None
+    n: int = 1
+
+    _ALIASES = {"sampling_seed": "seed"}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> SamplingParams:
+        """Validate a user-supplied dict; unknown keys and wrong types raise :class:`RequestError`."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise RequestError(f"sampling_params must be an object, got {type(raw).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = cls._ALIASES.get(key, key)
+            if name not in known:
+                raise RequestError(
+                    f"unknown sampling parameter {key!r}; known: {', '.join(sorted(known))}"
+                )
+            if value is None:
+                continue
+            values[name] = _coerce(name, value, known[name].type)
+        params = cls(**values)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise RequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
+            raise RequestError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise RequestError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise RequestError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            raise RequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise RequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if self.n != 1:
+            raise RequestError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check a JSON value against the field's declared type, allowing int for float."""
+    kind = str(annotation)
+    if name == "stop":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise RequestError("stop must be a string or a list of strings")
+    if name == "stop_token_ids":
+        if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return list(value)
+        raise RequestError("stop_token_ids must be a list of integers")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise RequestError(f"{name} must be a boolean, got {type(value).__name__}")
+    if kind.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if kind.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RequestError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+class ReqState(enum.Enum):
+    WAITING = "waiting"  # queued, no KV yet (or retracted)
+    WAITING_KV = "waiting_kv"  # pages allocated, KV being filled by another server (P/D decode)
+    PREFILLING = "prefilling"  # prompt chunks being computed
+    DECODING = "decoding"
+    PREFILL_DONE = "prefill_done"  # P/D prefill: KV computed and held until handed off
+    FINISHED = "finished"
+
+
+@dataclass
+class Req:
+    """One generation request as the scheduler sees it."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    stop_after_prefill: bool = False  # P/D prefill side: keep KV after the first token
+    prefilled_externally: bool = False  # P/D decode side: KV arrives from a prefill server
+    # --- mutable state ---
+    state: ReqState = ReqState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the pool
+    finish_reason: dict[str, Any] | None = None
+    generator: Any = None  # torch.Generator when seeded
+    arrival_order: int = 0
+    num_retractions: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of some tokens: ``values[i]`` for ``ids[i]``, plus top-k alternatives per position."""
+
+    ids: list[int] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one scheduler step produced for one request."""
+
+    rid: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: dict[str, Any] | None = None
+    output_logprobs: TokenLogprobs | None = None
+    input_logprobs: TokenLogprobs | None = None  # sent once, when the prompt finished prefilling
+    prompt_tokens: int = 0
+    cached_tokens: int = 0

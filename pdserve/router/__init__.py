@@ -1,0 +1,1 @@
+"""External scheduler that places each request's prefill and decode halves independently."""
