@@ -48,6 +48,8 @@ class Engine:
             raise RequestError("sampling_params and rid lists must have one entry per prompt")
         reqs: list[Req] = []
         for i in range(n):
+            if prompts is not None and not prompts[i]:
+                raise RequestError("the prompt is empty: text must contain at least one character")
             ids = self.tokenizer.encode(prompts[i]) if prompts is not None else list(id_lists[i])
             reqs.append(
                 Req(
