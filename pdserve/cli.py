@@ -10,6 +10,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.cli", "offline generation with the engine"),
     "serve": ("pdserve.server.cli", "run an HTTP server (mixed, prefill or decode mode)"),
+    "router": ("pdserve.router.cli", "route requests to prefill/decode (or mixed) servers"),
+    "launch": ("pdserve.router.launch", "start prefill and decode servers plus a router"),
 }
 
 

@@ -1,0 +1,323 @@
+"""The router's ASGI app: routes, body checks, API key, and the lifespan of its session and loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pdserve import __version__
+from pdserve.router.config import RouterConfig, WorkerSpec, check_url
+from pdserve.router.errors import RouterError, error_response
+from pdserve.router.fleet import Fleet, ModeMismatch
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pairing import NoWorkers, Pairing
+from pdserve.router.policies import make_policy
+from pdserve.router.proxy import Proxy
+from pdserve.router.request_info import request_info
+from pdserve.router.upstream import Upstream
+
+logger = logging.getLogger("pdserve.router")
+
+OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
+FORWARDED_HEADERS = ("authorization", "x-request-id")
+ROLE_ALIASES = {"prefill": "prefill", "decode": "decode", "mixed": "mixed", "regular": "mixed"}
+
+
+class ApiKeyMiddleware:
+    """Require ``Authorization: Bearer KEY`` on every path but :data:`OPEN_PATHS`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+                await error_response(scope["path"], 401, message, "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RouterState:
+    """Everything one router app owns; the session, upstream and proxy exist while it runs."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.fleet = Fleet(config, self.metrics)
+        self.prefill_policy = make_policy(config.prefill_policy, config)
+        self.decode_policy = make_policy(config.decode_policy, config)
+        self.fleet.poll_load = self.prefill_policy.uses_load or self.decode_policy.uses_load
+        for policy in (self.prefill_policy, self.decode_policy):
+            self.fleet.on_units_dropped.append(policy.forget)
+        self.pairing = Pairing(self.fleet, self.prefill_policy, self.decode_policy, config.dp_coupled)
+        self.session: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self.worker_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        upstream = Upstream(self.session, self.config.request_timeout_secs, self.config.connect_timeout_secs)
+        self.proxy = Proxy(self.config, self.fleet, self.pairing, upstream, self.metrics)
+        self.fleet.start(self.session)
+
+    async def stop(self) -> None:
+        await self.fleet.stop()
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.session is not None:
+            await self.session.close()
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 beyond ``limit`` bytes, 400 when it is not a JSON object."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RouterError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise RouterError(400, "empty request body: send a JSON object")
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise RouterError(400, f"invalid JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise RouterError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    if body.get("stream") not in (None, True, False):
+        raise RouterError(400, f"stream must be a boolean, got {body['stream']!r}")
+    return body
+
+
+async def until_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or cancel ``work`` if the client disconnects first (body already read)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
+
+
+def create_app(config: RouterConfig) -> Starlette:
+    """The router's app; ``app.state.router`` holds its :class:`RouterState`."""
+    state = RouterState(config)
+
+    def forwarded_headers(request: Request) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **state.worker_headers}
+        for name in FORWARDED_HEADERS:
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    async def proxied(request: Request) -> Response:
+        started = time.perf_counter()
+        route = request.url.path
+        assert state.proxy is not None
+        body = await read_json(request, config.max_payload_size)
+        info = request_info(route, body)
+        state.metrics.inflight.inc()
+        try:
+            return await until_disconnected(
+                request, state.proxy.handle(route, body, info, forwarded_headers(request), started)
+            )
+        finally:
+            state.metrics.inflight.dec()
+
+    async def health(request: Request) -> Response:
+        missing = state.fleet.ready()
+        if missing is not None:
+            return error_response("/health", 503, missing)
+        return JSONResponse({"status": "ok"})
+
+    async def liveness(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def models(request: Request) -> Response:
+        names: dict[str, None] = {}
+        for w in state.fleet.workers.values():
+            name = w.info.get("served_model_name")
+            if w.healthy and isinstance(name, str):
+                names[name] = None
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "pdserve"} for n in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_loads(request: Request) -> Response:
+        units = []
+        for w in state.fleet.workers.values():
+            for u in w.units:
+                units.append({
+                    "worker": w.url, "type": w.role, "dp_rank": u.rank, "healthy": w.healthy, "load": u.load,
+                    "router_inflight_tokens": u.inflight_tokens, "router_inflight_requests": u.inflight_requests,
+                    "reported": u.reported,
+                })
+        return JSONResponse({"units": units})
+
+    async def workers(request: Request) -> Response:
+        return JSONResponse({
+            "pd_disaggregation": config.pd_disaggregation,
+            "prefill_policy": config.prefill_policy if config.pd_disaggregation else None,
+            "decode_policy": config.decode_policy if config.pd_disaggregation else None,
+            "policy": None if config.pd_disaggregation else config.prefill_policy,
+            "dp_coupled": config.dp_coupled,
+            "workers": state.fleet.describe(),
+        })
+
+    async def server_info(request: Request) -> Response:
+        return JSONResponse({"router": "pdserve", "version": __version__, "workers": state.fleet.describe()})
+
+    async def add_worker(request: Request) -> Response:
+        q = request.query_params
+        url = q.get("url")
+        if not url:
+            raise RouterError(400, "url is required: POST /add_worker?url=http://HOST:PORT&type=prefill|decode")
+        try:
+            url = check_url(url)
+        except ValueError as e:
+            raise RouterError(400, str(e)) from None
+        kind = q.get("type", q.get("worker_type"))
+        if config.pd_disaggregation:
+            if kind not in ("prefill", "decode"):
+                raise RouterError(400, f"type must be prefill or decode in P/D mode, got {kind!r}")
+        elif kind not in (None, "mixed", "regular"):
+            raise RouterError(400, f"type must be regular (or absent) without --pd-disaggregation, got {kind!r}")
+        role = ROLE_ALIASES[kind or "mixed"]
+        port_text = q.get("bootstrap_port")
+        port = None
+        if port_text not in (None, "", "none"):
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise RouterError(400, f"bootstrap_port must be an integer in [1, 65535], got {port_text!r}")
+            if role != "prefill":
+                raise RouterError(400, "bootstrap_port applies to prefill workers only")
+            port = int(port_text)
+        try:
+            worker = state.fleet.add(WorkerSpec(url, role, port))
+        except ValueError as e:
+            raise RouterError(409, str(e)) from None
+        problem = await state.fleet.probe(worker)
+        if problem is None:
+            try:
+                await state.fleet.admit(worker)
+            except ModeMismatch as e:
+                state.fleet.remove(url)
+                raise RouterError(400, str(e)) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                worker.last_error = f"/server_info: {e!r}"
+        else:
+            worker.last_error = problem
+        status = "admitted" if worker.healthy else "pending"
+        return JSONResponse({"status": status, "worker": worker.describe()}, status_code=200 if worker.healthy else 202)
+
+    async def remove_worker(request: Request) -> Response:
+        url = request.query_params.get("url", "").rstrip("/")
+        if state.fleet.remove(url) is None:
+            raise RouterError(404, f"no worker {url!r}")
+        return JSONResponse({"status": "removed", "url": url})
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    routes = [
+        Route("/generate", proxied, methods=["POST"]),
+        Route("/v1/completions", proxied, methods=["POST"]),
+        Route("/v1/chat/completions", proxied, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/readiness", health, methods=["GET"]),
+        Route("/liveness", liveness, methods=["GET"]),
+        Route("/get_loads", get_loads, methods=["GET"]),
+        Route("/workers", workers, methods=["GET"]),
+        Route("/server_info", server_info, methods=["GET"]),
+        Route("/get_server_info", server_info, methods=["GET"]),
+        Route("/add_worker", add_worker, methods=["POST"]),
+        Route("/remove_worker", remove_worker, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+    async def on_router_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RouterError)
+        state.metrics.answered(request.url.path, exc.status, 0.0)
+        return error_response(request.url.path, exc.status, exc.message, exc.code)
+
+    async def on_no_workers(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, NoWorkers)
+        state.metrics.answered(request.url.path, 503, 0.0)
+        return error_response(request.url.path, 503, str(exc), f"no_{exc.side}_worker")
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(request.url.path, exc.status_code, message)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal router error: {type(exc).__name__}: {exc}")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            RouterError: on_router_error,
+            NoWorkers: on_no_workers,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.router = state
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app
+

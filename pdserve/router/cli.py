@@ -1,0 +1,38 @@
+"""``pdserve router``: parse the flags, then serve the router app with uvicorn.
+
+Importing this module stays light: ``pdserve --help`` imports every subcommand's module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pdserve.router.config import add_arguments as _add_arguments
+from pdserve.router.config import router_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pdserve.router.app import create_app
+
+    try:
+        config = router_config_from_args(args)
+        config.validate()
+    except ValueError as e:
+        raise SystemExit(f"pdserve router: {e}") from None
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s [router] %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
+            lifespan="on", timeout_graceful_shutdown=5,
+        )
+    ).run()
+    return 0

@@ -1,0 +1,225 @@
+"""``pdserve launch``: prefill servers, decode servers and a router as child processes.
+
+Each child runs in its own process group with its output prefixed by its name
+(``[prefill-0] ...``). The launcher waits (bounded) until every server and the router answer
+``GET /health``, prints the endpoint and an example request, and on Ctrl-C or SIGTERM (or when a
+child dies) stops them all: SIGTERM to each group, a bounded wait, then SIGKILL to what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from pdserve.router.config import POLICIES
+
+STOP_GRACE_S = 15.0
+POLL_S = 0.25
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    url: str | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+
+def free_ports(count: int, host: str) -> list[int]:
+    """``count`` distinct ports free on ``host`` right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2.0) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children: list[Child] = []
+        self.print_lock = threading.Lock()
+        self.stop_requested = threading.Event()
+
+    # ------------------------------------------------------------------ output
+    def say(self, line: str) -> None:
+        with self.print_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def _pump(self, child: Child) -> None:
+        assert child.proc.stdout is not None
+        prefix = f"[{child.name}] "
+        for raw in child.proc.stdout:
+            self.say(prefix + raw.decode(errors="replace").rstrip("\n"))
+
+    # ------------------------------------------------------------------ children
+    def spawn(self, name: str, argv: list[str], url: str | None) -> Child:
+        cmd = [sys.executable, "-m", "pdserve.cli", *argv]
+        self.say(f"[launch] starting {name}: {shlex.join(cmd)}")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+        )
+        child = Child(name, proc, url)
+        child.pump = threading.Thread(target=self._pump, args=(child,), name=f"pump-{name}", daemon=True)
+        child.pump.start()
+        self.children.append(child)
+        return child
+
+    def start_all(self) -> None:
+        a = self.args
+        host = a.host
+        n_ports = 2 * a.prefill + a.decode
+        ports = [p for p in free_ports(n_ports + 1, host) if p != a.port][:n_ports]
+        server_args = shlex.split(a.server_args or "")
+        if a.model_path:
+            server_args += ["--model-path", a.model_path]
+        if a.max_total_tokens:
+            server_args += ["--max-total-tokens", str(a.max_total_tokens)]
+        router_argv = ["router", "--pd-disaggregation", "--host", host, "--port", str(a.port)]
+        for i in range(a.prefill):
+            port, bootstrap = ports.pop(), ports.pop()
+            url = f"http://{host}:{port}"
+            self.spawn(f"prefill-{i}", [
+                "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "prefill",
+                "--dp-size", str(a.prefill_dp_size), "--disaggregation-bootstrap-port", str(bootstrap),
+                "--disaggregation-transfer-backend", a.transfer_backend, *server_args,
+            ], url)
+            router_argv += ["--prefill", url, str(bootstrap)]
+        for i in range(a.decode):
+            port = ports.pop()
+            url = f"http://{host}:{port}"
+            self.spawn(f"decode-{i}", [
+                "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "decode",
+                "--dp-size", str(a.decode_dp_size), "--disaggregation-transfer-backend", a.transfer_backend,
+                *server_args,
+            ], url)
+            router_argv += ["--decode", url]
+        for flag in ("policy", "prefill_policy", "decode_policy"):
+            value = getattr(a, flag)
+            if value:
+                router_argv += ["--" + flag.replace("_", "-"), value]
+        router_argv += shlex.split(a.router_args or "")
+        self.spawn("router", router_argv, f"http://{host}:{a.port}")
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def wait_healthy(self, timeout: float) -> bool:
+        """True once every child answers /health; False on timeout, a dead child or a stop request."""
+        pending = [c for c in self.children if c.url]
+        deadline = time.monotonic() + timeout
+        while pending:
+            if self.stop_requested.is_set():
+                return False
+            dead = self.dead_child()
+            if dead is not None:
+                self.say(f"[launch] {dead.name} exited with code {dead.proc.returncode} during startup")
+                return False
+            if time.monotonic() > deadline:
+                self.say(f"[launch] not healthy within {timeout:.0f} s: {', '.join(c.name for c in pending)}")
+                return False
+            pending = [c for c in pending if not healthy(c.url or "")]
+            if pending:
+                self.stop_requested.wait(POLL_S)
+        return True
+
+    def stop_all(self) -> None:
+        """SIGTERM every group (router first), wait with a bound, then SIGKILL every group."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for child in self.children:
+            if child.proc.poll() is None:
+                self.say(f"[launch] {child.name} did not stop within {STOP_GRACE_S:.0f} s: killing it")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)  # also any of its processes left in the group
+            child.proc.wait()
+            if child.pump is not None:
+                child.pump.join(timeout=2.0)
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            self.stop_requested.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        code = 0
+        try:
+            self.start_all()
+            if not self.wait_healthy(self.args.startup_timeout):
+                code = 0 if self.stop_requested.is_set() else 1
+                return code
+            url = f"http://{self.args.host}:{self.args.port}"
+            self.say(f"[launch] ready: {url}  (Ctrl-C stops everything)")
+            self.say(f"[launch] try: curl -s {url}/generate -H 'Content-Type: application/json' "
+                     "-d '{\"text\": \"Hello, world\", \"sampling_params\": {\"max_new_tokens\": 16, \"temperature\": 0}}'")
+            while not self.stop_requested.wait(POLL_S):
+                dead = self.dead_child()
+                if dead is not None:
+                    self.say(f"[launch] {dead.name} exited with code {dead.proc.returncode}: stopping everything")
+                    code = 1
+                    break
+            return code
+        finally:
+            self.say("[launch] stopping")
+            self.stop_all()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            self.say("[launch] stopped")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None, help="HF checkpoint folder (default: the embedded tiny model)")
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill servers (default: %(default)s)")
+    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode servers (default: %(default)s)")
+    parser.add_argument("--prefill-dp-size", type=int, default=2, help="DP ranks per prefill server")
+    parser.add_argument("--decode-dp-size", type=int, default=2, help="DP ranks per decode server")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the router and the servers")
+    parser.add_argument("--port", type=int, default=8000, help="router port (0: a free one)")
+    parser.add_argument("--transfer-backend", choices=("tcp", "shm"), default="tcp", help="KV transfer backend")
+    parser.add_argument("--policy", choices=POLICIES, default=None, help="router policy of both sides")
+    parser.add_argument("--prefill-policy", choices=POLICIES, default=None)
+    parser.add_argument("--decode-policy", choices=POLICIES, default=None)
+    parser.add_argument("--max-total-tokens", type=int, default=None, help="KV capacity of each DP rank")
+    parser.add_argument("--server-args", default="", help="extra flags for every server, one shell-quoted string")
+    parser.add_argument("--router-args", default="", help="extra flags for the router, one shell-quoted string")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for health")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prefill < 1 or args.decode < 1 or args.prefill_dp_size < 1 or args.decode_dp_size < 1:
+        raise SystemExit("pdserve launch: --prefill, --decode and the DP sizes must be >= 1")
+    if args.port == 0:
+        args.port = free_ports(1, args.host)[0]
+    return Launcher(args).run()

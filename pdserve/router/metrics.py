@@ -1,0 +1,64 @@
+"""The router's Prometheus metrics, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pdserve.router.worker import Unit, Worker
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class RouterMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pdserve_router_requests", "Client requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.selections = Counter("pdserve_router_selections", "Times a policy chose a unit (server, DP rank)",
+                                  ["side", "worker", "dp_rank"], registry=r)
+        self.latency = Histogram("pdserve_router_request_latency_seconds", "Arrival to the last byte sent",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_byte = Histogram("pdserve_router_first_byte_seconds",
+                                    "Arrival to the first byte of a streamed reply", ["route"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("pdserve_router_retries", "Requests tried again on a fresh pair", ["route"], registry=r)
+        self.failures = Counter("pdserve_router_upstream_failures", "Upstream calls that failed, by reason",
+                                ["side", "worker", "reason"], registry=r)
+        self.healthy = Gauge("pdserve_router_worker_healthy", "1 while a worker is admitted", ["side", "worker"],
+                             registry=r)
+        self.evictions = Counter("pdserve_router_worker_evictions", "Workers evicted after failed health checks",
+                                 ["side", "worker"], registry=r)
+        self.inflight = Gauge("pdserve_router_inflight_requests", "Client requests in progress", registry=r)
+        self._selection_children: dict[tuple[str, str], Counter] = {}
+
+    def selected(self, side: str, unit: Unit) -> None:
+        key = (side, unit.label)
+        child = self._selection_children.get(key)
+        if child is None:
+            child = self._selection_children[key] = self.selections.labels(side, unit.worker.url, str(unit.rank))
+        child.inc()
+
+    def failed(self, side: str, worker: Worker, reason: str) -> None:
+        self.failures.labels(side, worker.url, reason).inc()
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def worker_state(self, worker: Worker) -> None:
+        self.healthy.labels(worker.role, worker.url).set(1 if worker.healthy else 0)
+
+    def evicted(self, worker: Worker) -> None:
+        self.evictions.labels(worker.role, worker.url).inc()
+
+    def removed(self, worker: Worker) -> None:
+        with contextlib.suppress(KeyError):
+            self.healthy.remove(worker.role, worker.url)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,55 @@
+"""Choosing the units of one request: a (prefill, decode) pair, or one mixed unit.
+
+Decoupled (default): each side's policy picks among that side's healthy units on its own, so any
+prefill rank can feed any decode rank. ``dp_coupled`` reproduces the old behaviour for comparison:
+the decode policy picks a unit of rank ``r``, then the prefill policy picks among prefill units of
+rank ``r % dp_size`` (equal ranks when the DP sizes match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+from pdserve.router.fleet import Fleet
+from pdserve.router.policies import Policy
+from pdserve.router.request_info import RequestInfo
+from pdserve.router.worker import Unit, Worker
+
+
+class NoWorkers(Exception):
+    """No healthy unit on one side."""
+
+    def __init__(self, side: str) -> None:
+        super().__init__("no healthy worker" if side == "mixed" else f"no healthy {side} worker")
+        self.side = side
+
+
+class Pairing:
+    def __init__(self, fleet: Fleet, prefill_policy: Policy, decode_policy: Policy, dp_coupled: bool = False) -> None:
+        self.fleet = fleet
+        self.prefill_policy = prefill_policy
+        self.decode_policy = decode_policy
+        self.dp_coupled = dp_coupled
+
+    def candidates(self, role: str, exclude: Set[Worker]) -> list[Unit]:
+        """Healthy units of ``role`` outside ``exclude`` (all healthy ones if that leaves none)."""
+        units = self.fleet.units(role)
+        if not units:
+            raise NoWorkers(role)
+        if exclude:
+            kept = [u for u in units if u.worker not in exclude]
+            if kept:
+                return kept
+        return units
+
+    def pick_pair(self, info: RequestInfo, exclude: Set[Worker] = frozenset()) -> tuple[Unit, Unit]:
+        prefills = self.candidates("prefill", exclude)
+        decodes = self.candidates("decode", exclude)
+        if not self.dp_coupled:
+            return self.prefill_policy.select(prefills, info), self.decode_policy.select(decodes, info)
+        decode = self.decode_policy.select(decodes, info)
+        matching = [u for u in prefills if u.rank == decode.rank % u.worker.dp_size]
+        return self.prefill_policy.select(matching, info), decode
+
+    def pick_one(self, info: RequestInfo, exclude: Set[Worker] = frozenset()) -> Unit:
+        return self.prefill_policy.select(self.candidates("mixed", exclude), info)

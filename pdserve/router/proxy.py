@@ -1,0 +1,328 @@
+"""The hot path: send one client request to its unit(s) and relay the answer.
+
+P/D: the prefill and decode halves go out at once with the same ``rid`` and bootstrap room. The
+first failing half ends the attempt at once: the other half's HTTP request is cancelled and the
+other server told ``POST /abort_request``. Connect errors, 408/429 and 5xx are retried with a fresh
+pair (other servers when there are any) and a fresh room, until a byte has reached the client.
+A streamed reply is decode's stream relayed chunk by chunk once its first chunk is in; the client
+going away cancels both halves. Mixed mode is the same with one unit and no pairing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pdserve.router.config import RouterConfig
+from pdserve.router.errors import error_body, error_response
+from pdserve.router.fleet import Fleet
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pairing import Pairing
+from pdserve.router.request_info import RequestInfo
+from pdserve.router.upstream import ABORT_TIMEOUT_S, Reply, Stream, Upstream
+from pdserve.router.worker import Unit, Worker
+
+logger = logging.getLogger("pdserve.router")
+
+SSE_DONE = b"data: [DONE]\n\n"
+LOGPROB_FIELDS = ("input_token_logprobs", "input_top_logprobs")
+_rng = random.Random()
+
+# what one failed attempt returns: the side, its worker and the reply
+Failure = tuple[str, Worker, Reply]
+
+
+class RelayResponse(StreamingResponse):
+    """A streamed reply that runs ``on_close`` however it ends (done, client gone, never sent)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None], media_type: str) -> None:
+        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _rids(rid: Any) -> list[str]:
+    return [r for r in rid if isinstance(r, str)] if isinstance(rid, list) else [rid]
+
+
+def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
+    """Decode's answer with prefill's input logprobs (decode has none: it never ran the prompt)."""
+    try:
+        p, d = msgspec.json.decode(prefill_body), msgspec.json.decode(decode_body)
+    except msgspec.DecodeError:
+        return decode_body
+    pairs = zip(p, d) if isinstance(p, list) and isinstance(d, list) else [(p, d)]
+    for p_item, d_item in pairs:
+        if not (isinstance(p_item, dict) and isinstance(d_item, dict)):
+            return decode_body
+        p_meta, d_meta = p_item.get("meta_info"), d_item.get("meta_info")
+        if isinstance(p_meta, dict) and isinstance(d_meta, dict):
+            for name in LOGPROB_FIELDS:
+                if p_meta.get(name) is not None:
+                    d_meta[name] = p_meta[name]
+    return msgspec.json.encode(d)
+
+
+class Proxy:
+    def __init__(self, config: RouterConfig, fleet: Fleet, pairing: Pairing, upstream: Upstream,
+                 metrics: RouterMetrics) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.pairing = pairing
+        self.upstream = upstream
+        self.metrics = metrics
+        self.background: set[asyncio.Task] = set()
+
+    async def handle(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
+                     started: float) -> Response:
+        if self.config.pd_disaggregation:
+            return await self._pd(route, body, info, headers, started)
+        return await self._mixed(route, body, info, headers, started)
+
+    async def close(self) -> None:
+        """Cancel the background aborts still running."""
+        tasks = list(self.background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ P/D
+    async def _pd(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
+                  started: float) -> Response:
+        stream = body.get("stream") is True
+        client_rid = body.get("rid")
+        exclude: set[Worker] = set()
+        failure: Failure | None = None
+        aborts: list[asyncio.Task] = []
+        for attempt in range(self.config.retry_max_retries):
+            if attempt:
+                self.metrics.retries.labels(route).inc()
+                if client_rid is not None and aborts:  # the old halves must be gone before the rid is reused
+                    await asyncio.wait(aborts, timeout=ABORT_TIMEOUT_S)
+                    aborts.clear()
+                await asyncio.sleep(self._backoff(attempt))
+            prefill, decode = self.pairing.pick_pair(info, exclude)
+            self.metrics.selected("prefill", prefill)
+            self.metrics.selected("decode", decode)
+            rid = client_rid if client_rid is not None else uuid.uuid4().hex
+            p_body, d_body = self._pd_bodies(body, prefill, decode, rid, info)
+            result = await self._pair(route, body, prefill, decode, p_body, d_body, rid, headers, stream, info,
+                                      started, aborts)
+            if isinstance(result, Response):
+                return result
+            failure = result
+            if not failure[2].retryable:
+                break
+            exclude.add(failure[1])
+        assert failure is not None
+        return self._failed(route, failure, started)
+
+    def _pd_bodies(self, body: dict[str, Any], prefill: Unit, decode: Unit, rid: Any,
+                   info: RequestInfo) -> tuple[bytes, bytes]:
+        n = info.batch_size
+        room: int | list[int] = _rng.getrandbits(63) if n is None else [_rng.getrandbits(63) for _ in range(n)]
+        common = dict(body)
+        common["bootstrap_host"] = prefill.worker.host
+        common["bootstrap_port"] = prefill.worker.bootstrap_port
+        common["bootstrap_room"] = room
+        common["rid"] = rid
+        p = dict(common)
+        p["data_parallel_rank"] = prefill.rank
+        p["stream"] = False  # prefill's outcome is its status code; decode carries the stream
+        p.pop("stream_options", None)
+        d = common
+        d["data_parallel_rank"] = decode.rank
+        d["prefill_data_parallel_rank"] = prefill.rank
+        d["disagg_prefill_dp_rank"] = prefill.rank
+        return msgspec.json.encode(p), msgspec.json.encode(d)
+
+    async def _pair(self, route: str, body: dict[str, Any], prefill: Unit, decode: Unit, p_body: bytes,
+                    d_body: bytes, rid: Any, headers: dict[str, str], stream: bool, info: RequestInfo,
+                    started: float, aborts: list[asyncio.Task]) -> Response | Failure:
+        """One attempt with one pair: the reply, or the failure that ended it (aborts sent go to ``aborts``)."""
+        p_tokens, d_tokens = info.prompt_tokens, info.decode_tokens
+        prefill.begin(p_tokens)
+        decode.begin(d_tokens)
+        decode_held = True
+
+        def release_decode() -> None:
+            nonlocal decode_held
+            if decode_held:
+                decode_held = False
+                decode.end(d_tokens)
+
+        p_task = asyncio.create_task(self.upstream.post(prefill.worker.url + route, p_body, headers))
+        p_task.add_done_callback(lambda _: prefill.end(p_tokens))
+        d_url = decode.worker.url + route
+        d_call = self.upstream.open_stream(d_url, d_body, headers) if stream else self.upstream.post(
+            d_url, d_body, headers)
+        d_task: asyncio.Task[Stream | Reply] = asyncio.create_task(d_call)
+        handed_off = False
+        try:
+            while True:
+                await asyncio.wait([t for t in (p_task, d_task) if not t.done()],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                d = d_task.result() if d_task.done() else None
+                p = p_task.result() if p_task.done() else None
+                if isinstance(d, Reply) and not d.ok:
+                    aborts += self._drop(p_task, prefill.worker, rid, headers)
+                    release_decode()
+                    return self._note_failure("decode", decode.worker, d)
+                if isinstance(d, Stream):
+                    handed_off = True
+                    return self._relay(route, d, started, prefill.worker, decode.worker, rid, headers,
+                                       p_task, release_decode)
+                if d is not None and p is not None:
+                    release_decode()
+                    return self._reply(route, body, p, d, started)
+                if p is not None and not p.ok:
+                    aborts += self._drop(d_task, decode.worker, rid, headers)
+                    release_decode()
+                    return self._note_failure("prefill", prefill.worker, p)
+        finally:
+            if not handed_off and decode_held:  # cancelled: the client went away or the router stops
+                self._drop(p_task, prefill.worker, rid, headers)
+                self._drop(d_task, decode.worker, rid, headers)
+                release_decode()
+
+    def _reply(self, route: str, body: dict[str, Any], p: Reply, d: Reply, started: float) -> Response:
+        content = d.body
+        if route == "/generate" and p.ok and body.get("return_logprob"):
+            content = merge_input_logprobs(p.body, d.body)
+        self.metrics.answered(route, d.status, time.perf_counter() - started)
+        return Response(content, status_code=d.status, media_type=d.content_type)
+
+    def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str]) -> list[asyncio.Task]:
+        """Stop one half: cancel its HTTP request (or close its stream) and tell its server to abort."""
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled() and isinstance(task.result(), Stream):
+            task.result().close()
+        elif not task.cancelled() and task.result().ok:
+            return []
+        return [self._spawn(self.upstream.abort(worker.url, r, headers)) for r in _rids(rid)]
+
+    # ------------------------------------------------------------------ mixed
+    async def _mixed(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
+                     started: float) -> Response:
+        stream = body.get("stream") is True
+        tokens = info.decode_tokens
+        exclude: set[Worker] = set()
+        failure: Failure | None = None
+        for attempt in range(self.config.retry_max_retries):
+            if attempt:
+                self.metrics.retries.labels(route).inc()
+                await asyncio.sleep(self._backoff(attempt))
+            unit = self.pairing.pick_one(info, exclude)
+            self.metrics.selected("mixed", unit)
+            routed = dict(body)
+            routed["data_parallel_rank"] = unit.rank
+            url = unit.worker.url + route
+            data = msgspec.json.encode(routed)
+            unit.begin(tokens)
+            if stream:
+                try:
+                    reply = await self.upstream.open_stream(url, data, headers)
+                except BaseException:
+                    unit.end(tokens)
+                    raise
+                if isinstance(reply, Stream):
+                    return self._relay(route, reply, started, None, unit.worker, None, headers, None,
+                                       functools.partial(unit.end, tokens))
+                unit.end(tokens)
+            else:
+                try:
+                    reply = await self.upstream.post(url, data, headers)
+                finally:
+                    unit.end(tokens)
+                if reply.ok:
+                    self.metrics.answered(route, reply.status, time.perf_counter() - started)
+                    return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+            failure = self._note_failure("mixed", unit.worker, reply)
+            if not reply.retryable:
+                break
+            exclude.add(unit.worker)
+        assert failure is not None
+        return self._failed(route, failure, started)
+
+    # ------------------------------------------------------------------ shared
+    def _relay(self, route: str, start: Stream, started: float, prefill: Worker | None, decode: Worker,
+               rid: Any, headers: dict[str, str], p_task: asyncio.Task | None,
+               release: Callable[[], None]) -> RelayResponse:
+        """Decode's (or the mixed server's) stream, chunk by chunk, as the client's reply."""
+        finished = False
+        side = "decode" if prefill is not None else "mixed"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal finished
+            yield start.first
+            self.metrics.first_byte.labels(route).observe(time.perf_counter() - started)
+            try:
+                async for chunk in start.resp.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                self.metrics.failed(side, decode, "stream_broken")
+                message = f"{side} server {decode.url} broke the stream: {type(e).__name__}: {e}"
+                yield b"data: " + msgspec.json.encode(error_body(route, 502, message)) + b"\n\n" + SSE_DONE
+            finished = True
+
+        def on_close() -> None:
+            start.close()
+            release()
+            if p_task is not None and not p_task.done():
+                p_task.cancel()
+            if not finished and prefill is not None:
+                for r in _rids(rid):
+                    self._spawn(self.upstream.abort(prefill.url, r, headers))
+                    self._spawn(self.upstream.abort(decode.url, r, headers))
+            self.metrics.answered(route, 200 if finished else 499, time.perf_counter() - started)
+
+        return RelayResponse(chunks(), on_close, start.resp.headers.get("Content-Type", "text/event-stream"))
+
+    def _note_failure(self, side: str, worker: Worker, reply: Reply) -> Failure:
+        """Count and log a server-side failure (a 4xx is the client's and is only relayed)."""
+        if not reply.retryable:
+            return side, worker, reply
+        self.metrics.failed(side, worker, reply.reason or "status")
+        if reply.reason == "connect":
+            self.fleet.note_failure(worker, f"connection failed: {reply.body.decode(errors='replace')}")
+        logger.info("%s server %s failed: %s %s", side, worker.url, reply.status or reply.reason,
+                    reply.body[:200].decode(errors="replace"))
+        return side, worker, reply
+
+    def _failed(self, route: str, failure: Failure, started: float) -> Response:
+        """The client's answer once no attempt is left: the server's error, or 502 if none came."""
+        side, worker, reply = failure
+        status = reply.status or 502
+        self.metrics.answered(route, status, time.perf_counter() - started)
+        if reply.status:
+            return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+        message = f"{side} server {worker.url} failed ({reply.reason}): {reply.body.decode(errors='replace')}"
+        return error_response(route, 502, message, f"{side}_unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        c = self.config
+        ms = min(c.retry_max_backoff_ms, c.retry_initial_backoff_ms * c.retry_backoff_multiplier ** (attempt - 1))
+        return max(0.0, ms / 1000.0 * (1.0 + c.retry_jitter_factor * _rng.uniform(-1.0, 1.0)))
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
