@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.cli", "offline generation with the engine"),
     "serve": ("pdserve.server.cli", "run an HTTP server (mixed, prefill or decode mode)"),
+    "bench": ("pdserve.bench.cli", "benchmarks: serving (online load), transfer (KV), engine (offline)"),
 }
 
 
