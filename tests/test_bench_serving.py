@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from pdserve.bench import cli as bench_cli
 from pdserve.bench.arrivals import arrival_offsets, poisson_intervals
-from pdserve.bench.backends import build_payload
+from pdserve.bench.backends import ENDPOINTS, build_payload, send_request
 from pdserve.bench.datasets import (
     BenchRequest,
     DatasetError,
@@ -244,6 +245,75 @@ def test_payloads():
     assert comp["stream_options"] == {"include_usage": True} and comp["ignore_eos"] is True
     chat = build_payload("openai-chat", req, "m", None)
     assert chat["messages"] == [{"role": "user", "content": " hello world"}] and "prompt" not in chat
+
+
+async def _fake_stream(chunks: list[tuple[float, str]], backend: str) -> RequestRecord:
+    """``send_request`` against an in-process SSE server that sends ``(delay_s, line)`` chunks."""
+    import aiohttp
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delay, line in chunks:
+            await asyncio.sleep(delay)
+            await response.write(line.encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post(ENDPOINTS[backend], handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            record = RequestRecord(index=0, prompt_len=2, expected_output_len=4)
+            return await send_request(session, f"http://127.0.0.1:{port}", backend, {}, record,
+                                      lambda text: len(text.split()))
+    finally:
+        await runner.cleanup()
+
+
+def _sse(obj: object) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def test_native_stream_timing_splits_multi_token_chunks():
+    chunks = [(0.05, _sse({"text": "a", "meta_info": {"completion_tokens": 1}})),
+              (0.10, _sse({"text": "a b c", "meta_info": {"completion_tokens": 3}})),
+              (0.05, _sse({"text": "a b c d", "meta_info": {"completion_tokens": 4}})),
+              (0.0, "data: [DONE]\n\n")]
+    r = asyncio.run(_fake_stream(chunks, "pdserve"))
+    assert r.success, r.error
+    assert (r.output_len, r.output_len_source) == (4, "server")
+    assert len(r.itl) == 3 and r.itl[0] == r.itl[1]  # the 2-token chunk's gap split in two
+    assert r.itl[0] == pytest.approx(0.05, abs=0.03)
+    assert r.ttft >= 0.04 and r.latency >= r.ttft + sum(r.itl) - 1e-6
+
+
+def test_openai_stream_counts_with_tokenizer_without_usage():
+    piece = {"choices": [{"index": 0, "text": " word"}]}
+    last = {"choices": [{"text": "", "finish_reason": "length"}]}
+    chunks = [(0.01, _sse(piece)), (0.01, _sse(piece)), (0.01, _sse(last)), (0.0, "data: [DONE]\n\n")]
+    r = asyncio.run(_fake_stream(chunks, "openai-completions"))
+    assert r.success and (r.output_len, r.output_len_source) == (2, "tokenizer") and len(r.itl) == 1
+    usage = {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2}}
+    r = asyncio.run(_fake_stream([(0.0, _sse({"choices": [{"delta": {"content": "hi there"}}]})),
+                                  (0.0, _sse(usage)), (0.0, "data: [DONE]\n\n")], "openai-chat"))
+    assert r.success and (r.output_len, r.output_len_source) == (2, "server")
+
+
+@pytest.mark.parametrize(("chunks", "error"), [
+    ([(0.0, _sse({"text": "a", "meta_info": {"completion_tokens": 1}}))], "without data: [DONE]"),
+    ([(0.0, _sse({"error": {"message": "engine died"}})), (0.0, "data: [DONE]\n\n")], "engine died"),
+    ([(0.0, "data: [DONE]\n\n")], "no output token"),
+    ([(0.0, "data: {broken\n\n")], "JSONDecodeError"),
+])
+def test_stream_failures_are_recorded(chunks, error):
+    r = asyncio.run(_fake_stream(chunks, "pdserve"))
+    assert not r.success and error in r.error
 
 
 def _pdserve(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:

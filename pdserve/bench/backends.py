@@ -164,7 +164,9 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, backend: s
                         else:
                             new = _openai_chunk(data, state, chat=backend == "openai-chat")
                         clock.tick(now, new)
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except TimeoutError:
+        record.error = f"timed out after {time.perf_counter() - start:.1f} s (the per-request limit)"
+    except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError) as e:
         record.error = f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
     record.latency = time.perf_counter() - start
     if not record.error and not done:

@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--model", default=None, help="model name to send (default: first id of GET /v1/models)")
     parser.add_argument("--tokenizer-path", default=None,
-                        help="tokenizer folder (default: the server's local model_path, else the embedded tiny model)")
+                        help="tokenizer folder (default: the server's model_path if local, else the tiny model)")
     parser.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s, dest="request_timeout_s",
                         help="total seconds allowed per request, streaming included")
@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result.metrics, max_concurrency=config.max_concurrency,
                        request_rate=config.request_rate))
+    print(f"backend {config.backend}, model {result.model}, tokenizer {result.tokenizer}")
     if config.output_file:
         write_json(config.output_file, result.to_json())
         print(f"wrote {config.output_file}")
