@@ -124,6 +124,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+@dataclass
+class TokenLogprobs:
+    """Logprobs of some tokens: ``values[i]`` for ``ids[i]``, plus top-k alternatives per position."""
+
+    ids: list[int] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None
+
+
 class ReqState(enum.Enum):
     WAITING = "waiting"  # queued, no KV yet (or retracted)
     WAITING_KV = "waiting_kv"  # pages allocated, KV being filled by another server (P/D decode)
@@ -155,6 +164,13 @@ class Req:
     arrival_order: int = 0
     num_retractions: int = 0
     cached_tokens: int = 0
+    input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks
+
+    @property
+    def fill_target(self) -> int:
+        """Tokens whose KV must be computed before the next decode step (all but the newest token
+        once there is output, else the whole prompt)."""
+        return self.seq_len - 1 if self.output_ids else len(self.input_ids)
 
     @property
     def all_ids(self) -> list[int]:
@@ -163,15 +179,6 @@ class Req:
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs of some tokens: ``values[i]`` for ``ids[i]``, plus top-k alternatives per position."""
-
-    ids: list[int] = field(default_factory=list)
-    values: list[float | None] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

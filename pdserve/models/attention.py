@@ -58,7 +58,7 @@ class AttentionMetadata:
         """
         slot_pages: list[int] = []
         slot_offsets: list[int] = []
-        for pages, kv_len in zip(decode_pages, decode_kv_lens):
+        for pages, kv_len in zip(decode_pages, decode_kv_lens, strict=True):
             pos = kv_len - 1
             slot_pages.append(pages[pos // page_size])
             slot_offsets.append(pos % page_size)

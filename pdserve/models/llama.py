@@ -116,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for flat tokens ``input_ids`` [T]."""
         x = self.model.embed_tokens(input_ids)
-        for layer, kv_layer in zip(self.model.layers, kv_cache):
+        for layer, kv_layer in zip(self.model.layers, kv_cache, strict=True):
             x = layer(x, positions, self.rotary, kv_layer, meta)
         return self.model.norm(x)
 

@@ -1,0 +1,148 @@
+"""One engine instance (one DP rank): model, KV pool and scheduler, plus request validation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.engine.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from pdserve.models.loader import LoadedModel
+
+MAX_TOP_LOGPROBS = 20
+CPU_KV_BUDGET_CAP = 8 << 30  # on CPU, mem_fraction_static applies to at most this many bytes
+
+
+class EngineCore:
+    """Model + KV pool + scheduler for one DP rank. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        config.validate()
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        if loaded is None:
+            from pdserve.models.loader import load_model
+
+            loaded = load_model(config.model_path, dtype=config.dtype, device=config.device)
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.model_path
+        self.model_config = loaded.config
+        self.device = loaded.device
+        self.context_length = min(config.context_length or loaded.context_length, loaded.context_length)
+        self.vocab_size = loaded.config.vocab_size
+        cfg = loaded.config
+        kv_dtype = loaded.dtype
+        bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(kv_dtype).bits // 8
+        if config.max_total_tokens is not None:
+            num_pages = config.max_total_tokens // config.page_size
+        else:
+            num_pages = int(_kv_budget_bytes(self.device) * config.mem_fraction_static) // (
+                bytes_per_token * config.page_size
+            )
+        if num_pages < 1:
+            raise ValueError("KV cache has no room for a single page; raise --max-total-tokens or --mem-fraction-static")
+        self.kv_pool = KVPool(
+            num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device
+        )
+        self.max_total_tokens = num_pages * config.page_size
+        self.runner = ModelRunner(loaded.model, self.kv_pool, self.device)
+        self.scheduler = Scheduler(
+            self.runner,
+            self.kv_pool,
+            loaded.eos_token_ids,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+            config.chunked_prefill_size,
+            config.max_running_requests,
+            self.context_length,
+            seed=config.random_seed,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, req: Req) -> None:
+        """Reject what the engine could never serve, naming the field and the allowed range."""
+        ids = req.input_ids
+        n = len(ids)
+        if n == 0:
+            raise RequestError("the prompt is empty: text or input_ids must contain at least one token")
+        for i, tok in enumerate(ids):
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
+                raise RequestError(f"input_ids[{i}] = {tok!r} is outside the vocabulary [0, {self.vocab_size})")
+        if n >= self.context_length:
+            raise RequestError(
+                f"the prompt has {n} tokens, the context length is {self.context_length}: at most "
+                f"{self.context_length - 1} prompt tokens"
+            )
+        max_new = req.params.max_new_tokens
+        if n + max_new > self.context_length:
+            raise RequestError(
+                f"max_new_tokens={max_new} with a {n}-token prompt exceeds the context length "
+                f"{self.context_length}: max_new_tokens must be in [0, {self.context_length - n}]"
+            )
+        if n + max_new > self.max_total_tokens:
+            raise RequestError(
+                f"the prompt ({n} tokens) plus max_new_tokens ({max_new}) exceeds the KV cache capacity "
+                f"max_total_tokens={self.max_total_tokens}"
+            )
+        if not -1 <= req.logprob_start_len < max(n, 1):
+            raise RequestError(f"logprob_start_len must be in [-1, {n - 1}], got {req.logprob_start_len}")
+        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}")
+        for tok in req.params.stop_token_ids:
+            if not 0 <= tok < self.vocab_size:
+                raise RequestError(f"stop_token_ids entry {tok} is outside the vocabulary [0, {self.vocab_size})")
+        if req.logprob_start_len == -1:
+            req.logprob_start_len = n - 1
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, req: Req) -> None:
+        self.validate(req)
+        if self.scheduler._find(req.rid) is not None:
+            raise RequestError(f"rid {req.rid!r} is already in use")
+        self.scheduler.add_request(req)
+
+    def abort(self, rid: str, message: str = "aborted by request") -> bool:
+        return self.scheduler.abort(rid, message)
+
+    def step(self) -> list[StepOutput]:
+        return self.scheduler.step()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def load(self) -> dict[str, int]:
+        s = self.scheduler
+        return {
+            "num_reqs": s.num_requests(),
+            "num_waiting_reqs": len(s.waiting) + len(s.pending_alloc),
+            "num_tokens": s.num_tokens(),
+            "num_used_pages": self.kv_pool.num_used,
+            "num_total_pages": self.kv_pool.num_pages,
+        }
+
+    def flush_cache(self) -> bool:
+        """No prefix cache is kept, so there is nothing to flush; True when idle (as SGLang answers)."""
+        return not self.has_work()
+
+
+def _kv_budget_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    available = CPU_KV_BUDGET_CAP
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return min(available, CPU_KV_BUDGET_CAP)
