@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pdserve import __version__
+from pdserve.engine.output_format import logprob_triples, top_logprob_triples
 from pdserve.engine.request import RequestError, SamplingParams
 from pdserve.server.api_common import (
     SSE_DONE,
@@ -72,11 +73,12 @@ def _prompts(body: GenerateBody) -> tuple[list[str | list[int]], bool]:
     if body.text is not None and body.input_ids is not None:
         raise bad_request("give either text or input_ids, not both", "text")
     if body.text is not None:
-        if isinstance(body.text, list):
-            if not body.text:
-                raise bad_request("text is an empty list", "text")
-            return list(body.text), True
-        return [body.text], False
+        texts = body.text if isinstance(body.text, list) else [body.text]
+        if not texts:
+            raise bad_request("text is an empty list", "text")
+        if not all(texts):
+            raise bad_request("text is empty: the prompt must contain at least one character", "text")
+        return list(texts), isinstance(body.text, list)
     if body.input_ids is not None:
         ids = body.input_ids
         if not ids:
@@ -141,17 +143,6 @@ def build_requests(state: ServerState, request: Request, body: GenerateBody) -> 
     return reqs, batch
 
 
-def _triples(service: Any, ids: list[int], values: list[float | None], with_text: bool) -> list[list[Any]]:
-    return [[v, t, service.token_text(t) if with_text else None] for v, t in zip(values, ids, strict=False)]
-
-
-def _top_triples(service: Any, top: list, with_text: bool) -> list[Any]:
-    return [
-        None if row is None else [[v, t, service.token_text(t) if with_text else None] for t, v in row]
-        for row in top
-    ]
-
-
 def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
     """SGLang's per-prompt result (cumulative so far)."""
     meta: dict[str, Any] = {
@@ -166,13 +157,12 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
     }
     req = gen.req
     if req.return_logprob:
-        service, with_text = gen.service, req.return_text_in_logprobs
-        inp, out = gen.input_logprobs, gen.output_logprobs
-        meta["input_token_logprobs"] = _triples(service, inp.ids, inp.values, with_text)
-        meta["output_token_logprobs"] = _triples(service, out.ids, out.values, with_text)
+        detok = gen.service.tokens_text if req.return_text_in_logprobs else None
+        meta["input_token_logprobs"] = logprob_triples(gen.input_logprobs, detok)
+        meta["output_token_logprobs"] = logprob_triples(gen.output_logprobs, detok)
         if req.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = _top_triples(service, inp.top, with_text)
-            meta["output_top_logprobs"] = _top_triples(service, out.top, with_text)
+            meta["input_top_logprobs"] = top_logprob_triples(gen.input_logprobs, detok)
+            meta["output_top_logprobs"] = top_logprob_triples(gen.output_logprobs, detok)
     item: dict[str, Any] = {"text": gen.text, "output_ids": list(gen.output_ids), "meta_info": meta}
     if index is not None:
         item["index"] = index

@@ -17,7 +17,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdserve.engine.request import RequestError, SamplingParams
+from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
 from pdserve.server.api_common import (
     SSE_DONE,
     SSEResponse,
@@ -221,7 +221,7 @@ def _usage_mode(body: _CommonBody) -> str:
 def _completion_logprobs(gen: Generation, start: int, end: int, text_offset: int) -> dict[str, Any]:
     """OpenAI completions ``logprobs`` for output tokens [start, end)."""
     service = gen.service
-    out = gen.output_logprobs
+    out = gen.output_logprobs or TokenLogprobs()
     ids = out.ids[start:end]
     tokens = [service.token_text(t) for t in ids]
     offsets = []
@@ -231,18 +231,19 @@ def _completion_logprobs(gen: Generation, start: int, end: int, text_offset: int
     top = None
     if gen.req.top_logprobs_num > 0:
         top = [
-            None if row is None else {service.token_text(t): v for t, v in row} for row in out.top[start:end]
+            {service.token_text(t): v for t, v in row} for row in (out.top or [])[start:end]
         ]
     return {"tokens": tokens, "token_logprobs": out.values[start:end], "top_logprobs": top, "text_offset": offsets}
 
 
 def _chat_logprobs(gen: Generation, start: int, end: int) -> dict[str, Any]:
     service = gen.service
-    out = gen.output_logprobs
+    out = gen.output_logprobs or TokenLogprobs()
+    top = out.top or []
     content = []
     for i in range(start, min(end, len(out.ids))):
         text = service.token_text(out.ids[i])
-        row = out.top[i] if gen.req.top_logprobs_num > 0 and i < len(out.top) else None
+        row = top[i] if i < len(top) else None
         content.append(
             {
                 "token": text,
@@ -264,10 +265,10 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
     service = state.require_service()
     if prompt is None:
         raise bad_request("prompt is required", "prompt")
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:
         return [service.encode(prompt)]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
+        if all(isinstance(p, str) and p for p in prompt):
             return [service.encode(p) for p in prompt]
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return [list(prompt)]
@@ -309,7 +310,7 @@ async def completions(request: Request) -> Response:
             {
                 "index": i,
                 "text": g.text,
-                "logprobs": _completion_logprobs(g, 0, len(g.output_logprobs.ids), 0) if want_logprobs else None,
+                "logprobs": _completion_logprobs(g, 0, g.num_output_logprobs, 0) if want_logprobs else None,
                 "finish_reason": _finish(g),
                 "matched_stop": _matched(g),
             }
@@ -333,7 +334,7 @@ async def completions(request: Request) -> Response:
         gen = gens[i]
         logprobs = None
         if want_logprobs:
-            end = len(gen.output_logprobs.ids)
+            end = gen.num_output_logprobs
             logprobs = _completion_logprobs(gen, sent_tokens[i], end, sent_chars[i])
             sent_tokens[i] = end
         sent_chars[i] += len(delta)
@@ -439,7 +440,7 @@ async def chat_completions(request: Request) -> Response:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": gen.text, "tool_calls": None},
-            "logprobs": _chat_logprobs(gen, 0, len(gen.output_logprobs.ids)) if body.logprobs else None,
+            "logprobs": _chat_logprobs(gen, 0, gen.num_output_logprobs) if body.logprobs else None,
             "finish_reason": _finish(gen),
             "matched_stop": _matched(gen),
         }
@@ -459,7 +460,7 @@ async def chat_completions(request: Request) -> Response:
     def chunk(delta: str) -> bytes | None:
         logprobs = None
         if body.logprobs:
-            end = len(gen.output_logprobs.ids)
+            end = gen.num_output_logprobs
             logprobs = _chat_logprobs(gen, sent["tokens"], end)
             sent["tokens"] = end
         if not delta and not gen.finished and sent["role"] and not (logprobs and logprobs["content"]):

@@ -103,7 +103,7 @@ class DPController:
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(out_addr)
         threads = self.config.engine.torch_threads or max(1, (os.cpu_count() or 2) // self.dp_size)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PDSERVE_KV_SHARERS=str(self.dp_size))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         for state in self.ranks:
             in_addr = f"ipc://{self._tmpdir}/in{state.rank}"
             sock = self._sync_ctx.socket(zmq.PUSH)
@@ -136,7 +136,7 @@ class DPController:
         """Stop every worker (ask, then terminate, then kill), fail what is in flight, free the sockets."""
         self._closing = True
         for state in self.ranks:
-            if state.proc is not None and state.proc.poll() is None:
+            if state.alive and state.proc is not None and state.proc.poll() is None:
                 self._send(state, msg.ShutdownReq())
         deadline = time.monotonic() + SHUTDOWN_JOIN_S
         for state in self.ranks:
@@ -381,4 +381,6 @@ class DPController:
             for state in self.ranks:
                 code = state.proc.poll() if state.proc is not None else None
                 if code is not None and state.alive:
-                    self._rank_died(state, f"DP rank {state.rank} worker exited (code {code}): {state.error or 'no error reported'}")
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    detail = f": {state.error}" if state.error else ""
+                    self._rank_died(state, f"DP rank {state.rank} worker {how}{detail}")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
 from pdserve.server import messages as msg
 from pdserve.server.controller import DPController, RequestHandle
@@ -44,23 +45,6 @@ class GenRequest:
     max_tokens_field: str = "max_new_tokens"
 
 
-@dataclass
-class LogprobTrack:
-    """Accumulated logprobs of some positions (prompt or output)."""
-
-    ids: list[int] = field(default_factory=list)
-    values: list[float | None] = field(default_factory=list)
-    top: list[list[tuple[int, float]] | None] = field(default_factory=list)
-
-    def extend(self, lp: TokenLogprobs) -> None:
-        self.ids.extend(lp.ids)
-        self.values.extend(lp.values)
-        if lp.top is not None:
-            self.top.extend(lp.top)
-        else:
-            self.top.extend([None] * len(lp.ids))
-
-
 class GenerationService:
     """Validates, dispatches and submits requests; creates the tokenizer-side state of each."""
 
@@ -83,6 +67,9 @@ class GenerationService:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
+
+    def tokens_text(self, ids: list[int]) -> str:
+        return "".join(self.token_text(t) for t in ids)
 
     # ------------------------------------------------------------------ checks
     def check(self, req: GenRequest) -> None:
@@ -188,8 +175,8 @@ class Generation:
         self.finished = False
         self.finish_reason: dict[str, Any] | None = None
         self.cached_tokens = 0
-        self.input_logprobs = LogprobTrack()
-        self.output_logprobs = LogprobTrack()
+        self.input_logprobs: TokenLogprobs | None = None
+        self.output_logprobs: TokenLogprobs | None = None
         self.finished_at: float | None = None
 
     @property
@@ -207,6 +194,10 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def num_output_logprobs(self) -> int:
+        return 0 if self.output_logprobs is None else len(self.output_logprobs.ids)
 
     @property
     def ttft(self) -> float | None:
@@ -239,10 +230,8 @@ class Generation:
             self.service.controller.release(self.handle)
 
     def _apply(self, out: StepOutput) -> str:
-        if out.input_logprobs is not None:
-            self.input_logprobs.extend(out.input_logprobs)
-        if out.output_logprobs is not None:
-            self.output_logprobs.extend(out.output_logprobs)
+        self.input_logprobs = merge_logprobs(self.input_logprobs, out.input_logprobs)
+        self.output_logprobs = merge_logprobs(self.output_logprobs, out.output_logprobs)
         if out.cached_tokens:
             self.cached_tokens = out.cached_tokens
         ids = list(out.new_token_ids)
@@ -263,12 +252,7 @@ class Generation:
         if ids:
             self.detok.step(ids)
         self.detok.flush()
-        full = self.detok.text
-        if isinstance(matched, str) and not params.no_stop_trim:
-            pos = full.find(matched)
-            if pos != -1:
-                full = full[:pos]
-        return self._release(full)
+        return self._release(trim_stop(self.detok.text, out.finish_reason, params.no_stop_trim))
 
     def _release(self, text: str) -> str:
         if len(text) <= len(self.text):
