@@ -23,7 +23,8 @@ def _rank_of(pid: int) -> int:
 
 
 def test_worker_death_then_sigterm(tmp_path):
-    srv = launch(["--dp-size", "2", "--max-total-tokens", "4096"], tmp_path)
+    srv = launch(["--dp-size", "2", "--max-total-tokens", "4096", "--load-balance-method", "follow_bootstrap_room"],
+                 tmp_path)
     try:
         statuses = []
         deadline = time.monotonic() + 120
@@ -38,6 +39,11 @@ def test_worker_death_then_sigterm(tmp_path):
         assert 503 in statuses  # the port opens before the workers are ready
         workers = {_rank_of(pid): pid for pid in srv.worker_pids()}
         assert sorted(workers) == [0, 1]
+        for room in (7, 8, 2**62 + 1):
+            body = {"text": "hi", "sampling_params": {"max_new_tokens": 1}, "bootstrap_room": room,
+                    "bootstrap_host": "127.0.0.1", "bootstrap_port": None}
+            resp = httpx.post(srv.url + "/generate", json=body, timeout=30)
+            assert resp.json()["meta_info"]["dp_rank"] == room % 2
 
         # a stream in flight on rank 1 fails with an error event when rank 1 dies
         events: list[str] = []
@@ -105,5 +111,20 @@ def test_bad_flags_rejected(tmp_path, flags):
     try:
         assert srv.proc.wait(timeout=60) != 0
         assert "must be" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_sigint_to_the_group(tmp_path):
+    """Ctrl-C in a terminal signals the whole group: workers ignore it, the front stops them."""
+    srv = launch(["--dp-size", "2", "--max-total-tokens", "1024"], tmp_path)
+    try:
+        srv.wait_healthy()
+        workers = srv.worker_pids()
+        os.killpg(srv.proc.pid, signal.SIGINT)
+        assert srv.proc.wait(timeout=30) in (0, -signal.SIGINT), srv.log()
+        assert "all workers stopped" in srv.log()
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), 10)
+        assert port_is_free(srv.port)
     finally:
         srv.stop()

@@ -102,7 +102,7 @@ class DPController:
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(out_addr)
-        threads = self.config.engine.torch_threads or max(1, (os.cpu_count() or 2) // self.dp_size)
+        threads = self.config.engine.torch_threads or max(1, len(os.sched_getaffinity(0)) // self.dp_size)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         for state in self.ranks:
             in_addr = f"ipc://{self._tmpdir}/in{state.rank}"

@@ -48,7 +48,8 @@ class Worker:
         return os.getppid() == self.spec.parent_pid
 
     def load(self) -> msg.RankLoad:
-        return msg.RankLoad(**self.engine.load())
+        known = msg.RankLoad.__struct_fields__
+        return msg.RankLoad(**{k: v for k, v in self.engine.load().items() if k in known})
 
     def start_engine(self) -> None:
         from pdserve.engine.engine_core import EngineCore
@@ -56,16 +57,14 @@ class Worker:
         self.engine = EngineCore(self.spec.engine)
         engine = self.engine
         pool = engine.kv_pool
-        max_total = getattr(engine, "max_total_tokens", pool.num_pages * pool.page_size)
-        vocab_size = getattr(engine, "vocab_size", None) or engine.tokenizer.vocab_size
         self.send(
             msg.WorkerReady(
                 dp_rank=self.rank,
                 pid=os.getpid(),
                 model_path=os.path.abspath(engine.model_path),
                 context_length=engine.context_length,
-                vocab_size=vocab_size,
-                max_total_tokens=max_total,
+                vocab_size=engine.vocab_size,
+                max_total_tokens=engine.max_total_tokens,
                 page_size=pool.page_size,
                 load=self.load(),
             )
