@@ -167,6 +167,23 @@ def test_generate_stream(client):
     assert all(full["text"].startswith(e["text"]) for e in events)  # cumulative
 
 
+def test_batch_streams_interleave(client):
+    body = {"text": ["a", "b"], "sampling_params": [{"max_new_tokens": 3}, {"max_new_tokens": 5}], "stream": True}
+    with client.stream("POST", "/generate", json=body) as resp:
+        events = sse_events(resp)
+    last = {}
+    for e in events:
+        last[e["index"]] = e
+    assert [last[i]["meta_info"]["completion_tokens"] for i in (0, 1)] == [3, 5]
+    assert all(last[i]["meta_info"]["finish_reason"]["type"] == "length" for i in (0, 1))
+    body = {"prompt": ["a", "b"], "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        chunks = sse_events(resp)
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert_idle(client)
+
+
 def test_logprobs_shape(client):
     resp = client.post("/generate", json={
         "text": "Hi there", "sampling_params": {"max_new_tokens": 3}, "return_logprob": True,

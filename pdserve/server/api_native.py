@@ -7,6 +7,7 @@ batch), streamed as SSE chunks carrying the cumulative text and ending with ``da
 from __future__ import annotations
 
 import uuid
+from contextlib import aclosing
 from typing import Any
 
 import msgspec
@@ -192,8 +193,9 @@ async def generate(request: Request) -> Response:
         for i, gen in enumerate(gens):
             yield sse(response_item(gen, i if batch else None))
         try:
-            async for i, _delta in interleave(gens):
-                yield sse(response_item(gens[i], i if batch else None))
+            async with aclosing(interleave(gens)) as updates:
+                async for i, _delta in updates:
+                    yield sse(response_item(gens[i], i if batch else None))
         except ServerError as e:
             yield sse(e.native_body())
         yield SSE_DONE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -355,10 +356,11 @@ async def completions(request: Request) -> Response:
                 out = chunk(i, delta)
                 if out is not None:
                     yield out
-            async for i, delta in interleave(gens):
-                out = chunk(i, delta)
-                if out is not None:
-                    yield out
+            async with aclosing(interleave(gens)) as updates:
+                async for i, delta in updates:
+                    out = chunk(i, delta)
+                    if out is not None:
+                        yield out
         except ServerError as e:
             yield sse(e.openai_body())
         else:
@@ -485,10 +487,11 @@ async def chat_completions(request: Request) -> Response:
             out = chunk(firsts[0])
             if out is not None:
                 yield out
-            async for _i, delta in interleave(gens):
-                out = chunk(delta)
-                if out is not None:
-                    yield out
+            async with aclosing(interleave(gens)) as updates:
+                async for _i, delta in updates:
+                    out = chunk(delta)
+                    if out is not None:
+                        yield out
         except ServerError as e:
             yield sse(e.openai_body())
         else:
