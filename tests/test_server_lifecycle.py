@@ -16,10 +16,14 @@ import pytest
 from tests.server_harness import alive, launch, port_is_free, wait_until
 
 
-def _rank_of(pid: int) -> int:
-    """The DP rank of a worker process, from the spec on its command line."""
+def _spec_of(pid: int) -> dict:
+    """A worker's startup spec, from its command line."""
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return json.loads(args[args.index(b"pdserve.server.worker") + 1])["dp_rank"]
+    return json.loads(args[args.index(b"pdserve.server.worker") + 1])
+
+
+def _rank_of(pid: int) -> int:
+    return _spec_of(pid)["dp_rank"]
 
 
 def test_worker_death_then_sigterm(tmp_path):
@@ -87,9 +91,12 @@ def test_workers_exit_when_parent_dies(tmp_path):
         srv.wait_healthy()
         workers = srv.worker_pids()
         assert len(workers) == 1
+        socket_dir = Path(_spec_of(workers[0])["input_addr"].removeprefix("ipc://")).parent
+        assert socket_dir.is_dir()
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(timeout=10)
         assert wait_until(lambda: not alive(workers[0]), 10), "worker outlived its parent"
+        assert not socket_dir.exists()
     finally:
         srv.stop()
 

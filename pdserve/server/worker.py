@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -123,7 +124,13 @@ class Worker:
                 if outputs:
                     self.send(msg.OutputBatch(self.rank, outputs, self.load()))
         logger.warning("dp rank %d: parent process %d is gone, exiting", self.rank, self.spec.parent_pid)
+        self.remove_socket_dir()
         return 0
+
+    def remove_socket_dir(self) -> None:
+        """The front could not clean up after itself: remove its ipc socket folder (any rank may)."""
+        if self.spec.input_addr.startswith("ipc://"):
+            shutil.rmtree(os.path.dirname(self.spec.input_addr[len("ipc://"):]), ignore_errors=True)
 
     def close(self) -> None:
         self.inbox.close(0)
