@@ -35,6 +35,7 @@ from pdserve.bench.metrics import (
 from pdserve.bench.report import format_table
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
+from tests.server_harness import launch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -338,8 +339,7 @@ def test_cli_transfer_hook_and_errors(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    harness = pytest.importorskip("tests.server_harness", reason="pdserve serve not merged yet")
-    srv = harness.launch(["--max-total-tokens", "4096", "--page-size", "16", "--log-level", "warning"],
+    srv = launch(["--max-total-tokens", "4096", "--page-size", "16", "--log-level", "warning"],
                          tmp_path_factory.mktemp("bench-server"))
     try:
         srv.wait_healthy(timeout=60.0)
