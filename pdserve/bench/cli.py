@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = "\n".join(f"  {name:10s} {text}" for name, (_, text) in BENCHMARKS.items())
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = "%(prog)s [-h] BENCHMARK [flags...]"
     parser.epilog = f"benchmarks:\n{listing}\n\n'pdserve bench BENCHMARK --help' shows a benchmark's flags."
     parser.add_argument("benchmark", choices=list(BENCHMARKS), metavar="BENCHMARK",
                         help=f"one of: {', '.join(BENCHMARKS)}")
