@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = f"benchmarks:\n{listing}\n\n'pdserve bench BENCHMARK --help' shows a benchmark's flags."
     parser.add_argument("benchmark", choices=list(BENCHMARKS), metavar="BENCHMARK",
                         help=f"one of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="flags", help=argparse.SUPPRESS)
 
 
 def _load(name: str):
