@@ -77,14 +77,13 @@ def test_load_is_corrected_by_reports() -> None:
     unit = units_of("http://a:1", 1)[0]
     unit.begin(100)
     assert unit.load == 100
-    unit.report({"dp_rank": 0, "num_tokens": 30})  # the server holds fewer than the router thinks
-    assert unit.load == 30
-    unit.begin(10)
-    assert unit.load == 40
+    unit.report({"dp_rank": 0, "num_tokens": 30})  # fewer than the router's estimate: its own count stands
+    assert unit.load == 100
+    unit.report({"dp_rank": 0, "num_tokens": 250})  # 150 tokens the router did not send
+    assert unit.load == 250
     unit.end(100)
-    unit.end(10)
-    assert unit.load == 0  # never negative
-    unit.report({"dp_rank": 0, "num_tokens": 7})  # another client's work counts too
+    assert unit.load == 150
+    unit.report({"dp_rank": 0, "num_tokens": 7})
     assert unit.load == 7
 
 

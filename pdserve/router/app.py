@@ -189,6 +189,7 @@ def create_app(config: RouterConfig) -> Starlette:
                 units.append({
                     "worker": w.url, "type": w.role, "dp_rank": u.rank, "healthy": w.healthy, "load": u.load,
                     "router_inflight_tokens": u.inflight_tokens, "router_inflight_requests": u.inflight_requests,
+                    "external_tokens": u.external_tokens,
                     "reported": u.reported,
                 })
         return JSONResponse({"units": units})

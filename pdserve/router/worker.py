@@ -1,7 +1,10 @@
 """A server the router knows (:class:`Worker`) and one of its DP ranks (:class:`Unit`).
 
-A unit is what policies choose between. Its load is the router's own estimate of the tokens it
-has in flight there, corrected by what the server last reported on ``GET /get_load``.
+A unit is what policies choose between. Its load is the router's own count of the tokens it has
+in flight there (prompt for prefill, prompt plus ``max_new_tokens`` for decode; exact, as every
+request that begins also ends), plus the load the router cannot see: the part of the tokens the
+rank reported on its last ``GET /get_load`` beyond what the router had in flight at that moment
+(other clients, work the router already gave up on).
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from urllib.parse import urlsplit
 class Unit:
     """One DP rank of one server."""
 
-    __slots__ = ("worker", "rank", "label", "inflight_tokens", "inflight_requests", "reported_tokens",
-                 "inflight_at_report", "reported", "selected")
+    __slots__ = ("worker", "rank", "label", "inflight_tokens", "inflight_requests", "external_tokens", "reported")
 
     def __init__(self, worker: Worker, rank: int) -> None:
         self.worker = worker
@@ -22,15 +24,12 @@ class Unit:
         self.label = f"{worker.url}#{rank}"
         self.inflight_tokens = 0
         self.inflight_requests = 0
-        self.reported_tokens = 0
-        self.inflight_at_report = 0
+        self.external_tokens = 0
         self.reported: dict[str, Any] = {}
-        self.selected: Any = None  # the unit's Prometheus selection counter, set by the metrics
 
     @property
     def load(self) -> int:
-        """Tokens the server held at its last report, plus the router's change since then."""
-        return max(0, self.reported_tokens + self.inflight_tokens - self.inflight_at_report)
+        return self.inflight_tokens + self.external_tokens
 
     def begin(self, tokens: int) -> None:
         self.inflight_tokens += tokens
@@ -43,8 +42,7 @@ class Unit:
     def report(self, load: dict[str, Any]) -> None:
         """Take the server's view of this rank (one entry of its ``/get_load`` list)."""
         self.reported = load
-        self.reported_tokens = int(load.get("num_tokens", 0))
-        self.inflight_at_report = self.inflight_tokens
+        self.external_tokens = max(0, int(load.get("num_tokens", 0)) - self.inflight_tokens)
 
     def __repr__(self) -> str:
         return f"Unit({self.label}, load={self.load})"
