@@ -74,7 +74,8 @@ class RouterState:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+            # idle connections are dropped before uvicorn's 5 s keep-alive would close them under us
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
