@@ -84,6 +84,20 @@ def test_stream_is_relayed_chunk_by_chunk() -> None:
     asyncio.run(_stream_relay())
 
 
+async def _finished_stream_lets_prefill_answer() -> None:
+    p = EchoUpstream(mode="prefill", delay_s=0.5)
+    d = EchoUpstream(mode="decode")
+    async with upstreams(p, d), router_client(pd_specs([p], [d])) as (c, state):
+        r = await c.post("/generate", json={"text": "hi", "stream": True})
+        assert r.status_code == 200 and p.active == 1
+        assert await wait_for(lambda: p.active == 0 and not state.proxy.background)
+        assert p.cancelled == 0 and p.aborted == [] and d.aborted == []
+
+
+def test_finished_stream_lets_prefill_answer() -> None:
+    asyncio.run(_finished_stream_lets_prefill_answer())
+
+
 async def _prefill_error_aborts_decode() -> None:
     p = EchoUpstream(mode="prefill", fail_status=400)
     d = EchoUpstream(mode="decode", delay_s=30.0)

@@ -37,6 +37,7 @@ logger = logging.getLogger("pdserve.router")
 
 SSE_DONE = b"data: [DONE]\n\n"
 LOGPROB_FIELDS = ("input_token_logprobs", "input_top_logprobs")
+SETTLE_S = 10.0  # how long a finished stream waits for its prefill half's answer
 _rng = random.Random()
 
 # what one failed attempt returns: the side, its worker and the reply
@@ -285,15 +286,28 @@ class Proxy:
         def on_close() -> None:
             start.close()
             release()
-            if p_task is not None and not p_task.done():
-                p_task.cancel()
-            if not finished and prefill is not None:
-                for r in _rids(rid):
-                    self._spawn(self.upstream.abort(prefill.url, r, headers))
-                    self._spawn(self.upstream.abort(decode.url, r, headers))
+            if p_task is not None and prefill is not None:
+                if finished:
+                    self._spawn(self._settle(p_task, prefill))
+                else:
+                    if not p_task.done():
+                        p_task.cancel()
+                    for r in _rids(rid):
+                        self._spawn(self.upstream.abort(prefill.url, r, headers))
+                        self._spawn(self.upstream.abort(decode.url, r, headers))
             self.metrics.answered(route, 200 if finished else 499, time.perf_counter() - started)
 
         return RelayResponse(chunks(), on_close, start.resp.headers.get("Content-Type", "text/event-stream"))
+
+    async def _settle(self, p_task: asyncio.Task, prefill: Worker) -> None:
+        """Let a prefill half whose decode already finished answer (bounded); only count its failure."""
+        try:
+            await asyncio.wait([p_task], timeout=SETTLE_S)
+        finally:
+            if not p_task.done():
+                p_task.cancel()
+        if not p_task.cancelled() and not p_task.result().ok:
+            self.metrics.failed("prefill", prefill, p_task.result().reason or "status")
 
     def _note_failure(self, side: str, worker: Worker, reply: Reply) -> Failure:
         """Count and log a server-side failure (a 4xx is the client's and is only relayed)."""
