@@ -132,6 +132,17 @@ def rank_pairs(results: list[dict]) -> set[tuple[int, int]]:
     return {(r["meta_info"]["prefill_dp_rank"], r["meta_info"]["decode_dp_rank"]) for r in results}
 
 
+def assert_logprobs_close(got: list, want: list) -> None:
+    """Logprob triples (or lists of them, for top logprobs): same tokens, logprobs within 1e-4."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if not g or isinstance(g[0], list):
+            assert_logprobs_close(g or [], w or [])
+        else:
+            assert g[1] == w[1] and (g[0] is None) == (w[0] is None)
+            assert g[0] is None or abs(g[0] - w[0]) < 1e-4, (g, w)
+
+
 # ---------------------------------------------------------------------- correctness and placement
 
 
@@ -153,7 +164,7 @@ def test_every_policy_matches_mixed_output(fleet, reference):
     assert_idle(fleet)
 
 
-def test_streaming_openai_and_logprobs_through_router(fleet, reference):
+def test_streaming_openai_and_logprobs_through_router(fleet, mixed, reference):
     async def run() -> None:
         async with router_client(fleet.specs()) as (c, _):
             prompt = PROMPTS[1]
@@ -162,10 +173,13 @@ def test_streaming_openai_and_logprobs_through_router(fleet, reference):
                 assert r.status_code == 200
                 events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]" and json.loads(events[-2])["text"] == reference[prompt]["text"]
-            r = await c.post("/generate", json={**body, "stream": False, "return_logprob": True})
-            meta = r.json()["meta_info"]
+            logprob_body = {**body, "stream": False, "return_logprob": True, "logprob_start_len": 0,
+                            "top_logprobs_num": 2}
+            meta = (await c.post("/generate", json=logprob_body)).json()["meta_info"]
+            direct = httpx.post(mixed.url + "/generate", json=logprob_body, timeout=60).json()["meta_info"]
             assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]  # prefill's, merged in
-            assert len(meta["output_token_logprobs"]) == MAX_NEW
+            for name in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs"):
+                assert_logprobs_close(meta[name], direct[name])
             r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0})
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[prompt]["text"]
             r = await c.post("/v1/chat/completions", json={
@@ -260,14 +274,16 @@ def test_killed_decode_server_is_evicted_and_readmitted(fleet, reference):
             worker = state.fleet.workers[extra.url]
             await generate_all(c, PROMPTS)
             assert state.fleet.workers[extra.url].healthy
-            # kill it while requests are in flight: none reached the client yet, so all are retried
-            pending = asyncio.ensure_future(generate_all(c, PROMPTS * 2))
-            await asyncio.sleep(0.05)
+            # kill it while requests run there: none has sent a byte to its client, so all are retried
+            long = {"sampling_params": {"max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}
+            pending = [asyncio.ensure_future(c.post("/generate", json={"text": p, **long})) for p in PROMPTS * 2]
+            assert await asyncio.to_thread(wait_until, lambda: used_pages(extra) > 0, 20.0)
             os.killpg(extra.proc.pid, signal.SIGKILL)
             extra.proc.wait()
-            results = await pending
-            for prompt, result in zip(PROMPTS * 2, results):
-                assert result["output_ids"] == reference[prompt]["output_ids"]
+            for r in await asyncio.gather(*pending):
+                assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 64, r.text
+            failures = state.metrics.failures.collect()[0].samples
+            assert any(s.labels.get("worker") == extra.url and s.value > 0 for s in failures)
             for _ in range(50):
                 if not worker.healthy:
                     break
