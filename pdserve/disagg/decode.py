@@ -36,7 +36,7 @@ from pdserve.engine.request import Req, RequestError, StepOutput
 
 logger = logging.getLogger("pdserve.disagg.decode")
 
-RESOLVE_GRACE_S = 2.0  # the resolver reports its own timeout; this backstop only catches a stuck one
+PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
 
 
 @dataclass
@@ -385,7 +385,7 @@ class DecodeDisaggManager:
         for r in list(self.rooms.values()):
             age = now - r.added_at
             if r.info is None:
-                if age > cfg.bootstrap_timeout + RESOLVE_GRACE_S:
+                if age > cfg.bootstrap_timeout + PEER_GRACE_S:  # backstop: the resolver reports its own timeout
                     self._fail(r, f"{self._who(r)}: no answer from the bootstrap service at {r.bootstrap} within "
                                f"{cfg.bootstrap_timeout:g} s (--disaggregation-bootstrap-timeout)",
                                m.Cause.BOOTSTRAP_TIMEOUT, tell_prefill=False)
@@ -403,7 +403,7 @@ class DecodeDisaggManager:
                                "(--disaggregation-bootstrap-timeout); is the prefill server down?",
                                m.Cause.HANDSHAKE_TIMEOUT, tell_prefill=True)
             elif r.first_data_at is None:
-                if age > cfg.waiting_timeout:
+                if age > cfg.waiting_timeout + PEER_GRACE_S:  # prefill's own waiting timeout normally says why first
                     self._fail(r, f"{self._who(r)}: prefill acknowledged the KV request but sent no KV within "
                                f"{cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout): the prefill request "
                                "did not reach that rank or is still queued", m.Cause.WAITING_TIMEOUT, tell_prefill=True)
