@@ -10,15 +10,19 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.cli", "offline generation with the engine"),
     "serve": ("pdserve.server.cli", "run an HTTP server (mixed, prefill or decode mode)"),
+    "bench": ("pdserve.bench.cli", "benchmarks: serving (online load), transfer (KV), engine (offline)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen subcommand's module is imported
+            importlib.import_module(module_name).add_arguments(sub_parser)
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)

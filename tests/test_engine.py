@@ -266,3 +266,18 @@ def test_prefill_handoff_to_another_engine_matches_colocated(tiny_engine):
             tokens += out.new_token_ids
     assert tokens == expected
     decode.kv_pool.check_integrity(expect_used=0)
+
+
+def test_penalties_change_logits_as_defined():
+    from pdserve.engine.sampler import apply_penalties
+
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    req = Req("x", [0], SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0))
+    req.output_ids = [0, 0, 1]
+    apply_penalties(logits, [req], eos_ids=[])
+    # token 0: 2.0/2 - 0.5*2 - 0.25 ; token 1: -2.0*2 - 0.5 - 0.25 ; unseen tokens unchanged
+    assert torch.allclose(logits, torch.tensor([[-0.25, -4.75, 1.0, 0.5]]))
+    banned = torch.zeros(1, 4)
+    req2 = Req("y", [0], SamplingParams(min_new_tokens=2, stop_token_ids=[2]))
+    apply_penalties(banned, [req2], eos_ids=[3])
+    assert banned[0, 2] == float("-inf") and banned[0, 3] == float("-inf") and banned[0, 0] == 0

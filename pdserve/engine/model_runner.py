@@ -8,7 +8,7 @@ import torch
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.request import Req
-from pdserve.models.attention import AttentionMetadata
+from pdserve.models.attention import AttentionMetadata, Workspace
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -50,8 +50,10 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.device = device
+        self.workspace = Workspace()
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
+        batch.decodes.sort(key=lambda r: r.seq_len)  # similar lengths share a padded attention group
         ids: list[int] = []
         positions: list[int] = []
         for req in batch.decodes:
@@ -69,6 +71,7 @@ class ModelRunner:
             [r.seq_len for r in batch.decodes],
             extend_rows,
             self.device,
+            self.workspace,
         )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),

@@ -2,8 +2,8 @@
 
 The KV cache of one layer is a tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]``:
 page ``p`` of a layer (its K and V) is the contiguous block ``kv[p]``, which is what the P/D
-transfer backends move. One forward step mixes decode rows (one new token each, attended in a
-single padded batch) and extend rows (a prefill chunk each, attended one request at a time with
+transfer backends move. One forward step mixes decode rows (one new token each, attended in padded
+groups of similar length) and extend rows (a prefill chunk each, attended one request at a time with
 a causal mask offset by the cached prefix).
 """
 
@@ -27,6 +27,35 @@ class ExtendSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows ``[start, start + size)`` of similar length, attended as one padded batch."""
+
+    start: int
+    size: int
+    num_pages: int  # pages per row after padding
+    page_ids: torch.Tensor  # LongTensor [size * num_pages], row-major
+    mask: torch.Tensor  # float additive mask [size, 1, 1, num_pages * page_size]
+
+
+class Workspace:
+    """Reusable gather buffers: fresh multi-megabyte tensors every layer cost page faults on CPU."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (slot, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1 << 16), dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+
+DECODE_GROUP_ROWS = 16
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward step, shared by all layers.
 
@@ -37,9 +66,9 @@ class AttentionMetadata:
     slot_pages: torch.Tensor  # LongTensor [T]: page receiving each new token's K/V
     slot_offsets: torch.Tensor  # LongTensor [T]: offset inside that page
     num_decode: int
-    decode_page_table: torch.Tensor | None  # LongTensor [num_decode, max_pages]
-    decode_mask: torch.Tensor | None  # bool [num_decode, 1, 1, max_pages * page_size]
+    decode_groups: list[DecodeGroup]
     extends: list[ExtendSpan]
+    workspace: Workspace
 
     @classmethod
     def build(
@@ -49,12 +78,14 @@ class AttentionMetadata:
         decode_kv_lens: list[int],
         extend_rows: list[tuple[int, int, list[int]]],
         device: torch.device,
+        workspace: Workspace | None = None,
     ) -> AttentionMetadata:
         """Build metadata from plain lists.
 
         ``decode_pages[b]`` / ``decode_kv_lens[b]``: page list and context length (including the
         new token) of decode row ``b``. ``extend_rows``: ``(prefix_len, chunk_len, pages)`` per
-        prefill chunk, in batch order after the decode rows.
+        prefill chunk, in batch order after the decode rows. Decode rows are grouped
+        ``DECODE_GROUP_ROWS`` at a time so callers that sort them by length pad little.
         """
         slot_pages: list[int] = []
         slot_offsets: list[int] = []
@@ -63,13 +94,17 @@ class AttentionMetadata:
             slot_pages.append(pages[pos // page_size])
             slot_offsets.append(pos % page_size)
         num_decode = len(decode_pages)
-        table = mask = None
-        if num_decode:
-            max_pages = max(len(p) for p in decode_pages)
-            table = torch.tensor([p + [0] * (max_pages - len(p)) for p in decode_pages], dtype=torch.long)
-            lens = torch.tensor(decode_kv_lens, dtype=torch.long)
-            mask = (torch.arange(max_pages * page_size)[None, :] < lens[:, None])[:, None, None, :]
-            table, mask = table.to(device), mask.to(device)
+        groups: list[DecodeGroup] = []
+        for start in range(0, num_decode, DECODE_GROUP_ROWS):
+            rows = range(start, min(start + DECODE_GROUP_ROWS, num_decode))
+            width = max(len(decode_pages[r]) for r in rows)
+            ids = [p for r in rows for p in decode_pages[r] + [0] * (width - len(decode_pages[r]))]
+            lens = torch.tensor([decode_kv_lens[r] for r in rows])
+            visible = torch.arange(width * page_size)[None, :] < lens[:, None]
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            groups.append(
+                DecodeGroup(start, len(rows), width, torch.tensor(ids, device=device), mask.to(device))
+            )
         extends: list[ExtendSpan] = []
         start = num_decode
         for prefix_len, length, pages in extend_rows:
@@ -90,16 +125,23 @@ class AttentionMetadata:
             slot_pages=torch.tensor(slot_pages, dtype=torch.long, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
             num_decode=num_decode,
-            decode_page_table=table,
-            decode_mask=mask,
+            decode_groups=groups,
             extends=extends,
+            workspace=workspace or Workspace(),
         )
 
 
 def _gather(kv_layer: torch.Tensor, pages: torch.Tensor, which: int) -> torch.Tensor:
-    """K (which=0) or V (which=1) of ``pages`` as ``[..., len(pages) * page_size, heads, dim]``."""
-    blocks = kv_layer[pages, which]  # [..., n, page_size, H, D]
-    return blocks.flatten(-4, -3)
+    """K (which=0) or V (which=1) of ``pages`` as ``[len(pages) * page_size, heads, dim]`` (a copy)."""
+    return kv_layer[pages, which].flatten(0, 1)
+
+
+def _gather_into(kv_layer: torch.Tensor, pages: torch.Tensor, which: int, out: torch.Tensor) -> torch.Tensor:
+    """Like :func:`_gather` but writes into the flat buffer ``out``; returns ``[n * page_size, H, D]``."""
+    num_pages, _, page_size, heads, dim = kv_layer.shape
+    src = kv_layer[:, which].flatten(1)  # [num_pages, page_size*H*D], a view
+    torch.index_select(src, 0, pages, out=out.view(pages.numel(), -1))
+    return out.view(pages.numel() * page_size, heads, dim)
 
 
 def paged_attention(
@@ -115,15 +157,8 @@ def paged_attention(
     kv_layer[meta.slot_pages, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    nd = meta.num_decode
-    if nd:
-        keys = _gather(kv_layer, meta.decode_page_table, 0).transpose(1, 2)  # [B, H, L, D]
-        values = _gather(kv_layer, meta.decode_page_table, 1).transpose(1, 2)
-        query = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
-        o = F.scaled_dot_product_attention(
-            query, keys.to(q.dtype), values.to(q.dtype), attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )
-        out[:nd] = o.squeeze(2)
+    for group in meta.decode_groups:
+        _decode_group(q, kv_layer, group, meta.workspace, scale, out)
     for span in meta.extends:
         rows = slice(span.start, span.start + span.length)
         query = q[rows].transpose(0, 1)  # [Hq, L, D]
@@ -139,3 +174,20 @@ def paged_attention(
             )
         out[rows] = o.transpose(0, 1)
     return out
+
+
+def _decode_group(
+    q: torch.Tensor, kv_layer: torch.Tensor, group: DecodeGroup, ws: Workspace, scale: float, out: torch.Tensor
+) -> None:
+    """One query token per row; query heads are grouped per KV head so K/V are never repeated."""
+    _, _, page_size, heads, dim = kv_layer.shape
+    numel = group.page_ids.numel() * page_size * heads * dim
+    keys = _gather_into(kv_layer, group.page_ids, 0, ws.take(0, numel, kv_layer.dtype, kv_layer.device))
+    values = _gather_into(kv_layer, group.page_ids, 1, ws.take(1, numel, kv_layer.dtype, kv_layer.device))
+    g, length = group.size, group.num_pages * page_size
+    keys = keys.view(g, length, heads, dim).transpose(1, 2).to(q.dtype)  # [g, Hkv, L, D]
+    values = values.view(g, length, heads, dim).transpose(1, 2).to(q.dtype)
+    rows = slice(group.start, group.start + g)
+    query = q[rows].view(g, heads, q.shape[1] // heads, dim)  # [g, Hkv, q-per-kv, D]
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask.to(q.dtype), scale=scale)
+    out[rows] = o.reshape(g, q.shape[1], dim)

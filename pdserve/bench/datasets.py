@@ -1,0 +1,179 @@
+"""Benchmark prompts: random token prompts and local ShareGPT files; nothing is downloaded.
+
+``random`` (the SGLang/vLLM "random" dataset): each request's input and output lengths are drawn
+uniformly from ``[L * (1 - ratio), L * (1 + ratio)]``; prompts are words of the tokenizer's own
+vocabulary chosen so that the text re-encodes to exactly the same ids.
+
+``sharegpt``: a JSON list of ``{"conversations": [{"from": "human", "value": ...},
+{"from": "gpt", "value": ...}, ...]}``; the first human turn is the prompt and the reply after it
+sets the output length (unless overridden), filtered like SGLang (too short: under 2 tokens; too
+long: prompt over 1024 or prompt + output over 2048 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+HUMAN_ROLES = ("human", "user")
+MIN_SEQ_LEN = 2
+MAX_PROMPT_LEN = 1024
+MAX_TOTAL_LEN = 2048
+WORD_TOKEN = re.compile(r" ?[A-Za-z]+")
+VOCAB_SCAN_LIMIT = 20000
+MIN_WORD_POOL = 16
+FIX_ROUNDS = 10
+
+
+class DatasetError(ValueError):
+    """The requested prompts cannot be built (missing or malformed file, too few usable entries)."""
+
+
+class TextTokenizer(Protocol):
+    """What the datasets need from a tokenizer (:class:`pdserve.models.tokenizer.Tokenizer` fits)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def all_special_ids(self) -> list[int]: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One prompt to send: its text, the same text's token ids, and how many tokens to generate."""
+
+    prompt: str
+    prompt_ids: list[int]
+    output_len: int
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+
+def length_range(mean: int, ratio: float) -> tuple[int, int]:
+    """Inclusive ``[L * (1 - ratio), L * (1 + ratio)]``, at least 1."""
+    if mean < 1:
+        raise DatasetError(f"length must be >= 1, got {mean}")
+    if not 0.0 <= ratio <= 1.0:
+        raise DatasetError(f"--random-range-ratio must be in [0, 1], got {ratio}")
+    low = max(1, int(mean * (1.0 - ratio)))
+    return low, max(low, int(mean * (1.0 + ratio)))
+
+
+def random_lengths(n: int, mean: int, ratio: float, rng: np.random.Generator) -> list[int]:
+    """``n`` lengths uniform over :func:`length_range`."""
+    low, high = length_range(mean, ratio)
+    return [int(x) for x in rng.integers(low, high + 1, size=n)]
+
+
+def word_pool(tokenizer: TextTokenizer, seed: int = 0) -> list[int]:
+    """Ids of whole-word tokens that decode and re-encode to themselves, from up to
+    :data:`VOCAB_SCAN_LIMIT` ids: space-prefixed words (byte-level BPE) if there are enough, else
+    bare words (SentencePiece decodes its word tokens without the space), else any id."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(tokenizer.vocab_size) if i not in special]
+    if len(ids) > VOCAB_SCAN_LIMIT:
+        ids = sorted(random.Random(seed).sample(ids, VOCAB_SCAN_LIMIT))
+    spaced, bare = [], []
+    for i in ids:
+        text = tokenizer.decode([i])
+        if WORD_TOKEN.fullmatch(text) and tokenizer.encode(text, add_special_tokens=False) == [i]:
+            (spaced if text.startswith(" ") else bare).append(i)
+    for pool in (spaced, bare):
+        if len(pool) >= MIN_WORD_POOL:
+            return pool
+    return ids
+
+
+def _round_trip(tokenizer: TextTokenizer, ids: list[int], length: int, pool: list[int],
+                rng: np.random.Generator) -> tuple[str, list[int]]:
+    """Text whose encoding has ``length`` ids where possible, starting from ``ids``."""
+    text = tokenizer.decode(ids)
+    for _ in range(FIX_ROUNDS):
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == length:
+            return text, encoded
+        encoded = encoded[:length]
+        encoded += [pool[int(k)] for k in rng.integers(0, len(pool), size=length - len(encoded))]
+        text = tokenizer.decode(encoded)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def sample_random(tokenizer: TextTokenizer, num_prompts: int, input_len: int, output_len: int,
+                  range_ratio: float, seed: int) -> list[BenchRequest]:
+    """``num_prompts`` random prompts with per-request input and output lengths (see module doc)."""
+    rng = np.random.default_rng(seed)
+    in_lens = random_lengths(num_prompts, input_len, range_ratio, rng)
+    out_lens = random_lengths(num_prompts, output_len, range_ratio, rng)
+    pool = word_pool(tokenizer, seed)
+    requests = []
+    for n_in, n_out in zip(in_lens, out_lens):
+        ids = [pool[int(k)] for k in rng.integers(0, len(pool), size=n_in)]
+        text, ids = _round_trip(tokenizer, ids, n_in, pool, rng)
+        requests.append(BenchRequest(prompt=text, prompt_ids=ids, output_len=n_out))
+    return requests
+
+
+def _first_exchange(entry: Any) -> tuple[str, str] | None:
+    """The first human turn and the reply after it, or None."""
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    if not isinstance(turns, list):
+        return None
+    for k, turn in enumerate(turns[:-1]):
+        if isinstance(turn, dict) and turn.get("from") in HUMAN_ROLES:
+            reply = turns[k + 1]
+            if isinstance(reply, dict) and reply.get("from") not in HUMAN_ROLES:
+                prompt, answer = turn.get("value"), reply.get("value")
+                if isinstance(prompt, str) and isinstance(answer, str):
+                    return prompt, answer
+            return None
+    return None
+
+
+def load_sharegpt(path: str | Path | None, tokenizer: TextTokenizer, num_prompts: int, seed: int,
+                  output_len: int | None = None) -> list[BenchRequest]:
+    """``num_prompts`` prompts from a local ShareGPT JSON file, shuffled with ``seed`` and filtered
+    like SGLang; ``output_len`` overrides the reply's token count."""
+    if path is None:
+        raise DatasetError("--dataset sharegpt needs --dataset-path FILE (a local ShareGPT JSON file; "
+                           "nothing is downloaded)")
+    file = Path(path)
+    if not file.is_file():
+        raise DatasetError(f"ShareGPT file not found: {file} (nothing is downloaded; give a local file)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read ShareGPT file {file}: {e}") from e
+    if not isinstance(data, list):
+        raise DatasetError(f"ShareGPT file {file} must hold a JSON list of conversations")
+    exchanges = [x for x in map(_first_exchange, data) if x is not None]
+    random.Random(seed).shuffle(exchanges)
+    requests: list[BenchRequest] = []
+    for prompt, answer in exchanges:
+        if len(requests) == num_prompts:
+            break
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        n_out = output_len if output_len is not None else len(tokenizer.encode(answer, add_special_tokens=False))
+        if len(ids) < MIN_SEQ_LEN or (output_len is None and n_out < MIN_SEQ_LEN):
+            continue
+        if len(ids) > MAX_PROMPT_LEN or len(ids) + n_out > MAX_TOTAL_LEN:
+            continue
+        requests.append(BenchRequest(prompt=prompt, prompt_ids=ids, output_len=n_out))
+    if len(requests) < num_prompts:
+        raise DatasetError(
+            f"ShareGPT file {file}: only {len(requests)} usable conversations of {len(data)} entries "
+            f"(need {num_prompts}); lower --num-prompts"
+        )
+    return requests

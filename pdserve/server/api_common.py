@@ -1,0 +1,148 @@
+"""HTTP plumbing shared by the native and OpenAI routes.
+
+Reading a size-limited JSON body into a typed msgspec Struct (so type errors name the field),
+DP-rank and bootstrap parsing, SSE framing with guaranteed cleanup, and cancelling a
+non-streaming request when its client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pdserve.server.errors import ServerError, bad_request
+
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.5
+RANK_HEADER = "x-data-parallel-rank"
+_PATH_RE = re.compile(r"`\$\.?([^`]*)`")
+
+
+async def read_json(request: Request, schema: type[T], max_bytes: int) -> T:
+    """The body decoded into ``schema``; 413 beyond ``max_bytes``, 400 naming the field otherwise."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ServerError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ServerError(413, f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        found = _PATH_RE.search(text)
+        param = found.group(1) if found else None
+        raise bad_request(f"invalid request: {text}", param or None) from None
+    except msgspec.DecodeError as e:
+        raise bad_request(f"malformed JSON body: {e}") from None
+
+
+def parse_rank(value: Any, name: str, dp_size: int) -> int | None:
+    """A DP rank from the body or a header: None when absent, 400 naming ``name`` when invalid."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            value = int(text)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < dp_size:
+        raise bad_request(
+            f"{name} must be an integer in [0, {dp_size - 1}] (dp_size={dp_size}), got {value!r}", name
+        )
+    return value
+
+
+def pinned_rank(request: Request, body: Any, dp_size: int) -> int | None:
+    """``data_parallel_rank`` (or its newer name ``routed_dp_rank``) in the body, else the header."""
+    for name in ("data_parallel_rank", "routed_dp_rank"):
+        rank = parse_rank(getattr(body, name, None), name, dp_size)
+        if rank is not None:
+            return rank
+    header = request.headers.get(RANK_HEADER)
+    if header is not None:
+        return parse_rank(header, "X-Data-Parallel-Rank header", dp_size)
+    return None
+
+
+def per_item(value: Any, count: int, name: str, batch: bool) -> list[Any]:
+    """A request field for each of ``count`` items: a list (batch, one per item) or one shared value."""
+    if batch and isinstance(value, list):
+        if len(value) != count:
+            raise bad_request(f"{name} has {len(value)} entries for a batch of {count}", name)
+        return list(value)
+    if isinstance(value, list) and name in ("bootstrap_host", "bootstrap_port", "bootstrap_room", "rid"):
+        if len(value) != 1:
+            raise bad_request(f"{name} must be a single value for a single prompt", name)
+        return list(value)
+    return [value] * count
+
+
+def check_room(room: Any) -> int | None:
+    if room is None:
+        return None
+    if not isinstance(room, int) or isinstance(room, bool) or room < 0:
+        raise bad_request(f"bootstrap_room must be a non-negative integer, got {room!r}", "bootstrap_room")
+    return room
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A ``text/event-stream`` response whose ``on_close`` runs however the response ends.
+
+    Starlette may never start the body iterator (client gone before headers) or cancel it mid-way
+    (disconnect); either way ``on_close`` aborts the requests that are still running.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it (the caller's ``finally`` then aborts) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ServerError(499, "client disconnected")
+    finally:
+        task.cancel()

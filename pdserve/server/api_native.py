@@ -1,0 +1,320 @@
+"""SGLang's native routes: ``/generate`` plus the health, info, load and admin endpoints.
+
+Response shapes follow SGLang: ``{"text", "output_ids", "meta_info"}`` per prompt (a list for a
+batch), streamed as SSE chunks carrying the cumulative text and ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from pdserve import __version__
+from pdserve.engine.output_format import logprob_triples, top_logprob_triples
+from pdserve.engine.request import RequestError, SamplingParams
+from pdserve.server.api_common import (
+    SSE_DONE,
+    SSEResponse,
+    check_room,
+    per_item,
+    pinned_rank,
+    read_json,
+    sse,
+    unless_disconnected,
+)
+from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.generation import (
+    Generation,
+    GenRequest,
+    close_all,
+    first_outputs,
+    interleave,
+    run_to_end,
+)
+from pdserve.server.state import ServerState
+
+HEALTH_GENERATE_TIMEOUT_S = 60.0
+
+router = APIRouter()
+
+
+class GenerateBody(msgspec.Struct, kw_only=True):
+    """The JSON body of ``POST /generate``; unknown keys (router defaults) are ignored."""
+
+    text: str | list[str] | None = None
+    input_ids: list[Any] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: Any = None
+    prefill_data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+    model: str | None = None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _prompts(body: GenerateBody) -> tuple[list[str | list[int]], bool]:
+    """The prompts of the request and whether it is a batch."""
+    if body.text is not None and body.input_ids is not None:
+        raise bad_request("give either text or input_ids, not both", "text")
+    if body.text is not None:
+        texts = body.text if isinstance(body.text, list) else [body.text]
+        if not texts:
+            raise bad_request("text is an empty list", "text")
+        if not all(texts):
+            raise bad_request("text is empty: the prompt must contain at least one character", "text")
+        return list(texts), isinstance(body.text, list)
+    if body.input_ids is not None:
+        ids = body.input_ids
+        if not ids:
+            raise bad_request("input_ids is empty: the prompt must have at least one token", "input_ids")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            return [list(ids)], False
+        if all(isinstance(row, list) for row in ids):
+            for i, row in enumerate(ids):
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+                    raise bad_request(f"input_ids[{i}] must be a list of integers", "input_ids")
+            return [list(row) for row in ids], True
+        raise bad_request("input_ids must be a list of integers or a list of such lists", "input_ids")
+    raise bad_request("missing prompt: give text or input_ids", "text")
+
+
+def build_requests(state: ServerState, request: Request, body: GenerateBody) -> tuple[list[GenRequest], bool]:
+    """One :class:`GenRequest` per prompt, and whether the body is a batch."""
+    service = state.require_service()
+    prompts, batch = _prompts(body)
+    n = len(prompts)
+    rank = pinned_rank(request, body, state.config.dp_size)
+    rids = per_item(body.rid, n, "rid", batch)
+    if batch and isinstance(body.rid, str):
+        rids = [f"{body.rid}-{i}" for i in range(n)]
+    params_list = per_item(body.sampling_params, n, "sampling_params", batch)
+    return_logprob = per_item(body.return_logprob, n, "return_logprob", batch)
+    start_len = per_item(body.logprob_start_len, n, "logprob_start_len", batch)
+    top_num = per_item(body.top_logprobs_num, n, "top_logprobs_num", batch)
+    hosts = per_item(body.bootstrap_host, n, "bootstrap_host", batch)
+    ports = per_item(body.bootstrap_port, n, "bootstrap_port", batch)
+    rooms = [check_room(r) for r in per_item(body.bootstrap_room, n, "bootstrap_room", batch)]
+    prefill_rank = body.disagg_prefill_dp_rank if body.disagg_prefill_dp_rank is not None else (
+        body.prefill_data_parallel_rank
+    )
+    reqs = []
+    base = uuid.uuid4().hex
+    for i, prompt in enumerate(prompts):
+        raw = params_list[i]
+        try:
+            params = SamplingParams.from_dict(raw)
+        except RequestError as e:
+            raise bad_request(f"sampling_params: {e}", "sampling_params") from None
+        ids = service.encode(prompt) if isinstance(prompt, str) else prompt
+        reqs.append(
+            GenRequest(
+                rid=rids[i] if rids[i] is not None else (base if n == 1 else f"{base}-{i}"),
+                input_ids=ids,
+                params=params,
+                max_new_tokens_given=isinstance(raw, dict) and raw.get("max_new_tokens") is not None,
+                return_logprob=bool(return_logprob[i]),
+                top_logprobs_num=top_num[i],
+                logprob_start_len=start_len[i],
+                return_text_in_logprobs=body.return_text_in_logprobs,
+                dp_rank=rank,
+                bootstrap_host=hosts[i],
+                bootstrap_port=ports[i],
+                bootstrap_room=rooms[i],
+                prefill_dp_rank=prefill_rank,
+                prompt_field="text" if isinstance(prompt, str) else "input_ids",
+            )
+        )
+    return reqs, batch
+
+
+def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
+    """SGLang's per-prompt result (cumulative so far)."""
+    meta: dict[str, Any] = {
+        "id": gen.rid,
+        "finish_reason": gen.finish_reason,
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "cached_tokens": gen.cached_tokens,
+        "e2e_latency": gen.e2e_latency,
+        "ttft": gen.ttft,
+        "dp_rank": gen.dp_rank,
+    }
+    req = gen.req
+    if req.return_logprob:
+        detok = gen.service.tokens_text if req.return_text_in_logprobs else None
+        meta["input_token_logprobs"] = logprob_triples(gen.input_logprobs, detok)
+        meta["output_token_logprobs"] = logprob_triples(gen.output_logprobs, detok)
+        if req.top_logprobs_num > 0:
+            meta["input_top_logprobs"] = top_logprob_triples(gen.input_logprobs, detok)
+            meta["output_top_logprobs"] = top_logprob_triples(gen.output_logprobs, detok)
+    item: dict[str, Any] = {"text": gen.text, "output_ids": list(gen.output_ids), "meta_info": meta}
+    if index is not None:
+        item["index"] = index
+    return item
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    state = _state(request)
+    body = await read_json(request, GenerateBody, state.config.max_request_bytes)
+    reqs, batch = build_requests(state, request, body)
+    gens = state.require_service().start_all(reqs)
+    if not body.stream:
+        try:
+            await unless_disconnected(request, run_to_end(gens))
+        finally:
+            close_all(gens)
+        results = [response_item(g) for g in gens]
+        return JSONResponse(results if batch else results[0])
+    try:
+        await first_outputs(gens)
+    except BaseException:
+        close_all(gens)
+        raise
+
+    async def chunks():
+        for i, gen in enumerate(gens):
+            yield sse(response_item(gen, i if batch else None))
+        try:
+            async with aclosing(interleave(gens)) as updates:
+                async for i, _delta in updates:
+                    yield sse(response_item(gens[i], i if batch else None))
+        except ServerError as e:
+            yield sse(e.native_body())
+        yield SSE_DONE
+
+    return SSEResponse(chunks(), lambda: close_all(gens))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.healthy:
+        return Response(status_code=200)
+    return JSONResponse({"error": {"message": state.unhealthy_reason(), "code": 503}}, status_code=503)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    state = _state(request)
+    if not state.healthy:
+        return JSONResponse({"error": {"message": state.unhealthy_reason(), "code": 503}}, status_code=503)
+    ok = await state.probe_generate(HEALTH_GENERATE_TIMEOUT_S)
+    if ok is not None:
+        return JSONResponse({"error": {"message": ok, "code": 503}}, status_code=503)
+    return Response(status_code=200)
+
+
+def _server_info(state: ServerState) -> dict[str, Any]:
+    info = state.require_info()
+    cfg = state.config
+    engine = cfg.engine
+    return {
+        "model_path": info.model_path,
+        "tokenizer_path": info.model_path,
+        "served_model_name": state.served_model_name,
+        "dp_size": cfg.dp_size,
+        "tp_size": 1,
+        "pp_size": 1,
+        "disaggregation_mode": cfg.disaggregation_mode,
+        "page_size": info.page_size,
+        "max_total_tokens": info.max_total_tokens,
+        "context_length": info.context_length,
+        "vocab_size": info.vocab_size,
+        "chunked_prefill_size": engine.chunked_prefill_size,
+        "max_running_requests": engine.max_running_requests,
+        "load_balance_method": cfg.load_balance_method,
+        "host": cfg.host,
+        "port": cfg.port,
+        "dtype": engine.dtype,
+        "device": engine.device,
+        "random_seed": engine.random_seed,
+        "is_embedding": False,
+        "version": __version__,
+    }
+
+
+@router.get("/server_info")
+@router.get("/get_server_info")
+async def server_info(request: Request) -> Response:
+    return JSONResponse(_server_info(_state(request)))
+
+
+@router.get("/model_info")
+@router.get("/get_model_info")
+async def model_info(request: Request) -> Response:
+    state = _state(request)
+    info = state.require_info()
+    return JSONResponse(
+        {
+            "model_path": info.model_path,
+            "tokenizer_path": info.model_path,
+            "served_model_name": state.served_model_name,
+            "is_generation": True,
+            "context_length": info.context_length,
+        }
+    )
+
+
+@router.get("/version")
+async def version() -> Response:
+    return JSONResponse({"version": __version__})
+
+
+@router.get("/get_load")
+async def get_load(request: Request) -> Response:
+    return JSONResponse(_state(request).controller.loads())
+
+
+@router.api_route("/flush_cache", methods=["GET", "POST"])
+async def flush_cache(request: Request) -> Response:
+    state = _state(request)
+    state.require_service()
+    if await state.controller.flush_cache():
+        return PlainTextResponse("Cache flushed.\n")
+    return PlainTextResponse(
+        "Cache not flushed: requests are running or a rank did not answer; retry when idle.\n", status_code=400
+    )
+
+
+class AbortBody(msgspec.Struct, kw_only=True):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request) -> Response:
+    state = _state(request)
+    body = await read_json(request, AbortBody, state.config.max_request_bytes)
+    controller = state.controller
+    if body.abort_all:
+        return JSONResponse({"aborted": controller.abort_all()})
+    if body.rid is None:
+        raise bad_request("rid is required (or abort_all: true)", "rid")
+    aborted = controller.abort(body.rid)
+    if not aborted:  # a batch request with this rid as prefix
+        aborted = any([controller.abort(rid) for rid in list(controller.requests) if rid.startswith(body.rid + "-")])
+    return JSONResponse({"aborted": int(aborted)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = _state(request).metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,527 @@
+"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+
+Request bodies are msgspec Structs (unknown keys ignored, as sglang-router adds its own); errors
+use OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Streaming sends one chunk per
+engine output and, when asked through ``stream_options.include_usage``, a final chunk with
+empty ``choices`` and the usage; without ``stream_options`` the usage rides on the last chunk.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import replace
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
+from pdserve.server.api_common import (
+    SSE_DONE,
+    SSEResponse,
+    check_room,
+    per_item,
+    pinned_rank,
+    read_json,
+    sse,
+    unless_disconnected,
+)
+from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.generation import Generation, GenRequest, close_all, first_outputs, interleave, run_to_end
+from pdserve.server.state import ServerState
+
+MAX_LOGPROBS = 20
+
+router = APIRouter(prefix="/v1")
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _CommonBody(msgspec.Struct, kw_only=True):
+    """Fields shared by completions and chat (OpenAI names plus SGLang's extensions)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    rid: str | list[str] | None = None
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: Any = None
+    prefill_data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+
+
+class CompletionBody(_CommonBody, kw_only=True):
+    prompt: str | list[Any] | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+
+class ChatBody(_CommonBody, kw_only=True):
+    messages: list[Any] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.model_names():
+        raise ServerError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.served_model_name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def _sampling(body: _CommonBody, max_tokens: int | None, max_tokens_field: str) -> tuple[SamplingParams, bool]:
+    """SamplingParams from the OpenAI fields, and whether the client chose the token budget."""
+    if body.n not in (None, 1):
+        raise bad_request(f"n must be 1 (parallel sampling is not supported), got {body.n}", "n")
+    if max_tokens is not None and max_tokens < 0:
+        raise bad_request(f"{max_tokens_field} must be >= 0, got {max_tokens}", max_tokens_field)
+    if body.min_tokens is not None and body.min_tokens < 0:
+        raise bad_request(f"min_tokens must be >= 0, got {body.min_tokens}", "min_tokens")
+    raw = {
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": body.min_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids,
+        "seed": body.seed,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+        "no_stop_trim": body.no_stop_trim,
+    }
+    try:
+        params = SamplingParams.from_dict(raw)
+    except RequestError as e:
+        text = str(e)
+        param = next((k for k in raw if text.startswith(k)), None)
+        raise bad_request(text.replace("max_new_tokens", max_tokens_field), param) from None
+    return params, max_tokens is not None
+
+
+def _requests(
+    state: ServerState,
+    request: Request,
+    body: _CommonBody,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    given: bool,
+    prefix: str,
+    prompt_field: str,
+    max_tokens_field: str,
+    top_logprobs: int | None,
+) -> list[GenRequest]:
+    n = len(prompts)
+    batch = n > 1
+    rank = pinned_rank(request, body, state.config.dp_size)
+    rids = per_item(body.rid, n, "rid", batch)
+    if batch and isinstance(body.rid, str):
+        rids = [f"{body.rid}-{i}" for i in range(n)]
+    hosts = per_item(body.bootstrap_host, n, "bootstrap_host", batch)
+    ports = per_item(body.bootstrap_port, n, "bootstrap_port", batch)
+    rooms = [check_room(r) for r in per_item(body.bootstrap_room, n, "bootstrap_room", batch)]
+    prefill_rank = body.disagg_prefill_dp_rank if body.disagg_prefill_dp_rank is not None else (
+        body.prefill_data_parallel_rank
+    )
+    base = f"{prefix}-{uuid.uuid4().hex}"
+    return [
+        GenRequest(
+            rid=rids[i] if rids[i] is not None else (base if n == 1 else f"{base}-{i}"),
+            input_ids=ids,
+            params=_copy_params(params),
+            max_new_tokens_given=given,
+            return_logprob=top_logprobs is not None,
+            top_logprobs_num=top_logprobs or 0,
+            dp_rank=rank,
+            bootstrap_host=hosts[i],
+            bootstrap_port=ports[i],
+            bootstrap_room=rooms[i],
+            prefill_dp_rank=prefill_rank,
+            prompt_field=prompt_field,
+            max_tokens_field=max_tokens_field,
+        )
+        for i, ids in enumerate(prompts)
+    ]
+
+
+def _copy_params(params: SamplingParams) -> SamplingParams:
+    """Each prompt gets its own params (the front may shrink a default max_new_tokens per prompt)."""
+    return replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+
+
+def _finish(gen: Generation) -> str | None:
+    reason = gen.finish_reason
+    return None if reason is None else reason.get("type")
+
+
+def _matched(gen: Generation) -> Any:
+    return None if gen.finish_reason is None else gen.finish_reason.get("matched")
+
+
+def _usage(gens: list[Generation]) -> dict[str, Any]:
+    prompt = sum(g.prompt_tokens for g in gens)
+    completion = sum(g.completion_tokens for g in gens)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens)},
+    }
+
+
+def _usage_mode(body: _CommonBody) -> str:
+    """'separate' (OpenAI include_usage), 'last' (no stream_options: on the final chunk) or 'none'."""
+    if body.stream_options is None:
+        return "last"
+    return "separate" if body.stream_options.include_usage else "none"
+
+
+# ---------------------------------------------------------------------- logprob formatting
+
+
+def _completion_logprobs(gen: Generation, start: int, end: int, text_offset: int) -> dict[str, Any]:
+    """OpenAI completions ``logprobs`` for output tokens [start, end)."""
+    service = gen.service
+    out = gen.output_logprobs or TokenLogprobs()
+    ids = out.ids[start:end]
+    tokens = [service.token_text(t) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(text_offset)
+        text_offset += len(tok)
+    top = None
+    if gen.req.top_logprobs_num > 0:
+        top = [
+            {service.token_text(t): v for t, v in row} for row in (out.top or [])[start:end]
+        ]
+    return {"tokens": tokens, "token_logprobs": out.values[start:end], "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(gen: Generation, start: int, end: int) -> dict[str, Any]:
+    service = gen.service
+    out = gen.output_logprobs or TokenLogprobs()
+    top = out.top or []
+    content = []
+    for i in range(start, min(end, len(out.ids))):
+        text = service.token_text(out.ids[i])
+        row = top[i] if i < len(top) else None
+        content.append(
+            {
+                "token": text,
+                "logprob": out.values[i],
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": service.token_text(t), "logprob": v, "bytes": list(service.token_text(t).encode())}
+                    for t, v in (row or [])
+                ],
+            }
+        )
+    return {"content": content, "refusal": None}
+
+
+# ---------------------------------------------------------------------- /v1/completions
+
+
+def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    service = state.require_service()
+    if prompt is None:
+        raise bad_request("prompt is required", "prompt")
+    if isinstance(prompt, str) and prompt:
+        return [service.encode(prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) and p for p in prompt):
+            return [service.encode(p) for p in prompt]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return [list(p) for p in prompt]
+    raise bad_request(
+        "prompt must be a non-empty string, list of strings, list of token ids or list of token-id lists", "prompt"
+    )
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    body = await read_json(request, CompletionBody, state.config.max_request_bytes)
+    state.require_service()
+    _check_model(state, body.model)
+    if body.echo:
+        raise bad_request("echo is not supported", "echo")
+    if body.best_of not in (None, 1):
+        raise bad_request(f"best_of must be 1, got {body.best_of}", "best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
+    params, given = _sampling(body, body.max_tokens, "max_tokens")
+    prompts = _completion_prompts(state, body.prompt)
+    reqs = _requests(state, request, body, prompts, params, given, "cmpl", "prompt", "max_tokens", body.logprobs)
+    gens = state.require_service().start_all(reqs)
+    cid = reqs[0].rid if len(reqs) == 1 else f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = body.model or state.served_model_name
+    want_logprobs = body.logprobs is not None
+
+    if not body.stream:
+        try:
+            await unless_disconnected(request, run_to_end(gens))
+        finally:
+            close_all(gens)
+        choices = [
+            {
+                "index": i,
+                "text": g.text,
+                "logprobs": _completion_logprobs(g, 0, g.num_output_logprobs, 0) if want_logprobs else None,
+                "finish_reason": _finish(g),
+                "matched_stop": _matched(g),
+            }
+            for i, g in enumerate(gens)
+        ]
+        return JSONResponse(
+            {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+             "usage": _usage(gens)}
+        )
+
+    try:
+        firsts = await first_outputs(gens)
+    except BaseException:
+        close_all(gens)
+        raise
+    usage_mode = _usage_mode(body)
+    sent_tokens = [0] * len(gens)
+    sent_chars = [0] * len(gens)
+
+    def chunk(i: int, delta: str) -> bytes | None:
+        gen = gens[i]
+        logprobs = None
+        if want_logprobs:
+            end = gen.num_output_logprobs
+            logprobs = _completion_logprobs(gen, sent_tokens[i], end, sent_chars[i])
+            sent_tokens[i] = end
+        sent_chars[i] += len(delta)
+        if not delta and not gen.finished and not (logprobs and logprobs["tokens"]):
+            return None
+        data: dict[str, Any] = {
+            "id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": delta, "logprobs": logprobs, "finish_reason": _finish(gen),
+                         "matched_stop": _matched(gen)}],
+        }
+        if usage_mode == "last" and all(g.finished for g in gens):
+            data["usage"] = _usage(gens)
+        return sse(data)
+
+    async def chunks():
+        try:
+            for i, delta in enumerate(firsts):
+                out = chunk(i, delta)
+                if out is not None:
+                    yield out
+            async with aclosing(interleave(gens)) as updates:
+                async for i, delta in updates:
+                    out = chunk(i, delta)
+                    if out is not None:
+                        yield out
+        except ServerError as e:
+            yield sse(e.openai_body())
+        else:
+            if usage_mode == "separate":
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": _usage(gens)})
+        yield SSE_DONE
+
+    return SSEResponse(chunks(), lambda: close_all(gens))
+
+
+# ---------------------------------------------------------------------- /v1/chat/completions
+
+
+def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
+    """Validate messages and flatten text parts into plain strings for the chat template."""
+    if raw is None:
+        raise bad_request("messages is required", "messages")
+    if not raw:
+        raise bad_request("messages must contain at least one message", "messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"messages[{i}].role must be a non-empty string", "messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    body = await read_json(request, ChatBody, state.config.max_request_bytes)
+    service = state.require_service()
+    _check_model(state, body.model)
+    messages = _chat_messages(body.messages)
+    if body.top_logprobs is not None:
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
+        if not body.logprobs:
+            raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
+    max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params, given = _sampling(body, max_tokens, max_field)
+    try:
+        prompt = service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=body.tools, **(body.chat_template_kwargs or {})
+        )
+    except Exception as e:
+        raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
+    ids = service.encode(prompt, add_special_tokens=False)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top)
+    gens = service.start_all(reqs)
+    gen = gens[0]
+    cid = gen.rid
+    created = int(time.time())
+    model = body.model or state.served_model_name
+
+    if not body.stream:
+        try:
+            await unless_disconnected(request, run_to_end(gens))
+        finally:
+            close_all(gens)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": gen.text, "tool_calls": None},
+            "logprobs": _chat_logprobs(gen, 0, gen.num_output_logprobs) if body.logprobs else None,
+            "finish_reason": _finish(gen),
+            "matched_stop": _matched(gen),
+        }
+        return JSONResponse(
+            {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+             "usage": _usage(gens)}
+        )
+
+    try:
+        firsts = await first_outputs(gens)
+    except BaseException:
+        close_all(gens)
+        raise
+    usage_mode = _usage_mode(body)
+    sent = {"tokens": 0, "role": False}
+
+    def chunk(delta: str) -> bytes | None:
+        logprobs = None
+        if body.logprobs:
+            end = gen.num_output_logprobs
+            logprobs = _chat_logprobs(gen, sent["tokens"], end)
+            sent["tokens"] = end
+        if not delta and not gen.finished and sent["role"] and not (logprobs and logprobs["content"]):
+            return None
+        message: dict[str, Any] = {}
+        if not sent["role"]:
+            message["role"] = "assistant"
+            sent["role"] = True
+        if delta or "role" in message:
+            message["content"] = delta
+        data: dict[str, Any] = {
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": _finish(gen),
+                         "matched_stop": _matched(gen)}],
+        }
+        if usage_mode == "last" and gen.finished:
+            data["usage"] = _usage(gens)
+        return sse(data)
+
+    async def chunks():
+        try:
+            out = chunk(firsts[0])
+            if out is not None:
+                yield out
+            async with aclosing(interleave(gens)) as updates:
+                async for _i, delta in updates:
+                    out = chunk(delta)
+                    if out is not None:
+                        yield out
+        except ServerError as e:
+            yield sse(e.openai_body())
+        else:
+            if usage_mode == "separate":
+                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": _usage(gens)})
+        yield SSE_DONE
+
+    return SSEResponse(chunks(), lambda: close_all(gens))
+
+
+# ---------------------------------------------------------------------- /v1/models
+
+
+@router.get("/models")
+async def models(request: Request) -> Response:
+    state = _state(request)
+    info = state.require_info()
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.served_model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "pdserve",
+                    "root": info.model_path,
+                    "max_model_len": info.context_length,
+                }
+            ],
+        }
+    )

@@ -1,0 +1,89 @@
+"""FastAPI app factory: routes, error rendering, API-key check, and the worker lifecycle.
+
+The lifespan spawns the workers and returns at once, so the HTTP port is open (``/health``
+answering 503) while models load; a background task flips the server to healthy when every
+rank has reported ready and the tokenizer is loaded. Shutdown stops and joins the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pdserve import __version__
+from pdserve.server import api_native, api_openai
+from pdserve.server.config import ServerConfig
+from pdserve.server.errors import ServerError
+from pdserve.server.state import ServerState
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+logger = logging.getLogger("pdserve.server")
+
+
+class ApiKeyMiddleware:
+    """Require ``Authorization: Bearer KEY`` on every HTTP path but :data:`OPEN_PATHS`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = ServerError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                    code="invalid_api_key")
+                body = error.openai_body() if scope["path"].startswith("/v1/") else error.native_body()
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _render(request: Request, error: ServerError) -> JSONResponse:
+    body = error.openai_body() if request.url.path.startswith("/v1/") else error.native_body()
+    return JSONResponse(body, status_code=error.status)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The server's ASGI app; ``app.state.server`` holds its :class:`ServerState`."""
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.controller.start()
+        startup = asyncio.create_task(state.finish_startup(), name="pdserve-startup")
+        try:
+            yield
+        finally:
+            startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await startup
+            await state.controller.shutdown()
+            logger.info("all workers stopped")
+
+    app = FastAPI(title="pdserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    app.include_router(api_native.router)
+    app.include_router(api_openai.router)
+
+    @app.exception_handler(ServerError)
+    async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return _render(request, exc)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        return _render(request, ServerError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app

@@ -1,0 +1,55 @@
+"""``pdserve serve``: parse the flags, then run the front (uvicorn) which spawns the DP workers.
+
+Importing this module stays light (no torch, no FastAPI): ``pdserve --help`` imports every
+subcommand's module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pdserve.server.config import add_arguments as _add_arguments
+from pdserve.server.config import server_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pdserve.server.app import create_app
+
+    config = server_config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise SystemExit(f"pdserve serve: {e}") from None
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s [front] %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            access_log=config.log_level == "debug",
+            timeout_graceful_shutdown=int(config.graceful_shutdown_s),
+            lifespan="on",
+        )
+    )
+    state = app.state.server
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        logging.getLogger("pdserve.server").error("cannot start: %s", reason)
+        server.should_exit = True
+
+    state.controller.on_fatal = on_fatal
+    server.run()
+    return 1 if fatal else 0

@@ -1,0 +1,80 @@
+"""Options of ``pdserve serve``: the server's own flags next to the engine's (names as SGLang's)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
+
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "follow_bootstrap_room")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass
+class ServerConfig:
+    """One HTTP server: a front process plus ``dp_size`` worker processes sharing one engine config."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 30000
+    dp_size: int = 1
+    load_balance_method: str = "round_robin"
+    served_model_name: str | None = None  # None: --model-path as given, else the embedded model's name
+    api_key: str | None = None
+    max_request_bytes: int = 32 << 20
+    log_level: str = "info"
+    disaggregation_mode: str = "null"
+    graceful_shutdown_s: float = 5.0
+
+    def validate(self) -> None:
+        self.engine.validate()
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(
+                f"load_balance_method must be one of {', '.join(LOAD_BALANCE_METHODS)}, "
+                f"got {self.load_balance_method!r}"
+            )
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig()
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--dp-size", type=int, default=defaults.dp_size, help="data-parallel ranks (processes)")
+    parser.add_argument(
+        "--load-balance-method", default=defaults.load_balance_method, choices=LOAD_BALANCE_METHODS,
+        help="how a request without a pinned rank picks its DP rank",
+    )
+    parser.add_argument("--served-model-name", default=None, help="model name reported and accepted on /v1/*")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health, /metrics)")
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=defaults.max_request_bytes,
+        help="largest request body accepted (413 beyond)",
+    )
+    parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS)
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        engine=engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        dp_size=args.dp_size,
+        load_balance_method=args.load_balance_method,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        log_level=args.log_level,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """All flags of ``pdserve serve``: the engine's and the server's."""
+    add_engine_arguments(parser)
+    add_server_arguments(parser)

@@ -1,0 +1,332 @@
+"""The front's request pipeline, shared by the native and OpenAI routes.
+
+:class:`GenerationService` checks a tokenized prompt against the limits the workers reported at
+startup (so bad requests get a 400 before any byte of a stream), picks a DP rank and submits.
+Each submitted request becomes a :class:`Generation`, which consumes the worker's outputs:
+incremental detokenization, stop-string trimming (and holding back a possible stop-string prefix
+while streaming), logprob accumulation and timing. The API modules only format its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.engine.output_format import merge_logprobs, trim_stop
+from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
+from pdserve.server import messages as msg
+from pdserve.server.controller import DPController, RequestHandle
+from pdserve.server.errors import ServerError, bad_request
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class GenRequest:
+    """One prompt, tokenized, with everything the engine and the front need to serve it."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    max_new_tokens_given: bool = True  # False: the default may be shrunk to fit the context
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    return_text_in_logprobs: bool = False
+    dp_rank: int | None = None  # pinned by the client
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+    prefill_dp_rank: int | None = None
+    prompt_field: str = "input_ids"  # names used in error messages
+    max_tokens_field: str = "max_new_tokens"
+
+
+class GenerationService:
+    """Validates, dispatches and submits requests; creates the tokenizer-side state of each."""
+
+    def __init__(self, controller: DPController, tokenizer: Any) -> None:
+        self.controller = controller
+        self.tokenizer = tokenizer
+        info = controller.info
+        self.context_length = info.context_length
+        self.max_total_tokens = info.max_total_tokens
+        self.vocab_size = info.vocab_size
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ text
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def tokens_text(self, ids: list[int]) -> str:
+        return "".join(self.token_text(t) for t in ids)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, req: GenRequest) -> None:
+        """The engine's own checks, done here first so errors arrive before a stream starts."""
+        n = len(req.input_ids)
+        if n == 0:
+            raise bad_request(f"{req.prompt_field} is empty: the prompt must have at least one token", req.prompt_field)
+        for i, tok in enumerate(req.input_ids):
+            if not 0 <= tok < self.vocab_size:
+                raise bad_request(
+                    f"{req.prompt_field} token {i} = {tok} is outside the vocabulary [0, {self.vocab_size})",
+                    req.prompt_field,
+                )
+        limit = min(self.context_length, self.max_total_tokens)
+        if n >= self.context_length:
+            raise bad_request(
+                f"the prompt has {n} tokens; the context length is {self.context_length}, so at most "
+                f"{self.context_length - 1} prompt tokens fit",
+                req.prompt_field,
+            )
+        if n > self.max_total_tokens:
+            raise bad_request(
+                f"the prompt has {n} tokens; the KV cache holds max_total_tokens={self.max_total_tokens}",
+                req.prompt_field,
+            )
+        params = req.params
+        if not req.max_new_tokens_given:
+            params.max_new_tokens = max(0, min(params.max_new_tokens, limit - n))
+            params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
+        if n + params.max_new_tokens > limit:
+            which = "context length" if limit == self.context_length else "KV cache capacity (max_total_tokens)"
+            raise bad_request(
+                f"{req.max_tokens_field}={params.max_new_tokens} with a {n}-token prompt exceeds the {which} "
+                f"{limit}: {req.max_tokens_field} must be in [0, {limit - n}]",
+                req.max_tokens_field,
+            )
+        for tok in params.stop_token_ids:
+            if not 0 <= tok < self.vocab_size:
+                raise bad_request(
+                    f"stop_token_ids entry {tok} is outside the vocabulary [0, {self.vocab_size})", "stop_token_ids"
+                )
+        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise bad_request(
+                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}", "top_logprobs_num"
+            )
+        if not -1 <= req.logprob_start_len < n:
+            raise bad_request(
+                f"logprob_start_len must be in [-1, {n - 1}], got {req.logprob_start_len}", "logprob_start_len"
+            )
+        if req.dp_rank is not None and not 0 <= req.dp_rank < self.controller.dp_size:
+            raise bad_request(
+                f"data_parallel_rank must be in [0, {self.controller.dp_size - 1}], got {req.dp_rank}",
+                "data_parallel_rank",
+            )
+
+    # ------------------------------------------------------------------ submit
+    def start(self, req: GenRequest) -> Generation:
+        self.check(req)
+        rank = self.controller.pick_rank(req.dp_rank, req.bootstrap_room)
+        handle = self.controller.submit(
+            msg.GenerateReq(
+                rid=req.rid,
+                input_ids=req.input_ids,
+                sampling_params=req.params,
+                dp_rank=rank,
+                return_logprob=req.return_logprob,
+                top_logprobs_num=req.top_logprobs_num,
+                logprob_start_len=req.logprob_start_len,
+                bootstrap_host=req.bootstrap_host,
+                bootstrap_port=req.bootstrap_port,
+                bootstrap_room=req.bootstrap_room,
+                prefill_dp_rank=req.prefill_dp_rank,
+            )
+        )
+        return Generation(self, req, handle)
+
+    def start_all(self, reqs: Sequence[GenRequest]) -> list[Generation]:
+        """Check every item first, then submit; a failure submits nothing (or releases what was)."""
+        for req in reqs:
+            self.check(req)
+        gens: list[Generation] = []
+        try:
+            for req in reqs:
+                gens.append(self.start(req))
+        except BaseException:
+            close_all(gens)
+            raise
+        return gens
+
+
+class Generation:
+    """One submitted request seen from the front: cumulative output text, ids, logprobs, timing."""
+
+    def __init__(self, service: GenerationService, req: GenRequest, handle: RequestHandle) -> None:
+        from pdserve.models.tokenizer import IncrementalDetokenizer
+
+        self.service = service
+        self.req = req
+        self.handle = handle
+        self.detok = IncrementalDetokenizer(service.tokenizer, req.input_ids, req.params.skip_special_tokens)
+        self.output_ids: list[int] = []
+        self.text = ""  # text released to the client so far
+        self.finished = False
+        self.finish_reason: dict[str, Any] | None = None
+        self.cached_tokens = 0
+        self.input_logprobs: TokenLogprobs | None = None
+        self.output_logprobs: TokenLogprobs | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    @property
+    def dp_rank(self) -> int:
+        return self.handle.rank
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.req.input_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def num_output_logprobs(self) -> int:
+        return 0 if self.output_logprobs is None else len(self.output_logprobs.ids)
+
+    @property
+    def ttft(self) -> float | None:
+        first = self.handle.first_token_at
+        return None if first is None else first - self.handle.arrival
+
+    @property
+    def e2e_latency(self) -> float:
+        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        return end - self.handle.arrival
+
+    async def advance(self) -> str:
+        """Wait for the next output that brings tokens or the finish; return the newly released text."""
+        if self.finished:
+            return ""
+        while True:
+            item = await self.handle.queue.get()
+            if isinstance(item, ServerError):
+                self.finished = True
+                self.finished_at = time.perf_counter()
+                raise item
+            delta = self._apply(item)
+            if item.new_token_ids or item.finished:
+                return delta
+
+    def close(self) -> None:
+        """Idempotent: abort the request at its worker unless it already finished."""
+        if not self.finished:
+            self.finished = True
+            self.service.controller.release(self.handle)
+
+    def _apply(self, out: StepOutput) -> str:
+        self.input_logprobs = merge_logprobs(self.input_logprobs, out.input_logprobs)
+        self.output_logprobs = merge_logprobs(self.output_logprobs, out.output_logprobs)
+        if out.cached_tokens:
+            self.cached_tokens = out.cached_tokens
+        ids = list(out.new_token_ids)
+        self.output_ids.extend(ids)
+        params = self.req.params
+        if not out.finished:
+            if ids:
+                self.detok.step(ids)
+            full = self.detok.text
+            release = len(full) - _stop_prefix_len(full, params.stop)
+            return self._release(full[:max(release, len(self.text))])
+        self.finished = True
+        self.finished_at = time.perf_counter()
+        self.finish_reason = out.finish_reason
+        matched = (out.finish_reason or {}).get("matched")
+        if isinstance(matched, int) and not isinstance(matched, bool) and not params.no_stop_trim and ids:
+            ids = ids[:-1]  # the stop token itself is not part of the text
+        if ids:
+            self.detok.step(ids)
+        self.detok.flush()
+        return self._release(trim_stop(self.detok.text, out.finish_reason, params.no_stop_trim))
+
+    def _release(self, text: str) -> str:
+        if len(text) <= len(self.text):
+            return ""
+        delta = text[len(self.text):]
+        self.text = text
+        return delta
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+# ---------------------------------------------------------------------- several generations at once
+
+
+def close_all(gens: Sequence[Generation]) -> None:
+    for gen in gens:
+        gen.close()
+
+
+async def _gather_cancelling(coros: list) -> list:
+    """Like ``asyncio.gather`` but cancels the others when one fails or the caller is cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def run_to_end(gens: Sequence[Generation]) -> None:
+    """Drive every generation to its finish (non-streaming responses)."""
+
+    async def one(gen: Generation) -> None:
+        while not gen.finished:
+            await gen.advance()
+
+    await _gather_cancelling([one(g) for g in gens])
+
+
+async def first_outputs(gens: Sequence[Generation]) -> list[str]:
+    """The first released text of each generation; errors (e.g. rejections) surface here."""
+    if len(gens) == 1:
+        return [await gens[0].advance()]
+    return await _gather_cancelling([g.advance() for g in gens])
+
+
+async def interleave(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, str]]:
+    """``(index, delta)`` for every further output of any unfinished generation, as it arrives."""
+    if len(gens) == 1:
+        gen = gens[0]
+        while not gen.finished:
+            delta = await gen.advance()
+            yield 0, delta
+        return
+    pending: dict[asyncio.Task, int] = {
+        asyncio.ensure_future(g.advance()): i for i, g in enumerate(gens) if not g.finished
+    }
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                yield index, task.result()
+                if not gens[index].finished:
+                    pending[asyncio.ensure_future(gens[index].advance())] = index
+    finally:
+        for task in pending:
+            task.cancel()

@@ -1,0 +1,150 @@
+"""The wire format between the front process and the DP worker processes.
+
+Every message that crosses a process boundary is one of the msgspec Structs below, encoded with
+msgpack. Requests and outputs embed the engine's own dataclasses (:class:`SamplingParams`,
+:class:`StepOutput`), so a field added there travels without a second definition here. The
+worker's startup spec is a Struct too, passed as JSON on its command line.
+
+Flow: front --PUSH(one per rank)--> worker: :data:`ToWorker`;
+worker --PUSH--> front (one PULL for all ranks): :data:`FromWorker`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.request import SamplingParams, StepOutput
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """Everything a worker process needs to start: its rank, its engine and where to connect."""
+
+    dp_rank: int
+    dp_size: int
+    engine: EngineConfig
+    input_addr: str  # the worker PULLs requests from here (bound by the front)
+    output_addr: str  # the worker PUSHes outputs here (bound by the front)
+    parent_pid: int  # the worker exits when its parent is gone
+    log_level: str = "info"
+    disaggregation_mode: str = "null"  # "null" | "prefill" | "decode" (P/D: next step)
+
+
+# ---------------------------------------------------------------- front -> worker
+
+
+class GenerateReq(msgspec.Struct, tag="generate"):
+    """One tokenized, validated generation request for one DP rank."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    dp_rank: int
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    # P/D fields, carried end to end for the disaggregated roles
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+    prefill_dp_rank: int | None = None
+
+
+class AbortReq(msgspec.Struct, tag="abort"):
+    rid: str
+    message: str = "aborted by request"
+
+
+class FlushCacheReq(msgspec.Struct, tag="flush_cache"):
+    req_id: int
+
+
+class ShutdownReq(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+ToWorker = GenerateReq | AbortReq | FlushCacheReq | ShutdownReq
+
+
+# ---------------------------------------------------------------- worker -> front
+
+
+class RankLoad(msgspec.Struct):
+    """Load of one DP rank, as ``EngineCore.load()`` reports it."""
+
+    num_reqs: int = 0
+    num_waiting_reqs: int = 0
+    num_tokens: int = 0
+    num_used_pages: int = 0
+    num_total_pages: int = 0
+
+
+class WorkerReady(msgspec.Struct, tag="ready"):
+    """Sent once the engine is loaded; the front validates requests against these limits."""
+
+    dp_rank: int
+    pid: int
+    model_path: str
+    context_length: int
+    vocab_size: int
+    max_total_tokens: int
+    page_size: int
+    load: RankLoad
+
+
+class OutputBatch(msgspec.Struct, tag="outputs"):
+    """What one engine step produced, plus the rank's load right after the step."""
+
+    dp_rank: int
+    outputs: list[StepOutput]
+    load: RankLoad
+
+
+class ReqRejected(msgspec.Struct, tag="rejected"):
+    """The engine refused a request (validation); ``status`` is the HTTP status to answer."""
+
+    dp_rank: int
+    rid: str
+    message: str
+    status: int = 400
+
+
+class FlushCacheDone(msgspec.Struct, tag="flush_cache_done"):
+    dp_rank: int
+    req_id: int
+    success: bool
+
+
+class WorkerFailed(msgspec.Struct, tag="failed"):
+    """The worker hit an unrecoverable error and is about to exit."""
+
+    dp_rank: int
+    message: str
+
+
+FromWorker = WorkerReady | OutputBatch | ReqRejected | FlushCacheDone | WorkerFailed
+
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    return _from_worker.decode(data)
+
+
+def encode_spec(spec: WorkerSpec) -> str:
+    return msgspec.json.encode(spec).decode()
+
+
+def decode_spec(text: str) -> WorkerSpec:
+    return msgspec.json.decode(text, type=WorkerSpec)

@@ -1,0 +1,105 @@
+"""Prometheus metrics of one server, named as SGLang's so existing dashboards work.
+
+Per-rank gauges are refreshed from the load every worker reports with its outputs; latency
+histograms and token counters are fed by the controller as outputs arrive. Each server owns its
+own registry (several apps can live in one process, e.g. in tests).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pdserve.server.messages import RankLoad
+
+LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """All metrics of one server; ``model_name`` labels everything."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        rank_labels = ["model_name", "dp_rank"]
+        self.running = Gauge(
+            "sglang:num_running_reqs", "Requests running on the rank", rank_labels, registry=self.registry
+        )
+        self.waiting = Gauge(
+            "sglang:num_queue_reqs", "Requests waiting in the rank's queue", rank_labels, registry=self.registry
+        )
+        self.used_tokens = Gauge(
+            "sglang:num_used_tokens", "Tokens held by running requests", rank_labels, registry=self.registry
+        )
+        self.token_usage = Gauge(
+            "sglang:token_usage", "Share of the rank's KV pages in use", rank_labels, registry=self.registry
+        )
+        self.used_pages = Gauge(
+            "pdserve:kv_used_pages", "KV pages in use on the rank", rank_labels, registry=self.registry
+        )
+        self.total_pages = Gauge(
+            "pdserve:kv_total_pages", "KV pages of the rank", rank_labels, registry=self.registry
+        )
+        self.ttft = Histogram(
+            "sglang:time_to_first_token_seconds", "Arrival to first output token", ["model_name"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.itl = Histogram(
+            "sglang:inter_token_latency_seconds", "Gap between consecutive output tokens", ["model_name"],
+            buckets=ITL_BUCKETS, registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "sglang:e2e_request_latency_seconds", "Arrival to finish", ["model_name"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "sglang:prompt_tokens", "Prompt tokens of finished requests", ["model_name"], registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "sglang:generation_tokens", "Generated tokens", ["model_name"], registry=self.registry
+        )
+        self.requests = Counter(
+            "sglang:num_requests", "Finished requests", ["model_name"], registry=self.registry
+        )
+
+    def set_model_name(self, name: str) -> None:
+        """Relabel from now on (the name is known only once the workers report the model)."""
+        if name == self.model_name:
+            return
+        self.model_name = name
+        for gauge in (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages):
+            gauge.clear()
+
+    def set_load(self, rank: int, load: RankLoad) -> None:
+        labels = (self.model_name, str(rank))
+        self.running.labels(*labels).set(load.num_reqs - load.num_waiting_reqs)
+        self.waiting.labels(*labels).set(load.num_waiting_reqs)
+        self.used_tokens.labels(*labels).set(load.num_tokens)
+        self.used_pages.labels(*labels).set(load.num_used_pages)
+        self.total_pages.labels(*labels).set(load.num_total_pages)
+        self.token_usage.labels(*labels).set(load.num_used_pages / max(1, load.num_total_pages))
+
+    def on_tokens(self, num_new: int, first: bool, arrival: float, last_token_at: float | None, now: float) -> None:
+        """New output tokens of one request: TTFT for the first, otherwise one ITL sample per token."""
+        if num_new <= 0:
+            return
+        self.generation_tokens.labels(self.model_name).inc(num_new)
+        if first:
+            self.ttft.labels(self.model_name).observe(now - arrival)
+        elif last_token_at is not None:
+            gap = (now - last_token_at) / num_new
+            for _ in range(num_new):
+                self.itl.labels(self.model_name).observe(gap)
+
+    def on_finish(self, prompt_tokens: int, arrival: float, now: float) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.e2e.labels(self.model_name).observe(now - arrival)
+        self.requests.labels(self.model_name).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,110 @@
+"""What the routes share: config, controller, metrics, and the pipeline once the workers are up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+from pdserve.engine.request import SamplingParams
+from pdserve.server import messages as msg
+from pdserve.server.config import ServerConfig
+from pdserve.server.controller import DPController
+from pdserve.server.errors import ServerError
+from pdserve.server.generation import GenerationService, GenRequest, close_all, run_to_end
+from pdserve.server.metrics import ServerMetrics
+
+logger = logging.getLogger("pdserve.server")
+
+
+class ServerState:
+    """Per-app state; ``service`` is None until every rank reported ready and the tokenizer loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(config.served_model_name or "")
+        self.controller = DPController(config, self.metrics)
+        self.service: GenerationService | None = None
+        self.served_model_name: str | None = None
+        self.startup_error: str | None = None
+
+    async def finish_startup(self) -> None:
+        """Wait for the workers, then load the tokenizer they report; the server is healthy after."""
+        await self.controller.ready_event.wait()
+        info = self.controller.info
+        from pdserve.models.tokenizer import Tokenizer
+
+        try:
+            tokenizer = await asyncio.to_thread(Tokenizer, info.model_path)
+        except Exception as e:
+            self.startup_error = f"cannot load the tokenizer from {info.model_path}: {e}"
+            logger.error("%s", self.startup_error)
+            if self.controller.on_fatal is not None:
+                self.controller.on_fatal(self.startup_error)
+            return
+        given = self.config.engine.model_path
+        self.served_model_name = self.config.served_model_name or given or os.path.basename(info.model_path)
+        self.metrics.set_model_name(self.served_model_name)
+        for state in self.controller.ranks:
+            self.metrics.set_load(state.rank, state.load)
+        self.service = GenerationService(self.controller, tokenizer)
+        logger.info(
+            "serving %s (%s) on http://%s:%d with %d DP rank(s)",
+            self.served_model_name, info.model_path, self.config.host, self.config.port, self.config.dp_size,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return self.service is not None and self.controller.healthy
+
+    def unhealthy_reason(self) -> str:
+        if self.startup_error:
+            return self.startup_error
+        dead = [s for s in self.controller.ranks if not s.alive]
+        if dead:
+            return "; ".join(s.error or f"DP rank {s.rank} is down" for s in dead)
+        return "the server is starting" if self.service is None else "the server is shutting down"
+
+    def require_service(self) -> GenerationService:
+        if self.service is None:
+            raise ServerError(503, self.unhealthy_reason())
+        return self.service
+
+    def require_info(self) -> msg.WorkerReady:
+        self.require_service()
+        return self.controller.info
+
+    def model_names(self) -> set[str]:
+        """Names a client may put in ``model``: the served name, the model path as given and resolved."""
+        names = {self.served_model_name, self.config.engine.model_path}
+        if self.service is not None:
+            names.add(self.controller.info.model_path)
+        return {n for n in names if n}
+
+    async def probe_generate(self, timeout: float) -> str | None:
+        """Generate one token on every rank; None when all answered, else what went wrong."""
+        service = self.require_service()
+        ids = service.encode("ping") or [0]
+        reqs = [
+            GenRequest(
+                rid=f"health-{uuid.uuid4().hex}",
+                input_ids=ids,
+                params=SamplingParams(max_new_tokens=1, temperature=0.0),
+                dp_rank=rank,
+            )
+            for rank in range(self.config.dp_size)
+        ]
+        try:
+            gens = service.start_all(reqs)
+        except ServerError as e:
+            return e.message
+        try:
+            await asyncio.wait_for(run_to_end(gens), timeout)
+        except ServerError as e:
+            return e.message
+        except asyncio.TimeoutError:
+            return f"no token within {timeout:.0f} s"
+        finally:
+            close_all(gens)
+        return None

@@ -1,0 +1,163 @@
+"""One DP rank as its own process: an :class:`EngineCore` driven by messages from the front.
+
+Started by the controller as ``python -m pdserve.server.worker SPEC_JSON``. The loop blocks on
+its input socket while the engine is idle (with a poll timeout, to notice a dead parent),
+otherwise drains all pending messages without blocking and runs one engine step, sending that
+step's outputs back in one :class:`OutputBatch` together with the rank's load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+
+import zmq
+
+from pdserve.server import messages as msg
+
+IDLE_POLL_MS = 200
+
+logger = logging.getLogger("pdserve.worker")
+
+
+class Worker:
+    """Owns the engine and the two sockets of one rank; not thread-safe (single loop)."""
+
+    def __init__(self, spec: msg.WorkerSpec) -> None:
+        self.spec = spec
+        self.rank = spec.dp_rank
+        self.ctx = zmq.Context(1)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        for sock in (self.inbox, self.outbox):
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+        self.inbox.connect(spec.input_addr)
+        self.outbox.connect(spec.output_addr)
+        self.engine = None
+        self._step_due = False  # an abort was handled: step once so its output goes out
+
+    def send(self, message: msg.FromWorker) -> None:
+        self.outbox.send(msg.encode(message))
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.spec.parent_pid
+
+    def load(self) -> msg.RankLoad:
+        known = msg.RankLoad.__struct_fields__
+        return msg.RankLoad(**{k: v for k, v in self.engine.load().items() if k in known})
+
+    def start_engine(self) -> None:
+        from pdserve.engine.engine_core import EngineCore
+
+        self.engine = EngineCore(self.spec.engine)
+        engine = self.engine
+        pool = engine.kv_pool
+        self.send(
+            msg.WorkerReady(
+                dp_rank=self.rank,
+                pid=os.getpid(),
+                model_path=os.path.abspath(engine.model_path),
+                context_length=engine.context_length,
+                vocab_size=engine.vocab_size,
+                max_total_tokens=engine.max_total_tokens,
+                page_size=pool.page_size,
+                load=self.load(),
+            )
+        )
+        logger.info("dp rank %d ready: %d KV pages of %d tokens", self.rank, pool.num_pages, pool.page_size)
+
+    def handle(self, message: msg.ToWorker) -> bool:
+        """Apply one message; False means shut down."""
+        from pdserve.engine.request import Req, RequestError
+
+        if isinstance(message, msg.GenerateReq):
+            req = Req(
+                rid=message.rid,
+                input_ids=message.input_ids,
+                params=message.sampling_params,
+                return_logprob=message.return_logprob,
+                top_logprobs_num=message.top_logprobs_num,
+                logprob_start_len=message.logprob_start_len,
+            )
+            try:
+                self.engine.add_request(req)
+            except RequestError as e:
+                self.send(msg.ReqRejected(self.rank, message.rid, str(e), 400))
+            except Exception as e:  # an engine bug must fail the request, not the rank
+                logger.exception("dp rank %d: add_request(%s) failed", self.rank, message.rid)
+                self.send(msg.ReqRejected(self.rank, message.rid, f"internal error: {e}", 500))
+        elif isinstance(message, msg.AbortReq):
+            self.engine.abort(message.rid)
+            self._step_due = True
+        elif isinstance(message, msg.FlushCacheReq):
+            self.send(msg.FlushCacheDone(self.rank, message.req_id, bool(self.engine.flush_cache())))
+        elif isinstance(message, msg.ShutdownReq):
+            return False
+        return True
+
+    def drain(self) -> bool:
+        """Handle every message already queued, without blocking; False means shut down."""
+        while True:
+            try:
+                data = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if not self.handle(msg.decode_to_worker(data)):
+                return False
+
+    def run(self) -> int:
+        engine = self.engine
+        while self.parent_alive():
+            if not (engine.has_work() or self._step_due) and not self.inbox.poll(IDLE_POLL_MS):
+                continue
+            if not self.drain():
+                return 0
+            if engine.has_work() or self._step_due:
+                self._step_due = False
+                outputs = engine.step()
+                if outputs:
+                    self.send(msg.OutputBatch(self.rank, outputs, self.load()))
+        logger.warning("dp rank %d: parent process %d is gone, exiting", self.rank, self.spec.parent_pid)
+        self.remove_socket_dir()
+        return 0
+
+    def remove_socket_dir(self) -> None:
+        """The front could not clean up after itself: remove its ipc socket folder (any rank may)."""
+        if self.spec.input_addr.startswith("ipc://"):
+            shutil.rmtree(os.path.dirname(self.spec.input_addr[len("ipc://"):]), ignore_errors=True)
+
+    def close(self) -> None:
+        self.inbox.close(0)
+        self.outbox.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = msg.decode_spec(argv[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front shuts us down
+    logging.basicConfig(
+        level=spec.log_level.upper(),
+        format=f"%(asctime)s [dp{spec.dp_rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    worker = Worker(spec)
+    try:
+        worker.start_engine()
+        return worker.run()
+    except Exception:
+        text = traceback.format_exc()
+        logger.error("dp rank %d failed:\n%s", spec.dp_rank, text)
+        worker.send(msg.WorkerFailed(spec.dp_rank, text))
+        return 1
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
