@@ -159,11 +159,11 @@ def test_every_rank_pair_matches_colocated_in_either_order(engines, backend, clu
         assert c.tokens("d" + name) == expected, name
         assert c.tokens("p" + name) == expected[:1]
         meta = c.meta["d" + name]
-        assert (meta["prefill_dp_rank"], meta["decode_dp_rank"], meta["bootstrap_room"]) == (j, i, room)
+        assert (meta.prefill_dp_rank, meta.decode_dp_rank, meta.bootstrap_room) == (j, i, room)
         pages = -(-len(ids) // 4)
-        assert meta["kv_transfer_bytes"] == pages * engines["ref"].core.kv_pool.page_bytes() * 4
-        assert meta["kv_wait_ms"] >= meta["kv_transfer_ms"] >= 0
-        assert c.meta["p" + name]["kv_transfer_bytes"] == meta["kv_transfer_bytes"]
+        assert meta.kv_transfer_bytes == pages * engines["ref"].core.kv_pool.page_bytes() * 4
+        assert meta.kv_wait_ms >= meta.kv_transfer_ms >= 0
+        assert c.meta["p" + name].kv_transfer_bytes == meta.kv_transfer_bytes
     c.run_until_pools_empty()
     assert sum(p.metrics()["transfers"] for p in c.prefill) == len(cases)
     assert all(not d.metrics()["failures"] for d in c.decode)
@@ -181,7 +181,7 @@ def test_rooms_registered_by_load_are_looked_up(engines, cluster_factory):
     c.prefill[1].add(req("p", ids), room)
     c.run_until_finished("d", "p")
     expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
-    assert c.tokens("d") == expected and c.meta["d"]["prefill_dp_rank"] == 1
+    assert c.tokens("d") == expected and c.meta["d"].prefill_dp_rank == 1
     c.run_until_pools_empty()
 
 
@@ -197,7 +197,7 @@ def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
     assert abort_message(c.finished("p")) == "the prefill client went away"
     message = abort_message(c.finished("d"))
     assert message.startswith("prefill failed:") and "the prefill client went away" in message
-    assert c.meta["d"]["bootstrap_room"] == 77
+    assert c.meta["d"].bootstrap_room == 77
     c.run_until_pools_empty()
     assert c.decode[0].metrics()["failures"] == {"prefill_aborted": 1}
 

@@ -107,7 +107,7 @@ class DecodeDisaggManager:
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
         self.quarantine: dict[int, tuple[list[int], float]] = {}  # pages a remote writer may still touch
-        self.meta: dict[str, dict[str, Any]] = {}  # P/D meta_info of requests until their last output
+        self.meta: dict[str, m.DisaggMeta] = {}  # P/D meta_info of requests until their last output
         self._extra: list[StepOutput] = []
         self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
         self._zmq = zmq.Context()
@@ -175,7 +175,7 @@ class DecodeDisaggManager:
         return True
 
     # ------------------------------------------------------------------ engine loop
-    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, dict[str, Any]]]:
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, m.DisaggMeta]]:
         """Apply network events (activations, failures, timeouts). Returns the outputs to deliver
         and P/D ``meta_info`` fields per rid among them."""
         for item in self.inbox.drain():
@@ -191,7 +191,7 @@ class DecodeDisaggManager:
         self._check_timeouts(time.monotonic())
         result = outputs + self._extra
         self._extra = []
-        meta: dict[str, dict[str, Any]] = {}
+        meta: dict[str, m.DisaggMeta] = {}
         for out in result:
             fields = self.meta.pop(out.rid, None) if out.finished else self.meta.get(out.rid)
             if fields is not None:
@@ -421,12 +421,12 @@ class DecodeDisaggManager:
         return (f"room {r.room} (decode rank {self.rank}, prefill rank {prefill} of the prefill server with "
                 f"bootstrap {r.bootstrap})")
 
-    def _meta(self, r: _Room, transfer_s: float, wait_s: float) -> dict[str, Any]:
-        return {
-            "bootstrap_room": r.room,
-            "prefill_dp_rank": r.prefill_rank,
-            "decode_dp_rank": self.rank,
-            "kv_transfer_bytes": r.nbytes,
-            "kv_transfer_ms": round(transfer_s * 1000, 3),
-            "kv_wait_ms": round(wait_s * 1000, 3),
-        }
+    def _meta(self, r: _Room, transfer_s: float, wait_s: float) -> m.DisaggMeta:
+        return m.DisaggMeta(
+            bootstrap_room=r.room,
+            prefill_dp_rank=r.prefill_rank,
+            decode_dp_rank=self.rank,
+            kv_transfer_bytes=r.nbytes,
+            kv_transfer_ms=round(transfer_s * 1000, 3),
+            kv_wait_ms=round(wait_s * 1000, 3),
+        )

@@ -92,8 +92,8 @@ class PrefillDisaggManager:
         self.by_rid: dict[str, _Room] = {}
         self.early: dict[int, tuple[m.KVRequest, float]] = {}  # KV requests ahead of their prefill request
         self.tombstones: dict[int, tuple[str, str, float]] = {}  # failed rooms: reason, cause, expiry
-        self._released: list[tuple[StepOutput, dict[str, Any]]] = []
-        self._abort_meta: dict[str, dict[str, Any]] = {}  # meta for abort outputs still to come
+        self._released: list[tuple[StepOutput, m.DisaggMeta]] = []
+        self._abort_meta: dict[str, m.DisaggMeta] = {}  # meta for abort outputs still to come
         self._io = EventLoopThread(f"prefill-ctl-{dp_rank}")
         self._zmq = zmq.asyncio.Context()
         self._pull: zmq.asyncio.Socket | None = None
@@ -196,7 +196,7 @@ class PrefillDisaggManager:
             self._tombstone(room, reason, m.Cause.PREFILL_ABORTED)
 
     # ------------------------------------------------------------------ engine loop
-    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, dict[str, Any]]]:
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, m.DisaggMeta]]:
         """Apply network events, hold back outputs whose KV is still being sent, release finished
         ones. Returns the outputs to deliver and P/D ``meta_info`` fields per rid among them."""
         for item in self.inbox.drain():
@@ -207,7 +207,7 @@ class PrefillDisaggManager:
             elif isinstance(item, m.Abort):
                 self._on_abort(item)
         result: list[StepOutput] = []
-        meta: dict[str, dict[str, Any]] = {}
+        meta: dict[str, m.DisaggMeta] = {}
         for out in outputs:
             r = self.by_rid.get(out.rid)
             if r is None:
@@ -432,11 +432,11 @@ class PrefillDisaggManager:
             if now > expiry:
                 del self.tombstones[room]
 
-    def _meta(self, r: _Room) -> dict[str, Any]:
-        return {
-            "bootstrap_room": r.room,
-            "prefill_dp_rank": self.rank,
-            "decode_dp_rank": r.kvreq.decode_rank if r.kvreq is not None else None,
-            "kv_transfer_bytes": r.nbytes,
-            "kv_transfer_ms": round((r.last_progress - r.first_send_at) * 1000, 3) if r.first_send_at else 0.0,
-        }
+    def _meta(self, r: _Room) -> m.DisaggMeta:
+        return m.DisaggMeta(
+            bootstrap_room=r.room,
+            prefill_dp_rank=self.rank,
+            decode_dp_rank=r.kvreq.decode_rank if r.kvreq is not None else None,
+            kv_transfer_bytes=r.nbytes,
+            kv_transfer_ms=round((r.last_progress - r.first_send_at) * 1000, 3) if r.first_send_at else 0.0,
+        )
