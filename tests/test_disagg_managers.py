@@ -165,8 +165,8 @@ def test_every_rank_pair_matches_colocated_in_either_order(engines, backend, clu
         assert meta.kv_wait_ms >= meta.kv_transfer_ms >= 0
         assert c.meta["p" + name].kv_transfer_bytes == meta.kv_transfer_bytes
     c.run_until_pools_empty()
-    assert sum(p.metrics()["transfers"] for p in c.prefill) == len(cases)
-    assert all(not d.metrics()["failures"] for d in c.decode)
+    assert sum(p.metrics().transfers for p in c.prefill) == len(cases)
+    assert all(not d.metrics().failures for d in c.decode)
 
 
 def test_rooms_registered_by_load_are_looked_up(engines, cluster_factory):
@@ -177,7 +177,7 @@ def test_rooms_registered_by_load_are_looked_up(engines, cluster_factory):
     c.decode[0].add(req("d", ids), room, "127.0.0.1", c.bootstrap.port)
     for _ in range(20):
         c.step()
-    assert c.decode[0].metrics()["rooms_resolving"] == 1
+    assert c.decode[0].metrics().rooms["resolving"] == 1
     c.prefill[1].add(req("p", ids), room)
     c.run_until_finished("d", "p")
     expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
@@ -191,7 +191,7 @@ def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
     ids = prompt(5, 120)  # 15 chunks of 8: pages are in flight when the abort comes
     c.decode[0].add(req("d", ids), 77, "127.0.0.1", c.bootstrap.port)
     c.prefill[0].add(req("p", ids), 77)
-    c.run(lambda: c.decode[0].metrics()["rooms_transferring"] == 1, "the first KV pages")
+    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
     assert c.prefill[0].abort("p", "the prefill client went away")
     c.run_until_finished("d", "p")
     assert abort_message(c.finished("p")) == "the prefill client went away"
@@ -199,7 +199,7 @@ def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
     assert message.startswith("prefill failed:") and "the prefill client went away" in message
     assert c.meta["d"].bootstrap_room == 77
     c.run_until_pools_empty()
-    assert c.decode[0].metrics()["failures"] == {"prefill_aborted": 1}
+    assert c.decode[0].metrics().failures == {"prefill_aborted": 1}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,14 +208,14 @@ def test_decode_abort_reaches_prefill(engines, backend, cluster_factory):
     ids = prompt(6, 120)
     c.prefill[0].add(req("p", ids), 78)
     c.decode[0].add(req("d", ids), 78, "127.0.0.1", c.bootstrap.port)
-    c.run(lambda: c.decode[0].metrics()["rooms_transferring"] == 1, "the first KV pages")
+    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
     assert c.decode[0].abort("d", "the decode client disconnected")
     c.run_until_finished("d", "p")
     assert abort_message(c.finished("d")) == "the decode client disconnected"
     message = abort_message(c.finished("p"))
     assert "decode rank 0 aborted room 78" in message and "the decode client disconnected" in message
     c.run_until_pools_empty()
-    assert c.decode[0].metrics()["quarantined_pages"] == 0
+    assert c.decode[0].metrics().rooms["quarantined"] == 0
 
 
 def test_abort_before_the_other_side_arrives(engines, cluster_factory):
@@ -223,7 +223,7 @@ def test_abort_before_the_other_side_arrives(engines, cluster_factory):
     c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
     ids = prompt(7, 20)
     c.decode[0].add(req("d", ids), 79, "127.0.0.1", c.bootstrap.port)
-    c.run(lambda: c.decode[0].metrics()["rooms_waiting_for_prefill"] == 1, "the KV request to be sent")
+    c.run(lambda: c.decode[0].metrics().rooms["waiting_for_prefill"] == 1, "the KV request to be sent")
     c.decode[0].abort("d", "client gone")
     c.run(lambda: 79 in c.prefill[0].tombstones, "prefill to learn of the abort")
     c.prefill[0].add(req("p", ids), 79)
@@ -246,7 +246,7 @@ def test_waiting_timeouts_free_pages_on_both_sides(engines, cluster_factory):
     message = abort_message(c.finished("d"))
     assert "prefill rank 0 received no prefill request for bootstrap_room 81" in message
     c.run_until_pools_empty()
-    assert c.prefill[0].metrics()["failures"] == {"waiting_timeout": 2}
+    assert c.prefill[0].metrics().failures == {"waiting_timeout": 2}
 
 
 @pytest.mark.parametrize("prefill_first", [False, True])

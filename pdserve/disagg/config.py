@@ -1,13 +1,14 @@
-"""P/D options (``--disaggregation-*`` flags, SGLang's names) shared by the managers and the server."""
+"""P/D options (``--disaggregation-*`` flags, SGLang's names) shared by the managers and the server.
+
+Kept free of heavy imports: ``pdserve --help`` loads it."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
-from pdserve.disagg.transfer import BACKENDS
-
 MODES = ("null", "prefill", "decode")
+BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer
 
 
 @dataclass

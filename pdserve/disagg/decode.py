@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 
@@ -28,7 +27,7 @@ from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
-from pdserve.disagg.stats import TransferStats
+from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, create_receiver
 from pdserve.engine.engine_core import EngineCore
@@ -103,11 +102,11 @@ class DecodeDisaggManager:
             config.transfer_timeout,
         )
         self.receiver_info = self.receiver.info()
-        self.stats = TransferStats()
+        self.stats = TransferStats("decode")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
         self.quarantine: dict[int, tuple[list[int], float]] = {}  # pages a remote writer may still touch
-        self.meta: dict[str, m.DisaggMeta] = {}  # P/D meta_info of requests until their last output
+        self.meta: dict[str, DisaggMeta] = {}  # P/D meta_info of requests until their last output
         self._extra: list[StepOutput] = []
         self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
         self._zmq = zmq.Context()
@@ -175,7 +174,7 @@ class DecodeDisaggManager:
         return True
 
     # ------------------------------------------------------------------ engine loop
-    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, m.DisaggMeta]]:
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:
         """Apply network events (activations, failures, timeouts). Returns the outputs to deliver
         and P/D ``meta_info`` fields per rid among them."""
         for item in self.inbox.drain():
@@ -191,22 +190,22 @@ class DecodeDisaggManager:
         self._check_timeouts(time.monotonic())
         result = outputs + self._extra
         self._extra = []
-        meta: dict[str, m.DisaggMeta] = {}
+        meta: dict[str, DisaggMeta] = {}
         for out in result:
             fields = self.meta.pop(out.rid, None) if out.finished else self.meta.get(out.rid)
             if fields is not None:
                 meta[out.rid] = fields
         return result, meta
 
-    def metrics(self) -> dict[str, Any]:
-        snap = self.stats.snapshot()
+    def metrics(self) -> DisaggReport:
         rooms = list(self.rooms.values())
-        snap["rooms_resolving"] = sum(1 for r in rooms if r.info is None)
-        snap["rooms_waiting_for_pages"] = sum(1 for r in rooms if not r.pages_ready)
-        snap["rooms_waiting_for_prefill"] = sum(1 for r in rooms if r.kvreq_at is not None and r.first_data_at is None)
-        snap["rooms_transferring"] = sum(1 for r in rooms if r.first_data_at is not None)
-        snap["quarantined_pages"] = sum(len(p) for p, _ in self.quarantine.values())
-        return snap
+        return self.stats.snapshot({
+            "resolving": sum(1 for r in rooms if r.info is None),
+            "waiting_for_pages": sum(1 for r in rooms if not r.pages_ready),
+            "waiting_for_prefill": sum(1 for r in rooms if r.kvreq_at is not None and r.first_data_at is None),
+            "transferring": sum(1 for r in rooms if r.first_data_at is not None),
+            "quarantined": len(self.quarantine),
+        })
 
     # ------------------------------------------------------------------ resolution (event-loop thread)
     async def _resolve(self, r: _Room) -> _Resolved:
@@ -421,8 +420,8 @@ class DecodeDisaggManager:
         return (f"room {r.room} (decode rank {self.rank}, prefill rank {prefill} of the prefill server with "
                 f"bootstrap {r.bootstrap})")
 
-    def _meta(self, r: _Room, transfer_s: float, wait_s: float) -> m.DisaggMeta:
-        return m.DisaggMeta(
+    def _meta(self, r: _Room, transfer_s: float, wait_s: float) -> DisaggMeta:
+        return DisaggMeta(
             bootstrap_room=r.room,
             prefill_dp_rank=r.prefill_rank,
             decode_dp_rank=self.rank,

@@ -6,8 +6,9 @@ Three boundaries, one wire format each:
   :class:`ErrorBody`;
 - control plane, decode rank -> prefill rank (msgpack over ZMQ PUSH/PULL): :data:`ControlMsg`;
 - transfer stream, prefill rank -> decode rank (msgpack headers, each followed by its page bytes
-  for the ``tcp`` backend): :data:`StreamMsg`;
-- what a manager reports about a request (into the response's ``meta_info``): :class:`DisaggMeta`.
+  for the ``tcp`` backend): :data:`StreamMsg`.
+
+What managers report to the server (per-request ``meta_info``, counters) is in :mod:`.stats`.
 
 A ``room`` is SGLang's ``bootstrap_room``: the random id both halves of one request carry.
 """
@@ -162,20 +163,6 @@ class Status(msgspec.Struct, tag="status", frozen=True):
 
 
 StreamMsg = Accepted | Pages | Aux | Status
-
-
-# ---------------------------------------------------------------- per-request report
-
-
-class DisaggMeta(msgspec.Struct, omit_defaults=True):
-    """P/D fields of a response's ``meta_info`` (``kv_wait_ms`` on decode only)."""
-
-    bootstrap_room: int
-    prefill_dp_rank: int | None = None
-    decode_dp_rank: int | None = None
-    kv_transfer_bytes: int = 0
-    kv_transfer_ms: float = 0.0
-    kv_wait_ms: float | None = None
 
 
 _msgpack = msgspec.msgpack.Encoder()

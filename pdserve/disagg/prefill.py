@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import zmq
@@ -29,7 +28,7 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import RoomConflictError
-from pdserve.disagg.stats import TransferStats
+from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
@@ -87,13 +86,13 @@ class PrefillDisaggManager:
         self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port)
         self.inbox = Inbox()
         self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout)
-        self.stats = TransferStats()
+        self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
         self.early: dict[int, tuple[m.KVRequest, float]] = {}  # KV requests ahead of their prefill request
         self.tombstones: dict[int, tuple[str, str, float]] = {}  # failed rooms: reason, cause, expiry
-        self._released: list[tuple[StepOutput, m.DisaggMeta]] = []
-        self._abort_meta: dict[str, m.DisaggMeta] = {}  # meta for abort outputs still to come
+        self._released: list[tuple[StepOutput, DisaggMeta]] = []
+        self._abort_meta: dict[str, DisaggMeta] = {}  # meta for abort outputs still to come
         self._io = EventLoopThread(f"prefill-ctl-{dp_rank}")
         self._zmq = zmq.asyncio.Context()
         self._pull: zmq.asyncio.Socket | None = None
@@ -196,7 +195,7 @@ class PrefillDisaggManager:
             self._tombstone(room, reason, m.Cause.PREFILL_ABORTED)
 
     # ------------------------------------------------------------------ engine loop
-    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, m.DisaggMeta]]:
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:
         """Apply network events, hold back outputs whose KV is still being sent, release finished
         ones. Returns the outputs to deliver and P/D ``meta_info`` fields per rid among them."""
         for item in self.inbox.drain():
@@ -207,7 +206,7 @@ class PrefillDisaggManager:
             elif isinstance(item, m.Abort):
                 self._on_abort(item)
         result: list[StepOutput] = []
-        meta: dict[str, m.DisaggMeta] = {}
+        meta: dict[str, DisaggMeta] = {}
         for out in outputs:
             r = self.by_rid.get(out.rid)
             if r is None:
@@ -235,12 +234,13 @@ class PrefillDisaggManager:
         self._released.clear()
         return result, meta
 
-    def metrics(self) -> dict[str, Any]:
-        snap = self.stats.snapshot()
-        snap["rooms_waiting_for_decode"] = sum(1 for r in self.rooms.values() if r.kvreq is None and not r.failed)
-        snap["rooms_waiting_for_prefill_request"] = len(self.early)
-        snap["rooms_transferring"] = sum(1 for r in self.rooms.values() if r.kvreq is not None and not r.failed)
-        return snap
+    def metrics(self) -> DisaggReport:
+        live = [r for r in self.rooms.values() if not r.failed]
+        return self.stats.snapshot({
+            "waiting_for_decode": sum(1 for r in live if r.kvreq is None),
+            "waiting_for_prefill_request": len(self.early),
+            "transferring": sum(1 for r in live if r.kvreq is not None),
+        })
 
     # ------------------------------------------------------------------ pairing
     def _on_kv_request(self, k: m.KVRequest) -> None:
@@ -432,8 +432,8 @@ class PrefillDisaggManager:
             if now > expiry:
                 del self.tombstones[room]
 
-    def _meta(self, r: _Room) -> m.DisaggMeta:
-        return m.DisaggMeta(
+    def _meta(self, r: _Room) -> DisaggMeta:
+        return DisaggMeta(
             bootstrap_room=r.room,
             prefill_dp_rank=self.rank,
             decode_dp_rank=r.kvreq.decode_rank if r.kvreq is not None else None,

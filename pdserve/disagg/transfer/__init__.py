@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pdserve.disagg.config import BACKENDS
 from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
 from pdserve.engine.kv_pool import KVPool
-
-BACKENDS = ("tcp", "shm")
 
 __all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "SendResult", "create_receiver",
            "create_sender"]
