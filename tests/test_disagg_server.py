@@ -265,3 +265,24 @@ def test_through_sglang_router(servers, router):
                                        "temperature": 0}, path="/v1/completions").json()
     assert completion.json()["choices"][0]["text"] == expected["choices"][0]["text"]
     assert_pages_freed(servers)
+
+
+def test_shm_backend_end_to_end(servers, pool, tmp_path):
+    """The same flow with the shared-memory backend: prefill processes write into the decode pool."""
+    bootstrap_port = free_port()
+    shm = ["--disaggregation-transfer-backend", "shm", "--disaggregation-bootstrap-port", str(bootstrap_port)]
+    prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "1", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
+    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "2", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
+    try:
+        prefill.wait_healthy()
+        decode.wait_healthy()
+        pair = {"prefill": prefill, "decode": decode, "bootstrap_port": bootstrap_port}
+        for i, text in enumerate(PROMPTS[:2]):
+            expected = post(servers["mixed"], {"text": text, "sampling_params": GREEDY}).json()
+            p, d = pd_pair(pair, pool, room_body(pair, text, 1000 + i), {}, {"data_parallel_rank": i})
+            assert d.json()["output_ids"] == expected["output_ids"], (p.text, d.text)
+            assert d.json()["meta_info"]["kv_transfer_bytes"] > 0
+        assert_pages_freed(pair)
+    finally:
+        prefill.stop()
+        decode.stop()

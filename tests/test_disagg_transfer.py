@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import os
 import random
@@ -258,18 +259,22 @@ def test_shm_sender_refuses_a_missing_segment(closing):
     assert "same host" in done[0].error
 
 
-def test_kv_pool_shared_memory_keeps_contents_and_cleans_up():
+def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
     pool = filled_pool(9, "float32")
     before = [layer.clone() for layer in pool.layers]
     layers_list = pool.layers
     path = pool.to_shared_memory()
-    assert path.startswith("/dev/shm/") and os.path.getsize(path) == pool.bytes_total()
+    assert path.startswith(f"/proc/{os.getpid()}/fd/") and os.path.getsize(path) == pool.bytes_total()
+    assert "(deleted)" in os.readlink(path) and not glob.glob(f"/dev/shm/pdserve-kv-{os.getpid()}-*")
     assert pool.layers is layers_list and all(torch.equal(a, b) for a, b in zip(before, pool.layers))
     mapped = torch.from_file(path, shared=True, size=pool.bytes_total() // 4, dtype=torch.float32)
     assert torch.equal(mapped[: pool.layers[0].numel()].view_as(pool.layers[0]), before[0])
+    mapped.fill_(1.5)  # writes through another mapping are what the pool sees
+    assert bool((pool.layers[-1] == 1.5).all())
     pages = pool.alloc(3)
     pool.free(pages)
     pool.check_integrity(expect_used=0)
+    target = os.readlink(path)
     del pool, layers_list, mapped
     gc.collect()
-    assert not os.path.exists(path)
+    assert not os.path.exists(path) or os.readlink(path) != target  # the descriptor is closed

@@ -5,13 +5,14 @@ page ``p`` of layer ``l`` (its K then V) is the contiguous buffer ``layers[l][p]
 transfer backends read and write pages through :meth:`page_view` and :meth:`page_bytes`.
 
 With ``shared_memory=True`` (or after :meth:`KVPool.to_shared_memory`) the layer tensors live in
-one file under ``/dev/shm`` (:attr:`KVPool.shm_path`, layers back to back), so another process on
-the same host can map it and write pages directly; the file is removed when the pool goes away.
+one shared-memory file (layers back to back), so another process on the same host can map it and
+write pages directly. The file is unlinked as soon as it is created and reached through this
+process's open descriptor (:attr:`KVPool.shm_path` is ``/proc/<pid>/fd/<fd>``): nothing is left
+in ``/dev/shm`` however the process ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import uuid
@@ -148,21 +149,16 @@ class KVPool:
         layer_bytes = self.layout.page_numel * dtype.itemsize * shape[0]
         size = layer_bytes * num_layers
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
         try:
             os.ftruncate(fd, size)
             region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         except OSError:
-            os.unlink(path)
-            raise
-        finally:
             os.close(fd)
-        weakref.finalize(self, _release_shared, path)
+            raise
+        weakref.finalize(self, os.close, fd)
         flat = torch.frombuffer(region, dtype=torch.uint8)
         flat.zero_()  # touch every page now: first touches of fresh shared memory are slow
-        self.shm_path = path
+        self.shm_path = f"/proc/{os.getpid()}/fd/{fd}"
         return [flat[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(num_layers)]
 
-
-def _release_shared(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
