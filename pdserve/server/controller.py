@@ -135,7 +135,7 @@ class DPController:
             spec = msg.WorkerSpec(
                 dp_rank=state.rank,
                 dp_size=self.dp_size,
-                engine=replace(self.config.engine, torch_threads=threads),
+                engine=replace(self.config.engine, torch_threads=threads, engines_per_device=self.dp_size),
                 input_addr=in_addr,
                 output_addr=out_addr,
                 parent_pid=os.getpid(),

@@ -20,9 +20,11 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import zmq
 
+from pdserve.engine.config import EngineConfig
 from pdserve.server import messages as msg
 
 IDLE_POLL_MS = 200
@@ -65,7 +67,7 @@ class Worker:
     def start_engine(self) -> None:
         from pdserve.engine.engine_core import EngineCore
 
-        self.engine = EngineCore(self.spec.engine)
+        self.engine = EngineCore(place_on_device(self.spec.engine, self.rank, self.spec.dp_size))
         engine = self.engine
         self.start_disagg()
         pool = engine.kv_pool
@@ -213,6 +215,17 @@ class Worker:
         self.ctx.term()
 
 
+def place_on_device(config: EngineConfig, rank: int, dp_size: int) -> EngineConfig:
+    """With several GPUs and no explicit ``cuda:N``, spread DP ranks over them round-robin; ranks
+    sharing a device split its KV memory budget."""
+    import torch
+
+    if config.device not in (None, "cuda") or not torch.cuda.is_available():
+        return config
+    gpus = torch.cuda.device_count()
+    return replace(config, device=f"cuda:{rank % gpus}", engines_per_device=-(-dp_size // gpus))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = msg.decode_spec(argv[0])
@@ -236,3 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
