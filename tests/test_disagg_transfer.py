@@ -278,3 +278,12 @@ def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
     del pool, layers_list, mapped
     gc.collect()
     assert not os.path.exists(path) or os.readlink(path) != target  # the descriptor is closed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_cpu_pool_is_refused_clearly(backend):
+    pool = KVPool(dtype=torch.float32, device="meta", **SHAPE)
+    with pytest.raises(ValueError, match="--device cpu"):
+        create_sender(backend, pool, lambda r: None, 1.0)
+    with pytest.raises(ValueError, match="--device cpu"):
+        create_receiver(backend, pool, lambda e: None, HOST, 1.0)

@@ -13,6 +13,7 @@ __all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "S
 
 
 def create_sender(backend: str, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> KVSender:
+    _check_pool(backend, pool)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpSender
 
@@ -28,6 +29,7 @@ def create_receiver(
     backend: str, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float
 ) -> KVReceiver:
     """A receiver for ``pool`` (the ``shm`` backend moves the pool into shared memory first)."""
+    _check_pool(backend, pool)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpReceiver
 
@@ -37,3 +39,11 @@ def create_receiver(
 
         return ShmReceiver(pool, on_event, host, io_timeout)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _check_pool(backend: str, pool: KVPool) -> None:
+    if pool.device.type != "cpu":
+        raise ValueError(
+            f"the {backend} transfer backend moves KV pages of a CPU pool; this pool is on {pool.device} "
+            "(run P/D servers with --device cpu; a GPU backend such as NIXL is not implemented yet)"
+        )
