@@ -76,9 +76,10 @@ def assert_pages_freed(servers) -> None:
         assert wait_until(lambda n=name: used_pages(servers[n]) == 0, 10), f"{name} still holds KV pages"
 
 
-def finish_reason(resp: httpx.Response) -> dict:
-    assert resp.status_code == 200, resp.text
-    return resp.json()["meta_info"]["finish_reason"]
+def pd_failure(resp: httpx.Response) -> str:
+    """A failed pairing answers 503 (so a router may retry with a fresh pair); returns the message."""
+    assert resp.status_code == 503, resp.text
+    return resp.json()["error"]["message"]
 
 
 def test_server_info_reports_roles(servers):
@@ -162,16 +163,15 @@ def test_active_room_is_409(servers, pool):
 def test_decode_without_prefill_fails_with_prefill_reason(servers):
     start = time.monotonic()
     resp = post(servers["decode"], room_body(servers, "Nobody prefills me", 31337))
-    reason = finish_reason(resp)
-    assert reason["type"] == "abort" and time.monotonic() - start < 4 + 5
-    assert "received no prefill request for bootstrap_room 31337" in reason["message"]
+    message = pd_failure(resp)
+    assert time.monotonic() - start < 4 + 5
+    assert "received no prefill request for bootstrap_room 31337" in message
     assert_pages_freed(servers)
 
 
 def test_prefill_without_decode_frees_its_kv(servers):
     resp = post(servers["prefill"], room_body(servers, "Nobody decodes me", 31338))
-    reason = finish_reason(resp)
-    assert reason["type"] == "abort" and "no decode server sent a KV request for bootstrap_room 31338" in reason["message"]
+    assert "no decode server sent a KV request for bootstrap_room 31338" in pd_failure(resp)
     assert_pages_freed(servers)
 
 
@@ -186,18 +186,17 @@ def test_decode_disconnect_reaches_prefill(servers):
     assert wait_until(lambda: used_pages(servers["decode"]) == 0, 10)  # noticed the disconnect, aborted
     time.sleep(0.2)  # its Abort reaches prefill rank room % 2
     resp = post(servers["prefill"], room_body(servers, PROMPTS[0], room))
-    reason = finish_reason(resp)
-    assert reason["type"] == "abort"
-    assert f"decode rank 1 aborted room {room}" in reason["message"] and "client disconnected" in reason["message"]
+    message = pd_failure(resp)
+    assert f"decode rank 1 aborted room {room}" in message and "client disconnected" in message
     assert_pages_freed(servers)
 
 
 def test_prefill_server_down_fails_within_the_bootstrap_timeout(servers):
     body = {**room_body(servers, PROMPTS[3], 999), "bootstrap_port": free_port()}
     start = time.monotonic()
-    reason = finish_reason(post(servers["decode"], body))
+    message = pd_failure(post(servers["decode"], body))
     assert time.monotonic() - start < 3 + 3
-    assert reason["type"] == "abort" and f"127.0.0.1:{body['bootstrap_port']}" in reason["message"]
+    assert f"127.0.0.1:{body['bootstrap_port']}" in message
     assert_pages_freed(servers)
 
 

@@ -25,7 +25,7 @@ import zmq
 from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.errors import RoomConflictError
+from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
@@ -368,7 +368,7 @@ class DecodeDisaggManager:
                 self.quarantine[r.room] = (r.req.pages, time.monotonic() + self.config.transfer_timeout)
                 r.req.pages = []
         self.meta[r.rid] = self._meta(r, 0.0, time.monotonic() - r.added_at)
-        if not self.scheduler.abort(r.rid, reason):
+        if not self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
             self.meta.pop(r.rid, None)
 
     def _forget(self, r: _Room) -> None:

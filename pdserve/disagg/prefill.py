@@ -27,7 +27,7 @@ import zmq.asyncio
 from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.errors import RoomConflictError
+from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import SendResult, create_sender
@@ -383,7 +383,7 @@ class PrefillDisaggManager:
         logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         self.sender.cancel(r.room)
         r.stolen, r.req.pages = r.req.pages, []
-        if self.scheduler.abort(r.rid, reason):
+        if self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
             self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:
             self._count_send(r)
