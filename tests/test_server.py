@@ -258,7 +258,8 @@ def test_client_disconnect_frees_kv(server, client):
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=TIMEOUT) as own, \
             own.stream("POST", "/generate", json=body) as resp:
         seen = 0
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()  # keep a reference: a dropped iterator closes the stream (a disconnect)
+        for line in lines:
             seen += line.startswith("data: ")
             if seen == 3:
                 break

@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             useful = sum(outputs)
             result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful}
             result["pdserve_s"] = run_pdserve(path, prompts, outputs)
+            print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s", flush=True)
             import transformers
 
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             for bs in args.hf_batch_sizes:
-                result[f"hf_generate_b{bs}_s"] = run_hf_static(hf, prompts, outputs, bs)
+                result[f"hf_generate_b{bs}_s"] = secs = run_hf_static(hf, prompts, outputs, bs)
+                print(f"[{name}] transformers generate b{bs}: {useful / secs:.1f} tok/s", flush=True)
             if not args.no_continuous:
                 try:
                     result["hf_generate_batch_s"] = run_hf_continuous(hf, prompts, outputs)

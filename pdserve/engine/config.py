@@ -21,6 +21,7 @@ class EngineConfig:
     context_length: int | None = None  # None: the model's max_position_embeddings
     random_seed: int = 0
     torch_threads: int | None = None  # None: leave torch's default
+    engines_per_device: int = 1  # engines sharing one device's memory (DP ranks on one CPU); splits the KV budget
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -31,6 +32,8 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.engines_per_device < 1:
+            raise ValueError(f"engines_per_device must be >= 1, got {self.engines_per_device}")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 

@@ -44,9 +44,8 @@ class EngineCore:
         if config.max_total_tokens is not None:
             num_pages = config.max_total_tokens // config.page_size
         else:
-            num_pages = int(_kv_budget_bytes(self.device) * config.mem_fraction_static) // (
-                bytes_per_token * config.page_size
-            )
+            budget = _kv_budget_bytes(self.device) * config.mem_fraction_static / config.engines_per_device
+            num_pages = int(budget) // (bytes_per_token * config.page_size)
         if num_pages < 1:
             raise ValueError("KV cache has no room for a single page; raise --max-total-tokens or --mem-fraction-static")
         self.kv_pool = KVPool(

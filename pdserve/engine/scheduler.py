@@ -88,8 +88,11 @@ class Scheduler:
         if req is not None:
             self._free(req)
 
-    def abort(self, rid: str, message: str = "aborted") -> bool:
-        """Stop ``rid`` wherever it is and free its pages; its abort output comes with the next step."""
+    def abort(self, rid: str, message: str = "aborted", status_code: int | None = None) -> bool:
+        """Stop ``rid`` wherever it is and free its pages; its abort output comes with the next step.
+
+        ``status_code`` (as SGLang's abort reasons carry) tells the HTTP layer which error to answer
+        when the request ends before producing any token."""
         req = self._find(rid)
         if req is None:
             return False
@@ -97,6 +100,8 @@ class Scheduler:
         self._free(req)
         req.state = ReqState.FINISHED
         req.finish_reason = {"type": "abort", "message": message}
+        if status_code is not None:
+            req.finish_reason["status_code"] = status_code
         self._outputs.append(
             StepOutput(rid, [], finished=True, finish_reason=req.finish_reason, prompt_tokens=len(req.input_ids))
         )

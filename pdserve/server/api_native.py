@@ -156,6 +156,9 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
         "ttft": gen.ttft,
         "dp_rank": gen.dp_rank,
     }
+    disagg = gen.handle.disagg_meta
+    if disagg is not None:
+        meta.update({k: v for k, v in msgspec.structs.asdict(disagg).items() if v is not None})
     req = gen.req
     if req.return_logprob:
         detok = gen.service.tokens_text if req.return_text_in_logprobs else None
@@ -234,6 +237,10 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "tp_size": 1,
         "pp_size": 1,
         "disaggregation_mode": cfg.disaggregation_mode,
+        "disaggregation_transfer_backend": cfg.disagg.transfer_backend,
+        "disaggregation_bootstrap_port": (
+            state.controller.bootstrap.port if state.controller.bootstrap is not None else cfg.disagg.bootstrap_port
+        ),
         "page_size": info.page_size,
         "max_total_tokens": info.max_total_tokens,
         "context_length": info.context_length,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from pdserve.disagg.config import DisaggConfig, add_disagg_arguments, disagg_config_from_args
 from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "follow_bootstrap_room")
@@ -24,11 +25,16 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 32 << 20
     log_level: str = "info"
-    disaggregation_mode: str = "null"
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
     graceful_shutdown_s: float = 5.0
+
+    @property
+    def disaggregation_mode(self) -> str:
+        return self.disagg.mode
 
     def validate(self) -> None:
         self.engine.validate()
+        self.disagg.validate()
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
@@ -48,8 +54,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--dp-size", type=int, default=defaults.dp_size, help="data-parallel ranks (processes)")
     parser.add_argument(
-        "--load-balance-method", default=defaults.load_balance_method, choices=LOAD_BALANCE_METHODS,
-        help="how a request without a pinned rank picks its DP rank",
+        "--load-balance-method", default=None, choices=LOAD_BALANCE_METHODS,
+        help="how a request without a pinned rank picks its DP rank "
+        "(default: follow_bootstrap_room in prefill mode, else round_robin)",
     )
     parser.add_argument("--served-model-name", default=None, help="model name reported and accepted on /v1/*")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health, /metrics)")
@@ -61,12 +68,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    disagg = disagg_config_from_args(args)
+    method = args.load_balance_method
+    if method is None:
+        method = "follow_bootstrap_room" if disagg.mode == "prefill" else ServerConfig.load_balance_method
     return ServerConfig(
         engine=engine_config_from_args(args),
         host=args.host,
         port=args.port,
         dp_size=args.dp_size,
-        load_balance_method=args.load_balance_method,
+        load_balance_method=method,
+        disagg=disagg,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
         max_request_bytes=args.max_request_bytes,
@@ -75,6 +87,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """All flags of ``pdserve serve``: the engine's and the server's."""
+    """All flags of ``pdserve serve``: the engine's, the server's and P/D's."""
     add_engine_arguments(parser)
     add_server_arguments(parser)
+    add_disagg_arguments(parser)

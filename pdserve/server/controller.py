@@ -7,6 +7,10 @@ task that hands each :class:`StepOutput` to the per-request asyncio queue of its
 :class:`RequestHandle`. A watchdog task polls the worker processes: a dead rank fails its
 in-flight requests with a 503 and makes the server unhealthy. The load a worker reports with
 every output batch answers ``/get_load`` without a round trip.
+
+A prefill server's controller also runs the P/D bootstrap service (before the workers start, so
+they can register), records room -> rank there when ranks are not ``room % dp_size``, and refuses
+a ``bootstrap_room`` already in flight with 409.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import zmq
 import zmq.asyncio
 
+from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput
 from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
@@ -50,6 +55,8 @@ class RequestHandle:
     arrival: float
     queue: asyncio.Queue[StepOutput | ServerError] = field(default_factory=asyncio.Queue)
     num_tokens: int = 0  # prompt + generated, for token-based dispatch
+    room: int | None = None  # P/D bootstrap_room
+    disagg_meta: DisaggMeta | None = None  # P/D meta_info fields, as the worker last reported them
     first_token_at: float | None = None
     last_token_at: float | None = None
     detached: bool = False  # nobody reads the queue any more (client gone): drop outputs
@@ -79,6 +86,9 @@ class DPController:
         self.policy = make_policy(config.load_balance_method, config.dp_size)
         self.ranks = [RankState(rank) for rank in range(config.dp_size)]
         self.requests: dict[str, RequestHandle] = {}
+        self.rooms: dict[int, str] = {}  # P/D: bootstrap_room -> rid of the request in flight
+        self.bootstrap = None  # BootstrapServer of a prefill server
+        self.disagg_reports: dict[int, object] = {}  # rank -> latest DisaggReport
         self.ready_event = asyncio.Event()
         self.startup_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None  # called when the server cannot start
@@ -94,6 +104,17 @@ class DPController:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Bind the sockets and spawn the workers; readiness arrives later (see :attr:`ready_event`)."""
+        disagg = self.config.disagg
+        if disagg.mode == "prefill":
+            from pdserve.disagg.bootstrap import BootstrapServer
+
+            self.bootstrap = await asyncio.to_thread(
+                BootstrapServer(self.dp_size, self.config.host, disagg.bootstrap_port,
+                                self.config.load_balance_method).start
+            )
+            disagg = replace(disagg, bootstrap_port=self.bootstrap.port)
+            logger.info("P/D bootstrap service on %s", self.bootstrap.address)
+        disagg = replace(disagg, host=self.config.host)
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-")
         self._sync_ctx = zmq.Context(1)
         self._async_ctx = zmq.asyncio.Context(1)
@@ -114,12 +135,12 @@ class DPController:
             spec = msg.WorkerSpec(
                 dp_rank=state.rank,
                 dp_size=self.dp_size,
-                engine=replace(self.config.engine, torch_threads=threads),
+                engine=replace(self.config.engine, torch_threads=threads, engines_per_device=self.dp_size),
                 input_addr=in_addr,
                 output_addr=out_addr,
                 parent_pid=os.getpid(),
                 log_level=self.config.log_level,
-                disaggregation_mode=self.config.disaggregation_mode,
+                disagg=disagg,
             )
             state.proc = subprocess.Popen(
                 [sys.executable, "-m", "pdserve.server.worker", msg.encode_spec(spec)],
@@ -171,6 +192,8 @@ class DPController:
             self._async_ctx.term()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self.bootstrap is not None:
+            await asyncio.to_thread(self.bootstrap.stop)
 
     @property
     def ready(self) -> bool:
@@ -207,16 +230,25 @@ class DPController:
             raise ServerError(503, f"DP rank {req.dp_rank} is not available: {state.error}")
         if req.rid in self.requests:
             raise ServerError(400, f"rid {req.rid!r} is already in use by a running request", "rid")
+        room = req.bootstrap_room if self.config.disagg.mode != "null" else None
+        if room is not None and room in self.rooms:
+            raise ServerError(409, f"bootstrap_room {room} is already in use by running request {self.rooms[room]!r}",
+                              "bootstrap_room")
         handle = RequestHandle(
             rid=req.rid,
             rank=req.dp_rank,
             prompt_tokens=len(req.input_ids),
             arrival=time.perf_counter(),
             num_tokens=len(req.input_ids),
+            room=room,
         )
+        if room is not None and self.bootstrap is not None and not self.bootstrap.follows_room:
+            self.bootstrap.register_room(room, req.dp_rank)
         if not self._send(state, req):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
         self.requests[req.rid] = handle
+        if room is not None:
+            self.rooms[room] = req.rid
         state.num_reqs += 1
         state.num_tokens += handle.num_tokens
         return handle
@@ -294,8 +326,15 @@ class DPController:
             state = self.ranks[message.dp_rank]
             now = time.perf_counter()
             for out in message.outputs:
+                meta = message.disagg_meta.get(out.rid)
+                if meta is not None and (handle := self.requests.get(out.rid)) is not None:
+                    handle.disagg_meta = meta
                 self._on_output(state, out, now)
             self._set_load(state, message.load)
+        elif isinstance(message, msg.DisaggStats):
+            self.disagg_reports[message.dp_rank] = message.report
+            if self.metrics is not None:
+                self.metrics.set_disagg(message.dp_rank, message.report)
         elif isinstance(message, msg.ReqRejected):
             handle = self.requests.get(message.rid)
             if handle is not None:
@@ -350,6 +389,8 @@ class DPController:
             return
         handle.done = True
         self.requests.pop(handle.rid, None)
+        if handle.room is not None and self.rooms.get(handle.room) == handle.rid:
+            del self.rooms[handle.room]
         state = self.ranks[handle.rank]
         state.num_reqs -= 1
         state.num_tokens -= handle.num_tokens

@@ -124,6 +124,13 @@ class GenerationService:
                 f"data_parallel_rank must be in [0, {self.controller.dp_size - 1}], got {req.dp_rank}",
                 "data_parallel_rank",
             )
+        if self.controller.config.disagg.mode == "decode" and req.bootstrap_room is not None:
+            if not req.bootstrap_host:
+                raise bad_request("bootstrap_host is required with bootstrap_room on a decode server", "bootstrap_host")
+            if req.prefill_dp_rank is not None and req.prefill_dp_rank < 0:
+                raise bad_request(
+                    f"disagg_prefill_dp_rank must be >= 0, got {req.prefill_dp_rank}", "disagg_prefill_dp_rank"
+                )
 
     # ------------------------------------------------------------------ submit
     def start(self, req: GenRequest) -> Generation:
@@ -219,6 +226,11 @@ class Generation:
                 self.finished = True
                 self.finished_at = time.perf_counter()
                 raise item
+            reason = item.finish_reason or {}
+            if item.finished and not item.new_token_ids and not self.output_ids and reason.get("status_code"):
+                self.finished = True
+                self.finished_at = time.perf_counter()
+                raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")))
             delta = self._apply(item)
             if item.new_token_ids or item.finished:
                 return delta

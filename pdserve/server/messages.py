@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import msgspec
 
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.stats import DisaggMeta, DisaggReport
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.request import SamplingParams, StepOutput
 
@@ -27,7 +29,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     output_addr: str  # the worker PUSHes outputs here (bound by the front)
     parent_pid: int  # the worker exits when its parent is gone
     log_level: str = "info"
-    disaggregation_mode: str = "null"  # "null" | "prefill" | "decode" (P/D: next step)
+    disagg: DisaggConfig = msgspec.field(default_factory=DisaggConfig)  # P/D role; bootstrap_port is the bound one
 
 
 # ---------------------------------------------------------------- front -> worker
@@ -93,11 +95,13 @@ class WorkerReady(msgspec.Struct, tag="ready"):
 
 
 class OutputBatch(msgspec.Struct, tag="outputs"):
-    """What one engine step produced, plus the rank's load right after the step."""
+    """What one engine step produced, plus the rank's load right after the step and, for P/D
+    requests among the outputs, their ``meta_info`` fields by rid."""
 
     dp_rank: int
     outputs: list[StepOutput]
     load: RankLoad
+    disagg_meta: dict[str, DisaggMeta] = {}
 
 
 class ReqRejected(msgspec.Struct, tag="rejected"):
@@ -115,6 +119,13 @@ class FlushCacheDone(msgspec.Struct, tag="flush_cache_done"):
     success: bool
 
 
+class DisaggStats(msgspec.Struct, tag="disagg_stats"):
+    """A P/D rank's transfer counters, sent when they change (at most every few hundred ms)."""
+
+    dp_rank: int
+    report: DisaggReport
+
+
 class WorkerFailed(msgspec.Struct, tag="failed"):
     """The worker hit an unrecoverable error and is about to exit."""
 
@@ -122,7 +133,7 @@ class WorkerFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-FromWorker = WorkerReady | OutputBatch | ReqRejected | FlushCacheDone | WorkerFailed
+FromWorker = WorkerReady | OutputBatch | ReqRejected | FlushCacheDone | DisaggStats | WorkerFailed
 
 
 _encoder = msgspec.msgpack.Encoder()

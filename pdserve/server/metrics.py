@@ -2,14 +2,19 @@
 
 Per-rank gauges are refreshed from the load every worker reports with its outputs; latency
 histograms and token counters are fed by the controller as outputs arrive. Each server owns its
-own registry (several apps can live in one process, e.g. in tests).
+own registry (several apps can live in one process, e.g. in tests). A P/D server adds the KV
+transfer counters its ranks report (:class:`DisaggCollector`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pdserve.disagg.stats import LATENCY_BUCKETS_S, DisaggReport
 from pdserve.server.messages import RankLoad
 
 LATENCY_BUCKETS = (
@@ -66,6 +71,8 @@ class ServerMetrics:
         self.requests = Counter(
             "sglang:num_requests", "Finished requests", ["model_name"], registry=self.registry
         )
+        self.disagg = DisaggCollector(self)
+        self.registry.register(self.disagg)
 
     def set_model_name(self, name: str) -> None:
         """Relabel from now on (the name is known only once the workers report the model)."""
@@ -101,5 +108,42 @@ class ServerMetrics:
         self.e2e.labels(self.model_name).observe(now - arrival)
         self.requests.labels(self.model_name).inc()
 
+    def set_disagg(self, rank: int, report: DisaggReport) -> None:
+        self.disagg.reports[rank] = report
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DisaggCollector:
+    """P/D metrics rebuilt at each scrape from the latest report of every rank."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.reports: dict[int, DisaggReport] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "dp_rank", "role"]
+        moved = CounterMetricFamily("pdserve:kv_transfer_bytes", "KV cache bytes moved between prefill and decode",
+                                    labels=labels)
+        count = CounterMetricFamily("pdserve:kv_transfers", "Completed KV transfers", labels=labels)
+        latency = HistogramMetricFamily("pdserve:kv_transfer_latency_seconds",
+                                        "First KV page sent/received to transfer complete", labels=labels)
+        failures = CounterMetricFamily("pdserve:kv_transfer_failures", "Failed P/D rooms by cause",
+                                       labels=[*labels, "cause"])
+        rooms = GaugeMetricFamily("pdserve:disagg_rooms", "P/D rooms in flight by what they wait for",
+                                  labels=[*labels, "state"])
+        for rank, report in sorted(self.reports.items()):
+            values = [self.metrics.model_name, str(rank), report.role]
+            moved.add_metric(values, report.transfer_bytes)
+            count.add_metric(values, report.transfers)
+            buckets, total = [], 0
+            for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), report.latency_counts):
+                total += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            latency.add_metric(values, buckets, report.latency_sum_s)
+            for cause, n in sorted(report.failures.items()):
+                failures.add_metric([*values, cause], n)
+            for state, n in sorted(report.rooms.items()):
+                rooms.add_metric([*values, state], n)
+        yield from (moved, count, latency, failures, rooms)

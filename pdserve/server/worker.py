@@ -4,6 +4,11 @@ Started by the controller as ``python -m pdserve.server.worker SPEC_JSON``. The 
 its input socket while the engine is idle (with a poll timeout, to notice a dead parent),
 otherwise drains all pending messages without blocking and runs one engine step, sending that
 step's outputs back in one :class:`OutputBatch` together with the rank's load.
+
+In a P/D role the rank also owns a prefill or decode manager (:mod:`pdserve.disagg`): requests
+with a ``bootstrap_room`` go through it, the loop also wakes on its network events, and every
+step's outputs pass through ``manager.process`` (prefill holds a finished output back until its
+KV is sent; decode activates requests whose KV arrived).
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import os
 import shutil
 import signal
 import sys
+import time
 import traceback
+from dataclasses import replace
 
 import zmq
 
+from pdserve.engine.config import EngineConfig
 from pdserve.server import messages as msg
 
 IDLE_POLL_MS = 200
+DISAGG_STATS_INTERVAL_S = 0.5
 
 logger = logging.getLogger("pdserve.worker")
 
@@ -40,7 +49,10 @@ class Worker:
         self.inbox.connect(spec.input_addr)
         self.outbox.connect(spec.output_addr)
         self.engine = None
+        self.disagg = None  # PrefillDisaggManager | DecodeDisaggManager in a P/D role
         self._step_due = False  # an abort was handled: step once so its output goes out
+        self._stats_sent: tuple[float, object] = (0.0, None)
+        self._load_sent: msg.RankLoad | None = None
 
     def send(self, message: msg.FromWorker) -> None:
         self.outbox.send(msg.encode(message))
@@ -55,8 +67,9 @@ class Worker:
     def start_engine(self) -> None:
         from pdserve.engine.engine_core import EngineCore
 
-        self.engine = EngineCore(self.spec.engine)
+        self.engine = EngineCore(place_on_device(self.spec.engine, self.rank, self.spec.dp_size))
         engine = self.engine
+        self.start_disagg()
         pool = engine.kv_pool
         self.send(
             msg.WorkerReady(
@@ -72,6 +85,33 @@ class Worker:
         )
         logger.info("dp rank %d ready: %d KV pages of %d tokens", self.rank, pool.num_pages, pool.page_size)
 
+    def start_disagg(self) -> None:
+        """Create this rank's P/D manager; a prefill rank registers at its front's bootstrap service."""
+        cfg = self.spec.disagg
+        if cfg.mode == "prefill":
+            from pdserve.disagg.prefill import PrefillDisaggManager
+
+            self.disagg = PrefillDisaggManager(self.engine, cfg, self.rank, cfg.host, cfg.bootstrap_port)
+            self.disagg.start()
+        elif cfg.mode == "decode":
+            from pdserve.disagg.decode import DecodeDisaggManager
+
+            self.disagg = DecodeDisaggManager(self.engine, cfg, self.rank)
+
+    def add_request(self, message: msg.GenerateReq, req) -> None:
+        """Into the engine, or through the P/D manager when the request names a room."""
+        room = message.bootstrap_room
+        if self.disagg is None or room is None:
+            self.engine.add_request(req)
+        elif self.spec.disagg.mode == "prefill":
+            self.disagg.add(req, room)
+        else:
+            from pdserve.engine.request import RequestError
+
+            if not message.bootstrap_host:
+                raise RequestError("bootstrap_host is required with bootstrap_room on a decode server")
+            self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank)
+
     def handle(self, message: msg.ToWorker) -> bool:
         """Apply one message; False means shut down."""
         from pdserve.engine.request import Req, RequestError
@@ -86,14 +126,17 @@ class Worker:
                 logprob_start_len=message.logprob_start_len,
             )
             try:
-                self.engine.add_request(req)
+                self.add_request(message, req)
             except RequestError as e:
-                self.send(msg.ReqRejected(self.rank, message.rid, str(e), 400))
+                self.send(msg.ReqRejected(self.rank, message.rid, str(e), getattr(e, "status", 400)))
             except Exception as e:  # an engine bug must fail the request, not the rank
                 logger.exception("dp rank %d: add_request(%s) failed", self.rank, message.rid)
                 self.send(msg.ReqRejected(self.rank, message.rid, f"internal error: {e}", 500))
         elif isinstance(message, msg.AbortReq):
-            self.engine.abort(message.rid)
+            if self.disagg is not None:
+                self.disagg.abort(message.rid, message.message)
+            else:
+                self.engine.abort(message.rid)
             self._step_due = True
         elif isinstance(message, msg.FlushCacheReq):
             self.send(msg.FlushCacheDone(self.rank, message.req_id, bool(self.engine.flush_cache())))
@@ -112,20 +155,52 @@ class Worker:
                 return False
 
     def run(self) -> int:
-        engine = self.engine
+        engine, disagg = self.engine, self.disagg
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        if disagg is not None:
+            poller.register(disagg.fileno(), zmq.POLLIN)
         while self.parent_alive():
-            if not (engine.has_work() or self._step_due) and not self.inbox.poll(IDLE_POLL_MS):
-                continue
+            if disagg is not None:
+                self.report_disagg_stats()
+            if not (engine.has_work() or self._step_due):
+                wait_s = disagg.timeout_s() if disagg is not None else None
+                timeout_ms = IDLE_POLL_MS if wait_s is None else min(IDLE_POLL_MS, int(wait_s * 1000))
+                if not poller.poll(timeout_ms) and wait_s is None:
+                    continue
             if not self.drain():
                 return 0
+            outputs = []
             if engine.has_work() or self._step_due:
                 self._step_due = False
                 outputs = engine.step()
-                if outputs:
-                    self.send(msg.OutputBatch(self.rank, outputs, self.load()))
+            meta = {}
+            if disagg is not None:
+                outputs, meta = disagg.process(outputs)
+            if outputs:
+                self.send_outputs(outputs, meta)
         logger.warning("dp rank %d: parent process %d is gone, exiting", self.rank, self.spec.parent_pid)
         self.remove_socket_dir()
         return 0
+
+    def report_disagg_stats(self) -> None:
+        """Send the P/D counters, and the load (P/D requests wait without producing outputs that
+        would carry it), when they changed; at most every :data:`DISAGG_STATS_INTERVAL_S`."""
+        now = time.monotonic()
+        last_at, last = self._stats_sent
+        if now - last_at < DISAGG_STATS_INTERVAL_S:
+            return
+        report = self.disagg.metrics()
+        if report != last:
+            self.send(msg.DisaggStats(self.rank, report))
+        self._stats_sent = (now, report)
+        if self.load() != self._load_sent:
+            self.send_outputs([], {})
+
+    def send_outputs(self, outputs: list, meta: dict) -> None:
+        load = self.load()
+        self.send(msg.OutputBatch(self.rank, outputs, load, meta))
+        self._load_sent = load
 
     def remove_socket_dir(self) -> None:
         """The front could not clean up after itself: remove its ipc socket folder (any rank may)."""
@@ -133,9 +208,22 @@ class Worker:
             shutil.rmtree(os.path.dirname(self.spec.input_addr[len("ipc://"):]), ignore_errors=True)
 
     def close(self) -> None:
+        if self.disagg is not None:
+            self.disagg.close()
         self.inbox.close(0)
         self.outbox.close()
         self.ctx.term()
+
+
+def place_on_device(config: EngineConfig, rank: int, dp_size: int) -> EngineConfig:
+    """With several GPUs and no explicit ``cuda:N``, spread DP ranks over them round-robin; ranks
+    sharing a device split its KV memory budget."""
+    import torch
+
+    if config.device not in (None, "cuda") or not torch.cuda.is_available():
+        return config
+    gpus = torch.cuda.device_count()
+    return replace(config, device=f"cuda:{rank % gpus}", engines_per_device=-(-dp_size // gpus))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,3 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

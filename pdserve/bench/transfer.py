@@ -1,0 +1,149 @@
+"""KV transfer throughput of each P/D backend against its ceiling, on the same buffers.
+
+``tcp`` is compared with one raw loopback TCP socket moving the whole pool (``sendall`` into
+``recv_into``); ``shm`` with a plain in-process copy into the same shared-memory pool. A backend
+run ships every page of a source pool into a destination pool in jobs of ``--chunk-pages`` pages
+(as chunked prefill does), optionally to shuffled destination pages, and is timed from the first
+send to the receiver's final ``Status``. Prints GB/s, the ratio to the ceiling and the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+
+TARGETS = {"tcp": 0.70, "shm": 0.50}  # share of the ceiling each backend should reach
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["tcp", "shm", "all"], default="all")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--pages", type=int, default=512)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--chunk-pages", type=int, default=32, help="pages per send job")
+    parser.add_argument("--shuffle", action="store_true", help="scatter into random destination pages")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (copies)")
+    parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    results = benchmark(args)
+    for row in results["rows"]:
+        verdict = "ok" if row["ratio"] >= row["target"] else "BELOW TARGET"
+        print(f"{row['backend']:4s} {row['gbps']:7.2f} GB/s   {row['ceiling']:11s} {row['ceiling_gbps']:7.2f} GB/s   "
+              f"ratio {row['ratio']:.2f} (target {row['target']:.2f}: {verdict})")
+    print(f"pool: {results['pool_mib']:.0f} MiB ({args.layers} layers x {args.pages} pages x "
+          f"{results['page_kib']:.0f} KiB), jobs of {args.chunk_pages} pages, "
+          f"{'shuffled' if args.shuffle else 'in-order'} destination pages, median of {args.repeat}")
+    if args.output_file:
+        with open(args.output_file, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from pdserve.engine.kv_pool import KVPool
+
+    dtype = getattr(torch, args.dtype)
+    shape = dict(num_pages=args.pages, page_size=args.page_size, num_layers=args.layers,
+                 num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=dtype, device="cpu")
+    src = KVPool(**shape)
+    for layer in src.layers:
+        layer.copy_(torch.randn(layer.shape).to(dtype))
+    rows = []
+    for backend in (["tcp", "shm"] if args.backend == "all" else [args.backend]):
+        dst = KVPool(**shape, shared_memory=backend == "shm")
+        gbps = _median(args.repeat, lambda b=backend, d=dst: _backend_run(b, src, d, args))
+        if backend == "tcp":
+            ceiling, ceiling_gbps = "raw socket", _median(args.repeat, lambda d=dst: _raw_tcp(src, d))
+        else:
+            ceiling, ceiling_gbps = "memcpy", _median(args.repeat, lambda d=dst: _memcpy(src, d))
+        rows.append({"backend": backend, "gbps": gbps, "ceiling": ceiling, "ceiling_gbps": ceiling_gbps,
+                     "ratio": gbps / ceiling_gbps, "target": TARGETS[backend]})
+    return {"rows": rows, "pool_mib": src.bytes_total() / 2**20, "page_kib": src.page_bytes() / 1024}
+
+
+def _median(repeat: int, measure) -> float:
+    measure()  # warm-up: connections, mappings, page tables
+    return statistics.median(measure() for _ in range(repeat))
+
+
+def _backend_run(backend: str, src, dst, args: argparse.Namespace) -> float:
+    """GB/s moving every page of ``src`` into ``dst`` through the backend."""
+    from pdserve.disagg import messages as m
+    from pdserve.disagg.transfer import create_receiver, create_sender
+
+    done = threading.Event()
+    receiver = create_receiver(backend, dst, lambda e: isinstance(e, m.Status) and done.set(), "127.0.0.1", 60.0)
+    sender = create_sender(backend, src, lambda r: None, 60.0)
+    try:
+        pages = list(range(src.num_pages))
+        dst_pages = random.Random(0).sample(pages, len(pages)) if args.shuffle else pages
+        info = receiver.info()
+        receiver.open_room(1, dst_pages)
+        sender.send_message(info, m.Accepted(1, 0))  # connect (and map) before the clock starts
+        sender.send_pages(info, 1, pages[:1], dst_pages[:1])
+        time.sleep(0.05)
+        start = time.perf_counter()
+        for i in range(0, len(pages), args.chunk_pages):
+            sender.send_pages(info, 1, pages[i : i + args.chunk_pages], dst_pages[i : i + args.chunk_pages])
+        sender.send_message(info, m.Status(1, True))
+        if not done.wait(120):
+            raise RuntimeError(f"{backend}: transfer did not complete within 120 s")
+        elapsed = time.perf_counter() - start
+    finally:
+        sender.close()
+        receiver.close()
+    return src.bytes_total() / elapsed / 1e9
+
+
+def _raw_tcp(src, dst) -> float:
+    """GB/s of one loopback socket moving the pool layer by layer, buffer to buffer."""
+    from pdserve.disagg.transfer.stream import SOCKET_BUFFER_BYTES, page_arrays
+
+    sources = [memoryview(a.reshape(-1)) for a in page_arrays(src.layers)]
+    targets = [memoryview(a.reshape(-1)) for a in page_arrays(dst.layers)]
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        for view in targets:
+            got = 0
+            while got < len(view):
+                got += conn.recv_into(view[got:])
+        conn.close()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    start = time.perf_counter()
+    for view in sources:
+        sock.sendall(view)
+    thread.join()
+    elapsed = time.perf_counter() - start
+    sock.close()
+    listener.close()
+    return src.bytes_total() / elapsed / 1e9
+
+
+def _memcpy(src, dst) -> float:
+    """GB/s of copying the pool into the (shared-memory) destination pool, layer by layer."""
+    start = time.perf_counter()
+    for s, d in zip(src.layers, dst.layers):
+        d.copy_(s)
+    return src.bytes_total() / (time.perf_counter() - start) / 1e9

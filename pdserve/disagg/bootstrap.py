@@ -1,0 +1,400 @@
+"""Bootstrap service of a prefill server, and its client.
+
+One service per prefill server (``--disaggregation-bootstrap-port``). Each prefill DP rank
+registers its :class:`RankInfo` (control endpoint, KV layout); when prefill picks ranks by load
+rather than ``room % dp_size``, the room -> rank assignments are registered too. Lookups of
+something not yet registered wait (``?wait=SECONDS`` long-poll, capped at :data:`MAX_WAIT_S`) and
+answer 503 with a JSON :class:`ErrorBody` at the bound; a rank outside ``[0, dp_size)`` is 404.
+
+Routes::
+
+    GET  /health                        200 once every rank registered, else 503
+    GET  /bootstrap/info                BootstrapInfo
+    PUT  /bootstrap/ranks/{rank}        body RankInfo
+    GET  /bootstrap/ranks/{rank}?wait=  RankInfo
+    PUT  /bootstrap/rooms/{room}        body RoomRank
+    GET  /bootstrap/rooms/{room}?wait=  RoomRank
+    DELETE /bootstrap/rooms/{room}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomRank
+from pdserve.disagg.threads import EventLoopThread
+
+MAX_WAIT_S = 60.0  # longest single long-poll; clients poll again until their own deadline
+ROOM_TTL_S = 3600.0  # room registrations older than this are dropped
+MAX_ROOMS = 1_000_000
+
+
+class BootstrapError(RuntimeError):
+    """A lookup or registration failed or hit its deadline; ``awaited`` names what was awaited."""
+
+    def __init__(self, message: str, awaited: str, cause: str = Cause.BOOTSTRAP_TIMEOUT) -> None:
+        super().__init__(message)
+        self.awaited = awaited
+        self.cause = cause
+
+
+class _Waitable:
+    """Key -> value map whose lookups can wait for a key to appear (on the service's loop)."""
+
+    def __init__(self, ttl_s: float | None = None, max_items: int | None = None) -> None:
+        self.values: OrderedDict[Any, tuple[Any, float]] = OrderedDict()
+        self._waiters: dict[Any, set[asyncio.Future]] = {}
+        self._ttl_s = ttl_s
+        self._max_items = max_items
+
+    def set(self, key: Any, value: Any) -> None:
+        now = time.monotonic()
+        self.values[key] = (value, now)
+        self.values.move_to_end(key)
+        for fut in self._waiters.pop(key, ()):
+            if not fut.done():
+                fut.set_result(value)
+        if self._ttl_s is not None:
+            while self.values:
+                _, (_, t) = next(iter(self.values.items()))
+                if now - t <= self._ttl_s and (self._max_items is None or len(self.values) <= self._max_items):
+                    break
+                self.values.popitem(last=False)
+
+    def pop(self, key: Any) -> None:
+        self.values.pop(key, None)
+
+    def get_now(self, key: Any) -> Any:
+        item = self.values.get(key)
+        return None if item is None else item[0]
+
+    async def get(self, key: Any, wait_s: float) -> Any:
+        value = self.get_now(key)
+        if value is not None or wait_s <= 0:
+            return value
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, set()).add(fut)
+        try:
+            return await asyncio.wait_for(fut, wait_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    del self._waiters[key]
+
+
+def _json(obj: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, awaited: str = "", waited_s: float = 0.0) -> web.Response:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return _json(ErrorBody(message, awaited, round(waited_s, 3)), status, headers)
+
+
+class BootstrapServer:
+    """The bootstrap HTTP service, run on its own event-loop thread (start/stop from any thread)."""
+
+    def __init__(
+        self,
+        dp_size: int,
+        host: str = "127.0.0.1",
+        port: int = 8998,
+        load_balance_method: str = "follow_bootstrap_room",
+    ) -> None:
+        if dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+        self.dp_size = dp_size
+        self.host = host
+        self.requested_port = port
+        self.load_balance_method = load_balance_method
+        self.port = 0
+        self._ranks = _Waitable()
+        self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
+        self._io: EventLoopThread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def follows_room(self) -> bool:
+        return self.load_balance_method == "follow_bootstrap_room"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 10.0) -> BootstrapServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(
+                f"bootstrap service cannot listen on {self.host}:{self.requested_port}: {e} "
+                "(choose another --disaggregation-bootstrap-port)"
+            ) from e
+        sock.listen(1024)
+        self.port = sock.getsockname()[1]
+        self._io = EventLoopThread(f"bootstrap-{self.port}")
+        self._io.run(self._start(sock), timeout)
+        return self
+
+    async def _start(self, sock: socket.socket) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/bootstrap/info", self._info)
+        app.router.add_put("/bootstrap/ranks/{rank}", self._put_rank)
+        app.router.add_get("/bootstrap/ranks/{rank}", self._get_rank)
+        app.router.add_put("/bootstrap/rooms/{room}", self._put_room)
+        app.router.add_get("/bootstrap/rooms/{room}", self._get_room)
+        app.router.add_delete("/bootstrap/rooms/{room}", self._delete_room)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._io is None:
+            return
+        if self._runner is not None:
+            with contextlib.suppress(Exception):  # stopping anyway
+                self._io.run(self._runner.cleanup(), timeout)
+        self._io.stop(timeout)
+        self._io = None
+
+    def __enter__(self) -> BootstrapServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ direct access (any thread)
+    def register_rank(self, info: RankInfo) -> None:
+        self._check_rank(info.rank)
+        assert self._io is not None, "bootstrap service not started"
+        self._io.loop.call_soon_threadsafe(self._ranks.set, info.rank, info)
+
+    def register_room(self, room: int, rank: int) -> None:
+        """Record that ``room`` is served by prefill ``rank`` (the front calls this when it dispatches)."""
+        self._check_rank(rank)
+        assert self._io is not None, "bootstrap service not started"
+        self._io.loop.call_soon_threadsafe(self._rooms.set, room, rank)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.dp_size:
+            raise ValueError(f"prefill rank {rank} is outside [0, {self.dp_size})")
+
+    # ------------------------------------------------------------------ handlers
+    async def _health(self, request: web.Request) -> web.Response:
+        missing = [r for r in range(self.dp_size) if self._ranks.get_now(r) is None]
+        if missing:
+            return _error(503, f"prefill ranks {missing} have not registered yet")
+        return web.json_response({"status": "ok"})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        registered = sorted(self._ranks.values)
+        return _json(BootstrapInfo(self.dp_size, self.follows_room, self.load_balance_method, registered))
+
+    async def _put_rank(self, request: web.Request) -> web.Response:
+        rank = _int_param(request, "rank")
+        if isinstance(rank, web.Response):
+            return rank
+        try:
+            info = msgspec.json.decode(await request.read(), type=RankInfo)
+        except msgspec.ValidationError as e:
+            return _error(400, f"bad RankInfo: {e}")
+        if info.rank != rank:
+            return _error(400, f"RankInfo.rank={info.rank} does not match the path rank {rank}")
+        if not 0 <= rank < self.dp_size:
+            return _error(400, f"prefill rank {rank} is outside [0, {self.dp_size}) (dp_size {self.dp_size})")
+        self._ranks.set(rank, info)
+        return web.json_response({"registered": rank})
+
+    async def _get_rank(self, request: web.Request) -> web.Response:
+        rank, wait = _int_param(request, "rank"), _wait_param(request)
+        for bad in (rank, wait):
+            if isinstance(bad, web.Response):
+                return bad
+        if not 0 <= rank < self.dp_size:
+            return _error(404, f"prefill rank {rank} does not exist: this prefill server has dp_size {self.dp_size}")
+        info = await self._ranks.get(rank, wait)
+        if info is None:
+            return _error(
+                503,
+                f"prefill rank {rank} has not registered with the bootstrap service at {self.address} "
+                f"within {wait:.3g} s",
+                f"registration of prefill rank {rank}",
+                wait,
+            )
+        return _json(info)
+
+    async def _put_room(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        try:
+            body = msgspec.json.decode(await request.read(), type=RoomRank)
+        except msgspec.ValidationError as e:
+            return _error(400, f"bad RoomRank: {e}")
+        if body.room != room or not 0 <= body.rank < self.dp_size:
+            return _error(400, f"bad room registration {body} for room {room} (dp_size {self.dp_size})")
+        self._rooms.set(room, body.rank)
+        return web.json_response({"registered": room})
+
+    async def _get_room(self, request: web.Request) -> web.Response:
+        room, wait = _int_param(request, "room"), _wait_param(request)
+        for bad in (room, wait):
+            if isinstance(bad, web.Response):
+                return bad
+        rank = await self._rooms.get(room, wait)
+        if rank is None:
+            return _error(
+                503,
+                f"room {room} has not been registered with a prefill rank at the bootstrap service "
+                f"{self.address} within {wait:.3g} s",
+                f"prefill rank of room {room}",
+                wait,
+            )
+        return _json(RoomRank(room, rank))
+
+    async def _delete_room(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        self._rooms.pop(room)
+        return web.json_response({"deleted": room})
+
+
+def _int_param(request: web.Request, name: str) -> int | web.Response:
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        return _error(400, f"{name} must be an integer, got {request.match_info[name]!r}")
+
+
+def _wait_param(request: web.Request) -> float | web.Response:
+    raw = request.query.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        return _error(400, f"wait must be a number of seconds, got {raw!r}")
+    if wait != wait or wait < 0:
+        return _error(400, f"wait must be >= 0 seconds, got {raw!r}")
+    return min(wait, MAX_WAIT_S)
+
+
+class BootstrapClient:
+    """Async client of one bootstrap service; every call is bounded by an absolute ``deadline``
+    (``time.monotonic()``), retrying refused connections and expired long-polls until then."""
+
+    RETRY_MIN_S = 0.05
+    RETRY_MAX_S = 1.0
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.base = f"http://{host}:{port}"
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30), raise_for_status=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def info(self, deadline: float) -> BootstrapInfo:
+        return await self._call("GET", "/bootstrap/info", BootstrapInfo, deadline, "the prefill server's info")
+
+    async def rank_info(self, rank: int, deadline: float) -> RankInfo:
+        return await self._call(
+            "GET", f"/bootstrap/ranks/{rank}", RankInfo, deadline, f"rank info of prefill rank {rank}", poll=True
+        )
+
+    async def room_rank(self, room: int, deadline: float) -> int:
+        body = await self._call(
+            "GET", f"/bootstrap/rooms/{room}", RoomRank, deadline, f"the prefill rank of room {room}", poll=True
+        )
+        return body.rank
+
+    async def register_rank(self, info: RankInfo, deadline: float) -> None:
+        await self._call(
+            "PUT", f"/bootstrap/ranks/{info.rank}", None, deadline, f"registration of prefill rank {info.rank}", info
+        )
+
+    async def register_room(self, room: int, rank: int, deadline: float) -> None:
+        await self._call(
+            "PUT", f"/bootstrap/rooms/{room}", None, deadline, f"registration of room {room}", RoomRank(room, rank)
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        result_type: type | None,
+        deadline: float,
+        what: str,
+        body: msgspec.Struct | None = None,
+        poll: bool = False,
+    ) -> Any:
+        delay = self.RETRY_MIN_S
+        last = "no answer"
+        data = msgspec.json.encode(body) if body is not None else None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootstrapError(
+                    f"timed out waiting for {what} from the bootstrap service at {self.address}: {last}", what
+                )
+            params = {"wait": f"{min(remaining, MAX_WAIT_S):.3f}"} if poll else None
+            try:
+                timeout = aiohttp.ClientTimeout(total=remaining + 2.0, connect=min(remaining, 5.0))
+                async with self._http().request(
+                    method, self.base + path, params=params, data=data, timeout=timeout,
+                    headers={"Content-Type": "application/json"} if data is not None else None,
+                ) as resp:
+                    raw = await resp.read()
+                    if resp.status == 200:
+                        return msgspec.json.decode(raw, type=result_type) if result_type is not None else None
+                    message = _error_message(raw, resp.status)
+                    if resp.status != 503:
+                        raise BootstrapError(
+                            f"bootstrap service at {self.address} refused {what}: {message}",
+                            what,
+                            Cause.BOOTSTRAP_ERROR,
+                        )
+                    last = message
+                    if poll:
+                        continue  # the long-poll expired: poll again while time remains
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+            delay = min(delay * 2, self.RETRY_MAX_S)
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    try:
+        return f"HTTP {status}: {msgspec.json.decode(raw, type=ErrorBody).error}"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return f"HTTP {status}: {raw[:200].decode(errors='replace')}"

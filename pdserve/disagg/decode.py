@@ -1,0 +1,431 @@
+"""Decode side of P/D: reserve pages, ask the right prefill rank to fill them, continue decoding.
+
+A :class:`DecodeDisaggManager` lives in a decode worker next to its :class:`EngineCore` and is
+driven from the engine thread: :meth:`add` instead of ``core.add_request``, :meth:`abort` instead
+of ``core.abort``, and every loop iteration ``outputs, meta = manager.process(core.step())``.
+
+Per room, two things happen concurrently: the scheduler reserves pages for the prompt, and an
+event-loop thread resolves the prefill rank (explicit; else ``room % prefill_dp_size`` when the
+prefill server follows the room; else the room's registration, long-polled) and its
+:class:`RankInfo` from the prefill server's bootstrap service. When both are done, the layouts are
+compared and a :class:`KVRequest` goes to the prefill rank's control socket. The transfer
+backend's receiver then reports ``Accepted``, ``Pages``, ``Aux`` and ``Status``; ``Status(ok)``
+activates the request with prefill's first token. Every phase has a bound, and its error names
+the room, both ranks and what was awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
+from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
+from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
+from pdserve.disagg.threads import EventLoopThread, Inbox
+from pdserve.disagg.transfer import PeerLost, ReceiverEvent, create_receiver
+from pdserve.engine.engine_core import EngineCore
+from pdserve.engine.request import Req, RequestError, StepOutput
+
+logger = logging.getLogger("pdserve.disagg.decode")
+
+PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
+
+
+@dataclass
+class _Resolved:
+    """Outcome of a rank lookup, posted from the event-loop thread."""
+
+    room: _Room
+    rank: int | None = None
+    info: m.RankInfo | None = None
+    error: BootstrapError | None = None
+
+
+@dataclass
+class _Arrived:
+    """A receiver event stamped with its arrival time on the receiver thread."""
+
+    at: float
+    event: ReceiverEvent
+
+
+@dataclass
+class _SendFailed:
+    room: _Room
+    error: str
+
+
+@dataclass
+class _Room:
+    room: int
+    rid: str
+    req: Req
+    host: str
+    port: int
+    added_at: float
+    prefill_rank: int | None = None
+    info: m.RankInfo | None = None
+    pages_ready: bool = False
+    kvreq_at: float | None = None
+    acked_at: float | None = None
+    first_data_at: float | None = None
+    last_event_at: float = 0.0
+    aux: m.Aux | None = None
+    nbytes: int = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class DecodeDisaggManager:
+    """P/D bookkeeping of one decode DP rank. Not thread-safe: call it from the engine thread."""
+
+    def __init__(self, core: EngineCore, config: DisaggConfig, dp_rank: int, model: str | None = None) -> None:
+        config.validate()
+        self.core = core
+        self.scheduler = core.scheduler
+        self.pool = core.kv_pool
+        self.config = config
+        self.rank = dp_rank
+        self.model = model or model_id(core)
+        self.inbox = Inbox()
+        self.receiver = create_receiver(
+            config.transfer_backend, self.pool, lambda e: self.inbox.put(_Arrived(time.monotonic(), e)), config.host,
+            config.transfer_timeout,
+        )
+        self.receiver_info = self.receiver.info()
+        self.stats = TransferStats("decode")
+        self.rooms: dict[int, _Room] = {}
+        self.by_rid: dict[str, _Room] = {}
+        self.quarantine: dict[int, tuple[list[int], float]] = {}  # pages a remote writer may still touch
+        self.meta: dict[str, DisaggMeta] = {}  # P/D meta_info of requests until their last output
+        self._extra: list[StepOutput] = []
+        self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
+        self._zmq = zmq.Context()
+        self._push: dict[str, zmq.Socket] = {}  # used on the event-loop thread only
+        self._clients: dict[tuple[str, int], BootstrapClient] = {}  # likewise
+        self._server_info: dict[tuple[str, int], m.BootstrapInfo] = {}  # likewise
+        self._rank_info: dict[tuple[str, int, int], m.RankInfo] = {}  # likewise
+        self.scheduler.on_pages_allocated = self._on_pages
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for sock in self._push.values():
+                sock.close(0)
+            for client in self._clients.values():
+                await client.close()
+
+        try:
+            self._io.run(shutdown(), 5.0)
+        except Exception:  # closing anyway
+            logger.debug("decode rank %d: control shutdown incomplete", self.rank, exc_info=True)
+        self._io.stop()
+        self._zmq.term()
+        self.receiver.close()
+        self.inbox.close()
+
+    def fileno(self) -> int:
+        """Readable when :meth:`process` has network events to apply."""
+        return self.inbox.fileno()
+
+    def timeout_s(self) -> float | None:
+        """Longest the caller may wait before calling :meth:`process` again (None: until :meth:`fileno`)."""
+        return IDLE_CHECK_S if (self.rooms or self.quarantine) else None
+
+    # ------------------------------------------------------------------ requests
+    def add(
+        self,
+        req: Req,
+        room: int,
+        bootstrap_host: str,
+        bootstrap_port: int | None = None,
+        prefill_rank: int | None = None,
+    ) -> None:
+        """Admit a decode request whose prompt KV comes from the prefill server at ``bootstrap_host``."""
+        if room in self.rooms or room in self.quarantine:
+            raise RoomConflictError(f"bootstrap_room {room} is already active on decode rank {self.rank}")
+        if prefill_rank is not None and prefill_rank < 0:
+            raise RequestError(f"prefill DP rank must be >= 0, got {prefill_rank}")
+        self.core.validate(req)
+        if req.rid in self.by_rid or self.scheduler._find(req.rid) is not None:
+            raise RequestError(f"rid {req.rid!r} is already in use")
+        port = bootstrap_port or self.config.bootstrap_port
+        r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
+        self.rooms[room] = r
+        self.by_rid[req.rid] = r
+        future = self._io.submit(self._resolve(r))
+        future.add_done_callback(lambda f: f.cancelled() or self.inbox.put(f.result()))
+        self.scheduler.add_prefilled_request(req)
+
+    def abort(self, rid: str, message: str = "aborted by request") -> bool:
+        """Abort a request; its prefill rank learns at once and stops sending."""
+        r = self.by_rid.get(rid)
+        if r is None:
+            return self.core.abort(rid, message)
+        self._fail(r, message, m.Cause.DECODE_ABORTED, tell_prefill=True)
+        return True
+
+    # ------------------------------------------------------------------ engine loop
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:
+        """Apply network events (activations, failures, timeouts). Returns the outputs to deliver
+        and P/D ``meta_info`` fields per rid among them."""
+        for item in self.inbox.drain():
+            if isinstance(item, _Resolved):
+                self._on_resolved(item)
+            elif isinstance(item, _SendFailed):
+                if self.rooms.get(item.room.room) is item.room:
+                    self._fail(item.room, item.error, m.Cause.TRANSFER_ERROR, tell_prefill=False)
+            elif isinstance(item.event, PeerLost):
+                self._on_peer_lost(item.event)
+            else:
+                self._on_stream(item.event, item.at)
+        self._check_timeouts(time.monotonic())
+        result = outputs + self._extra
+        self._extra = []
+        meta: dict[str, DisaggMeta] = {}
+        for out in result:
+            fields = self.meta.pop(out.rid, None) if out.finished else self.meta.get(out.rid)
+            if fields is not None:
+                meta[out.rid] = fields
+        return result, meta
+
+    def metrics(self) -> DisaggReport:
+        rooms = list(self.rooms.values())
+        return self.stats.snapshot({
+            "resolving": sum(1 for r in rooms if r.info is None),
+            "waiting_for_pages": sum(1 for r in rooms if not r.pages_ready),
+            "waiting_for_prefill": sum(1 for r in rooms if r.kvreq_at is not None and r.first_data_at is None),
+            "transferring": sum(1 for r in rooms if r.first_data_at is not None),
+            "quarantined": len(self.quarantine),
+        })
+
+    # ------------------------------------------------------------------ resolution (event-loop thread)
+    async def _resolve(self, r: _Room) -> _Resolved:
+        key = (r.host, r.port)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = BootstrapClient(r.host, r.port)
+        deadline = r.added_at + self.config.bootstrap_timeout
+        rank = r.prefill_rank
+        try:
+            if rank is None:
+                server = self._server_info.get(key)
+                if server is None:
+                    server = self._server_info[key] = await client.info(deadline)
+                rank = r.room % server.dp_size if server.follows_room else await client.room_rank(r.room, deadline)
+            info = self._rank_info.get((*key, rank))
+            if info is None:
+                info = self._rank_info[(*key, rank)] = await client.rank_info(rank, deadline)
+            return _Resolved(r, rank, info)
+        except BootstrapError as e:
+            return _Resolved(r, rank, error=e)
+        except Exception as e:  # a bug here must fail the room, not strand it
+            what = "the prefill rank and its info"
+            return _Resolved(r, rank, error=BootstrapError(f"lookup failed: {e!r}", what, m.Cause.BOOTSTRAP_ERROR))
+
+    def _forget_server(self, host: str, port: int) -> None:
+        """Drop cached bootstrap answers of a prefill server that stopped answering (it may have restarted)."""
+
+        def forget() -> None:
+            self._server_info.pop((host, port), None)
+            for key in [k for k in self._rank_info if k[:2] == (host, port)]:
+                del self._rank_info[key]
+
+        self._io.loop.call_soon_threadsafe(forget)
+
+    def _send_control(self, r: _Room, msg: m.ControlMsg) -> None:
+        assert r.info is not None
+        endpoint, data = r.info.control_endpoint, m.encode(msg)
+
+        def push() -> None:
+            sock = self._push.get(endpoint)
+            if sock is None:
+                sock = self._push[endpoint] = self._zmq.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if isinstance(msg, m.KVRequest):
+                    self.inbox.put(_SendFailed(r, f"{self._who(r)}: cannot send the KV request to {endpoint}: {e}"))
+
+        self._io.loop.call_soon_threadsafe(push)
+
+    # ------------------------------------------------------------------ handshake
+    def _on_resolved(self, res: _Resolved) -> None:
+        r = res.room
+        if self.rooms.get(r.room) is not r:
+            return
+        r.prefill_rank = res.rank
+        if res.error is not None:
+            self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=False)
+            return
+        r.info = res.info
+        self._maybe_request(r)
+
+    def _on_pages(self, req: Req) -> None:
+        r = self.by_rid.get(req.rid)
+        if r is not None:
+            r.pages_ready = True
+            self._maybe_request(r)
+
+    def _maybe_request(self, r: _Room) -> None:
+        if not (r.pages_ready and r.info is not None and r.kvreq_at is None):
+            return
+        info = r.info
+        diff = self.pool.layout.mismatch(info.layout)
+        if diff is None and info.model != self.model:
+            diff = f"model differs: {info.model} vs {self.model}"
+        if diff is None and info.backend != self.config.transfer_backend:
+            diff = f"transfer backend differs: {info.backend} vs {self.config.transfer_backend}"
+        if diff is not None:
+            self._fail(r, f"{self._who(r)}: KV layout mismatch between prefill and decode, refused at the handshake: "
+                       f"{diff}", m.Cause.LAYOUT_MISMATCH, tell_prefill=True)
+            return
+        ids = r.req.input_ids
+        self.receiver.open_room(r.room, r.req.pages)
+        request = m.KVRequest(
+            r.room, self.rank, info.rank, self.receiver_info, list(r.req.pages), len(ids), m.prompt_hash(ids),
+            self.pool.layout, self.model,
+        )
+        r.kvreq_at = time.monotonic()
+        self._send_control(r, request)
+
+    # ------------------------------------------------------------------ stream events
+    def _on_stream(self, msg: m.StreamMsg, now: float) -> None:
+        r = self.rooms.get(msg.room)
+        if isinstance(msg, m.Status) and msg.room in self.quarantine:
+            self._release_quarantine(msg.room)
+        if r is None or r.kvreq_at is None:
+            return  # a late message for a room already finished or failed here
+        r.last_event_at = now
+        if isinstance(msg, m.Accepted):
+            r.acked_at = now
+        elif isinstance(msg, m.Pages):
+            r.acked_at = r.acked_at or now
+            r.first_data_at = r.first_data_at or now
+            r.nbytes += len(msg.dst_pages) * len(self.pool.layers) * self.pool.page_bytes()
+        elif isinstance(msg, m.Aux):
+            r.aux = msg
+        elif msg.ok:
+            self._activate(r, now)
+        else:
+            reason = msg.reason or "prefill failed without a reason"
+            self._fail(r, f"prefill failed: {reason}", msg.cause or m.Cause.PREFILL_ABORTED, tell_prefill=False,
+                       writer_done=True)
+
+    def _on_peer_lost(self, lost: PeerLost) -> None:
+        for room in lost.rooms:
+            if room in self.quarantine:
+                self._release_quarantine(room)
+            r = self.rooms.get(room)
+            if r is not None and r.kvreq_at is not None:
+                self._fail(r, f"{self._who(r)}: lost the KV transfer connection from {lost.peer}: {lost.reason}",
+                           m.Cause.TRANSFER_ERROR, tell_prefill=True)
+
+    def _activate(self, r: _Room, now: float) -> None:
+        if r.aux is None:
+            self._fail(r, f"{self._who(r)}: prefill reported success without the first-token record",
+                       m.Cause.TRANSFER_ERROR, tell_prefill=False, writer_done=True)
+            return
+        self.receiver.close_room(r.room)
+        self._forget(r)
+        transfer_s = now - (r.first_data_at or now)
+        self.stats.record_transfer(r.nbytes, transfer_s)
+        self.meta[r.rid] = self._meta(r, transfer_s, now - r.added_at)
+        aux = r.aux
+        if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
+            req = self.scheduler.awaiting_kv.pop(r.rid)
+            self.pool.free(req.pages)
+            req.pages = []
+            self._extra.append(
+                StepOutput(r.rid, [], finished=True, finish_reason={"type": "length", "length": 0},
+                           prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
+            )
+            return
+        self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens)
+
+    # ------------------------------------------------------------------ failure
+    def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False) -> None:
+        """Fail a room: abort the request with ``reason``, tell prefill when asked, and free the pages
+        now, or once the remote writer is known to be done with them (``writer_done``: it said so)."""
+        self._forget(r)
+        self.stats.record_failure(cause)
+        logger.info("decode rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
+        if tell_prefill and r.info is not None:
+            self._send_control(r, m.Abort(r.room, reason, self.rank))
+        if r.kvreq_at is not None:
+            stopped = self.receiver.close_room(r.room) or writer_done
+            if not stopped and r.req.pages:
+                self.quarantine[r.room] = (r.req.pages, time.monotonic() + self.config.transfer_timeout)
+                r.req.pages = []
+        self.meta[r.rid] = self._meta(r, 0.0, time.monotonic() - r.added_at)
+        if not self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
+            self.meta.pop(r.rid, None)
+
+    def _forget(self, r: _Room) -> None:
+        self.rooms.pop(r.room, None)
+        self.by_rid.pop(r.rid, None)
+
+    def _release_quarantine(self, room: int) -> None:
+        pages, _ = self.quarantine.pop(room)
+        self.pool.free(pages)
+
+    def _check_timeouts(self, now: float) -> None:
+        cfg = self.config
+        for r in list(self.rooms.values()):
+            age = now - r.added_at
+            if r.info is None:
+                if age > cfg.bootstrap_timeout + PEER_GRACE_S:  # backstop: the resolver reports its own timeout
+                    self._fail(r, f"{self._who(r)}: no answer from the bootstrap service at {r.bootstrap} within "
+                               f"{cfg.bootstrap_timeout:g} s (--disaggregation-bootstrap-timeout)",
+                               m.Cause.BOOTSTRAP_TIMEOUT, tell_prefill=False)
+            elif not r.pages_ready:
+                if age > cfg.waiting_timeout:
+                    self._fail(r, f"{self._who(r)}: no free KV pages for the {len(r.req.input_ids)}-token prompt "
+                               f"within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
+                               m.Cause.NO_PAGES, tell_prefill=True)
+            elif r.acked_at is None:
+                assert r.kvreq_at is not None
+                if now - r.kvreq_at > cfg.bootstrap_timeout:
+                    self._forget_server(r.host, r.port)
+                    self._fail(r, f"{self._who(r)}: the prefill rank at {r.info.control_endpoint} did not acknowledge "
+                               f"the KV request within {cfg.bootstrap_timeout:g} s "
+                               "(--disaggregation-bootstrap-timeout); is the prefill server down?",
+                               m.Cause.HANDSHAKE_TIMEOUT, tell_prefill=True)
+            elif r.first_data_at is None:
+                if age > cfg.waiting_timeout + PEER_GRACE_S:  # prefill's own waiting timeout normally says why first
+                    self._fail(r, f"{self._who(r)}: prefill acknowledged the KV request but sent no KV within "
+                               f"{cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout): the prefill request "
+                               "did not reach that rank or is still queued", m.Cause.WAITING_TIMEOUT, tell_prefill=True)
+            elif now - r.last_event_at > cfg.transfer_timeout:
+                self._fail(r, f"{self._who(r)}: the KV transfer stalled for {cfg.transfer_timeout:g} s "
+                           "(--disaggregation-transfer-timeout)", m.Cause.TRANSFER_TIMEOUT, tell_prefill=True)
+        for room, (_, expiry) in list(self.quarantine.items()):
+            if now > expiry:
+                logger.warning("decode rank %d: room %d: prefill never confirmed it stopped writing; "
+                               "freeing its pages after %g s", self.rank, room, cfg.transfer_timeout)
+                self._release_quarantine(room)
+
+    def _who(self, r: _Room) -> str:
+        prefill = "?" if r.prefill_rank is None else r.prefill_rank
+        return (f"room {r.room} (decode rank {self.rank}, prefill rank {prefill} of the prefill server with "
+                f"bootstrap {r.bootstrap})")
+
+    def _meta(self, r: _Room, transfer_s: float, wait_s: float) -> DisaggMeta:
+        return DisaggMeta(
+            bootstrap_room=r.room,
+            prefill_dp_rank=r.prefill_rank,
+            decode_dp_rank=self.rank,
+            kv_transfer_bytes=r.nbytes,
+            kv_transfer_ms=round(transfer_s * 1000, 3),
+            kv_wait_ms=round(wait_s * 1000, 3),
+        )

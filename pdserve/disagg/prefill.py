@@ -1,0 +1,442 @@
+"""Prefill side of P/D: pairs local requests with decode KV requests by room and ships their KV.
+
+A :class:`PrefillDisaggManager` lives in a prefill worker next to its :class:`EngineCore` and is
+driven from the engine thread: :meth:`add` instead of ``core.add_request``, :meth:`abort` instead
+of ``core.abort``, and every loop iteration ``outputs, meta = manager.process(core.step())``.
+Network I/O runs elsewhere: a PULL socket (control plane, on an event-loop thread) receives
+:class:`KVRequest` / :class:`Abort` from decode ranks, the transfer backend's threads send pages.
+
+Per room: whichever of the local request and the decode KV request arrives first waits for the
+other (bounded by ``waiting_timeout``). Once paired, every complete page is shipped as soon as its
+chunk is computed, so the transfer overlaps the next chunk's compute; when prefill finishes, the
+last pages, an :class:`Aux` record and ``Status(ok)`` follow. The request's finished output is
+held back until then, and its KV pages are released only after every send that reads them is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.bootstrap import BootstrapClient
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
+from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
+from pdserve.disagg.threads import EventLoopThread, Inbox
+from pdserve.disagg.transfer import SendResult, create_sender
+from pdserve.engine.engine_core import EngineCore
+from pdserve.engine.request import Req, ReqState, StepOutput
+
+logger = logging.getLogger("pdserve.disagg.prefill")
+
+IDLE_CHECK_S = 0.25  # how often timeouts are checked while rooms are pending
+
+
+def model_id(core: EngineCore) -> str:
+    """The model name both sides compare at the handshake (the checkpoint folder's name)."""
+    return os.path.basename(os.path.normpath(str(core.model_path)))
+
+
+@dataclass
+class _Room:
+    room: int
+    rid: str
+    req: Req
+    added_at: float
+    kvreq: m.KVRequest | None = None
+    pages_sent: int = 0
+    inflight: int = 0  # queued sends not yet reported done
+    output: StepOutput | None = None  # the finished prefill output, held until the KV is sent
+    finishing: bool = False  # last pages, Aux and Status are queued
+    failed: bool = False
+    stolen: list[int] = field(default_factory=list)  # pages taken from the scheduler on failure
+    nbytes: int = 0
+    first_send_at: float | None = None
+    last_progress: float = 0.0
+
+
+class PrefillDisaggManager:
+    """P/D bookkeeping of one prefill DP rank. Not thread-safe: call it from the engine thread."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        config: DisaggConfig,
+        dp_rank: int,
+        bootstrap_host: str = "127.0.0.1",
+        bootstrap_port: int | None = None,
+        register_rooms: bool = False,
+        model: str | None = None,
+    ) -> None:
+        config.validate()
+        self.core = core
+        self.scheduler = core.scheduler
+        self.pool = core.kv_pool
+        self.config = config
+        self.rank = dp_rank
+        self.model = model or model_id(core)
+        self.register_rooms = register_rooms
+        self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port)
+        self.inbox = Inbox()
+        self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout)
+        self.stats = TransferStats("prefill")
+        self.rooms: dict[int, _Room] = {}
+        self.by_rid: dict[str, _Room] = {}
+        self.early: dict[int, tuple[m.KVRequest, float]] = {}  # KV requests ahead of their prefill request
+        self.tombstones: dict[int, tuple[str, str, float]] = {}  # failed rooms: reason, cause, expiry
+        self._released: list[tuple[StepOutput, DisaggMeta]] = []
+        self._abort_meta: dict[str, DisaggMeta] = {}  # meta for abort outputs still to come
+        self._io = EventLoopThread(f"prefill-ctl-{dp_rank}")
+        self._zmq = zmq.asyncio.Context()
+        self._pull: zmq.asyncio.Socket | None = None
+        self.info: m.RankInfo | None = None
+        self.scheduler.on_prefill_progress = self._on_progress
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> m.RankInfo:
+        """Bind the control socket and register this rank at the bootstrap service (bounded)."""
+        self._pull = self._zmq.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(f"tcp://{self.config.host}:*")
+        port = int(self._pull.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        self._io.submit(self._receive())
+        self.info = m.RankInfo(
+            self.rank, self.config.host, port, self.pool.layout, self.model, self.config.transfer_backend, os.getpid()
+        )
+        deadline = time.monotonic() + self.config.bootstrap_timeout
+        self._io.run(self.bootstrap.register_rank(self.info, deadline), self.config.bootstrap_timeout + 5)
+        logger.info("prefill rank %d: control %s registered at bootstrap %s",
+                    self.rank, self.info.control_endpoint, self.bootstrap.address)
+        return self.info
+
+    async def _receive(self) -> None:
+        assert self._pull is not None
+        while True:
+            data = await self._pull.recv()
+            try:
+                self.inbox.put(m.decode_control(data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.warning("prefill rank %d: dropped a malformed control message: %s", self.rank, e)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            if self._pull is not None:
+                self._pull.close(0)
+            await self.bootstrap.close()
+
+        try:
+            self._io.run(shutdown(), 5.0)
+        except Exception:  # closing anyway
+            logger.debug("prefill rank %d: control shutdown incomplete", self.rank, exc_info=True)
+        self._io.stop()
+        self._zmq.term()
+        self.sender.close()
+        self.inbox.close()
+
+    def fileno(self) -> int:
+        """Readable when :meth:`process` has network events to apply."""
+        return self.inbox.fileno()
+
+    def timeout_s(self) -> float | None:
+        """Longest the caller may wait before calling :meth:`process` again (None: until :meth:`fileno`)."""
+        return IDLE_CHECK_S if (self.rooms or self.early or self.tombstones) else None
+
+    # ------------------------------------------------------------------ requests
+    def add(self, req: Req, room: int) -> None:
+        """Admit a prefill request for ``room``: its KV is held after the first token until shipped."""
+        if room in self.rooms:
+            raise RoomConflictError(f"bootstrap_room {room} is already active on prefill rank {self.rank}")
+        req.stop_after_prefill = True
+        self.core.add_request(req)
+        r = _Room(room, req.rid, req, time.monotonic())
+        self.rooms[room] = r
+        self.by_rid[req.rid] = r
+        if self.register_rooms:
+            self._io.submit(self._register_room(room))
+        tomb = self.tombstones.pop(room, None)
+        if tomb is not None:
+            self._fail(r, tomb[0], tomb[1])
+            return
+        early = self.early.pop(room, None)
+        if early is not None:
+            self._pair(r, early[0])
+
+    async def _register_room(self, room: int) -> None:
+        try:
+            await self.bootstrap.register_room(room, self.rank, time.monotonic() + self.config.bootstrap_timeout)
+        except Exception as e:
+            logger.warning("prefill rank %d: could not register room %d: %s", self.rank, room, e)
+
+    def abort(self, rid: str, message: str = "aborted by request") -> bool:
+        """Abort a request; a paired decode learns at once, and the KV is freed once no send reads it."""
+        r = self.by_rid.get(rid)
+        if r is None:
+            return self.core.abort(rid, message)
+        self._fail(r, message, m.Cause.PREFILL_ABORTED)
+        return True
+
+    def fail_room(self, room: int, reason: str) -> None:
+        """A prefill request for ``room`` failed before reaching :meth:`add`: tell its decode."""
+        r = self.rooms.get(room)
+        if r is not None:
+            self._fail(r, reason, m.Cause.PREFILL_ABORTED)
+            return
+        early = self.early.pop(room, None)
+        if early is not None:
+            self._reply(early[0], m.Status(room, False, reason, m.Cause.PREFILL_ABORTED))
+        else:
+            self._tombstone(room, reason, m.Cause.PREFILL_ABORTED)
+
+    # ------------------------------------------------------------------ engine loop
+    def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:
+        """Apply network events, hold back outputs whose KV is still being sent, release finished
+        ones. Returns the outputs to deliver and P/D ``meta_info`` fields per rid among them."""
+        for item in self.inbox.drain():
+            if isinstance(item, SendResult):
+                self._on_sent(item)
+            elif isinstance(item, m.KVRequest):
+                self._on_kv_request(item)
+            elif isinstance(item, m.Abort):
+                self._on_abort(item)
+        result: list[StepOutput] = []
+        meta: dict[str, DisaggMeta] = {}
+        for out in outputs:
+            r = self.by_rid.get(out.rid)
+            if r is None:
+                if out.finished and out.rid in self._abort_meta:
+                    meta[out.rid] = self._abort_meta.pop(out.rid)
+                result.append(out)
+                continue
+            meta[out.rid] = self._meta(r)
+            if not out.finished:
+                result.append(out)
+            elif (out.finish_reason or {}).get("type") == "abort":
+                if not r.failed:  # aborted behind the manager's back: its pages are already free
+                    r.req.pages = []
+                    self._fail(r, out.finish_reason.get("message", "aborted"), m.Cause.PREFILL_ABORTED)
+                self._abort_meta.pop(out.rid, None)
+                result.append(out)
+            else:
+                r.output = out
+                if r.kvreq is not None:
+                    self._finish(r)
+        self._check_timeouts(time.monotonic())
+        for out, fields in self._released:
+            result.append(out)
+            meta[out.rid] = fields
+        self._released.clear()
+        return result, meta
+
+    def metrics(self) -> DisaggReport:
+        live = [r for r in self.rooms.values() if not r.failed]
+        return self.stats.snapshot({
+            "waiting_for_decode": sum(1 for r in live if r.kvreq is None),
+            "waiting_for_prefill_request": len(self.early),
+            "transferring": sum(1 for r in live if r.kvreq is not None),
+        })
+
+    # ------------------------------------------------------------------ pairing
+    def _on_kv_request(self, k: m.KVRequest) -> None:
+        self._reply(k, m.Accepted(k.room, self.rank))
+        r = self.rooms.get(k.room)
+        refusal = self._refusal(k, r)
+        if refusal is not None:
+            reason, cause = refusal
+            if r is not None and r.kvreq is None and cause != m.Cause.ROOM_CONFLICT:
+                r.kvreq = k
+                self._fail(r, reason, cause)
+            else:
+                self._reply(k, m.Status(k.room, False, reason, cause))
+                self.stats.record_failure(cause)
+                if r is None and cause != m.Cause.ROOM_CONFLICT:
+                    self._tombstone(k.room, reason, cause)
+            return
+        tomb = self.tombstones.get(k.room)
+        if tomb is not None:
+            self._reply(k, m.Status(k.room, False, tomb[0], tomb[1]))
+        elif r is None:
+            self.early[k.room] = (k, time.monotonic() + self.config.waiting_timeout)
+        else:
+            self._pair(r, k)
+
+    def _refusal(self, k: m.KVRequest, r: _Room | None) -> tuple[str, str] | None:
+        """Why this KV request cannot be served, with its cause, or None."""
+        who = f"room {k.room} (prefill rank {self.rank}, decode rank {k.decode_rank})"
+        if k.prefill_rank != self.rank:
+            return f"{who}: KV request meant for prefill rank {k.prefill_rank} reached rank {self.rank}", m.Cause.TRANSFER_ERROR
+        diff = self.pool.layout.mismatch(k.layout)
+        if diff is None and k.model != self.model:
+            diff = f"model differs: {self.model} vs {k.model}"
+        if diff is None and k.receiver.backend != self.config.transfer_backend:
+            diff = f"transfer backend differs: {self.config.transfer_backend} vs {k.receiver.backend}"
+        if diff is not None:
+            return f"{who}: KV layout mismatch between prefill and decode: {diff}", m.Cause.LAYOUT_MISMATCH
+        if any(not 0 <= p < k.receiver.num_pages for p in k.dst_pages):
+            return f"{who}: destination pages outside the decode pool [0, {k.receiver.num_pages})", m.Cause.TRANSFER_ERROR
+        if len(k.dst_pages) != self.pool.pages_for(k.num_tokens):
+            return f"{who}: {len(k.dst_pages)} destination pages for a {k.num_tokens}-token prompt", m.Cause.PROMPT_MISMATCH
+        other = r.kvreq if r is not None else self.early.get(k.room, (None,))[0]
+        if other is not None:
+            where = f"decode rank {other.decode_rank} at {other.receiver.address}"
+            return f"{who}: the room is already paired with {where}", m.Cause.ROOM_CONFLICT
+        return None
+
+    def _pair(self, r: _Room, k: m.KVRequest) -> None:
+        r.kvreq = k
+        if k.num_tokens != len(r.req.input_ids) or k.prompt_hash != m.prompt_hash(r.req.input_ids):
+            self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): prefill and "
+                       f"decode hold different prompts ({len(r.req.input_ids)} vs {k.num_tokens} tokens)",
+                       m.Cause.PROMPT_MISMATCH)
+            return
+        if r.output is not None:
+            self._finish(r)
+        elif r.req.state == ReqState.PREFILLING:
+            self._ship(r, r.req.num_computed // self.pool.page_size)
+
+    def _on_progress(self, req: Req, tokens_ready: int) -> None:
+        r = self.by_rid.get(req.rid)
+        if r is not None and r.kvreq is not None and not r.failed:
+            self._ship(r, tokens_ready // self.pool.page_size)
+
+    def _ship(self, r: _Room, upto: int) -> None:
+        upto = min(upto, len(r.req.pages))
+        if upto > r.pages_sent:
+            assert r.kvreq is not None
+            src, dst = r.req.pages[r.pages_sent : upto], r.kvreq.dst_pages[r.pages_sent : upto]
+            self._count_send(r)
+            self.sender.send_pages(r.kvreq.receiver, r.room, src, dst, tag=r)
+            r.pages_sent = upto
+
+    def _finish(self, r: _Room) -> None:
+        assert r.kvreq is not None and r.output is not None
+        self._ship(r, len(r.req.pages))
+        out = r.output
+        first = out.new_token_ids[0] if out.new_token_ids else None
+        for msg in (m.Aux(r.room, first, out.output_logprobs, out.cached_tokens), m.Status(r.room, True)):
+            self._count_send(r)
+            self.sender.send_message(r.kvreq.receiver, msg, tag=r)
+        r.finishing = True
+
+    def _count_send(self, r: _Room) -> None:
+        now = time.monotonic()
+        if r.first_send_at is None:
+            r.first_send_at = now
+        if r.inflight == 0:
+            r.last_progress = now
+        r.inflight += 1
+
+    def _reply(self, k: m.KVRequest, msg: m.StreamMsg) -> None:
+        """A message to a decode receiver outside any room's accounting."""
+        self.sender.send_message(k.receiver, msg)
+
+    # ------------------------------------------------------------------ completion and failure
+    def _on_sent(self, res: SendResult) -> None:
+        r = res.tag
+        if not isinstance(r, _Room):
+            if res.error:
+                logger.warning("prefill rank %d: message for room %d not delivered: %s", self.rank, res.room, res.error)
+            return
+        r.inflight -= 1
+        if res.error and not res.cancelled and not r.failed:
+            dst = r.kvreq.receiver.address if r.kvreq else "?"
+            decode = r.kvreq.decode_rank if r.kvreq else "?"
+            self._fail(r, f"room {r.room}: KV transfer from prefill rank {self.rank} to decode rank {decode} at "
+                       f"{dst} failed: {res.error}", m.Cause.TRANSFER_ERROR)
+        elif not res.error and not res.cancelled:
+            r.nbytes += res.nbytes
+            r.last_progress = res.done_at
+        self._settle(r)
+
+    def _settle(self, r: _Room) -> None:
+        """Drop a room once nothing in flight reads its pages."""
+        if r.inflight or not (r.failed or r.finishing):
+            return
+        if r.failed:
+            if r.stolen:
+                self.pool.free(r.stolen)
+                r.stolen = []
+        else:
+            self.scheduler.release(r.rid)
+            if r.first_send_at is not None:
+                self.stats.record_transfer(r.nbytes, r.last_progress - r.first_send_at)
+            assert r.output is not None
+            self._released.append((r.output, self._meta(r)))
+        self.rooms.pop(r.room, None)
+        self.by_rid.pop(r.rid, None)
+
+    def _fail(self, r: _Room, reason: str, cause: str) -> None:
+        """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``),
+        tell its decode, and free its pages once no send in flight reads them."""
+        if r.failed:
+            return
+        r.failed = True
+        r.finishing = False
+        r.output = None
+        self.stats.record_failure(cause)
+        logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
+        self.sender.cancel(r.room)
+        r.stolen, r.req.pages = r.req.pages, []
+        if self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
+            self._abort_meta[r.rid] = self._meta(r)
+        if r.kvreq is not None:
+            self._count_send(r)
+            self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause), tag=r)
+        else:
+            self._tombstone(r.room, reason, cause)
+        self._settle(r)
+
+    def _on_abort(self, a: m.Abort) -> None:
+        reason = f"decode rank {a.decode_rank} aborted room {a.room}: {a.reason}"
+        r = self.rooms.get(a.room)
+        if r is not None:
+            self._fail(r, reason, m.Cause.DECODE_ABORTED)
+            return
+        early = self.early.pop(a.room, None)
+        if early is not None:  # confirm: nothing will be written for this room
+            self._reply(early[0], m.Status(a.room, False, reason, m.Cause.DECODE_ABORTED))
+        self._tombstone(a.room, reason, m.Cause.DECODE_ABORTED)
+
+    def _tombstone(self, room: int, reason: str, cause: str) -> None:
+        self.tombstones[room] = (reason, cause, time.monotonic() + self.config.waiting_timeout)
+
+    def _check_timeouts(self, now: float) -> None:
+        cfg = self.config
+        for r in list(self.rooms.values()):
+            if r.failed:
+                continue
+            if r.kvreq is None and now - r.added_at > cfg.waiting_timeout:
+                self._fail(r, f"no decode server sent a KV request for bootstrap_room {r.room} to prefill rank "
+                           f"{self.rank} within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout); "
+                           "its KV was freed", m.Cause.WAITING_TIMEOUT)
+            elif r.inflight and now - r.last_progress > cfg.transfer_timeout:
+                assert r.kvreq is not None
+                self._fail(r, f"room {r.room}: KV transfer from prefill rank {self.rank} to decode rank "
+                           f"{r.kvreq.decode_rank} at {r.kvreq.receiver.address} stalled for "
+                           f"{cfg.transfer_timeout:g} s (--disaggregation-transfer-timeout)", m.Cause.TRANSFER_TIMEOUT)
+        for room, (k, deadline) in list(self.early.items()):
+            if now > deadline:
+                del self.early[room]
+                reason = (f"prefill rank {self.rank} received no prefill request for bootstrap_room {room} within "
+                          f"{cfg.waiting_timeout:g} s of decode rank {k.decode_rank}'s KV request "
+                          "(--disaggregation-waiting-timeout)")
+                self.stats.record_failure(m.Cause.WAITING_TIMEOUT)
+                self._reply(k, m.Status(room, False, reason, m.Cause.WAITING_TIMEOUT))
+        for room, (_, _, expiry) in list(self.tombstones.items()):
+            if now > expiry:
+                del self.tombstones[room]
+
+    def _meta(self, r: _Room) -> DisaggMeta:
+        return DisaggMeta(
+            bootstrap_room=r.room,
+            prefill_dp_rank=self.rank,
+            decode_dp_rank=r.kvreq.decode_rank if r.kvreq is not None else None,
+            kv_transfer_bytes=r.nbytes,
+            kv_transfer_ms=round((r.last_progress - r.first_send_at) * 1000, 3) if r.first_send_at else 0.0,
+        )

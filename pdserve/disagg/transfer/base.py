@@ -1,0 +1,106 @@
+"""The transfer interface: a :class:`KVSender` on each prefill rank, a :class:`KVReceiver` on each
+decode rank.
+
+The model is that of RDMA-style engines (NIXL, Mooncake): the receiver publishes where its pages
+live (:class:`ReceiverInfo`), the sender writes page lists straight into that memory and follows
+each write with a small ordered notification (:class:`Pages`, then :class:`Aux` and
+:class:`Status`). Whatever a backend does, its receiver reports these stream messages, in order,
+through ``on_event`` — plus :class:`PeerLost` when a sender's connection dies mid-room.
+
+Sends are queued and executed on backend threads; every queued job is reported once through
+``on_done`` (success, error or cancellation), so the caller knows when it may free the source pages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pdserve.disagg.messages import ReceiverInfo, StreamMsg
+from pdserve.engine.kv_pool import KVPool
+
+
+@dataclass
+class SendResult:
+    """Outcome of one queued send job."""
+
+    room: int
+    kind: str  # "pages" | "message"
+    nbytes: int = 0
+    seconds: float = 0.0
+    done_at: float = 0.0  # time.monotonic() when the job finished
+    error: str | None = None
+    cancelled: bool = False
+    tag: Any = None  # whatever the caller passed with the job
+
+
+@dataclass
+class PeerLost:
+    """The stream from one prefill sender ended while these rooms were still open."""
+
+    rooms: list[int]
+    peer: str
+    reason: str
+
+
+ReceiverEvent = StreamMsg | PeerLost
+
+
+class KVSender(ABC):
+    """Prefill side: writes pages of the local pool into remote decode pools, in order per receiver."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> None:
+        self.pool = pool
+        self.on_done = on_done
+        self.io_timeout = io_timeout
+
+    @abstractmethod
+    def send_pages(
+        self, dst: ReceiverInfo, room: int, src_pages: list[int], dst_pages: list[int], tag: Any = None
+    ) -> None:
+        """Queue: copy local ``src_pages`` (all layers) into ``dst_pages`` of ``dst``, then notify it."""
+
+    @abstractmethod
+    def send_message(self, dst: ReceiverInfo, msg: StreamMsg, tag: Any = None) -> None:
+        """Queue a small message behind every job already queued for ``dst``."""
+
+    @abstractmethod
+    def cancel(self, room: int) -> None:
+        """Skip the room's jobs queued so far (reported with ``cancelled=True``); jobs queued later run."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the threads and drop connections; queued jobs are reported as cancelled."""
+
+
+class KVReceiver(ABC):
+    """Decode side: exposes where pages go and reports what senders wrote."""
+
+    backend: ClassVar[str]
+    close_stops_writes: ClassVar[bool]  # True: after close_room no sender can touch the room's pages
+
+    def __init__(self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float) -> None:
+        self.pool = pool
+        self.on_event = on_event
+        self.host = host
+        self.io_timeout = io_timeout
+
+    @abstractmethod
+    def info(self) -> ReceiverInfo:
+        """The endpoint description a KV request carries to the prefill rank."""
+
+    @abstractmethod
+    def open_room(self, room: int, pages: list[int]) -> None:
+        """Accept writes for ``room`` into ``pages`` (and nowhere else)."""
+
+    @abstractmethod
+    def close_room(self, room: int) -> bool:
+        """Accept no more writes for ``room``; True when none can happen any more (:attr:`close_stops_writes`)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop listening and close every connection."""

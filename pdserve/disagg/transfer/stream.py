@@ -1,0 +1,376 @@
+"""The ordered byte stream both built-in backends use: one TCP connection per (sender, receiver).
+
+Frames are ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; only a
+``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
+order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
+rooms; :class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
+bytes travel (:meth:`StreamSender.write_pages`, :meth:`StreamReceiver.read_pages`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
+from pdserve.engine.kv_pool import KVPool
+
+logger = logging.getLogger("pdserve.disagg.transfer")
+
+HEADER = struct.Struct("<I")
+MAX_HEADER_BYTES = 64 << 20
+IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
+SOCKET_BUFFER_BYTES = 4 << 20
+CONNECT_TIMEOUT_S = 5.0
+CLOSE_WAIT_S = 5.0  # close_room waits this long for a write in progress before cutting its connection
+
+
+def runs(pages: list[int]) -> list[tuple[int, int]]:
+    """``[(first, count)]`` of consecutive page indices, in list order."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def paired_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """``[(src_first, dst_first, count)]`` where both lists advance by one together."""
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
+
+
+def page_arrays(layers: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each layer as a ``[num_pages, page_bytes]`` uint8 array sharing the tensor's memory."""
+    return [layer.view(torch.uint8).reshape(layer.shape[0], -1).numpy() for layer in layers]
+
+
+def page_buffers(arrays: list[np.ndarray], pages: list[int]) -> list[memoryview]:
+    """Flat byte views of ``pages`` of every layer, layer-major, consecutive pages merged."""
+    spans = runs(pages)
+    return [memoryview(arr[first : first + count].reshape(-1)) for arr in arrays for first, count in spans]
+
+
+def send_buffers(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Send every buffer, in order, with gathered writes."""
+    bufs = [b for b in buffers if b.nbytes]
+    i = 0
+    while i < len(bufs):
+        sent = sock.sendmsg(bufs[i : i + IOV_BATCH])
+        while sent:
+            size = bufs[i].nbytes
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                bufs[i] = bufs[i][sent:]
+                sent = 0
+
+
+def recv_buffers(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Fill every buffer, in order, with scattered reads."""
+    bufs = [b for b in buffers if b.nbytes]
+    i = 0
+    while i < len(bufs):
+        got = sock.recvmsg_into(bufs[i : i + IOV_BATCH])[0]
+        if got == 0:
+            raise ConnectionError("peer closed the connection in the middle of a frame")
+        while got:
+            size = bufs[i].nbytes
+            if got >= size:
+                got -= size
+                i += 1
+            else:
+                bufs[i] = bufs[i][got:]
+                got = 0
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes, or None on a clean end of stream before the first byte."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ConnectionError("peer closed the connection in the middle of a frame")
+        got += k
+    return buf
+
+
+def frame(msg: m.StreamMsg) -> list[memoryview]:
+    header = m.encode(msg)
+    return [memoryview(HEADER.pack(len(header))), memoryview(header)]
+
+
+# ---------------------------------------------------------------------- sender
+
+
+@dataclass
+class _Job:
+    room: int
+    kind: str
+    src_pages: list[int] = field(default_factory=list)
+    dst_pages: list[int] = field(default_factory=list)
+    msg: m.StreamMsg | None = None
+    tag: Any = None
+    cancelled: bool = False
+
+
+class _Destination:
+    """One receiver: a queue, a thread and a (re)connected socket."""
+
+    def __init__(self, sender: StreamSender, info: m.ReceiverInfo) -> None:
+        self.sender = sender
+        self.info = info
+        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.sock: socket.socket | None = None
+        self.thread = threading.Thread(target=self._run, name=f"kv-send-{info.address}", daemon=True)
+        self.thread.start()
+
+    def connect(self) -> socket.socket:
+        if self.sock is None:
+            try:
+                sock = socket.create_connection((self.info.host, self.info.port), timeout=CONNECT_TIMEOUT_S)
+            except OSError as e:
+                raise ConnectionError(f"cannot connect to decode receiver {self.info.address}: {e}") from e
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.settimeout(self.sender.io_timeout)
+            self.sock = sock
+        return self.sock
+
+    def drop_connection(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                self.drop_connection()
+                return
+            self.sender._execute(self, job)
+
+
+class StreamSender(KVSender):
+    """Sender half of the stream; subclasses implement :meth:`write_pages`."""
+
+    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> None:
+        super().__init__(pool, on_done, io_timeout)
+        self._lock = threading.Lock()
+        self._dests: dict[str, _Destination] = {}
+        self._pending: dict[int, list[_Job]] = {}
+        self._closed = False
+        self.src_arrays = page_arrays(pool.layers)
+
+    def write_pages(self, dest: _Destination, job: _Job) -> int:
+        """Move the job's pages to the receiver and send its ``Pages`` notification; returns bytes moved."""
+        raise NotImplementedError
+
+    def send_pages(
+        self, dst: m.ReceiverInfo, room: int, src_pages: list[int], dst_pages: list[int], tag: Any = None
+    ) -> None:
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"room {room}: {len(src_pages)} source pages for {len(dst_pages)} destination pages")
+        self._queue(dst, _Job(room, "pages", list(src_pages), list(dst_pages), tag=tag))
+
+    def send_message(self, dst: m.ReceiverInfo, msg: m.StreamMsg, tag: Any = None) -> None:
+        self._queue(dst, _Job(msg.room, "message", msg=msg, tag=tag))
+
+    def cancel(self, room: int) -> None:
+        with self._lock:
+            for job in self._pending.get(room, ()):
+                job.cancelled = True
+
+    def _queue(self, dst: m.ReceiverInfo, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("KV sender is closed")
+            dest = self._dests.get(dst.address)
+            if dest is None:
+                dest = self._dests[dst.address] = _Destination(self, dst)
+            self._pending.setdefault(job.room, []).append(job)
+        dest.queue.put(job)
+
+    def _execute(self, dest: _Destination, job: _Job) -> None:
+        start = time.perf_counter()
+        result = SendResult(job.room, job.kind, tag=job.tag)
+        if job.cancelled or self._closed:
+            result.cancelled = True
+        else:
+            try:
+                if job.kind == "pages":
+                    result.nbytes = self.write_pages(dest, job)
+                else:
+                    send_buffers(dest.connect(), frame(job.msg))
+            except Exception as e:  # any failure fails this job; the next one reconnects
+                dest.drop_connection()
+                result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        result.seconds = time.perf_counter() - start
+        result.done_at = time.monotonic()
+        with self._lock:
+            jobs = self._pending.get(job.room)
+            if jobs is not None:
+                jobs.remove(job)
+                if not jobs:
+                    del self._pending[job.room]
+        try:
+            self.on_done(result)
+        except Exception:
+            logger.exception("KV sender completion callback failed")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            dests = list(self._dests.values())
+            self._dests.clear()
+        for dest in dests:
+            dest.queue.put(None)
+        for dest in dests:
+            dest.thread.join(CLOSE_WAIT_S)
+
+
+# ---------------------------------------------------------------------- receiver
+
+
+@dataclass
+class _Slot:
+    pages: set[int]
+    busy: int = 0
+    conn: socket.socket | None = None
+
+
+class StreamReceiver(KVReceiver):
+    """Receiver half of the stream; subclasses implement :meth:`read_pages`."""
+
+    def __init__(self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float) -> None:
+        super().__init__(pool, on_event, host, io_timeout)
+        self._cond = threading.Condition()
+        self._slots: dict[int, _Slot] = {}
+        self._conns: set[socket.socket] = set()
+        self._closed = False
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(256)
+        self.port = self.listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept, name=f"kv-recv-{self.port}", daemon=True)
+        self._accept_thread.start()
+
+    def read_pages(self, sock: socket.socket, msg: m.Pages) -> str | None:
+        """Consume the frame's payload (writing it into the room's pages if still open); an error
+        string when the frame is unacceptable for the room."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ rooms
+    def open_room(self, room: int, pages: list[int]) -> None:
+        with self._cond:
+            self._slots[room] = _Slot(set(pages))
+
+    def close_room(self, room: int) -> bool:
+        with self._cond:
+            slot = self._slots.pop(room, None)
+            stuck = slot is not None and not self._cond.wait_for(lambda: slot.busy == 0, CLOSE_WAIT_S)
+            if stuck and slot.conn is not None:
+                logger.warning("room %d: write still in progress after %.0f s, cutting its connection", room, CLOSE_WAIT_S)
+                with contextlib.suppress(OSError):
+                    slot.conn.shutdown(socket.SHUT_RDWR)
+                self._cond.wait_for(lambda: slot.busy == 0, CLOSE_WAIT_S)
+        return self.close_stops_writes
+
+    def begin_write(self, room: int, dst_pages: list[int], sock: socket.socket) -> tuple[_Slot | None, str | None]:
+        """Reserve the room's pages for one frame: (slot, None), or (None, None) to discard the
+        payload of a closed room, or (None, error) for pages outside the room."""
+        with self._cond:
+            slot = self._slots.get(room)
+            if slot is None:
+                return None, None
+            if not slot.pages.issuperset(dst_pages):
+                return None, f"sender wrote pages outside the room's {len(slot.pages)} pages"
+            slot.busy += 1
+            slot.conn = sock
+            return slot, None
+
+    def end_write(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.busy -= 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:
+                return
+            with self._cond:
+                if self._closed:
+                    sock.close()
+                    return
+                self._conns.add(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        open_rooms: set[int] = set()
+        reason = "the sender closed the connection"
+        try:
+            while True:
+                head = recv_exact(sock, HEADER.size)
+                if head is None:
+                    break
+                (size,) = HEADER.unpack(head)
+                if size > MAX_HEADER_BYTES:
+                    raise ConnectionError(f"frame header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+                msg = m.decode_stream(recv_exact(sock, size) or b"")
+                if isinstance(msg, m.Pages):
+                    error = self.read_pages(sock, msg)
+                    if error is not None:
+                        msg = m.Status(msg.room, False, f"bad KV pages frame from {peer}: {error}", m.Cause.TRANSFER_ERROR)
+                if isinstance(msg, m.Status):
+                    open_rooms.discard(msg.room)
+                else:
+                    open_rooms.add(msg.room)
+                self.on_event(msg)
+        except Exception as e:  # a broken stream fails the rooms it carried
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            with self._cond:
+                self._conns.discard(sock)
+            sock.close()
+        if open_rooms and not self._closed:
+            self.on_event(PeerLost(sorted(open_rooms), peer, reason))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._accept_thread.join(CLOSE_WAIT_S)

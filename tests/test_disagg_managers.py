@@ -1,0 +1,323 @@
+"""Prefill and decode managers on real engines, sockets and threads (one process): pairing in
+either order across independent DP sizes, aborts both ways, timeouts, refusals — and no page leaks."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pdserve.disagg.bootstrap import BootstrapServer
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.decode import DecodeDisaggManager
+from pdserve.disagg.errors import RoomConflictError
+from pdserve.disagg.messages import RankInfo
+from pdserve.disagg.prefill import PrefillDisaggManager
+from pdserve.disagg.transfer import BACKENDS
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Req, SamplingParams, StepOutput
+
+GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}
+RUN_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """A colocated reference, two prefill engines (small chunks: KV ships while later chunks compute),
+    three decode engines, and one decode engine with another page size."""
+    threads = torch.get_num_threads()
+    options = {"page_size": 4, "max_total_tokens": 512, "torch_threads": 1}  # six engines share two cores
+    ref = Engine(None, **options)
+    prefill = [Engine(None, chunked_prefill_size=8, **options) for _ in range(2)]
+    decode = [Engine(None, **options) for _ in range(3)]
+    odd = Engine(None, **{**options, "page_size": 8})
+    yield {"ref": ref, "prefill": [e.core for e in prefill], "decode": [e.core for e in decode], "odd": odd.core}
+    torch.set_num_threads(threads)
+
+
+class Cluster:
+    """One prefill server (bootstrap service + a manager per prefill core) and decode managers,
+    all driven from the test thread like worker loops would be."""
+
+    def __init__(self, backend, prefill_cores, decode_cores, lb="follow_bootstrap_room", **timeouts):
+        self.bootstrap = BootstrapServer(max(len(prefill_cores), 1), port=0, load_balance_method=lb).start()
+        cfg = DisaggConfig(bootstrap_port=self.bootstrap.port, transfer_backend=backend, bootstrap_timeout=5,
+                           waiting_timeout=10, transfer_timeout=5)
+        cfg = replace(cfg, **timeouts)
+        self.prefill: list[PrefillDisaggManager] = []
+        self.decode: list[DecodeDisaggManager] = []
+        for rank, core in enumerate(prefill_cores):
+            manager = PrefillDisaggManager(core, replace(cfg, mode="prefill"), rank,
+                                           register_rooms=lb != "follow_bootstrap_room")
+            self.prefill.append(manager)
+            manager.start()
+        for rank, core in enumerate(decode_cores):
+            self.decode.append(DecodeDisaggManager(core, replace(cfg, mode="decode"), rank))
+        self.outputs: dict[str, list[StepOutput]] = {}
+        self.meta: dict[str, dict] = {}
+
+    def step(self) -> None:
+        for manager in (*self.prefill, *self.decode):
+            core = manager.core
+            outputs, meta = manager.process(core.step() if core.has_work() else [])
+            for out in outputs:
+                self.outputs.setdefault(out.rid, []).append(out)
+            self.meta.update(meta)
+
+    def run(self, until, what: str, timeout: float = RUN_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; outputs: {self.outputs}"
+            self.step()
+            time.sleep(0.0005)
+
+    def finished(self, rid: str) -> StepOutput | None:
+        outs = self.outputs.get(rid, [])
+        return outs[-1] if outs and outs[-1].finished else None
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for out in self.outputs.get(rid, []) for t in out.new_token_ids]
+
+    def run_until_finished(self, *rids: str) -> None:
+        self.run(lambda: all(self.finished(rid) for rid in rids), f"{rids} to finish")
+
+    def run_until_pools_empty(self) -> None:
+        managers = (*self.prefill, *self.decode)
+        self.run(lambda: all(m.core.kv_pool.num_used == 0 for m in managers), "every KV page to be freed")
+        for manager in managers:
+            manager.core.kv_pool.check_integrity(expect_used=0)
+
+    def close(self) -> None:
+        for manager in (*self.prefill, *self.decode):
+            manager.close()
+        self.bootstrap.stop()
+
+
+@pytest.fixture
+def cluster_factory():
+    made = []
+
+    def make(*args, **kwargs) -> Cluster:
+        cluster = Cluster(*args, **kwargs)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2000) for _ in range(n)]
+
+
+def req(rid: str, ids: list[int], params=GREEDY) -> Req:
+    return Req(rid, list(ids), SamplingParams.from_dict(params))
+
+
+def abort_message(out: StepOutput) -> str:
+    assert out.finish_reason["type"] == "abort", out.finish_reason
+    return out.finish_reason["message"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_rank_pair_matches_colocated_in_either_order(engines, backend, cluster_factory):
+    """Prefill DP 2, decode DP 3: every (decode i, prefill j) pair, prefill rank from room % 2 or
+    explicit, decode first or prefill first; greedy output equals the colocated engine's."""
+    c = cluster_factory(backend, engines["prefill"], engines["decode"])
+    rng = random.Random(11)
+    cases = []
+    for i in range(3):
+        for j in range(2):
+            for explicit in (False, True):
+                room = rng.randrange(2**63)
+                if not explicit:
+                    room += (j - room % 2)  # follow_bootstrap_room: this room lands on prefill rank j
+                ids = prompt(len(cases), rng.randint(3, 45))
+                cases.append((f"{i}{j}{int(explicit)}", i, j, explicit, room, ids))
+
+    def add(side, name, i, j, explicit, room, ids):
+        if side == "d":
+            c.decode[i].add(req("d" + name, ids), room, "127.0.0.1", c.bootstrap.port,
+                            prefill_rank=j if explicit else None)
+        else:
+            c.prefill[j].add(req("p" + name, ids), room)
+
+    for n, case in enumerate(cases):
+        for side in ("d", "p") if n % 2 == 0 else ("p", "d"):  # decode first, then prefill first
+            add(side, *case)
+            for _ in range(3):
+                c.step()
+    c.run_until_finished(*(f"{side}{case[0]}" for case in cases for side in "pd"))
+    for name, i, j, _, room, ids in cases:
+        expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+        assert c.tokens("d" + name) == expected, name
+        assert c.tokens("p" + name) == expected[:1]
+        meta = c.meta["d" + name]
+        assert (meta.prefill_dp_rank, meta.decode_dp_rank, meta.bootstrap_room) == (j, i, room)
+        pages = -(-len(ids) // 4)
+        assert meta.kv_transfer_bytes == pages * engines["ref"].core.kv_pool.page_bytes() * 4
+        assert meta.kv_wait_ms >= meta.kv_transfer_ms >= 0
+        assert c.meta["p" + name].kv_transfer_bytes == meta.kv_transfer_bytes
+    c.run_until_pools_empty()
+    assert sum(p.metrics().transfers for p in c.prefill) == len(cases)
+    assert all(not d.metrics().failures for d in c.decode)
+
+
+def test_rooms_registered_by_load_are_looked_up(engines, cluster_factory):
+    """Prefill balancing by load: decode long-polls the room's registration (decode arrives first)."""
+    c = cluster_factory("tcp", engines["prefill"], engines["decode"][:1], lb="round_robin")
+    ids = prompt(99, 30)
+    room = 2  # room % 2 == 0, but the prefill server puts it on rank 1
+    c.decode[0].add(req("d", ids), room, "127.0.0.1", c.bootstrap.port)
+    for _ in range(20):
+        c.step()
+    assert c.decode[0].metrics().rooms["resolving"] == 1
+    c.prefill[1].add(req("p", ids), room)
+    c.run_until_finished("d", "p")
+    expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert c.tokens("d") == expected and c.meta["d"].prefill_dp_rank == 1
+    c.run_until_pools_empty()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(5, 120)  # 15 chunks of 8: pages are in flight when the abort comes
+    c.decode[0].add(req("d", ids), 77, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(req("p", ids), 77)
+    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
+    assert c.prefill[0].abort("p", "the prefill client went away")
+    c.run_until_finished("d", "p")
+    assert abort_message(c.finished("p")) == "the prefill client went away"
+    message = abort_message(c.finished("d"))
+    assert message.startswith("prefill failed:") and "the prefill client went away" in message
+    assert c.meta["d"].bootstrap_room == 77
+    c.run_until_pools_empty()
+    assert c.decode[0].metrics().failures == {"prefill_aborted": 1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_abort_reaches_prefill(engines, backend, cluster_factory):
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(6, 120)
+    c.prefill[0].add(req("p", ids), 78)
+    c.decode[0].add(req("d", ids), 78, "127.0.0.1", c.bootstrap.port)
+    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
+    assert c.decode[0].abort("d", "the decode client disconnected")
+    c.run_until_finished("d", "p")
+    assert abort_message(c.finished("d")) == "the decode client disconnected"
+    message = abort_message(c.finished("p"))
+    assert "decode rank 0 aborted room 78" in message and "the decode client disconnected" in message
+    c.run_until_pools_empty()
+    assert c.decode[0].metrics().rooms["quarantined"] == 0
+
+
+def test_abort_before_the_other_side_arrives(engines, cluster_factory):
+    """A decode aborted before its prefill request exists: that request then fails at once."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(7, 20)
+    c.decode[0].add(req("d", ids), 79, "127.0.0.1", c.bootstrap.port)
+    c.run(lambda: c.decode[0].metrics().rooms["waiting_for_prefill"] == 1, "the KV request to be sent")
+    c.decode[0].abort("d", "client gone")
+    c.run(lambda: 79 in c.prefill[0].tombstones, "prefill to learn of the abort")
+    c.prefill[0].add(req("p", ids), 79)
+    c.run_until_finished("d", "p")
+    assert "client gone" in abort_message(c.finished("p"))
+    c.run_until_pools_empty()
+
+
+def test_waiting_timeouts_free_pages_on_both_sides(engines, cluster_factory):
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], waiting_timeout=0.6)
+    lonely_prefill, lonely_decode = prompt(8, 30), prompt(9, 30)
+    c.prefill[0].add(req("p", lonely_prefill), 80)
+    c.decode[0].add(req("d", lonely_decode), 81, "127.0.0.1", c.bootstrap.port)
+    start = time.monotonic()
+    c.run(lambda: c.prefill[0].core.kv_pool.num_used > 0 and c.decode[0].core.kv_pool.num_used > 0, "KV held")
+    c.run_until_finished("p", "d")
+    assert time.monotonic() - start < 5
+    message = abort_message(c.finished("p"))
+    assert "no decode server sent a KV request for bootstrap_room 80" in message and "waiting-timeout" in message
+    message = abort_message(c.finished("d"))
+    assert "prefill rank 0 received no prefill request for bootstrap_room 81" in message
+    c.run_until_pools_empty()
+    assert c.prefill[0].metrics().failures == {"waiting_timeout": 2}
+
+
+@pytest.mark.parametrize("prefill_first", [False, True])
+def test_layout_mismatch_is_refused_at_the_handshake(engines, cluster_factory, prefill_first):
+    c = cluster_factory("tcp", engines["prefill"][:1], [engines["odd"]])
+    ids = prompt(10, 25)
+    if prefill_first:
+        c.prefill[0].add(req("p", ids), 82)
+    c.decode[0].add(req("d", ids), 82, "127.0.0.1", c.bootstrap.port)
+    if not prefill_first:
+        c.run(lambda: c.finished("d"), "decode to refuse")
+        c.prefill[0].add(req("p", ids), 82)
+    c.run_until_finished("d", "p")
+    message = abort_message(c.finished("d"))
+    assert "KV layout mismatch" in message and "page_size differs: 8 vs 4" in message
+    assert "room 82" in message and "decode rank 0" in message and "prefill rank 0" in message
+    assert "decode rank 0 aborted room 82" in abort_message(c.finished("p"))
+    c.run_until_pools_empty()
+
+
+def test_prefill_server_down_fails_within_the_bootstrap_timeout(engines, cluster_factory):
+    c = cluster_factory("tcp", [], engines["decode"][:1], bootstrap_timeout=0.8)
+    dead = socket.socket()  # bound, not listening: connections are refused
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    start = time.monotonic()
+    c.decode[0].add(req("d", prompt(11, 20)), 83, "127.0.0.1", port)
+    c.run_until_finished("d")
+    dead.close()
+    assert time.monotonic() - start < 0.8 + 2
+    message = abort_message(c.finished("d"))
+    assert f"bootstrap service at 127.0.0.1:{port}" in message and "room 83" in message
+    c.run_until_pools_empty()
+
+
+def test_dead_prefill_rank_fails_the_handshake(engines, cluster_factory):
+    """The bootstrap service answers, but the prefill rank behind it is gone."""
+    c = cluster_factory("tcp", [], engines["decode"][:1], bootstrap_timeout=0.8)
+    layout = engines["decode"][0].kv_pool.layout
+    c.bootstrap.register_rank(RankInfo(0, "127.0.0.1", 1, layout, c.decode[0].model, "tcp"))
+    c.decode[0].add(req("d", prompt(12, 20)), 84, "127.0.0.1", c.bootstrap.port)
+    c.run_until_finished("d")
+    message = abort_message(c.finished("d"))
+    assert "did not acknowledge the KV request" in message and "tcp://127.0.0.1:1" in message
+    c.run_until_pools_empty()
+
+
+def test_active_room_conflicts(engines, cluster_factory):
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:2])
+    ids = prompt(13, 20)
+    c.decode[0].add(req("d", ids), 85, "127.0.0.1", c.bootstrap.port)
+    with pytest.raises(RoomConflictError) as err:
+        c.decode[0].add(req("d2", ids), 85, "127.0.0.1", c.bootstrap.port)
+    assert err.value.status == 409
+    c.run(lambda: 85 in c.prefill[0].early, "decode rank 0's KV request")
+    c.decode[1].add(req("d3", ids), 85, "127.0.0.1", c.bootstrap.port)  # a second decode for the same room
+    c.run_until_finished("d3")
+    assert "already paired with decode rank 0" in abort_message(c.finished("d3"))
+    c.prefill[0].add(req("p", ids), 85)
+    with pytest.raises(RoomConflictError):
+        c.prefill[0].add(req("p2", ids), 85)
+    c.run_until_finished("p", "d")
+    assert c.tokens("d") == engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    c.run_until_pools_empty()
+
+
+def test_different_prompts_in_one_room_are_refused(engines, cluster_factory):
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    c.decode[0].add(req("d", prompt(14, 21)), 86, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(req("p", prompt(15, 21)), 86)
+    c.run_until_finished("d", "p")
+    assert "different prompts" in abort_message(c.finished("d"))
+    assert "different prompts" in abort_message(c.finished("p"))
+    c.run_until_pools_empty()

@@ -1,0 +1,289 @@
+"""KV transfer backends: page bytes arrive intact, rooms guard the destination pool, failures are reported."""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+import torch
+
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer import BACKENDS, PeerLost, SendResult, create_receiver, create_sender
+from pdserve.disagg.transfer.stream import paired_runs, runs
+from pdserve.engine.kv_pool import KVPool
+
+HOST = "127.0.0.1"
+WAIT_S = 10.0
+
+SENDER_SCRIPT = r"""
+import json, sys, time, torch
+from pdserve.disagg import messages as m
+from pdserve.disagg.transfer import create_sender
+from tests.test_disagg_transfer import filled_pool
+spec = json.loads(sys.argv[1])
+pool = filled_pool(spec["seed"], spec["dtype"])
+results = []
+sender = create_sender(spec["backend"], pool, results.append, 10.0)
+dst = m.ReceiverInfo(**spec["receiver"])
+for room, src, dst_pages, finish in spec["jobs"]:
+    sender.send_message(dst, m.Accepted(room, 0))
+    sender.send_pages(dst, room, src, dst_pages)
+    if finish:
+        sender.send_message(dst, m.Status(room, True))
+deadline = time.monotonic() + 10
+while len(results) < sum(3 if job[3] else 2 for job in spec["jobs"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert all(r.error is None for r in results), results
+sender.close()
+"""
+
+SHAPE = dict(num_pages=37, page_size=5, num_layers=3, num_kv_heads=2, head_dim=6)
+
+
+def filled_pool(seed: int, dtype: str, num_pages: int = SHAPE["num_pages"], shared: bool = False) -> KVPool:
+    """A pool whose every byte is a deterministic function of ``seed`` (so another process can rebuild it)."""
+    shape = {**SHAPE, "num_pages": num_pages}
+    pool = KVPool(dtype=getattr(torch, dtype), device="cpu", shared_memory=shared, **shape)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in pool.layers:
+        layer.copy_(torch.randn(layer.shape, generator=gen).to(layer.dtype))
+    return pool
+
+
+class Collector:
+    """Receiver events, with a wait for a condition on them."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, what: str) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: predicate(self.events), WAIT_S), f"timed out waiting for {what}: {self.events}"
+
+    def statuses(self) -> dict[int, m.Status]:
+        return {e.room: e for e in self.events if isinstance(e, m.Status)}
+
+
+@pytest.fixture
+def closing():
+    """Close whatever the test registers, even when it fails."""
+    things = []
+    yield things.append
+    for thing in reversed(things):
+        thing.close()
+
+
+def assert_pages_equal(src: KVPool, dst: KVPool, src_pages: list[int], dst_pages: list[int]) -> None:
+    for layer in range(len(src.layers)):
+        for s, d in zip(src_pages, dst_pages):
+            assert torch.equal(src.page_view(layer, s), dst.page_view(layer, d)), f"layer {layer} page {s}->{d}"
+
+
+def test_run_helpers():
+    assert runs([3, 4, 5, 9, 2, 3]) == [(3, 3), (9, 1), (2, 2)]
+    assert paired_runs([1, 2, 3, 7], [5, 6, 9, 10]) == [(1, 5, 2), (3, 9, 1), (7, 10, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pages_arrive_intact(backend, dtype, closing):
+    """Random page lists in several jobs and rooms; untouched destination pages stay zero."""
+    src = filled_pool(1, dtype)
+    dst = KVPool(dtype=getattr(torch, dtype), device="cpu", **{**SHAPE, "num_pages": 50})
+    events, done = Collector(), []
+    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    closing(receiver)
+    sender = create_sender(backend, src, done.append, 5.0)
+    closing(sender)
+    rng = random.Random(7)
+    plan = {}
+    for room in (11, 12):
+        n = rng.randint(5, 17)
+        plan[room] = (rng.sample(range(src.num_pages), n), None)
+    used = rng.sample(range(dst.num_pages), sum(len(s) for s, _ in plan.values()))
+    plan[11] = (plan[11][0], used[: len(plan[11][0])])
+    plan[12] = (plan[12][0], used[len(plan[11][0]) :])
+    info = receiver.info()
+    for room, (_, d) in plan.items():
+        receiver.open_room(room, d)
+        sender.send_message(info, m.Accepted(room, 0))
+    for room, (s, d) in plan.items():  # interleave the two rooms' chunks
+        cut = len(s) // 2
+        sender.send_pages(info, room, s[:cut], d[:cut], tag=room)
+    for room, (s, d) in plan.items():
+        cut = len(s) // 2
+        sender.send_pages(info, room, s[cut:], d[cut:], tag=room)
+        sender.send_message(info, m.Status(room, True))
+    events.wait_for(lambda ev: len([e for e in ev if isinstance(e, m.Status)]) == 2, "both rooms' status")
+    for room, (s, d) in plan.items():
+        assert_pages_equal(src, dst, s, d)
+        kinds = [type(e).__name__ for e in events.events if getattr(e, "room", None) == room]
+        assert kinds == ["Accepted", "Pages", "Pages", "Status"]
+    untouched = sorted(set(range(dst.num_pages)) - set(used))
+    assert all(not dst.layers[layer][untouched].any() for layer in range(len(dst.layers)))
+    page_jobs = [r for r in done if r.kind == "pages"]
+    assert all(r.error is None and not r.cancelled for r in done)
+    assert sum(r.nbytes for r in page_jobs) == len(used) * len(src.layers) * src.page_bytes()
+    assert sorted(r.tag for r in page_jobs) == [11, 11, 12, 12]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pages_arrive_from_another_process(backend, closing):
+    """A sender in its own process fills the pool; a room it leaves unfinished is reported lost."""
+    dst = KVPool(dtype=torch.float32, device="cpu", **{**SHAPE, "num_pages": 64})
+    events = Collector()
+    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    closing(receiver)
+    rng = random.Random(3)
+    src_pages = rng.sample(range(SHAPE["num_pages"]), 20)
+    dst_pages = rng.sample(range(dst.num_pages), 20)
+    receiver.open_room(1, dst_pages[:12])
+    receiver.open_room(2, dst_pages[12:])
+    spec = {
+        "seed": 5,
+        "dtype": "float32",
+        "backend": backend,
+        "receiver": msgspec.to_builtins(receiver.info()),
+        "jobs": [[1, src_pages[:12], dst_pages[:12], True], [2, src_pages[12:], dst_pages[12:], False]],
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SENDER_SCRIPT, json.dumps(spec)], env=env, timeout=60,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    events.wait_for(lambda ev: any(isinstance(e, PeerLost) for e in ev), "the lost room")
+    assert events.statuses()[1].ok
+    lost = [e for e in events.events if isinstance(e, PeerLost)]
+    assert lost[0].rooms == [2]
+    assert_pages_equal(filled_pool(5, "float32"), dst, src_pages, dst_pages)
+
+
+def test_tcp_closed_room_is_not_written(closing):
+    """After close_room, frames for that room are discarded and the pages stay untouched."""
+    src = filled_pool(2, "float32")
+    dst = KVPool(dtype=torch.float32, device="cpu", **SHAPE)
+    events, done = Collector(), []
+    receiver = create_receiver("tcp", dst, events, HOST, 5.0)
+    closing(receiver)
+    sender = create_sender("tcp", src, done.append, 5.0)
+    closing(sender)
+    info = receiver.info()
+    receiver.open_room(5, [0, 1, 2])
+    assert receiver.close_room(5) is True
+    sender.send_pages(info, 5, [3, 4, 5], [0, 1, 2])
+    receiver.open_room(6, [7])
+    sender.send_pages(info, 6, [8, 9], [7, 8])  # page 8 is not the room's
+    sender.send_message(info, m.Status(6, True))
+    events.wait_for(lambda ev: len([e for e in ev if isinstance(e, m.Status)]) == 2, "two statuses")
+    assert not any(layer.any() for layer in dst.layers)
+    bad = [e for e in events.events if isinstance(e, m.Status) and not e.ok]
+    assert bad and "outside the room" in bad[0].reason
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_and_unreachable_receiver(backend, closing):
+    """Cancelled jobs are reported as such; a receiver nobody listens on fails the job, not the sender."""
+    src = filled_pool(3, "float32")
+    gate, entered = threading.Event(), threading.Event()
+    done: list[SendResult] = []
+
+    def on_done(result: SendResult) -> None:
+        entered.set()
+        gate.wait(WAIT_S)  # hold the sender thread so later jobs stay queued
+        done.append(result)
+
+    sender = create_sender(backend, src, on_done, 2.0)
+    closing(sender)
+    dst = KVPool(dtype=torch.float32, device="cpu", shared_memory=True, **SHAPE)
+    receiver = create_receiver(backend, dst, Collector(), HOST, 5.0)
+    closing(receiver)
+    info = receiver.info()
+    receiver.open_room(9, [0, 1])
+    sender.send_message(info, m.Accepted(9, 0))
+    assert entered.wait(WAIT_S)
+    sender.send_pages(info, 9, [1, 2], [0, 1])
+    sender.send_pages(info, 9, [1, 2], [0, 1])
+    sender.cancel(9)
+    sender.send_message(info, m.Status(9, False, "stopped"))
+    gate.set()
+    deadline = time.monotonic() + WAIT_S
+    while len(done) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.cancelled for r in done] == [False, True, True, False]
+
+    with socket_nobody_listens_on() as port:
+        dead = m.ReceiverInfo(backend, HOST, port, SHAPE["num_pages"], info.shm_path)
+        sender.send_pages(dead, 10, [1], [1])
+        deadline = time.monotonic() + WAIT_S
+        while len(done) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert done[4].error and str(port) in done[4].error
+
+
+class socket_nobody_listens_on:
+    """A loopback port that refuses connections (bound, not listening)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
+def test_shm_sender_refuses_a_missing_segment(closing):
+    done: list[SendResult] = []
+    sender = create_sender("shm", filled_pool(4, "float32"), done.append, 2.0)
+    closing(sender)
+    sender.send_pages(m.ReceiverInfo("shm", HOST, 1, SHAPE["num_pages"], "/dev/shm/pdserve-kv-missing"), 1, [0], [0])
+    deadline = time.monotonic() + WAIT_S
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "same host" in done[0].error
+
+
+def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
+    pool = filled_pool(9, "float32")
+    before = [layer.clone() for layer in pool.layers]
+    layers_list = pool.layers
+    path = pool.to_shared_memory()
+    assert path.startswith(f"/proc/{os.getpid()}/fd/") and os.path.getsize(path) == pool.bytes_total()
+    assert "(deleted)" in os.readlink(path) and not glob.glob(f"/dev/shm/pdserve-kv-{os.getpid()}-*")
+    assert pool.layers is layers_list and all(torch.equal(a, b) for a, b in zip(before, pool.layers))
+    mapped = torch.from_file(path, shared=True, size=pool.bytes_total() // 4, dtype=torch.float32)
+    assert torch.equal(mapped[: pool.layers[0].numel()].view_as(pool.layers[0]), before[0])
+    mapped.fill_(1.5)  # writes through another mapping are what the pool sees
+    assert bool((pool.layers[-1] == 1.5).all())
+    pages = pool.alloc(3)
+    pool.free(pages)
+    pool.check_integrity(expect_used=0)
+    target = os.readlink(path)
+    del pool, layers_list, mapped
+    gc.collect()
+    assert not os.path.exists(path) or os.readlink(path) != target  # the descriptor is closed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_cpu_pool_is_refused_clearly(backend):
+    pool = KVPool(dtype=torch.float32, device="meta", **SHAPE)
+    with pytest.raises(ValueError, match="--device cpu"):
+        create_sender(backend, pool, lambda r: None, 1.0)
+    with pytest.raises(ValueError, match="--device cpu"):
+        create_receiver(backend, pool, lambda e: None, HOST, 1.0)
