@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -286,3 +289,13 @@ async def _api_key() -> None:
 
 def test_api_key() -> None:
     asyncio.run(_api_key())
+
+
+def test_router_depends_on_the_servers_over_http_only() -> None:
+    code = (
+        "import sys, pdserve.router.app, pdserve.router.cli, pdserve.router.launch\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'torch'"
+        " or m.startswith(('pdserve.engine', 'pdserve.server', 'pdserve.disagg', 'pdserve.models'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
