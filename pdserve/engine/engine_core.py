@@ -30,6 +30,7 @@ class EngineCore:
             from pdserve.models.loader import load_model
 
             loaded = load_model(config.model_path, dtype=config.dtype, device=config.device)
+        loaded.model.fuse_projections()
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer

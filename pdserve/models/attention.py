@@ -131,13 +131,9 @@ class AttentionMetadata:
         )
 
 
-def _gather(kv_layer: torch.Tensor, pages: torch.Tensor, which: int) -> torch.Tensor:
-    """K (which=0) or V (which=1) of ``pages`` as ``[len(pages) * page_size, heads, dim]`` (a copy)."""
-    return kv_layer[pages, which].flatten(0, 1)
-
-
 def _gather_into(kv_layer: torch.Tensor, pages: torch.Tensor, which: int, out: torch.Tensor) -> torch.Tensor:
-    """Like :func:`_gather` but writes into the flat buffer ``out``; returns ``[n * page_size, H, D]``."""
+    """K (which=0) or V (which=1) of ``pages`` copied into the flat buffer ``out``, viewed as
+    ``[len(pages) * page_size, heads, dim]``."""
     num_pages, _, page_size, heads, dim = kv_layer.shape
     src = kv_layer[:, which].flatten(1)  # [num_pages, page_size*H*D], a view
     torch.index_select(src, 0, pages, out=out.view(pages.numel(), -1))
@@ -167,8 +163,13 @@ def paged_attention(
             o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             total = span.prefix_len + span.length
-            keys = _gather(kv_layer, span.pages, 0)[:total].transpose(0, 1).to(q.dtype)
-            values = _gather(kv_layer, span.pages, 1)[:total].transpose(0, 1).to(q.dtype)
+            _, _, page_size, heads, dim = kv_layer.shape
+            numel = span.pages.numel() * page_size * heads * dim
+            ws = meta.workspace
+            keys = _gather_into(kv_layer, span.pages, 0, ws.take(0, numel, kv_layer.dtype, kv_layer.device))
+            values = _gather_into(kv_layer, span.pages, 1, ws.take(1, numel, kv_layer.dtype, kv_layer.device))
+            keys = keys[:total].transpose(0, 1).to(q.dtype)
+            values = values[:total].transpose(0, 1).to(q.dtype)
             o = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=gqa
             )
