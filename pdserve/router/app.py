@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -18,9 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from pdserve import __version__
+from pdserve.http_auth import API_KEY_MESSAGE, ApiKeyMiddleware
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
@@ -38,21 +38,8 @@ FORWARDED_HEADERS = ("authorization", "x-request-id")
 ROLE_ALIASES = {"prefill": "prefill", "decode": "decode", "mixed": "mixed", "regular": "mixed"}
 
 
-class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer KEY`` on every path but :data:`OPEN_PATHS`."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
-                await error_response(scope["path"], 401, message, "invalid_api_key")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _reject_api_key(path: str) -> ASGIApp:
+    return error_response(path, 401, API_KEY_MESSAGE, "invalid_api_key")
 
 
 class RouterState:
@@ -320,6 +307,7 @@ def create_app(config: RouterConfig) -> Starlette:
     )
     app.state.router = state
     if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS,
+                           rejection=_reject_api_key)
     return app
 

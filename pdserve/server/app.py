@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve import __version__
+from pdserve.http_auth import API_KEY_MESSAGE, ApiKeyMiddleware
 from pdserve.server import api_native, api_openai
 from pdserve.server.config import ServerConfig
 from pdserve.server.errors import ServerError
@@ -29,23 +28,9 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 logger = logging.getLogger("pdserve.server")
 
 
-class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer KEY`` on every HTTP path but :data:`OPEN_PATHS`."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                error = ServerError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                    code="invalid_api_key")
-                body = error.openai_body() if scope["path"].startswith("/v1/") else error.native_body()
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _reject_api_key(path: str) -> JSONResponse:
+    error = ServerError(401, API_KEY_MESSAGE, code="invalid_api_key")
+    return JSONResponse(error.openai_body() if path.startswith("/v1/") else error.native_body(), status_code=401)
 
 
 def _render(request: Request, error: ServerError) -> JSONResponse:
@@ -85,5 +70,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         return _render(request, ServerError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS,
+                           rejection=_reject_api_key)
     return app
