@@ -200,6 +200,46 @@ def test_prefill_server_down_fails_within_the_bootstrap_timeout(servers):
     assert_pages_freed(servers)
 
 
+def test_prefill_refusal_reaches_decode_at_once(servers, pool):
+    """A prefill front that refuses a request naming a room makes decode's half fail at once with
+    the refusal, whichever half comes first, instead of waiting out the waiting timeout."""
+    refused = "the prefill server refused the request for bootstrap_room"
+    bad = {**GREEDY, "temperature": -1}
+    start = time.monotonic()
+    p, d = pd_pair(servers, pool, room_body(servers, PROMPTS[0], 4100), {"sampling_params": bad}, {})
+    assert p.status_code == 400, p.text
+    message = pd_failure(d)
+    assert time.monotonic() - start < 2
+    assert f"prefill failed: {refused} 4100 with HTTP 400" in message and "temperature must be >= 0" in message
+
+    late = pool.submit(post, servers["decode"], room_body(servers, PROMPTS[1], 4101))  # KV request waits first
+    assert wait_until(lambda: used_pages(servers["decode"]) > 0, 10)
+    time.sleep(0.3)
+    start = time.monotonic()
+    p = post(servers["prefill"], room_body(servers, PROMPTS[1], 4101, {**GREEDY, "bogus": 1}))
+    assert p.status_code == 400 and "unknown sampling parameter 'bogus'" in p.text
+    message = pd_failure(late.result())
+    assert time.monotonic() - start < 2 and f"{refused} 4101" in message and "bogus" in message
+
+    p = post(servers["prefill"], {**room_body(servers, PROMPTS[2], 4102), "data_parallel_rank": 5})
+    assert p.status_code == 400  # an invalid rank: every rank learns of the room
+    start = time.monotonic()
+    message = pd_failure(post(servers["decode"], room_body(servers, PROMPTS[2], 4102)))
+    assert time.monotonic() - start < 2 and "data_parallel_rank" in message
+
+    openai = {"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0, "bootstrap_host": "127.0.0.1",
+              "bootstrap_port": servers["bootstrap_port"], "bootstrap_room": 4103}
+    start = time.monotonic()
+    p, d = (f.result() for f in (
+        pool.submit(post, servers["prefill"], {**openai, "model": "no-such-model"}, None, "/v1/completions"),
+        pool.submit(post, servers["decode"], openai, None, "/v1/completions"),
+    ))
+    assert p.status_code == 404, p.text
+    assert d.status_code == 503 and "no-such-model" in d.json()["error"]["message"], d.text
+    assert time.monotonic() - start < 2
+    assert_pages_freed(servers)
+
+
 def test_bad_pd_fields_are_400(servers):
     body = room_body(servers, "x", 1)
     del body["bootstrap_host"]
