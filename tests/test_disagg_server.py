@@ -1,6 +1,8 @@
 """P/D end to end with real ``pdserve serve`` processes: a prefill server (DP 2), a decode server
-(DP 3) and a mixed server for reference; every rank pair, the request-field spellings, failures
-reaching the other side, 409, metrics, and sglang-router 0.3.2 in PD mode in front of them."""
+(DP 3) and a mixed server for reference; every rank pair through every generation route, the
+request-field spellings, 64 concurrent requests, failures reaching the other side (a refused
+request, a killed prefill server), 409, metrics, the shm backend, and sglang-router 0.3.2 in PD
+mode in front of them."""
 
 from __future__ import annotations
 
