@@ -232,6 +232,30 @@ def test_abort_before_the_other_side_arrives(engines, cluster_factory):
     c.run_until_pools_empty()
 
 
+def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
+    """The prefill front refused a room's request: decode's KV request for it fails at once, whether
+    it came before or after; an active room is left alone, and the tombstone expires."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], waiting_timeout=1.0)
+    prefill, decode = c.prefill[0], c.decode[0]
+    ids = prompt(12, 20)
+    decode.add(req("early", ids), 90, "127.0.0.1", c.bootstrap.port)
+    c.run(lambda: decode.metrics().rooms["waiting_for_prefill"] == 1, "the KV request to be sent")
+    c.run(lambda: 90 in prefill.early, "the KV request to arrive")
+    prefill.reject_room(90, "refused: bad temperature")
+    prefill.reject_room(91, "refused: unknown key")
+    decode.add(req("late", ids), 91, "127.0.0.1", c.bootstrap.port)
+    prefill.add(req("p", ids), 92)
+    prefill.reject_room(92, "a duplicate of an active room")
+    decode.add(req("d", ids), 92, "127.0.0.1", c.bootstrap.port)
+    c.run_until_finished("early", "late", "d", "p")
+    assert abort_message(c.finished("early")) == "prefill failed: refused: bad temperature"
+    assert abort_message(c.finished("late")) == "prefill failed: refused: unknown key"
+    assert c.finished("d").finish_reason["type"] == "length"
+    assert prefill.metrics().failures == {"prefill_rejected": 2}
+    c.run(lambda: not prefill.tombstones, "the tombstones to expire")
+    c.run_until_pools_empty()
+
+
 def test_waiting_timeouts_free_pages_on_both_sides(engines, cluster_factory):
     c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], waiting_timeout=0.6)
     lonely_prefill, lonely_decode = prompt(8, 30), prompt(9, 30)

@@ -1,9 +1,12 @@
 """P/D end to end with real ``pdserve serve`` processes: a prefill server (DP 2), a decode server
-(DP 3) and a mixed server for reference; every rank pair, the request-field spellings, failures
-reaching the other side, 409, metrics, and sglang-router 0.3.2 in PD mode in front of them."""
+(DP 3) and a mixed server for reference; every rank pair through every generation route, the
+request-field spellings, 64 concurrent requests, failures reaching the other side (a refused
+request, a killed prefill server), 409, metrics, the shm backend, and sglang-router 0.3.2 in PD
+mode in front of them."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -82,6 +85,71 @@ def pd_failure(resp: httpx.Response) -> str:
     return resp.json()["error"]["message"]
 
 
+SHORT = {"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def sse_events(resp: httpx.Response) -> list[dict]:
+    """The JSON events of an SSE response, which must end with ``data: [DONE]``."""
+    assert resp.status_code == 200, resp.text
+    lines = [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert lines and lines[-1] == "[DONE]", resp.text[-500:]
+    events = [json.loads(line) for line in lines[:-1]]
+    assert not any("error" in e for e in events), resp.text[-500:]
+    return events
+
+
+def openai_body(path: str, text: str, stream: bool = False) -> dict:
+    """A greedy 8-token request for an OpenAI route."""
+    body = {"model": "tiny-llama-v1", "max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": stream}
+    if path == "/v1/completions":
+        return {**body, "prompt": text}
+    return {**body, "messages": [{"role": "user", "content": text}]}
+
+
+def output_of(path: str, resp: httpx.Response, stream: bool) -> str | list[int]:
+    """What a response generated: output ids for /generate, the text for the OpenAI routes
+    (concatenated over the chunks when streamed)."""
+    if path == "/generate":
+        return (sse_events(resp)[-1] if stream else resp.json())["output_ids"]
+    assert stream or resp.status_code == 200, resp.text
+    key = "text" if path == "/v1/completions" else ("delta" if stream else "message")
+    items = [e["choices"][0] for e in sse_events(resp) if e["choices"]] if stream else [resp.json()["choices"][0]]
+    if path == "/v1/completions":
+        return "".join(c[key] for c in items)
+    return "".join(c[key].get("content") or "" for c in items)
+
+
+def pd_fields(bootstrap_port: int, room: int, decode_rank: int, prefill_rank: int) -> tuple[dict, dict]:
+    """The P/D fields of the prefill and the decode half, in the body as sglang-router sends them."""
+    common = {"bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap_port, "bootstrap_room": room}
+    return ({**common, "data_parallel_rank": prefill_rank},
+            {**common, "data_parallel_rank": decode_rank, "disagg_prefill_dp_rank": prefill_rank})
+
+
+def run_pairs(pair, halves: list[tuple[str, dict, dict]], timeout: float = 60) -> list[tuple[httpx.Response, httpx.Response]]:
+    """Send every ``(path, prefill body, decode body)`` pair at once; the responses of each pair."""
+
+    async def main():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            async def one(path: str, prefill_body: dict, decode_body: dict):
+                return await asyncio.gather(client.post(pair["prefill"].url + path, json=prefill_body),
+                                            client.post(pair["decode"].url + path, json=decode_body))
+
+            return await asyncio.gather(*(one(*h) for h in halves))
+
+    return asyncio.run(main())
+
+
+def expected_outputs(servers, pool, requests: list[tuple[str, dict]]) -> list[str | list[int]]:
+    """The mixed server's non-streaming output for each ``(path, body)``."""
+    futures = [pool.submit(post, servers["mixed"], body, None, path) for path, body in requests]
+    outputs = [output_of(path, f.result(), False) for (path, _), f in zip(requests, futures)]
+    assert all(outputs), outputs
+    return outputs
+
+
 def test_server_info_reports_roles(servers):
     for name, mode in (("prefill", "prefill"), ("decode", "decode"), ("mixed", "null")):
         info = httpx.get(servers[name].url + "/server_info", timeout=10).json()
@@ -119,6 +187,43 @@ def test_every_rank_pair_matches_mixed(servers, pool):
             assert meta["kv_transfer_bytes"] > 0 and meta["kv_wait_ms"] >= meta["kv_transfer_ms"] >= 0
             assert prefilled["meta_info"]["kv_transfer_bytes"] == meta["kv_transfer_bytes"]
             assert prefilled["meta_info"]["dp_rank"] == j
+    assert_pages_freed(servers)
+
+
+def test_64_concurrent_requests_over_random_pairs(servers, pool):
+    rng = random.Random(64)
+    texts = [f"{PROMPTS[k % len(PROMPTS)]} #{k}" for k in range(8)]
+    expected = [r["output_ids"] for r in post(servers["mixed"], {"text": texts, "sampling_params": SHORT}).json()]
+    halves, picks = [], []
+    for n in range(64):
+        i, j, k = rng.randrange(3), rng.randrange(2), rng.randrange(len(texts))
+        p_fields, d_fields = pd_fields(servers["bootstrap_port"], 6000 + n, i, j)
+        body = {"text": texts[k], "sampling_params": SHORT}
+        halves.append(("/generate", {**body, **p_fields}, {**body, **d_fields}))
+        picks.append((i, j, k))
+    for (i, j, k), (p, d) in zip(picks, run_pairs(servers, halves)):
+        assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+        assert d.json()["output_ids"] == expected[k], (i, j, k)
+        assert (d.json()["meta_info"]["decode_dp_rank"], d.json()["meta_info"]["prefill_dp_rank"]) == (i, j)
+    assert_pages_freed(servers)
+
+
+def test_every_rank_pair_through_the_openai_routes(servers, pool):
+    """Decode rank i x prefill rank j through /v1/completions and /v1/chat/completions, streamed and
+    not, with the P/D fields in the body: the text equals the mixed server's."""
+    cases = [(path, i, j, stream) for path in OPENAI_ROUTES for i in range(3) for j in range(2)
+             for stream in (False, True)]
+    text = {(i, j): f"{PROMPTS[(i + j) % len(PROMPTS)]} [{i}{j}]" for i in range(3) for j in range(2)}
+    refs = sorted({(path, text[i, j]) for path, i, j, _ in cases})
+    expected = dict(zip(refs, expected_outputs(servers, pool, [(p, openai_body(p, t)) for p, t in refs])))
+    halves = []
+    for n, (path, i, j, stream) in enumerate(cases):
+        p_fields, d_fields = pd_fields(servers["bootstrap_port"], 7000 + n, i, j)
+        body = openai_body(path, text[i, j], stream)
+        halves.append((path, {**body, **p_fields}, {**body, **d_fields}))
+    for (path, i, j, stream), (p, d) in zip(cases, run_pairs(servers, halves)):
+        assert p.status_code == 200, p.text
+        assert output_of(path, d, stream) == expected[path, text[i, j]], (path, i, j, stream)
     assert_pages_freed(servers)
 
 
@@ -200,6 +305,46 @@ def test_prefill_server_down_fails_within_the_bootstrap_timeout(servers):
     assert_pages_freed(servers)
 
 
+def test_prefill_refusal_reaches_decode_at_once(servers, pool):
+    """A prefill front that refuses a request naming a room makes decode's half fail at once with
+    the refusal, whichever half comes first, instead of waiting out the waiting timeout."""
+    refused = "the prefill server refused the request for bootstrap_room"
+    bad = {**GREEDY, "temperature": -1}
+    start = time.monotonic()
+    p, d = pd_pair(servers, pool, room_body(servers, PROMPTS[0], 4100), {"sampling_params": bad}, {})
+    assert p.status_code == 400, p.text
+    message = pd_failure(d)
+    assert time.monotonic() - start < 2
+    assert f"prefill failed: {refused} 4100 with HTTP 400" in message and "temperature must be >= 0" in message
+
+    late = pool.submit(post, servers["decode"], room_body(servers, PROMPTS[1], 4101))  # KV request waits first
+    assert wait_until(lambda: used_pages(servers["decode"]) > 0, 10)
+    time.sleep(0.3)
+    start = time.monotonic()
+    p = post(servers["prefill"], room_body(servers, PROMPTS[1], 4101, {**GREEDY, "bogus": 1}))
+    assert p.status_code == 400 and "unknown sampling parameter 'bogus'" in p.text
+    message = pd_failure(late.result())
+    assert time.monotonic() - start < 2 and f"{refused} 4101" in message and "bogus" in message
+
+    p = post(servers["prefill"], {**room_body(servers, PROMPTS[2], 4102), "data_parallel_rank": 5})
+    assert p.status_code == 400  # an invalid rank: every rank learns of the room
+    start = time.monotonic()
+    message = pd_failure(post(servers["decode"], room_body(servers, PROMPTS[2], 4102)))
+    assert time.monotonic() - start < 2 and "data_parallel_rank" in message
+
+    openai = {"prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0, "bootstrap_host": "127.0.0.1",
+              "bootstrap_port": servers["bootstrap_port"], "bootstrap_room": 4103}
+    start = time.monotonic()
+    p, d = (f.result() for f in (
+        pool.submit(post, servers["prefill"], {**openai, "model": "no-such-model"}, None, "/v1/completions"),
+        pool.submit(post, servers["decode"], openai, None, "/v1/completions"),
+    ))
+    assert p.status_code == 404, p.text
+    assert d.status_code == 503 and "no-such-model" in d.json()["error"]["message"], d.text
+    assert time.monotonic() - start < 2
+    assert_pages_freed(servers)
+
+
 def test_bad_pd_fields_are_400(servers):
     body = room_body(servers, "x", 1)
     del body["bootstrap_host"]
@@ -219,6 +364,38 @@ def test_metrics_count_transfers_and_failures(servers):
     assert metric("pdserve:kv_transfer_latency_seconds_count", "decode") >= 6
     assert metric('pdserve:kv_transfer_failures_total{cause="waiting_timeout"', "prefill") >= 1
     assert "pdserve:disagg_rooms" in httpx.get(servers["decode"].url + "/metrics", timeout=10).text
+
+
+def test_prefill_killed_mid_request(tmp_path, pool):
+    """SIGKILL a prefill server while it computes a long prompt in small chunks: decode answers
+    503 within its timeouts and frees every page."""
+    bootstrap_port = free_port()
+    prefill = launch(["--disaggregation-mode", "prefill", "--chunked-prefill-size", "4",
+                      "--disaggregation-bootstrap-port", str(bootstrap_port), *COMMON, *PD_TIMEOUTS], tmp_path)
+    decode = launch(["--disaggregation-mode", "decode", *COMMON, *PD_TIMEOUTS], tmp_path)
+    try:
+        prefill.wait_healthy()
+        decode.wait_healthy()
+        pair = {"prefill": prefill, "decode": decode, "bootstrap_port": bootstrap_port}
+        body = {**room_body(pair, "", 8080), "text": None, "input_ids": [random.Random(8).randrange(1000)
+                                                                         for _ in range(3500)]}
+        doomed = pool.submit(post, prefill, body)
+        waiting = pool.submit(post, decode, body)
+        assert wait_until(lambda: used_pages(decode) > 0 and used_pages(prefill) > 0, 20)
+        time.sleep(0.2)
+        assert not waiting.done(), "the prefill finished before it could be killed"
+        os.killpg(prefill.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        message = pd_failure(waiting.result())
+        assert time.monotonic() - killed_at < 3 + 2, message
+        assert "room 8080" in message
+        with pytest.raises(httpx.HTTPError):
+            doomed.result()
+        assert wait_until(lambda: used_pages(decode) == 0, 10), "decode still holds KV pages"
+        assert httpx.get(decode.url + "/health", timeout=5).status_code == 200
+    finally:
+        prefill.stop()
+        decode.stop()
 
 
 @pytest.fixture(scope="module")
@@ -266,21 +443,45 @@ def test_through_sglang_router(servers, router):
     assert_pages_freed(servers)
 
 
+def test_through_sglang_router_chat_and_streaming(servers, router, pool):
+    """/v1/chat/completions, and /generate, /v1/completions and /v1/chat/completions streamed,
+    through sglang-router in PD mode: each equals the mixed server's greedy output."""
+    text = PROMPTS[1]
+    cases = [("/generate", {"text": text, "sampling_params": SHORT, "stream": True}, True)]
+    cases += [(path, openai_body(path, text, stream), stream) for path in OPENAI_ROUTES for stream in (False, True)]
+    cases = [c for c in cases if (c[0], c[2]) != ("/v1/completions", False)]  # covered above
+    expected = expected_outputs(servers, pool, [(path, {**body, "stream": False}) for path, body, _ in cases])
+    futures = [pool.submit(httpx.post, router + path, json=body, timeout=60) for path, body, _ in cases]
+    for (path, _, stream), want, future in zip(cases, expected, futures):
+        assert output_of(path, future.result(), stream) == want, (path, stream)
+    assert_pages_freed(servers)
+
+
 def test_shm_backend_end_to_end(servers, pool, tmp_path):
-    """The same flow with the shared-memory backend: prefill processes write into the decode pool."""
+    """The same flow with the shared-memory backend, prefill DP 2 x decode DP 3: every rank pair
+    through /generate, one through each OpenAI route streamed and not."""
     bootstrap_port = free_port()
     shm = ["--disaggregation-transfer-backend", "shm", "--disaggregation-bootstrap-port", str(bootstrap_port)]
-    prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "1", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
-    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "2", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
+    prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "2", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
+    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "3", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
     try:
+        cases = [("/generate", {"text": f"{PROMPTS[i + j]} <{i}{j}>", "sampling_params": SHORT}, i, j, False)
+                 for i in range(3) for j in range(2)]
+        cases += [(path, openai_body(path, PROMPTS[0], stream), 2, 1, stream)
+                  for path in OPENAI_ROUTES for stream in (False, True)]
+        expected = expected_outputs(servers, pool, [(path, {**body, "stream": False}) for path, body, *_ in cases])
         prefill.wait_healthy()
         decode.wait_healthy()
         pair = {"prefill": prefill, "decode": decode, "bootstrap_port": bootstrap_port}
-        for i, text in enumerate(PROMPTS[:2]):
-            expected = post(servers["mixed"], {"text": text, "sampling_params": GREEDY}).json()
-            p, d = pd_pair(pair, pool, room_body(pair, text, 1000 + i), {}, {"data_parallel_rank": i})
-            assert d.json()["output_ids"] == expected["output_ids"], (p.text, d.text)
-            assert d.json()["meta_info"]["kv_transfer_bytes"] > 0
+        halves = []
+        for n, (path, body, i, j, _) in enumerate(cases):
+            p_fields, d_fields = pd_fields(bootstrap_port, 1000 + n, i, j)
+            halves.append((path, {**body, **p_fields}, {**body, **d_fields}))
+        for (path, _, i, j, stream), want, (p, d) in zip(cases, expected, run_pairs(pair, halves)):
+            assert p.status_code == 200, p.text
+            assert output_of(path, d, stream) == want, (path, i, j, stream)
+            if path == "/generate":
+                assert d.json()["meta_info"]["kv_transfer_bytes"] > 0
         assert_pages_freed(pair)
     finally:
         prefill.stop()

@@ -37,6 +37,7 @@ class Cause:
     PROMPT_MISMATCH = "prompt_mismatch"  # the two halves of a room carry different prompts
     ROOM_CONFLICT = "room_conflict"  # a room already active
     PREFILL_ABORTED = "prefill_aborted"  # prefill failed or was aborted
+    PREFILL_REJECTED = "prefill_rejected"  # the prefill server refused the request (bad input)
     DECODE_ABORTED = "decode_aborted"  # decode was aborted (client gone) or failed
     NO_PAGES = "no_pages"  # decode never got KV pages for the prompt
 

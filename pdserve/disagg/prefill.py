@@ -182,17 +182,17 @@ class PrefillDisaggManager:
         self._fail(r, message, m.Cause.PREFILL_ABORTED)
         return True
 
-    def fail_room(self, room: int, reason: str) -> None:
-        """A prefill request for ``room`` failed before reaching :meth:`add`: tell its decode."""
-        r = self.rooms.get(room)
-        if r is not None:
-            self._fail(r, reason, m.Cause.PREFILL_ABORTED)
+    def reject_room(self, room: int, reason: str) -> None:
+        """The prefill request for ``room`` was refused before reaching :meth:`add`: answer the room's
+        KV request with ``reason``, now or when it comes (tombstone). A room active here belongs to
+        another request and is left alone; an existing tombstone keeps its reason."""
+        if room in self.rooms or room in self.tombstones:
             return
+        self.stats.record_failure(m.Cause.PREFILL_REJECTED)
         early = self.early.pop(room, None)
         if early is not None:
-            self._reply(early[0], m.Status(room, False, reason, m.Cause.PREFILL_ABORTED))
-        else:
-            self._tombstone(room, reason, m.Cause.PREFILL_ABORTED)
+            self._reply(early[0], m.Status(room, False, reason, m.Cause.PREFILL_REJECTED))
+        self._tombstone(room, reason, m.Cause.PREFILL_REJECTED)
 
     # ------------------------------------------------------------------ engine loop
     def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:

@@ -40,6 +40,7 @@ async def read_json(request: Request, schema: type[T], max_bytes: int) -> T:
             raise ServerError(413, f"request body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
+    request.state.json_body = body  # for the error handler (a P/D prefill refusal names the room)
     if not body.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
@@ -99,6 +100,40 @@ def check_room(room: Any) -> int | None:
     if not isinstance(room, int) or isinstance(room, bool) or room < 0:
         raise bad_request(f"bootstrap_room must be a non-negative integer, got {room!r}", "bootstrap_room")
     return room
+
+
+class _RoomFields(msgspec.Struct):
+    """The fields of any request body that say which P/D room and DP rank it is for."""
+
+    bootstrap_room: Any = None
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+
+
+def request_rooms(request: Request, dp_size: int) -> tuple[list[int], int | None]:
+    """The bootstrap rooms a request's JSON body named, if readable, and the DP rank it pinned:
+    None when it pinned none, -1 when the pin was invalid."""
+    raw = getattr(request.state, "json_body", None)
+    if not raw:
+        return [], None
+    try:
+        fields = msgspec.json.decode(raw, type=_RoomFields)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return [], None
+    values = fields.bootstrap_room if isinstance(fields.bootstrap_room, list) else [fields.bootstrap_room]
+    rooms = []
+    for value in values:
+        try:
+            room = check_room(value)
+        except ServerError:
+            continue
+        if room is not None:
+            rooms.append(room)
+    try:
+        rank = pinned_rank(request, fields, dp_size)
+    except ServerError:
+        rank = -1
+    return rooms, rank
 
 
 def sse(data: Any) -> bytes:

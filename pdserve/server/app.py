@@ -62,12 +62,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
+        state.refused(request, exc)
         return _render(request, exc)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        return _render(request, ServerError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        error = ServerError(500, f"internal error: {type(exc).__name__}: {exc}")
+        state.refused(request, error)
+        return _render(request, error)
 
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS,

@@ -260,6 +260,20 @@ class DPController:
         self._send(self.ranks[handle.rank], msg.AbortReq(rid, message))
         return True
 
+    def reject_room(self, room: int, rank: int | None, reason: str) -> None:
+        """P/D prefill: the front refused a request naming ``room`` before it reached a worker. Tell
+        the rank decode will ask (``rank``, else ``room % dp_size``; every rank when ``rank`` is out
+        of range) so decode's KV request is answered with ``reason`` at once instead of waiting."""
+        if self.config.disagg.mode != "prefill" or room in self.rooms:
+            return  # a room in flight belongs to another request
+        valid = rank is None or 0 <= rank < self.dp_size
+        target = (room % self.dp_size) if rank is None or not valid else rank
+        if self.bootstrap is not None and not self.bootstrap.follows_room:
+            self.bootstrap.register_room(room, target)
+        for state in self.ranks if not valid else [self.ranks[target]]:
+            if state.alive:
+                self._send(state, msg.RejectRoom(room, reason))
+
     def abort_all(self, message: str = "aborted by request") -> int:
         rids = list(self.requests)
         for rid in rids:

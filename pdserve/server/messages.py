@@ -57,6 +57,14 @@ class AbortReq(msgspec.Struct, tag="abort"):
     message: str = "aborted by request"
 
 
+class RejectRoom(msgspec.Struct, tag="reject_room"):
+    """P/D prefill: the front refused a request naming ``room``; the rank answers that room's KV
+    request (now or when it comes) with ``Status{error, reason}`` instead of waiting for it."""
+
+    room: int
+    reason: str
+
+
 class FlushCacheReq(msgspec.Struct, tag="flush_cache"):
     req_id: int
 
@@ -65,7 +73,7 @@ class ShutdownReq(msgspec.Struct, tag="shutdown"):
     pass
 
 
-ToWorker = GenerateReq | AbortReq | FlushCacheReq | ShutdownReq
+ToWorker = GenerateReq | AbortReq | RejectRoom | FlushCacheReq | ShutdownReq
 
 
 # ---------------------------------------------------------------- worker -> front

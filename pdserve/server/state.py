@@ -7,8 +7,11 @@ import logging
 import os
 import uuid
 
+from fastapi import Request
+
 from pdserve.engine.request import SamplingParams
 from pdserve.server import messages as msg
+from pdserve.server.api_common import request_rooms
 from pdserve.server.config import ServerConfig
 from pdserve.server.controller import DPController
 from pdserve.server.errors import ServerError
@@ -81,6 +84,17 @@ class ServerState:
         if self.service is not None:
             names.add(self.controller.info.model_path)
         return {n for n in names if n}
+
+    def refused(self, request: Request, error: ServerError) -> None:
+        """A P/D prefill front answered a request with an error: decode's half of each room it named
+        fails at once with this reason (not 409: that room belongs to another request)."""
+        if self.config.disagg.mode != "prefill" or error.status == 409:
+            return
+        rooms, rank = request_rooms(request, self.config.dp_size)
+        for room in rooms:
+            reason = (f"the prefill server refused the request for bootstrap_room {room} with HTTP {error.status}: "
+                      f"{error.message}")
+            self.controller.reject_room(room, rank, reason)
 
     async def probe_generate(self, timeout: float) -> str | None:
         """Generate one token on every rank; None when all answered, else what went wrong."""

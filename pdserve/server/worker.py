@@ -138,6 +138,9 @@ class Worker:
             else:
                 self.engine.abort(message.rid)
             self._step_due = True
+        elif isinstance(message, msg.RejectRoom):
+            if self.spec.disagg.mode == "prefill":
+                self.disagg.reject_room(message.room, message.reason)
         elif isinstance(message, msg.FlushCacheReq):
             self.send(msg.FlushCacheDone(self.rank, message.req_id, bool(self.engine.flush_cache())))
         elif isinstance(message, msg.ShutdownReq):
