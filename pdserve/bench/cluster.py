@@ -141,6 +141,14 @@ class Cluster:
         cmd += list(extra)
         return self._spawn(name, cmd, port, bootstrap if mode == "prefill" else None)
 
+    def stub(self, name: str, mode: str | None = None) -> Proc:
+        """A STUB upstream (:mod:`pdserve.bench.stub_server`): answers at once, computes nothing."""
+        port, bootstrap = free_ports(2, HOST)
+        cmd = [sys.executable, "-m", "pdserve.bench.stub_server", "--port", str(port), "--mode", mode or "null"]
+        if mode == "prefill":
+            cmd += ["--bootstrap-port", str(bootstrap)]
+        return self._spawn(name, cmd, port, bootstrap if mode == "prefill" else None)
+
     def pdserve_router(self, name: str, prefill: list[Proc] = (), decode: list[Proc] = (),
                        mixed: list[Proc] = (), args: list[str] | tuple[str, ...] = ()) -> Proc:
         """``pdserve router`` in front of ``prefill``/``decode`` servers (P/D) or ``mixed`` ones."""
@@ -254,8 +262,8 @@ def machine_info() -> dict[str, Any]:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
     with contextlib.suppress(OSError, ValueError, IndexError):
-        mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
-                      if l.startswith("MemTotal:"))
+        mem_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
+                      if x.startswith("MemTotal:"))
         info["ram_gib"] = round(mem_kb / 2**20, 1)
     with contextlib.suppress(OSError):
         info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
