@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdserve.bench.cluster import Cluster, machine_info, write_result
+from pdserve.bench.cluster import Cluster, machine_info, threads_for, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for topo in args.topologies:
         p_dp, d_dp = (int(x) for x in topo.lower().split("x"))
-        with Cluster(Path(log_dir) / topo, model_path=args.model_path) as cluster:
+        with Cluster(Path(log_dir) / topo, model_path=args.model_path,
+                     torch_threads=threads_for(p_dp + d_dp)) as cluster:
             prefill = cluster.server("prefill", "prefill", p_dp, args.prefill_max_total_tokens, args.transfer_backend)
             decode = cluster.server("decode", "decode", d_dp, args.decode_max_total_tokens, args.transfer_backend)
             cluster.wait_healthy()

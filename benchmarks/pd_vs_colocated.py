@@ -32,7 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
-from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
+from pdserve.bench.cluster import Cluster, Proc, machine_info, threads_for, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "slo_ms": slo}
     t0 = time.monotonic()
     if "load" not in args.skip or "ttft" not in args.skip:
-        with Cluster(log_dir, model_path=args.model_path) as cluster:
+        with Cluster(log_dir, model_path=args.model_path, torch_threads=threads_for(2)) as cluster:
             mixed = cluster.server("mixed", None, 2, args.max_total_tokens)
             prefill = cluster.server("prefill", "prefill", 1, args.max_total_tokens, args.transfer_backend)
             decode = cluster.server("decode", "decode", 1, args.max_total_tokens, args.transfer_backend)

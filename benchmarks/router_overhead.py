@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
+from pdserve.bench.cluster import Cluster, Proc, machine_info, threads_for, write_result
 
 TARGETS = ("direct", "pdserve", "sglang")
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "rows": []}
     t0 = time.monotonic()
     if not args.no_real:
-        with Cluster(log_dir / "real", model_path=args.model_path) as cluster:
+        with Cluster(log_dir / "real", model_path=args.model_path, torch_threads=threads_for(2)) as cluster:
             prefill = cluster.server("prefill", "prefill", 1, 8192)
             decode = cluster.server("decode", "decode", 1, 8192)
             cluster.wait_healthy()

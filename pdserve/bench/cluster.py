@@ -100,8 +100,13 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 30.0) -> tuple[in
 class Cluster:
     """Start servers and routers; stop them all on :meth:`close`."""
 
-    def __init__(self, log_dir: str | Path, model_path: str | None = None, log_level: str = "warning") -> None:
+    def __init__(self, log_dir: str | Path, model_path: str | None = None, log_level: str = "warning",
+                 torch_threads: int | None = None) -> None:
+        """``torch_threads``: passed to every server as ``--torch-threads``. A server divides the
+        cores by its own DP size only, so several servers on one machine oversubscribe the cores
+        (OpenMP threads spinning against each other) unless this is set; see :func:`threads_for`."""
         self.log_dir = Path(log_dir)
+        self.torch_threads = torch_threads
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.model_path = model_path
         self.log_level = log_level
@@ -134,6 +139,8 @@ class Cluster:
             cmd += ["--model-path", self.model_path]
         if max_total_tokens:
             cmd += ["--max-total-tokens", str(max_total_tokens)]
+        if self.torch_threads:
+            cmd += ["--torch-threads", str(self.torch_threads)]
         if mode:
             cmd += ["--disaggregation-mode", mode, "--disaggregation-transfer-backend", transfer_backend]
         if mode == "prefill":
@@ -249,6 +256,12 @@ class Cluster:
     def close(self) -> None:
         """Stop every child, routers first."""
         self.stop(*reversed(self.procs))
+
+
+def threads_for(total_workers: int) -> int:
+    """Torch threads per worker so that ``total_workers`` worker processes share this machine's
+    cores without oversubscription (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, total_workers))
 
 
 def machine_info() -> dict[str, Any]:
