@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transfer-backend", choices=("tcp", "shm"), default="tcp")
     p.add_argument("--verbose", action="store_true", help="print every request's timing")
     p.add_argument("--log-dir", default=None, help="server and router logs (default: a temporary folder)")
-    p.add_argument("--output-file", default="results/dispatch_decoupled_vs_coupled.json")
+    p.add_argument("--output-file", default="benchmarks/results/dispatch_decoupled_vs_coupled.json")
     return p.parse_args(argv)
 
 

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transfer-args", default="", help="extra flags for 'pdserve bench transfer', one string")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "ttft", "transfer"])
     p.add_argument("--log-dir", default=None)
-    p.add_argument("--output-file", default="results/pd_vs_colocated.json")
+    p.add_argument("--output-file", default="benchmarks/results/pd_vs_colocated.json")
     return p.parse_args(argv)
 
 

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-stub", action="store_true", help="skip the stub-upstream variant")
     p.add_argument("--model-path", default=None)
     p.add_argument("--log-dir", default=None)
-    p.add_argument("--output-file", default="results/router_overhead.json")
+    p.add_argument("--output-file", default="benchmarks/results/router_overhead.json")
     return p.parse_args(argv)
 
 
