@@ -126,6 +126,29 @@ def sample_random(tokenizer: TextTokenizer, num_prompts: int, input_len: int, ou
     return requests
 
 
+def sample_mixed(tokenizer: TextTokenizer, num_prompts: int, long_share: float, long_input: tuple[int, int],
+                 short_input: tuple[int, int], output: tuple[int, int], seed: int) -> list[BenchRequest]:
+    """A skewed random workload: about ``long_share`` of the requests have a prompt length uniform in
+    ``long_input`` (inclusive), the rest in ``short_input``; output lengths uniform in ``output``.
+    Long and short requests are interleaved in a seeded random order."""
+    if not 0.0 <= long_share <= 1.0:
+        raise DatasetError(f"long share must be in [0, 1], got {long_share}")
+    rng = np.random.default_rng(seed)
+    n_long = int(round(num_prompts * long_share))
+    is_long = np.zeros(num_prompts, dtype=bool)
+    is_long[rng.choice(num_prompts, size=n_long, replace=False)] = True
+    pool = word_pool(tokenizer, seed)
+    requests = []
+    for long in is_long:
+        low, high = long_input if long else short_input
+        n_in = int(rng.integers(low, high + 1))
+        n_out = int(rng.integers(output[0], output[1] + 1))
+        ids = [pool[int(k)] for k in rng.integers(0, len(pool), size=n_in)]
+        text, ids = _round_trip(tokenizer, ids, n_in, pool, rng)
+        requests.append(BenchRequest(prompt=text, prompt_ids=ids, output_len=n_out))
+    return requests
+
+
 def _first_exchange(entry: Any) -> tuple[str, str] | None:
     """The first human turn and the reply after it, or None."""
     turns = entry.get("conversations") if isinstance(entry, dict) else None

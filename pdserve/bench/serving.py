@@ -173,17 +173,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.metrics["completed"] > 0 else 1
 
 
-def run_benchmark(base_url: str, **options: Any) -> dict[str, Any]:
-    """Run a serving benchmark (``options`` are :class:`ServingConfig` fields) and return its metrics."""
-    return benchmark(ServingConfig(base_url=base_url, **options)).metrics
+def run_benchmark(base_url: str, requests: list[Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Run a serving benchmark (``options`` are :class:`ServingConfig` fields) and return its metrics.
+    ``requests`` (a list of :class:`~pdserve.bench.datasets.BenchRequest`) replaces the dataset."""
+    return benchmark(ServingConfig(base_url=base_url, **options), requests).metrics
 
 
-def benchmark(config: ServingConfig) -> ServingResult:
-    """Run the benchmark described by ``config``; writes nothing, prints only the progress bar."""
-    return asyncio.run(benchmark_async(config))
+def benchmark(config: ServingConfig, requests: list[Any] | None = None) -> ServingResult:
+    """Run the benchmark described by ``config`` (on ``requests`` instead of its dataset when
+    given); writes nothing, prints only the progress bar."""
+    return asyncio.run(benchmark_async(config, requests))
 
 
-async def benchmark_async(config: ServingConfig) -> ServingResult:
+async def benchmark_async(config: ServingConfig, requests: list[Any] | None = None) -> ServingResult:
     """:func:`benchmark` inside a running event loop."""
     import aiohttp
 
@@ -198,7 +200,10 @@ async def benchmark_async(config: ServingConfig) -> ServingResult:
     if model is None and config.backend not in ("pdserve", "sglang"):
         raise BenchmarkError(f"no model name: give --model or make GET {config.base_url}/v1/models answer")
     tokenizer, tokenizer_source = _load_tokenizer(config.tokenizer_path, server_info)
-    requests = _build_requests(config, tokenizer)
+    if requests is None:
+        requests = _build_requests(config, tokenizer)
+    elif not requests:
+        raise BenchmarkError("no requests to send")
     records, duration = await _run_requests(config, requests, model, tokenizer, headers)
     metrics = compute_metrics(records, duration, config.goodput or None)
     return ServingResult(metrics=metrics, records=records, config=config, model=model, tokenizer=tokenizer_source)
