@@ -19,12 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdserve.bench.cluster import Cluster, machine_info, threads_for, write_result
+from pdserve.bench.cluster import Cluster, machine_info, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.launch import threads_for
 
 KEYS = ("request_goodput", "slo_attainment", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
         "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms", "completed", "failed", "duration_s")

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import aiohttp
 
-from pdserve.bench.cluster import Cluster, Proc, machine_info, threads_for, write_result
+from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.launch import threads_for
 
 LOAD_KEYS = ("request_goodput", "slo_attainment", "request_throughput", "output_throughput", "median_ttft_ms",
              "p90_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms", "median_tpot_ms",

@@ -33,7 +33,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from pdserve.bench.cluster import Cluster, Proc, machine_info, threads_for, write_result
+from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
+from pdserve.router.launch import threads_for
 
 TARGETS = ("direct", "pdserve", "sglang")
 

@@ -104,7 +104,7 @@ class Cluster:
                  torch_threads: int | None = None) -> None:
         """``torch_threads``: passed to every server as ``--torch-threads``. A server divides the
         cores by its own DP size only, so several servers on one machine oversubscribe the cores
-        (OpenMP threads spinning against each other) unless this is set; see :func:`threads_for`."""
+        (OpenMP threads spinning against each other) unless this is set; see :func:`pdserve.router.launch.threads_for`."""
         self.log_dir = Path(log_dir)
         self.torch_threads = torch_threads
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -256,12 +256,6 @@ class Cluster:
     def close(self) -> None:
         """Stop every child, routers first."""
         self.stop(*reversed(self.procs))
-
-
-def threads_for(total_workers: int) -> int:
-    """Torch threads per worker so that ``total_workers`` worker processes share this machine's
-    cores without oversubscription (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, total_workers))
 
 
 def machine_info() -> dict[str, Any]:

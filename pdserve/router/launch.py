@@ -50,6 +50,12 @@ def free_ports(count: int, host: str) -> list[int]:
             s.close()
 
 
+def threads_for(total_workers: int) -> int:
+    """Torch threads per worker so that ``total_workers`` worker processes share this machine's
+    cores without oversubscription (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, total_workers))
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2.0) as resp:
@@ -94,9 +100,12 @@ class Launcher:
     def start_all(self) -> None:
         a = self.args
         host = a.host
+        workers = a.prefill * a.prefill_dp_size + a.decode * a.decode_dp_size
         n_ports = 2 * a.prefill + a.decode
         ports = [p for p in free_ports(n_ports + 1, host) if p != a.port][:n_ports]
         server_args = shlex.split(a.server_args or "")
+        if "--torch-threads" not in server_args:  # each server alone would size threads for the whole host
+            server_args += ["--torch-threads", str(threads_for(workers))]
         if a.model_path:
             server_args += ["--model-path", a.model_path]
         if a.max_total_tokens:
