@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -350,26 +351,35 @@ async def completions(request: Request) -> Response:
             data["usage"] = _usage(gens)
         return sse(data)
 
-    async def chunks():
-        try:
-            for i, delta in enumerate(firsts):
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+    return SSEResponse(_stream_chunks(gens, firsts, chunk, head, usage_mode), lambda: close_all(gens))
+
+
+async def _stream_chunks(
+    gens: Sequence[Generation],
+    firsts: list[str],
+    chunk: Callable[[int, str], bytes | None],
+    head: dict[str, Any],
+    usage_mode: str,
+) -> AsyncIterator[bytes]:
+    """SSE body shared by completions and chat: each generation's first text, then every further
+    delta as it arrives, an error chunk if one fails, the separate usage chunk, and ``[DONE]``."""
+    try:
+        for i, delta in enumerate(firsts):
+            out = chunk(i, delta)
+            if out is not None:
+                yield out
+        async with aclosing(interleave(gens)) as updates:
+            async for i, delta in updates:
                 out = chunk(i, delta)
                 if out is not None:
                     yield out
-            async with aclosing(interleave(gens)) as updates:
-                async for i, delta in updates:
-                    out = chunk(i, delta)
-                    if out is not None:
-                        yield out
-        except ServerError as e:
-            yield sse(e.openai_body())
-        else:
-            if usage_mode == "separate":
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": _usage(gens)})
-        yield SSE_DONE
-
-    return SSEResponse(chunks(), lambda: close_all(gens))
+    except ServerError as e:
+        yield sse(e.openai_body())
+    else:
+        if usage_mode == "separate":
+            yield sse({**head, "choices": [], "usage": _usage(gens)})
+    yield SSE_DONE
 
 
 # ---------------------------------------------------------------------- /v1/chat/completions
@@ -482,25 +492,10 @@ async def chat_completions(request: Request) -> Response:
             data["usage"] = _usage(gens)
         return sse(data)
 
-    async def chunks():
-        try:
-            out = chunk(firsts[0])
-            if out is not None:
-                yield out
-            async with aclosing(interleave(gens)) as updates:
-                async for _i, delta in updates:
-                    out = chunk(delta)
-                    if out is not None:
-                        yield out
-        except ServerError as e:
-            yield sse(e.openai_body())
-        else:
-            if usage_mode == "separate":
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": _usage(gens)})
-        yield SSE_DONE
-
-    return SSEResponse(chunks(), lambda: close_all(gens))
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    return SSEResponse(
+        _stream_chunks(gens, firsts, lambda _i, delta: chunk(delta), head, usage_mode), lambda: close_all(gens)
+    )
 
 
 # ---------------------------------------------------------------------- /v1/models
