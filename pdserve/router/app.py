@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from pdserve import __version__
-from pdserve.http_auth import API_KEY_MESSAGE, ApiKeyMiddleware
+from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware, read_body
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
@@ -80,17 +80,7 @@ class RouterState:
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; 413 beyond ``limit`` bytes, 400 when it is not a JSON object."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise RouterError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request, limit, lambda message: RouterError(413, message))
     if not raw:
         raise RouterError(400, "empty request body: send a JSON object")
     try:

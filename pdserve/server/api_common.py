@@ -18,6 +18,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pdserve.http_common import read_body
 from pdserve.server.errors import ServerError, bad_request
 
 T = TypeVar("T")
@@ -29,17 +30,7 @@ _PATH_RE = re.compile(r"`\$\.?([^`]*)`")
 
 async def read_json(request: Request, schema: type[T], max_bytes: int) -> T:
     """The body decoded into ``schema``; 413 beyond ``max_bytes``, 400 naming the field otherwise."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ServerError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ServerError(413, f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_body(request, max_bytes, lambda message: ServerError(413, message))
     request.state.json_body = body  # for the error handler (a P/D prefill refusal names the room)
     if not body.strip():
         raise bad_request("the request body is empty; expected a JSON object")

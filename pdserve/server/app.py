@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pdserve import __version__
-from pdserve.http_auth import API_KEY_MESSAGE, ApiKeyMiddleware
+from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware
 from pdserve.server import api_native, api_openai
 from pdserve.server.config import ServerConfig
 from pdserve.server.errors import ServerError
