@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -344,4 +345,43 @@ def test_different_prompts_in_one_room_are_refused(engines, cluster_factory):
     c.run_until_finished("d", "p")
     assert "different prompts" in abort_message(c.finished("d"))
     assert "different prompts" in abort_message(c.finished("p"))
+    c.run_until_pools_empty()
+
+
+def test_retracted_request_keeps_its_pages_until_their_sends_are_done(engines, cluster_factory):
+    """Issue 9 case 3: a P/D request whose pages are queued for transfer is retracted (KV pressure
+    on a prefill server that also runs room-less requests). Its queued pages stay referenced by
+    their sends: another request cannot get them (here: takes every free page and scribbles on
+    it) until the sends read them, and decode still receives exactly the colocated output."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    prefill = c.prefill[0]
+    pool = prefill.core.kv_pool
+    gate = threading.Event()
+    write_pages = prefill.sender.write_pages
+
+    def gated(dest, job):
+        assert gate.wait(RUN_S), "the test never opened the gate"
+        return write_pages(dest, job)
+
+    prefill.sender.write_pages = gated
+    ids = prompt(21, 120)  # 15 chunks of 8, 30 pages of 4
+    c.decode[0].add(req("d", ids), 86, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(req("p", ids), 86)
+    c.run(lambda: prefill.rooms[86].pages_sent >= 4, "pages to be queued for transfer")
+    p_req = prefill.rooms[86].req
+    queued = p_req.pages[: prefill.rooms[86].pages_sent]
+    prefill.core.scheduler._retract(p_req)
+    assert all(pool.refcount(page) == 1 for page in queued)  # the sends' references
+    others = pool.alloc(pool.num_free)
+    assert not set(others) & set(queued)
+    for layer in pool.layers:
+        layer[others] = float("nan")  # another request's KV
+    pool.unref(others)
+    prefill.core.add_request(req("local", prompt(22, 40)))
+    gate.set()
+    c.run_until_finished("d", "p", "local")
+    expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert p_req.num_retractions == 1
+    assert c.tokens("d") == expected
+    assert c.tokens("local") == engines["ref"].generate(input_ids=prompt(22, 40), sampling_params=GREEDY)["output_ids"]
     c.run_until_pools_empty()

@@ -272,7 +272,7 @@ def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
     mapped.fill_(1.5)  # writes through another mapping are what the pool sees
     assert bool((pool.layers[-1] == 1.5).all())
     pages = pool.alloc(3)
-    pool.free(pages)
+    pool.unref(pages)
     pool.check_integrity(expect_used=0)
     target = os.readlink(path)
     del pool, layers_list, mapped

@@ -12,6 +12,10 @@ compared and a :class:`KVRequest` goes to the prefill rank's control socket. The
 backend's receiver then reports ``Accepted``, ``Pages``, ``Aux`` and ``Status``; ``Status(ok)``
 activates the request with prefill's first token. Every phase has a bound, and its error names
 the room, both ranks and what was awaited.
+
+While a room is open for writes, the receive holds its own reference to the room's pages
+(:meth:`KVPool.ref`), next to the request's; it is dropped once no writer can touch them (the room
+finished, the receiver closed it, prefill confirmed it stopped, or the quarantine expired).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class _Room:
     last_event_at: float = 0.0
     aux: m.Aux | None = None
     nbytes: int = 0
+    receiving: list[int] | None = None  # pages the open receive holds a reference to
 
     @property
     def bootstrap(self) -> str:
@@ -105,7 +110,7 @@ class DecodeDisaggManager:
         self.stats = TransferStats("decode")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
-        self.quarantine: dict[int, tuple[list[int], float]] = {}  # pages a remote writer may still touch
+        self.quarantine: dict[int, tuple[list[int], float]] = {}  # receive references a writer may still use
         self.meta: dict[str, DisaggMeta] = {}  # P/D meta_info of requests until their last output
         self._extra: list[StepOutput] = []
         self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
@@ -291,7 +296,9 @@ class DecodeDisaggManager:
                        f"{diff}", m.Cause.LAYOUT_MISMATCH, tell_prefill=True)
             return
         ids = r.req.input_ids
-        self.receiver.open_room(r.room, r.req.pages)
+        r.receiving = list(r.req.pages)
+        self.pool.ref(r.receiving)
+        self.receiver.open_room(r.room, r.receiving)
         request = m.KVRequest(
             r.room, self.rank, info.rank, self.receiver_info, list(r.req.pages), len(ids), m.prompt_hash(ids),
             self.pool.layout, self.model,
@@ -337,6 +344,7 @@ class DecodeDisaggManager:
                        m.Cause.TRANSFER_ERROR, tell_prefill=False, writer_done=True)
             return
         self.receiver.close_room(r.room)
+        self._end_receive(r)
         self._forget(r)
         transfer_s = now - (r.first_data_at or now)
         self.stats.record_transfer(r.nbytes, transfer_s)
@@ -344,7 +352,7 @@ class DecodeDisaggManager:
         aux = r.aux
         if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
             req = self.scheduler.awaiting_kv.pop(r.rid)
-            self.pool.free(req.pages)
+            self.pool.unref(req.pages)
             req.pages = []
             self._extra.append(
                 StepOutput(r.rid, [], finished=True, finish_reason={"type": "length", "length": 0},
@@ -355,8 +363,9 @@ class DecodeDisaggManager:
 
     # ------------------------------------------------------------------ failure
     def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False) -> None:
-        """Fail a room: abort the request with ``reason``, tell prefill when asked, and free the pages
-        now, or once the remote writer is known to be done with them (``writer_done``: it said so)."""
+        """Fail a room: abort the request with ``reason`` (dropping its page references), tell prefill
+        when asked, and drop the receive's references now, or once the remote writer is known to be
+        done with the pages (``writer_done``: it said so)."""
         self._forget(r)
         self.stats.record_failure(cause)
         logger.info("decode rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
@@ -364,9 +373,11 @@ class DecodeDisaggManager:
             self._send_control(r, m.Abort(r.room, reason, self.rank))
         if r.kvreq_at is not None:
             stopped = self.receiver.close_room(r.room) or writer_done
-            if not stopped and r.req.pages:
-                self.quarantine[r.room] = (r.req.pages, time.monotonic() + self.config.transfer_timeout)
-                r.req.pages = []
+            if stopped:
+                self._end_receive(r)
+            elif r.receiving:
+                self.quarantine[r.room] = (r.receiving, time.monotonic() + self.config.transfer_timeout)
+                r.receiving = None
         self.meta[r.rid] = self._meta(r, 0.0, time.monotonic() - r.added_at)
         if not self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
             self.meta.pop(r.rid, None)
@@ -375,9 +386,14 @@ class DecodeDisaggManager:
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
 
+    def _end_receive(self, r: _Room) -> None:
+        if r.receiving is not None:
+            self.pool.unref(r.receiving)
+            r.receiving = None
+
     def _release_quarantine(self, room: int) -> None:
         pages, _ = self.quarantine.pop(room)
-        self.pool.free(pages)
+        self.pool.unref(pages)
 
     def _check_timeouts(self, now: float) -> None:
         cfg = self.config

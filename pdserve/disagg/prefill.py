@@ -10,7 +10,9 @@ Per room: whichever of the local request and the decode KV request arrives first
 other (bounded by ``waiting_timeout``). Once paired, every complete page is shipped as soon as its
 chunk is computed, so the transfer overlaps the next chunk's compute; when prefill finishes, the
 last pages, an :class:`Aux` record and ``Status(ok)`` follow. The request's finished output is
-held back until then, and its KV pages are released only after every send that reads them is done.
+held back until then. Every queued page send holds its own reference to the pages it reads
+(:meth:`KVPool.ref`), dropped when the backend reports the send done, failed or cancelled; so a
+request retracted or aborted meanwhile never lets its pages be reused while they are being read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -56,10 +58,17 @@ class _Room:
     output: StepOutput | None = None  # the finished prefill output, held until the KV is sent
     finishing: bool = False  # last pages, Aux and Status are queued
     failed: bool = False
-    stolen: list[int] = field(default_factory=list)  # pages taken from the scheduler on failure
     nbytes: int = 0
     first_send_at: float | None = None
     last_progress: float = 0.0
+
+
+@dataclass
+class _PageSend:
+    """Tag of one queued page send: its room and the source pages it holds a reference to."""
+
+    room: _Room
+    pages: list[int]
 
 
 class PrefillDisaggManager:
@@ -218,8 +227,7 @@ class PrefillDisaggManager:
             if not out.finished:
                 result.append(out)
             elif (out.finish_reason or {}).get("type") == "abort":
-                if not r.failed:  # aborted behind the manager's back: its pages are already free
-                    r.req.pages = []
+                if not r.failed:  # aborted behind the manager's back
                     self._fail(r, out.finish_reason.get("message", "aborted"), m.Cause.PREFILL_ABORTED)
                 self._abort_meta.pop(out.rid, None)
                 result.append(out)
@@ -311,7 +319,8 @@ class PrefillDisaggManager:
             assert r.kvreq is not None
             src, dst = r.req.pages[r.pages_sent : upto], r.kvreq.dst_pages[r.pages_sent : upto]
             self._count_send(r)
-            self.sender.send_pages(r.kvreq.receiver, r.room, src, dst, tag=r)
+            self.pool.ref(src)
+            self.sender.send_pages(r.kvreq.receiver, r.room, src, dst, tag=_PageSend(r, src))
             r.pages_sent = upto
 
     def _finish(self, r: _Room) -> None:
@@ -339,6 +348,9 @@ class PrefillDisaggManager:
     # ------------------------------------------------------------------ completion and failure
     def _on_sent(self, res: SendResult) -> None:
         r = res.tag
+        if isinstance(r, _PageSend):
+            self.pool.unref(r.pages)
+            r = r.room
         if not isinstance(r, _Room):
             if res.error:
                 logger.warning("prefill rank %d: message for room %d not delivered: %s", self.rank, res.room, res.error)
@@ -358,11 +370,7 @@ class PrefillDisaggManager:
         """Drop a room once nothing in flight reads its pages."""
         if r.inflight or not (r.failed or r.finishing):
             return
-        if r.failed:
-            if r.stolen:
-                self.pool.free(r.stolen)
-                r.stolen = []
-        else:
+        if not r.failed:
             self.scheduler.release(r.rid)
             if r.first_send_at is not None:
                 self.stats.record_transfer(r.nbytes, r.last_progress - r.first_send_at)
@@ -372,8 +380,8 @@ class PrefillDisaggManager:
         self.by_rid.pop(r.rid, None)
 
     def _fail(self, r: _Room, reason: str, cause: str) -> None:
-        """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``),
-        tell its decode, and free its pages once no send in flight reads them."""
+        """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``)
+        and tell its decode; the pages become free when the last send in flight lets go of them."""
         if r.failed:
             return
         r.failed = True
@@ -382,7 +390,6 @@ class PrefillDisaggManager:
         self.stats.record_failure(cause)
         logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         self.sender.cancel(r.room)
-        r.stolen, r.req.pages = r.req.pages, []
         if self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
             self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:

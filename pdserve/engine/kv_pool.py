@@ -1,4 +1,11 @@
-"""Paged KV cache pool: storage plus free-page accounting.
+"""Paged KV cache pool: storage plus reference-counted page ownership.
+
+Page ownership is one mechanism: every holder of a page (a request in the scheduler, a KV send
+or receive in flight, later the prefix cache) holds one *reference* to it. :meth:`KVPool.alloc`
+hands out free pages with one reference each, :meth:`KVPool.ref` adds a holder to pages already
+held, :meth:`KVPool.unref` drops one, and a page returns to the free list only when its last
+reference is dropped. So a request retracted or aborted while a transfer still reads or writes
+its pages leaves them allocated until the transfer lets go of them.
 
 Storage is one tensor per layer shaped ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` so
 page ``p`` of layer ``l`` (its K then V) is the contiguous buffer ``layers[l][p]``; the P/D
@@ -28,6 +35,10 @@ class OutOfPagesError(RuntimeError):
     """Raised when an allocation asks for more free pages than exist."""
 
 
+class PageRefError(RuntimeError):
+    """A reference was added to a free page or dropped from a page nobody holds (an ownership bug)."""
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """What a peer must agree on before pages can be copied between two pools."""
@@ -52,7 +63,8 @@ class KVLayout:
 
 
 class KVPool:
-    """Fixed-size pool of KV pages shared by all requests of one engine."""
+    """Fixed-size pool of KV pages shared by all requests of one engine, with a reference count per
+    page (see the module docstring). Not thread-safe: one thread (the engine's) owns the counts."""
 
     def __init__(
         self,
@@ -80,7 +92,8 @@ class KVPool:
                 for _ in range(num_layers)
             ]
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
-        self._used: set[int] = set()
+        self._refs: list[int] = [0] * num_pages  # holders per page; 0 exactly for the pages in _free
+        self._num_used = 0
 
     @property
     def num_free(self) -> int:
@@ -88,38 +101,66 @@ class KVPool:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Pages with at least one reference."""
+        return self._num_used
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
 
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
 
     def alloc(self, count: int) -> list[int]:
+        """Take ``count`` free pages, each with one reference: the caller's."""
         if count > len(self._free):
             raise OutOfPagesError(f"asked for {count} KV pages, {len(self._free)} free of {self.num_pages}")
         pages = [self._free.pop() for _ in range(count)]
-        self._used.update(pages)
+        for page in pages:
+            self._refs[page] = 1
+        self._num_used += count
         return pages
 
-    def free(self, pages: list[int]) -> None:
+    def ref(self, pages: list[int]) -> None:
+        """Add one holder to each of ``pages``; they must already be held (allocated)."""
+        refs = self._refs
+        for i, page in enumerate(pages):
+            if refs[page] <= 0:
+                for done in pages[:i]:
+                    refs[done] -= 1
+                raise PageRefError(f"reference to KV page {page}, which is free")
+            refs[page] += 1
+
+    def unref(self, pages: list[int]) -> None:
+        """Drop one holder from each of ``pages``; a page nobody holds any more becomes free."""
+        refs = self._refs
         for page in pages:
-            if page not in self._used:
-                raise RuntimeError(f"double free of KV page {page}")
-            self._used.remove(page)
-            self._free.append(page)
+            if refs[page] <= 0:
+                raise PageRefError(f"KV page {page} released more often than it was referenced (double free)")
+            refs[page] -= 1
+            if refs[page] == 0:
+                self._free.append(page)
+                self._num_used -= 1
 
     def check_integrity(self, expect_used: int | None = None) -> None:
-        """Assert the free list and used set partition the pages exactly (for tests and debugging)."""
+        """Assert the reference counts are consistent (for tests and debugging): no negative count,
+        every page either free (count 0, on the free list once) or referenced, never both; with
+        ``expect_used``, that exactly that many pages are referenced."""
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("KV free list holds a page twice")
-        if free & self._used:
-            raise AssertionError(f"KV pages both free and used: {sorted(free & self._used)[:8]}")
-        if len(free) + len(self._used) != self.num_pages:
-            raise AssertionError(
-                f"KV pages lost: {self.num_pages - len(free) - len(self._used)} neither free nor used"
-            )
-        if expect_used is not None and len(self._used) != expect_used:
-            raise AssertionError(f"expected {expect_used} used KV pages, found {len(self._used)}")
+        negative = [p for p, n in enumerate(self._refs) if n < 0]
+        if negative:
+            raise AssertionError(f"KV pages with a negative reference count: {negative[:8]}")
+        referenced = {p for p, n in enumerate(self._refs) if n > 0}
+        if free & referenced:
+            raise AssertionError(f"KV pages both free and referenced: {sorted(free & referenced)[:8]}")
+        if len(free) + len(referenced) != self.num_pages:
+            lost = sorted(set(range(self.num_pages)) - free - referenced)
+            raise AssertionError(f"KV pages lost (neither free nor referenced): {lost[:8]}")
+        if len(referenced) != self._num_used:
+            raise AssertionError(f"KV used-page counter says {self._num_used}, {len(referenced)} are referenced")
+        if expect_used is not None and len(referenced) != expect_used:
+            raise AssertionError(f"expected {expect_used} referenced KV pages, found {len(referenced)}")
 
     def page_view(self, layer: int, page: int) -> torch.Tensor:
         """The contiguous ``[2, page_size, heads, dim]`` block of one page of one layer."""

@@ -331,8 +331,9 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _free(self, req: Req) -> None:
+        """Drop the request's references to its pages (a transfer or cache may still hold them)."""
         if req.pages:
-            self.pool.free(req.pages)
+            self.pool.unref(req.pages)
             req.pages = []
 
     def _find(self, rid: str) -> Req | None:
