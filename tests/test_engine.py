@@ -219,6 +219,20 @@ BAD_INPUTS = [
     (dict(prompt="hi", sampling_params={"min_new_tokens": 9, "max_new_tokens": 4}), "min_new_tokens"),
     (dict(prompt="hi", return_logprob=True, top_logprobs_num=1000), "top_logprobs_num"),
     (dict(prompt="hi", sampling_params="greedy"), "sampling_params"),
+    (dict(prompt="hi", sampling_params={"temperature": float("nan")}), "temperature"),
+    (dict(prompt="hi", sampling_params={"temperature": 1e39, "min_new_tokens": 2}), "temperature"),
+    (dict(prompt="hi", sampling_params={"temperature": float("inf")}), "temperature"),
+    (dict(prompt="hi", sampling_params={"top_p": float("nan")}), "top_p"),
+    (dict(prompt="hi", sampling_params={"min_p": float("-inf")}), "min_p"),
+    (dict(prompt="hi", sampling_params={"top_k": 2**64}), "top_k"),
+    (dict(prompt="hi", sampling_params={"frequency_penalty": float("nan")}), "frequency_penalty"),
+    (dict(prompt="hi", sampling_params={"presence_penalty": 1e308}), "presence_penalty"),
+    (dict(prompt="hi", sampling_params={"temperature": 0.7, "repetition_penalty": 1e-300}), "repetition_penalty"),
+    (dict(prompt="hi", sampling_params={"repetition_penalty": float("nan")}), "repetition_penalty"),
+    (dict(prompt="hi", sampling_params={"max_new_tokens": 2**70}), "max_new_tokens"),
+    (dict(prompt="hi", sampling_params={"min_new_tokens": -(2**70)}), "min_new_tokens"),
+    (dict(prompt="hi", sampling_params={"seed": -1}), "seed"),
+    (dict(prompt="hi", sampling_params={"sampling_seed": 2**64}), "seed"),
 ]
 
 
@@ -281,3 +295,61 @@ def test_penalties_change_logits_as_defined():
     req2 = Req("y", [0], SamplingParams(min_new_tokens=2, stop_token_ids=[2]))
     apply_penalties(banned, [req2], eos_ids=[3])
     assert banned[0, 2] == float("-inf") and banned[0, 3] == float("-inf") and banned[0, 0] == 0
+
+
+def _drive(core, reqs: list[Req]) -> tuple[dict[str, list[int]], dict[str, dict]]:
+    for r in reqs:
+        core.add_request(r)
+    tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
+    finished: dict[str, dict] = {}
+    for _ in range(500):
+        if not core.has_work():
+            break
+        for out in core.step():
+            tokens[out.rid].extend(out.new_token_ids)
+            if out.finished:
+                finished[out.rid] = out.finish_reason
+    return tokens, finished
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.7, repetition_penalty=1e-300, max_new_tokens=6),
+     SamplingParams(temperature=1e39, min_new_tokens=2, max_new_tokens=6)],
+    ids=["repetition_penalty", "temperature"],
+)
+def test_non_finite_sampling_fails_only_its_row(tiny_engine, params):
+    """Params that slip past validation (built directly, as an engine bug could) make the sampler
+    produce NaN: that request fails with a named 400 error, the rest of its batch is exact."""
+    core = tiny_engine.core
+    greedy = {"max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0}
+    prompt = tiny_engine.tokenizer.encode("Failure isolation")
+    expected = tiny_engine.generate(input_ids=prompt, sampling_params=greedy)["output_ids"]
+    tokens, finished = _drive(core, [Req("bad", list(prompt), params), Req("good", list(prompt), SamplingParams.from_dict(greedy))])
+    assert finished["bad"]["type"] == "abort" and finished["bad"]["status_code"] == 400
+    assert "non-finite" in finished["bad"]["message"]
+    assert tokens["good"] == expected
+    core.kv_pool.check_integrity(expect_used=0)
+
+
+def test_exception_in_a_step_fails_its_batch_and_the_engine_keeps_serving(tiny_engine, monkeypatch):
+    core = tiny_engine.core
+    greedy = {"max_new_tokens": 4, "min_new_tokens": 4, "temperature": 0}
+    expected = tiny_engine.generate("after the fault", sampling_params=greedy)["output_ids"]
+    forward = core.runner.forward
+    calls = []
+
+    def faulty(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return forward(batch)
+
+    monkeypatch.setattr(core.runner, "forward", faulty)
+    tokens, finished = _drive(core, [Req("victim", [5, 6, 7, 8], SamplingParams.from_dict(greedy))])
+    assert finished["victim"]["type"] == "abort" and finished["victim"]["status_code"] == 500
+    assert "internal error in the engine step" in finished["victim"]["message"]
+    assert "RuntimeError: injected fault" in finished["victim"]["message"]
+    core.kv_pool.check_integrity(expect_used=0)
+    monkeypatch.setattr(core.runner, "forward", forward)
+    assert tiny_engine.generate("after the fault", sampling_params=greedy)["output_ids"] == expected

@@ -7,8 +7,16 @@ Parameter names are SGLang's (``max_new_tokens``, ``stop_token_ids``, ``min_p`` 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+MAX_TEMPERATURE = 100.0  # the distribution is near uniform long before; 1e39 overflows float32 to inf
+MIN_REPETITION_PENALTY = 1e-2  # SGLang allows (0, 2]; dividing logits by ~0 overflows to inf
+MAX_INT = 2**31 - 1  # token counts and top_k (the tensors that carry them are int32-safe)
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k")
 
 
 class RequestError(ValueError):
@@ -60,14 +68,24 @@ class SamplingParams:
         return params
 
     def validate(self) -> None:
+        """Every number finite and in a range the sampler computes safely with (SGLang's ranges,
+        where it has one); a :class:`RequestError` names the first field that is not."""
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if not -MAX_INT <= value <= MAX_INT:
+                raise RequestError(f"{name} must be in [{-MAX_INT}, {MAX_INT}], got {value}")
         if self.max_new_tokens < 0:
             raise RequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
             raise RequestError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
             )
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
@@ -78,8 +96,12 @@ class SamplingParams:
             raise RequestError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not -2 <= self.presence_penalty <= 2:
             raise RequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not 0 < self.repetition_penalty <= 2:
-            raise RequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2:
+            raise RequestError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, 2], got {self.repetition_penalty}"
+            )
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise RequestError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
         if self.n != 1:
             raise RequestError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if any(not s for s in self.stop):

@@ -12,6 +12,8 @@ import torch
 
 from pdserve.engine.request import Req, TokenLogprobs
 
+NON_FINITE = -1  # the token of a row whose sampling distribution was not finite
+
 
 def new_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
@@ -60,23 +62,30 @@ def sample(
     logits: torch.Tensor, reqs: Sequence[Req], eos_ids: Sequence[int]
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Pick one token per row of ``logits`` [B, V] (float32). Returns the tokens and, for rows whose
-    request asked for logprobs, the chosen token's logprob and its top alternatives."""
+    request asked for logprobs, the chosen token's logprob and its top alternatives. A row whose
+    logits or probabilities are not finite gets :data:`NON_FINITE` instead of a token; the other
+    rows are sampled as usual."""
     raw_logprobs = None
     if any(r.return_logprob for r in reqs):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = logits.clone() if any(r.params.has_penalties or r.params.min_new_tokens for r in reqs) else logits
     apply_penalties(logits, reqs, eos_ids)
     tokens = logits.argmax(dim=-1)
+    bad = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if random_rows:
         probs = _filtered_probs(logits[random_rows], [reqs[i] for i in random_rows])
+        bad[random_rows] |= ~(probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0))
+        bad_rows = bad.tolist()
         for k, row in enumerate(random_rows):
-            tokens[row] = torch.multinomial(probs[k], 1, generator=reqs[row].generator)[0]
+            if not bad_rows[row]:
+                tokens[row] = torch.multinomial(probs[k], 1, generator=reqs[row].generator)[0]
+    tokens[bad] = NON_FINITE
     token_list = tokens.tolist()
     infos: list[TokenLogprobs | None] = [None] * len(reqs)
     if raw_logprobs is not None:
         for row, req in enumerate(reqs):
-            if req.return_logprob:
+            if req.return_logprob and token_list[row] != NON_FINITE:
                 infos[row] = token_logprobs(raw_logprobs[row : row + 1], [token_list[row]], req.top_logprobs_num)
     return token_list, infos
 

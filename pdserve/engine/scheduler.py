@@ -15,6 +15,7 @@ Two entry/exit points exist for P/D disaggregation:
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -24,7 +25,9 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
 from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs
-from pdserve.engine.sampler import new_generator, sample, token_logprobs
+from pdserve.engine.sampler import NON_FINITE, new_generator, sample, token_logprobs
+
+logger = logging.getLogger("pdserve.engine.scheduler")
 
 
 class Scheduler:
@@ -58,6 +61,7 @@ class Scheduler:
         self._seeds = torch.Generator().manual_seed(seed)
         self.on_prefill_progress: Callable[[Req, int], None] | None = None  # (req, tokens with KV ready)
         self.on_pages_allocated: Callable[[Req], None] | None = None
+        self.num_steps = 0
 
     # ------------------------------------------------------------------ queues
     def add_request(self, req: Req) -> None:
@@ -119,14 +123,39 @@ class Scheduler:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[StepOutput]:
-        self._allocate_pending()
-        batch = ForwardBatch(decodes=self._schedule_decodes())
-        self._schedule_prefills(batch)
-        if batch:
-            result = self.runner.forward(batch)
-            self._process(batch, result)
+        """One batch. An exception while building, running or reading it fails the requests of
+        that batch (all running ones if it failed before the batch existed) with a named error and
+        frees their pages; the engine goes on serving the others."""
+        self.num_steps += 1
+        batch: ForwardBatch | None = None
+        try:
+            self._allocate_pending()
+            batch = ForwardBatch(decodes=self._schedule_decodes())
+            self._schedule_prefills(batch)
+            if batch:
+                result = self.runner.forward(batch)
+                self._process(batch, result)
+        except Exception as e:
+            logger.exception("engine step failed")
+            victims = [*batch.decodes, *(c.req for c in batch.extends)] if batch is not None else list(self.running)
+            for req in victims:
+                self._fail_request(req, f"internal error in the engine step serving this request: {_describe(e)}", 500)
         outputs, self._outputs = self._outputs, []
         return outputs
+
+    def _fail_request(self, req: Req, message: str, status_code: int) -> None:
+        logger.warning("request %s failed: %s", req.rid, message)
+        self.abort(req.rid, message, status_code=status_code)
+
+    def _non_finite(self, req: Req) -> None:
+        p = req.params
+        self._fail_request(
+            req,
+            f"sampling produced non-finite probabilities for request {req.rid} (temperature={p.temperature:g}, "
+            f"top_p={p.top_p:g}, top_k={p.top_k}, min_p={p.min_p:g}, repetition_penalty={p.repetition_penalty:g}, "
+            f"frequency_penalty={p.frequency_penalty:g}, presence_penalty={p.presence_penalty:g})",
+            400,
+        )
 
     def _schedule_decodes(self) -> list[Req]:
         decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=lambda r: r.arrival_order)
@@ -180,6 +209,9 @@ class Scheduler:
         if batch.decodes:
             tokens, infos = sample(result.decode_logits, batch.decodes, self.eos_token_ids)
             for req, token, info in zip(batch.decodes, tokens, infos):
+                if token == NON_FINITE:
+                    self._non_finite(req)
+                    continue
                 req.num_computed += 1
                 self._emit_token(req, token, info, input_logprobs=None)
         for chunk in batch.extends:
@@ -200,6 +232,9 @@ class Scheduler:
                 continue
             logits = result.sample_logits[req.rid][None, :]
             tokens, infos = sample(logits, [req], self.eos_token_ids)
+            if tokens[0] == NON_FINITE:
+                self._non_finite(req)
+                continue
             req.state = ReqState.DECODING
             self._emit_token(req, tokens[0], infos[0], input_lp)
 
@@ -348,3 +383,7 @@ class Scheduler:
                 queue.remove(req)
         self.awaiting_kv.pop(req.rid, None)
         self.held.pop(req.rid, None)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
