@@ -22,6 +22,7 @@ class EngineConfig:
     random_seed: int = 0
     torch_threads: int | None = None  # None: leave torch's default
     engines_per_device: int = 1  # engines sharing one device's memory (DP ranks on one CPU); splits the KV budget
+    num_reserved_decode_tokens: int = 16  # decode headroom kept per running request when admitting new ones
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -32,6 +33,8 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.num_reserved_decode_tokens < 0:
+            raise ValueError(f"num_reserved_decode_tokens must be >= 0, got {self.num_reserved_decode_tokens}")
         if self.engines_per_device < 1:
             raise ValueError(f"engines_per_device must be >= 1, got {self.engines_per_device}")
         if not 0 < self.mem_fraction_static < 1:
@@ -52,6 +55,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--random-seed", type=int, default=defaults.random_seed)
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument(
+        "--num-reserved-decode-tokens", type=int, default=defaults.num_reserved_decode_tokens,
+        help="decode headroom (tokens) kept free per running request when admitting new requests",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -63,6 +63,7 @@ class EngineCore:
             config.max_running_requests,
             self.context_length,
             seed=config.random_seed,
+            reserved_decode_tokens=config.num_reserved_decode_tokens,
         )
 
     # ------------------------------------------------------------------ validation
@@ -117,6 +118,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def runnable(self) -> bool:
+        """False while everything queued waits for pages that no step of this engine can free."""
+        return self.scheduler.runnable()
+
     def load(self) -> dict[str, int]:
         s = self.scheduler
         return {
@@ -125,6 +130,8 @@ class EngineCore:
             "num_tokens": s.num_tokens(),
             "num_used_pages": self.kv_pool.num_used,
             "num_total_pages": self.kv_pool.num_pages,
+            "num_retractions": s.num_retractions,
+            "num_steps": s.num_steps,
         }
 
     def flush_cache(self) -> bool:

@@ -3,7 +3,13 @@
 Each :meth:`Scheduler.step` builds one batch: every decoding request contributes one token, and
 prefill chunks fill the remaining ``chunked_prefill_size`` token budget. A request gets the KV
 pages for its whole prompt when admitted; decode grows it a page at a time, and when the pool runs
-dry the most recently admitted request is retracted (pages freed, re-queued for recompute).
+dry the most recently admitted request is retracted (its page references dropped, re-queued at the
+front for recompute).
+
+Admission is fair to requests already started: a new request (or a P/D decode request asking for
+pages) is admitted only if the pool keeps ``reserved_decode_tokens`` of decode headroom for every
+running request, and not while a retracted request (one that already has output) waits: those are
+re-admitted first, so a request that has its first token cannot starve behind new arrivals.
 
 Two entry/exit points exist for P/D disaggregation:
 - ``Req.stop_after_prefill``: after the first output token the request is *held* with its KV
@@ -43,6 +49,7 @@ class Scheduler:
         max_running_requests: int,
         context_length: int,
         seed: int = 0,
+        reserved_decode_tokens: int = 0,
     ) -> None:
         self.runner = runner
         self.pool = pool
@@ -51,6 +58,7 @@ class Scheduler:
         self.chunked_prefill_size = chunked_prefill_size
         self.max_running_requests = max_running_requests
         self.context_length = context_length
+        self.reserved_decode_tokens = reserved_decode_tokens
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.awaiting_kv: dict[str, Req] = {}  # P/D decode: pages allocated, KV being filled remotely
@@ -62,6 +70,8 @@ class Scheduler:
         self.on_prefill_progress: Callable[[Req, int], None] | None = None  # (req, tokens with KV ready)
         self.on_pages_allocated: Callable[[Req], None] | None = None
         self.num_steps = 0
+        self.num_retractions = 0
+        self._stalled_at: tuple[int, ...] | None = None  # state when a step last found nothing to do
 
     # ------------------------------------------------------------------ queues
     def add_request(self, req: Req) -> None:
@@ -114,6 +124,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._outputs or self.pending_alloc)
 
+    def runnable(self) -> bool:
+        """Whether a step could do anything: there is work, and the last step did not find it all
+        blocked (waiting for pages) in the very state the scheduler is still in."""
+        return self.has_work() and self._stalled_at != self._state()
+
+    def _state(self) -> tuple[int, ...]:
+        return (self.pool.num_free, len(self.waiting), len(self.pending_alloc), len(self.running), len(self._outputs))
+
     def num_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.awaiting_kv) + len(self.pending_alloc) + len(self.held)
 
@@ -128,10 +146,11 @@ class Scheduler:
         frees their pages; the engine goes on serving the others."""
         self.num_steps += 1
         batch: ForwardBatch | None = None
+        before = self._state()
         try:
-            self._allocate_pending()
             batch = ForwardBatch(decodes=self._schedule_decodes())
             self._schedule_prefills(batch)
+            self._allocate_pending()
             if batch:
                 result = self.runner.forward(batch)
                 self._process(batch, result)
@@ -141,6 +160,8 @@ class Scheduler:
             for req in victims:
                 self._fail_request(req, f"internal error in the engine step serving this request: {_describe(e)}", 500)
         outputs, self._outputs = self._outputs, []
+        stalled = not outputs and not batch and self._state() == before
+        self._stalled_at = before if stalled else None
         return outputs
 
     def _fail_request(self, req: Req, message: str, status_code: int) -> None:
@@ -181,12 +202,14 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.arrival_order):
             if req.state == ReqState.PREFILLING and budget > 0:
                 budget -= self._add_chunk(batch, req, budget)
-        headroom = len(batch.decodes)
+        reserve = self._decode_reserve()
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
             need = self.pool.pages_for(req.fill_target) - len(req.pages)
-            if need + headroom > self.pool.num_free:
+            own = self._reserve_pages(req, req.fill_target + 1)
+            if need > self.pool.num_free or (self.running and need + reserve + own > self.pool.num_free):
                 break
+            reserve += own
             self.waiting.popleft()
             req.pages.extend(self.pool.alloc(need))
             req.state = ReqState.PREFILLING
@@ -343,12 +366,31 @@ class Scheduler:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
             req.generator = new_generator(seed, self.runner.device)
 
+    def _decode_reserve(self) -> int:
+        """Pages kept free for the next ``reserved_decode_tokens`` of every running request (and of
+        every P/D request whose KV is arriving), so admitting more does not force retractions."""
+        reqs = itertools.chain(self.running, self.awaiting_kv.values())
+        return sum(self._reserve_pages(r, r.seq_len) for r in reqs)
+
+    def _reserve_pages(self, req: Req, seq_len: int) -> int:
+        remaining = max(req.params.max_new_tokens - len(req.output_ids), 0)
+        tokens = seq_len + min(self.reserved_decode_tokens, remaining)
+        return max(self.pool.pages_for(tokens) - max(len(req.pages), self.pool.pages_for(seq_len)), 0)
+
     def _allocate_pending(self) -> None:
+        """P/D decode: pages for requests whose KV comes from prefill, in arrival order, after the
+        retracted requests waiting to be recomputed and with the running requests' decode reserve."""
+        if any(r.output_ids for r in self.waiting):
+            return
+        reserve = self._decode_reserve() if self.pending_alloc else 0
         while self.pending_alloc:
             req = self.pending_alloc[0]
             need = self.pool.pages_for(len(req.input_ids))
-            if need > self.pool.num_free:
+            own = self._reserve_pages(req, len(req.input_ids) + 1)
+            busy = self.running or self.awaiting_kv
+            if need > self.pool.num_free or (busy and need + reserve + own > self.pool.num_free):
                 return
+            reserve += own
             self.pending_alloc.popleft()
             req.pages = self.pool.alloc(need)
             req.state = ReqState.WAITING_KV
@@ -362,6 +404,7 @@ class Scheduler:
         self._free(req)
         req.num_computed = 0
         req.num_retractions += 1
+        self.num_retractions += 1
         req.state = ReqState.WAITING
         self.waiting.appendleft(req)
 

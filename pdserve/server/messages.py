@@ -87,6 +87,8 @@ class RankLoad(msgspec.Struct):
     num_tokens: int = 0
     num_used_pages: int = 0
     num_total_pages: int = 0
+    num_retractions: int = 0  # requests retracted (KV dropped for recompute) since the rank started
+    num_steps: int = 0  # engine steps since the rank started
 
 
 class WorkerReady(msgspec.Struct, tag="ready"):

@@ -50,6 +50,13 @@ class ServerMetrics:
         self.total_pages = Gauge(
             "pdserve:kv_total_pages", "KV pages of the rank", rank_labels, registry=self.registry
         )
+        self.retractions = Gauge(
+            "pdserve:num_retractions", "Requests retracted (KV dropped for recompute) since the rank started",
+            rank_labels, registry=self.registry,
+        )
+        self.steps = Gauge(
+            "pdserve:engine_steps", "Engine steps since the rank started", rank_labels, registry=self.registry
+        )
         self.ttft = Histogram(
             "sglang:time_to_first_token_seconds", "Arrival to first output token", ["model_name"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -79,7 +86,9 @@ class ServerMetrics:
         if name == self.model_name:
             return
         self.model_name = name
-        for gauge in (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages):
+        gauges = (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages,
+                  self.retractions, self.steps)
+        for gauge in gauges:
             gauge.clear()
 
     def set_load(self, rank: int, load: RankLoad) -> None:
@@ -90,6 +99,8 @@ class ServerMetrics:
         self.used_pages.labels(*labels).set(load.num_used_pages)
         self.total_pages.labels(*labels).set(load.num_total_pages)
         self.token_usage.labels(*labels).set(load.num_used_pages / max(1, load.num_total_pages))
+        self.retractions.labels(*labels).set(load.num_retractions)
+        self.steps.labels(*labels).set(load.num_steps)
 
     def on_tokens(self, num_new: int, first: bool, arrival: float, last_token_at: float | None, now: float) -> None:
         """New output tokens of one request: TTFT for the first, otherwise one ITL sample per token."""

@@ -1,9 +1,10 @@
 """One DP rank as its own process: an :class:`EngineCore` driven by messages from the front.
 
 Started by the controller as ``python -m pdserve.server.worker SPEC_JSON``. The loop blocks on
-its input socket while the engine is idle (with a poll timeout, to notice a dead parent),
-otherwise drains all pending messages without blocking and runs one engine step, sending that
-step's outputs back in one :class:`OutputBatch` together with the rank's load.
+its input socket (and the P/D manager's events) while the engine has nothing runnable — idle, or
+everything queued waits for pages (with a poll timeout, to notice a dead parent), otherwise
+drains all pending messages without blocking and runs one engine step, sending that step's
+outputs back in one :class:`OutputBatch` together with the rank's load.
 
 In a P/D role the rank also owns a prefill or decode manager (:mod:`pdserve.disagg`): requests
 with a ``bootstrap_room`` go through it, the loop also wakes on its network events, and every
@@ -166,7 +167,7 @@ class Worker:
         while self.parent_alive():
             if disagg is not None:
                 self.report_disagg_stats()
-            if not (engine.has_work() or self._step_due):
+            if not (engine.runnable() or self._step_due):
                 wait_s = disagg.timeout_s() if disagg is not None else None
                 timeout_ms = IDLE_POLL_MS if wait_s is None else min(IDLE_POLL_MS, int(wait_s * 1000))
                 if not poller.poll(timeout_ms) and wait_s is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import struct
@@ -34,6 +35,8 @@ MAX_HEADER_BYTES = 64 << 20
 IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
+# Test hook: every page send waits this long first, so tests can hold pages "queued for transfer".
+TEST_SEND_DELAY_S = float(os.environ.get("PDSERVE_TEST_KV_SEND_DELAY_S") or 0)
 CLOSE_WAIT_S = 5.0  # close_room waits this long for a write in progress before cutting its connection
 
 
@@ -218,6 +221,8 @@ class StreamSender(KVSender):
     def _execute(self, dest: _Destination, job: _Job) -> None:
         start = time.perf_counter()
         result = SendResult(job.room, job.kind, tag=job.tag)
+        if job.kind == "pages" and TEST_SEND_DELAY_S:
+            time.sleep(TEST_SEND_DELAY_S)
         if job.cancelled or self._closed:
             result.cancelled = True
         else:
