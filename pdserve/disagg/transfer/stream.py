@@ -1,7 +1,8 @@
 """The ordered byte stream both built-in backends use: one TCP connection per (sender, receiver).
 
 A connection starts with a handshake: the receiver sends a random challenge, the sender answers
-with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`); the receiver reads no frame
+with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`), the receiver confirms with one
+byte (so a sender with the wrong secret fails at once, named); the receiver reads no frame
 before that, closes connections that do not authenticate within the guard's handshake timeout and
 accepts at most ``max_connections`` at once. Frames are
 ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; a header may not exceed
@@ -37,6 +38,7 @@ logger = logging.getLogger("pdserve.disagg.transfer")
 
 HEADER = struct.Struct("<I")
 STREAM_PURPOSE = b"kv-stream"
+HANDSHAKE_OK = b"\x01"  # the receiver accepted the sender's proof
 IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
@@ -175,6 +177,8 @@ class _Destination:
                 if challenge is None or len(challenge) != CHALLENGE_BYTES:
                     raise ConnectionError("closed before the handshake (over its connection cap?)")
                 sock.sendall(self.sender.auth.respond(STREAM_PURPOSE, bytes(challenge)))
+                if recv_exact(sock, 1) != HANDSHAKE_OK:
+                    raise ConnectionError("the receiver refused our proof (is --disaggregation-secret the same?)")
             except (OSError, ConnectionError) as e:
                 sock.close()
                 raise ConnectionError(f"handshake with decode receiver {self.info.address} failed: {e}") from e
@@ -373,6 +377,7 @@ class StreamReceiver(KVReceiver):
             sock.sendall(challenge)
             response = recv_exact(sock, MAC_BYTES)
             self.guard.auth.check_response(STREAM_PURPOSE, challenge, bytes(response or b""))
+            sock.sendall(HANDSHAKE_OK)
             sock.settimeout(None)
         except (OSError, ConnectionError, AuthError) as e:
             why = "unauthenticated" if isinstance(e, AuthError) else "handshake_timeout_or_error"
