@@ -425,7 +425,6 @@ def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-@router.post("/chat/completions")
 def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
     """The chat template applied to ``messages``, tokenized (run off the event loop)."""
     try:
@@ -437,6 +436,7 @@ def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]],
     return service.encode(prompt, add_special_tokens=False, field="messages")
 
 
+@router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, ChatBody, state.config.max_request_bytes)
