@@ -1,12 +1,21 @@
-"""HTTP plumbing shared by the server and the router: API-key middleware, bounded body reads."""
+"""HTTP plumbing shared by the server and the router: API-key middleware, bounded body reads, and the
+caps of every HTTP listener (:class:`HttpLimits`, header-read deadline)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hmac
+import logging
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import h11
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 API_KEY_MESSAGE = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 
@@ -46,3 +55,101 @@ async def read_body(request: Request, limit: int, too_large: Callable[[str], Exc
             raise too_large(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------- listener caps (server and router)
+
+HTTP_REFUSALS: Counter[str] = Counter()  # reason -> connections cut by the caps below (rendered in /metrics)
+_logged: set[str] = set()
+
+
+def record_http_refusal(reason: str, detail: str) -> None:
+    HTTP_REFUSALS[reason] += 1
+    if reason not in _logged:
+        _logged.add(reason)
+        logging.getLogger("pdserve.http").warning("HTTP listener refused %s: %s (logged once; counted in /metrics)",
+                                                  reason, detail)
+
+
+@dataclass
+class HttpLimits:
+    """Caps of one HTTP listener (``--http-*`` flags)."""
+
+    header_timeout: float = 10.0  # a request's headers must arrive within this (slowloris)
+    keep_alive: float = 5.0  # idle kept-alive connections close after this
+    max_connections: int = 1024  # beyond: new requests get 503 (uvicorn's limit_concurrency)
+    max_header_bytes: int = 64 << 10  # request line and headers (h11's max incomplete event size)
+
+    def validate(self) -> None:
+        if not (self.header_timeout > 0 and self.keep_alive > 0):
+            raise ValueError("--http-header-timeout and --http-keep-alive must be > 0 seconds")
+        if self.max_connections < 1 or self.max_header_bytes < 1024:
+            raise ValueError("--http-max-connections must be >= 1 and --http-max-header-bytes >= 1024")
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        protocol = type("GuardedH11", (GuardedH11Protocol,), {"header_timeout": self.header_timeout})
+        return {
+            "http": protocol,
+            "timeout_keep_alive": max(1, round(self.keep_alive)),
+            "limit_concurrency": self.max_connections,
+            "h11_max_incomplete_event_size": self.max_header_bytes,
+        }
+
+
+def add_http_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    d = HttpLimits()
+    parser.add_argument("--http-header-timeout", type=float, default=d.header_timeout,
+                        help="seconds a client has to send a request's headers before the connection is closed")
+    parser.add_argument("--http-keep-alive", type=float, default=d.keep_alive,
+                        help="seconds an idle kept-alive connection stays open")
+    parser.add_argument("--http-max-connections", type=int, default=d.max_connections,
+                        help="concurrent connections and requests; beyond, requests are answered 503")
+    parser.add_argument("--http-max-header-bytes", type=int, default=d.max_header_bytes,
+                        help="largest request line plus headers (431/400 beyond)")
+
+
+def http_limits_from_args(args: argparse.Namespace) -> HttpLimits:
+    limits = HttpLimits(args.http_header_timeout, args.http_keep_alive, args.http_max_connections,
+                        args.http_max_header_bytes)
+    limits.validate()
+    return limits
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus a header-read deadline: a connection whose client has not sent a
+    complete request line and headers within :attr:`header_timeout` of connecting (or of the first
+    byte of its next request) is closed. uvicorn alone waits forever for half-sent headers."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _awaiting_headers(self) -> bool:
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+    def _arm_header_timer(self) -> None:
+        if self._awaiting_headers():
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            record_http_refusal("header_timeout", f"no complete request headers within {self.header_timeout:g} s")
+            self.transport.close()

@@ -10,7 +10,8 @@ import httpx
 import msgspec
 import pytest
 
-from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError, BootstrapServer
+from pdserve.disagg.auth import PlaneAuth
+from pdserve.disagg.bootstrap import AUTH_HEADER, BootstrapClient, BootstrapError, BootstrapServer
 from pdserve.disagg.messages import BootstrapInfo, RankInfo, RoomRank
 from pdserve.engine.kv_pool import KVLayout
 
@@ -28,9 +29,21 @@ def service():
     server.stop()
 
 
+def signer(auth: PlaneAuth):
+    """An httpx request hook sealing writes as the bootstrap client does."""
+
+    def sign(request: httpx.Request) -> None:
+        if request.method not in ("GET", "HEAD"):
+            purpose = f"bootstrap {request.method} {request.url.path}".encode()
+            request.headers[AUTH_HEADER] = auth.seal_header(purpose, request.read())
+
+    return sign
+
+
 @pytest.fixture
 def http(service):
-    with httpx.Client(base_url=f"http://127.0.0.1:{service.port}", timeout=10) as client:
+    hooks = {"request": [signer(service.auth)]}
+    with httpx.Client(base_url=f"http://127.0.0.1:{service.port}", timeout=10, event_hooks=hooks) as client:
         yield client
 
 

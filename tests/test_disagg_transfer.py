@@ -19,7 +19,7 @@ import torch
 from pdserve.disagg import messages as m
 from pdserve.disagg.transfer import BACKENDS, PeerLost, SendResult, create_receiver, create_sender
 from pdserve.disagg.transfer.stream import paired_runs, runs
-from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.kv_pool import SHM_TRAILER_BYTES, KVPool
 
 HOST = "127.0.0.1"
 WAIT_S = 10.0
@@ -33,7 +33,7 @@ spec = json.loads(sys.argv[1])
 pool = filled_pool(spec["seed"], spec["dtype"])
 results = []
 sender = create_sender(spec["backend"], pool, results.append, 10.0)
-dst = m.ReceiverInfo(**spec["receiver"])
+dst = m.msgspec.convert(spec["receiver"], m.ReceiverInfo)
 for room, src, dst_pages, finish in spec["jobs"]:
     sender.send_message(dst, m.Accepted(room, 0))
     sender.send_pages(dst, room, src, dst_pages)
@@ -226,7 +226,7 @@ def test_cancel_and_unreachable_receiver(backend, closing):
     assert [r.cancelled for r in done] == [False, True, True, False]
 
     with socket_nobody_listens_on() as port:
-        dead = m.ReceiverInfo(backend, HOST, port, SHAPE["num_pages"], info.shm_path)
+        dead = m.ReceiverInfo(backend, HOST, port, SHAPE["num_pages"], info.shm)
         sender.send_pages(dead, 10, [1], [1])
         deadline = time.monotonic() + WAIT_S
         while len(done) < 5 and time.monotonic() < deadline:
@@ -252,7 +252,8 @@ def test_shm_sender_refuses_a_missing_segment(closing):
     done: list[SendResult] = []
     sender = create_sender("shm", filled_pool(4, "float32"), done.append, 2.0)
     closing(sender)
-    sender.send_pages(m.ReceiverInfo("shm", HOST, 1, SHAPE["num_pages"], "/dev/shm/pdserve-kv-missing"), 1, [0], [0])
+    missing = m.ShmSegment(os.getpid(), 10**6 - 1, "0" * 24)
+    sender.send_pages(m.ReceiverInfo("shm", HOST, 1, SHAPE["num_pages"], missing), 1, [0], [0])
     deadline = time.monotonic() + WAIT_S
     while not done and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -264,7 +265,7 @@ def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
     before = [layer.clone() for layer in pool.layers]
     layers_list = pool.layers
     path = pool.to_shared_memory()
-    assert path.startswith(f"/proc/{os.getpid()}/fd/") and os.path.getsize(path) == pool.bytes_total()
+    assert path.startswith(f"/proc/{os.getpid()}/fd/") and os.path.getsize(path) == pool.bytes_total() + SHM_TRAILER_BYTES
     assert "(deleted)" in os.readlink(path) and not glob.glob(f"/dev/shm/pdserve-kv-{os.getpid()}-*")
     assert pool.layers is layers_list and all(torch.equal(a, b) for a, b in zip(before, pool.layers))
     mapped = torch.from_file(path, shared=True, size=pool.bytes_total() // 4, dtype=torch.float32)

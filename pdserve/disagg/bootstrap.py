@@ -15,12 +15,20 @@ Routes::
     PUT  /bootstrap/rooms/{room}        body RoomRank
     GET  /bootstrap/rooms/{room}?wait=  RoomRank
     DELETE /bootstrap/rooms/{room}
+
+Writes (PUT, DELETE) must carry an ``X-PDServe-Auth`` envelope sealing method, path and body with
+the deployment's secret (:mod:`.auth`); others are 401. Reads stay open: they reveal control
+endpoints and KV layouts, which an attacker cannot use without the secret (every control message
+and transfer connection is authenticated). Each read answer is MACed with the nonce the client
+sent (``X-PDServe-Nonce`` -> ``X-PDServe-Answer``), so decode trusts only answers from a bootstrap
+service of its own deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import time
 from collections import OrderedDict
@@ -30,8 +38,21 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomRank
+from pdserve.disagg.stats import Refusals
 from pdserve.disagg.threads import EventLoopThread
+
+AUTH_HEADER = "X-PDServe-Auth"
+NONCE_HEADER = "X-PDServe-Nonce"
+ANSWER_HEADER = "X-PDServe-Answer"
+MAX_BODY_BYTES = 1 << 20  # a RankInfo or RoomRank is well under this
+KEEPALIVE_S = 15.0  # idle kept-alive connections are closed after this
+MAX_NONCE_CHARS = 64
+
+
+def _write_purpose(method: str, path: str) -> bytes:
+    return f"bootstrap {method} {path}".encode()
 
 MAX_WAIT_S = 60.0  # longest single long-poll; clients poll again until their own deadline
 ROOM_TTL_S = 3600.0  # room registrations older than this are dropped
@@ -113,6 +134,8 @@ class BootstrapServer:
         host: str = "127.0.0.1",
         port: int = 8998,
         load_balance_method: str = "follow_bootstrap_room",
+        auth: PlaneAuth | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         if dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
@@ -120,6 +143,8 @@ class BootstrapServer:
         self.host = host
         self.requested_port = port
         self.load_balance_method = load_balance_method
+        self.auth = auth or PlaneAuth(None)
+        self.refusals = refusals or Refusals()
         self.port = 0
         self._ranks = _Waitable()
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
@@ -153,7 +178,7 @@ class BootstrapServer:
         return self
 
     async def _start(self, sock: socket.socket) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
         app.router.add_get("/health", self._health)
         app.router.add_get("/bootstrap/info", self._info)
         app.router.add_put("/bootstrap/ranks/{rank}", self._put_rank)
@@ -161,7 +186,10 @@ class BootstrapServer:
         app.router.add_put("/bootstrap/rooms/{room}", self._put_room)
         app.router.add_get("/bootstrap/rooms/{room}", self._get_room)
         app.router.add_delete("/bootstrap/rooms/{room}", self._delete_room)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=KEEPALIVE_S,
+            max_line_size=8190, max_field_size=8190,
+        )
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
 
@@ -197,6 +225,23 @@ class BootstrapServer:
             raise ValueError(f"prefill rank {rank} is outside [0, {self.dp_size})")
 
     # ------------------------------------------------------------------ handlers
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Writes must be sealed with the secret; read answers are MACed with the client's nonce."""
+        if request.method not in ("GET", "HEAD"):
+            body = await request.read()
+            try:
+                self.auth.open_header(_write_purpose(request.method, request.path), request.headers.get(AUTH_HEADER),
+                                      body)
+            except AuthError as e:
+                self.refusals.record("bootstrap", "unauthenticated_write", f"{request.method} {request.path}: {e}")
+                return _error(401, f"{request.method} {request.path} refused: {e}")
+        response = await handler(request)
+        nonce = request.headers.get(NONCE_HEADER)
+        if nonce is not None and len(nonce) <= MAX_NONCE_CHARS and isinstance(response, web.Response):
+            response.headers[ANSWER_HEADER] = self.auth.answer_tag(nonce, response.body or b"")
+        return response
+
     async def _health(self, request: web.Request) -> web.Response:
         missing = [r for r in range(self.dp_size) if self._ranks.get_now(r) is None]
         if missing:
@@ -302,9 +347,10 @@ class BootstrapClient:
     RETRY_MIN_S = 0.05
     RETRY_MAX_S = 1.0
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, auth: PlaneAuth | None = None) -> None:
         self.host = host
         self.port = port
+        self.auth = auth or PlaneAuth(None)
         self.base = f"http://{host}:{port}"
         self._session: aiohttp.ClientSession | None = None
 
@@ -362,6 +408,12 @@ class BootstrapClient:
         last = "no answer"
         data = msgspec.json.encode(body) if body is not None else None
         while True:
+            nonce = secrets.token_hex(16)
+            headers = {NONCE_HEADER: nonce}
+            if data is not None:
+                headers["Content-Type"] = "application/json"
+            if method not in ("GET", "HEAD"):
+                headers[AUTH_HEADER] = self.auth.seal_header(_write_purpose(method, path), data or b"")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BootstrapError(
@@ -371,11 +423,15 @@ class BootstrapClient:
             try:
                 timeout = aiohttp.ClientTimeout(total=remaining + 2.0, connect=min(remaining, 5.0))
                 async with self._http().request(
-                    method, self.base + path, params=params, data=data, timeout=timeout,
-                    headers={"Content-Type": "application/json"} if data is not None else None,
+                    method, self.base + path, params=params, data=data, timeout=timeout, headers=headers,
                 ) as resp:
                     raw = await resp.read()
                     if resp.status == 200:
+                        try:
+                            self.auth.check_answer(nonce, raw, resp.headers.get(ANSWER_HEADER))
+                        except AuthError as e:
+                            raise BootstrapError(f"bootstrap service at {self.address} answered {what}: {e}", what,
+                                                 Cause.BOOTSTRAP_ERROR) from None
                         return msgspec.json.decode(raw, type=result_type) if result_type is not None else None
                     message = _error_message(raw, resp.status)
                     if resp.status != 503:

@@ -5,7 +5,8 @@ Kept free of heavy imports: ``pdserve --help`` loads it."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 
 MODES = ("null", "prefill", "decode")
 BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer
@@ -22,6 +23,32 @@ class DisaggConfig:
     bootstrap_timeout: float = 30.0  # decode: reach the prefill server's bootstrap service and rank; prefill: register
     waiting_timeout: float = 300.0  # either side: the other half of a room must show up (and prefill compute) within this
     transfer_timeout: float = 60.0  # a started transfer may stall at most this long
+    secret: str | None = None  # shared by every server of the deployment (pdserve.disagg.auth); never on a command line
+    allow_insecure: bool = False  # serve the plane on a non-loopback address without a secret
+    allowed_bootstrap: list[str] = field(default_factory=list)  # decode: hosts/CIDRs it may contact; [] = default
+    max_connections: int = 256  # decode: concurrent transfer connections accepted (beyond: closed at once)
+    handshake_timeout: float = 5.0  # a transfer connection must authenticate within this
+
+    def allowed_networks(self) -> list[str]:
+        """The outbound allow-list in force: the flag's entries, else loopback when serving on
+        loopback, else everything ("*")."""
+        from pdserve.disagg.auth import is_loopback
+
+        if self.allowed_bootstrap:
+            return list(self.allowed_bootstrap)
+        return ["127.0.0.0/8", "::1", "localhost"] if is_loopback(self.host) else ["*"]
+
+    def bootstrap_allowed(self, host: str) -> bool:
+        """Whether decode may contact a bootstrap service at ``host`` (IP literal or name)."""
+        for entry in self.allowed_networks():
+            if entry == "*" or entry.lower() == host.lower():
+                return True
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -32,9 +59,29 @@ class DisaggConfig:
             )
         if not 0 <= self.bootstrap_port < 65536:
             raise ValueError(f"disaggregation bootstrap port must be in [0, 65535], got {self.bootstrap_port}")
-        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout"):
+        for entry in self.allowed_bootstrap:
+            if entry != "*" and not _is_network(entry) and not _is_hostname(entry):
+                raise ValueError(f"--disaggregation-allowed-bootstrap entry {entry!r} is not a host, address or CIDR")
+        if self.max_connections < 1:
+            raise ValueError(f"disaggregation max connections must be >= 1, got {self.max_connections}")
+        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "handshake_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"disaggregation {name.replace('_', ' ')} must be > 0 seconds, got {getattr(self, name)}")
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_hostname(entry: str) -> bool:
+    labels = entry.rstrip(".").split(".")
+    return 0 < len(entry) <= 253 and all(
+        0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii() for label in labels
+    )
 
 
 def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +104,29 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         "--disaggregation-transfer-timeout", type=float, default=d.transfer_timeout,
         help="seconds a started KV transfer may stall",
     )
+    parser.add_argument(
+        "--disaggregation-secret", default=None,
+        help="secret shared by every prefill and decode server of the deployment; authenticates bootstrap "
+        "writes, control messages and transfer connections (default: $PDSERVE_DISAGG_SECRET, else derived "
+        "from --api-key; pdserve launch generates one)",
+    )
+    parser.add_argument(
+        "--disaggregation-allow-insecure", action="store_true",
+        help="start a P/D server on a non-loopback --host without a secret (refused otherwise)",
+    )
+    parser.add_argument(
+        "--disaggregation-allowed-bootstrap", default="",
+        help="decode: comma-separated hosts/CIDRs whose bootstrap services requests may name "
+        "(default: loopback when --host is loopback, else any; '*' for any)",
+    )
+    parser.add_argument(
+        "--disaggregation-max-connections", type=int, default=d.max_connections,
+        help="decode: concurrent KV transfer connections accepted; more are closed at once",
+    )
+    parser.add_argument(
+        "--disaggregation-handshake-timeout", type=float, default=d.handshake_timeout,
+        help="seconds a KV transfer connection has to authenticate before it is closed",
+    )
 
 
 def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
@@ -68,4 +138,9 @@ def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
         bootstrap_timeout=args.disaggregation_bootstrap_timeout,
         waiting_timeout=args.disaggregation_waiting_timeout,
         transfer_timeout=args.disaggregation_transfer_timeout,
+        secret=args.disaggregation_secret,
+        allow_insecure=args.disaggregation_allow_insecure,
+        allowed_bootstrap=[e.strip() for e in args.disaggregation_allowed_bootstrap.split(",") if e.strip()],
+        max_connections=args.disaggregation_max_connections,
+        handshake_timeout=args.disaggregation_handshake_timeout,
     )

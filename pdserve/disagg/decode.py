@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import zmq
 
 from pdserve.disagg import messages as m
+from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
-from pdserve.disagg.transfer import PeerLost, ReceiverEvent, create_receiver
+from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.request import Req, RequestError, StepOutput
 
@@ -102,12 +103,14 @@ class DecodeDisaggManager:
         self.rank = dp_rank
         self.model = model or model_id(core)
         self.inbox = Inbox()
+        self.auth = PlaneAuth(config.secret)
+        self.stats = TransferStats("decode")
         self.receiver = create_receiver(
             config.transfer_backend, self.pool, lambda e: self.inbox.put(_Arrived(time.monotonic(), e)), config.host,
             config.transfer_timeout,
+            guard=ReceiverGuard(self.auth, self.stats.refusals, config.max_connections, config.handshake_timeout),
         )
         self.receiver_info = self.receiver.info()
-        self.stats = TransferStats("decode")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
         self.quarantine: dict[int, tuple[list[int], float]] = {}  # receive references a writer may still use
@@ -159,6 +162,9 @@ class DecodeDisaggManager:
             raise RoomConflictError(f"bootstrap_room {room} is already active on decode rank {self.rank}")
         if prefill_rank is not None and prefill_rank < 0:
             raise RequestError(f"prefill DP rank must be >= 0, got {prefill_rank}")
+        if not self.config.bootstrap_allowed(bootstrap_host):
+            raise RequestError(f"bootstrap_host {bootstrap_host!r} is outside --disaggregation-allowed-bootstrap "
+                               f"({', '.join(self.config.allowed_networks())})")
         self.core.validate(req)
         if req.rid in self.by_rid or self.scheduler._find(req.rid) is not None:
             raise RequestError(f"rid {req.rid!r} is already in use")
@@ -217,7 +223,7 @@ class DecodeDisaggManager:
         key = (r.host, r.port)
         client = self._clients.get(key)
         if client is None:
-            client = self._clients[key] = BootstrapClient(r.host, r.port)
+            client = self._clients[key] = BootstrapClient(r.host, r.port, self.auth)
         deadline = r.added_at + self.config.bootstrap_timeout
         rank = r.prefill_rank
         try:
@@ -248,7 +254,7 @@ class DecodeDisaggManager:
 
     def _send_control(self, r: _Room, msg: m.ControlMsg) -> None:
         assert r.info is not None
-        endpoint, data = r.info.control_endpoint, m.encode(msg)
+        endpoint, data = r.info.control_endpoint, m.CONTROL.encode(msg, self.auth)
 
         def push() -> None:
             sock = self._push.get(endpoint)

@@ -4,9 +4,13 @@ Three boundaries, one wire format each:
 
 - bootstrap HTTP service (JSON): :class:`RankInfo`, :class:`BootstrapInfo`, :class:`RoomRank`,
   :class:`ErrorBody`;
-- control plane, decode rank -> prefill rank (msgpack over ZMQ PUSH/PULL): :data:`ControlMsg`;
+- control plane, decode rank -> prefill rank (msgpack over ZMQ PUSH/PULL, each message sealed with
+  the deployment's secret by :data:`CONTROL`): :data:`ControlMsg`;
 - transfer stream, prefill rank -> decode rank (msgpack headers, each followed by its page bytes
-  for the ``tcp`` backend): :data:`StreamMsg`.
+  for the ``tcp`` backend, on a connection authenticated by a challenge): :data:`StreamMsg`.
+
+Authentication (:mod:`.auth`) happens here, at encode/decode, for every type of a boundary: a new
+member of :data:`ControlMsg` is sealed and checked like the others.
 
 What managers report to the server (per-request ``meta_info``, counters) is in :mod:`.stats`.
 
@@ -20,6 +24,7 @@ from array import array
 
 import msgspec
 
+from pdserve.disagg.auth import PlaneAuth
 from pdserve.engine.kv_pool import KVLayout
 from pdserve.engine.request import TokenLogprobs
 
@@ -88,6 +93,16 @@ class ErrorBody(msgspec.Struct, frozen=True):
 # ---------------------------------------------------------------- control: decode -> prefill
 
 
+class ShmSegment(msgspec.Struct, frozen=True):
+    """Where a decode pool's shared memory is: prefill opens ``/proc/{pid}/fd/{fd}`` (built here, never a
+    path from the wire) and maps it only if it is a pdserve KV segment whose trailer carries ``segment``
+    and a MAC of it under the deployment's secret (:mod:`pdserve.disagg.transfer.shm`)."""
+
+    pid: int
+    fd: int
+    segment: str  # random hex id the decode side chose when it created the segment
+
+
 class ReceiverInfo(msgspec.Struct, frozen=True):
     """A decode rank's transfer endpoint: the prefill sender connects here."""
 
@@ -95,7 +110,7 @@ class ReceiverInfo(msgspec.Struct, frozen=True):
     host: str
     port: int
     num_pages: int
-    shm_path: str | None = None  # shm backend: the decode pool's shared-memory file
+    shm: ShmSegment | None = None  # shm backend: the decode pool's shared-memory segment
 
     @property
     def address(self) -> str:
@@ -167,16 +182,30 @@ StreamMsg = Accepted | Pages | Aux | Status
 
 
 _msgpack = msgspec.msgpack.Encoder()
-_control = msgspec.msgpack.Decoder(ControlMsg)
 _stream = msgspec.msgpack.Decoder(StreamMsg)
+
+
+class SealedBoundary:
+    """Encode/decode of one boundary's messages, each sealed with the deployment's secret."""
+
+    def __init__(self, purpose: bytes, msg_type: object) -> None:
+        self.purpose = purpose
+        self._decoder = msgspec.msgpack.Decoder(msg_type)
+
+    def encode(self, msg: msgspec.Struct, auth: PlaneAuth) -> bytes:
+        return auth.seal(self.purpose, _msgpack.encode(msg))
+
+    def decode(self, data: bytes, auth: PlaneAuth):
+        """The message; :class:`~pdserve.disagg.auth.AuthError` unless sealed with the secret,
+        ``msgspec.DecodeError``/``ValidationError`` if malformed."""
+        return self._decoder.decode(auth.open(self.purpose, data))
+
+
+CONTROL = SealedBoundary(b"control", ControlMsg)
 
 
 def encode(msg: msgspec.Struct) -> bytes:
     return _msgpack.encode(msg)
-
-
-def decode_control(data: bytes) -> ControlMsg:
-    return _control.decode(data)
 
 
 def decode_stream(data: bytes | memoryview) -> StreamMsg:

@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.disagg import messages as m
+from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
@@ -39,6 +40,13 @@ from pdserve.engine.request import Req, ReqState, StepOutput
 logger = logging.getLogger("pdserve.disagg.prefill")
 
 IDLE_CHECK_S = 0.25  # how often timeouts are checked while rooms are pending
+
+
+def max_control_bytes(num_pages: int) -> int:
+    """Largest control message a rank accepts (ZMQ ``MAXMSGSIZE``; a peer sending more is disconnected):
+    a KV request lists at most one destination page per page of this pool (its prompt must fit here too),
+    each at most 9 bytes of msgpack, plus the envelope, layout and names."""
+    return (64 << 10) + 9 * num_pages
 
 
 def model_id(core: EngineCore) -> str:
@@ -92,9 +100,11 @@ class PrefillDisaggManager:
         self.rank = dp_rank
         self.model = model or model_id(core)
         self.register_rooms = register_rooms
-        self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port)
+        self.auth = PlaneAuth(config.secret)
+        self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port, self.auth)
         self.inbox = Inbox()
-        self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout)
+        self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout,
+                                    auth=self.auth)
         self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
@@ -113,6 +123,7 @@ class PrefillDisaggManager:
         """Bind the control socket and register this rank at the bootstrap service (bounded)."""
         self._pull = self._zmq.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, max_control_bytes(self.pool.num_pages))
         self._pull.bind(f"tcp://{self.config.host}:*")
         port = int(self._pull.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
         self._io.submit(self._receive())
@@ -130,9 +141,11 @@ class PrefillDisaggManager:
         while True:
             data = await self._pull.recv()
             try:
-                self.inbox.put(m.decode_control(data))
+                self.inbox.put(m.CONTROL.decode(data, self.auth))
+            except AuthError as e:
+                self.stats.refusals.record(f"prefill rank {self.rank} control", "unauthenticated", str(e))
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                logger.warning("prefill rank %d: dropped a malformed control message: %s", self.rank, e)
+                self.stats.refusals.record(f"prefill rank {self.rank} control", "malformed", str(e))
 
     def close(self) -> None:
         async def shutdown() -> None:

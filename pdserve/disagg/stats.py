@@ -5,10 +5,13 @@ the front process loads this module."""
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from collections import Counter
 
 import msgspec
+
+logger = logging.getLogger("pdserve.disagg")
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -35,6 +38,28 @@ class DisaggReport(msgspec.Struct):
     latency_sum_s: float = 0.0
     failures: dict[str, int] = {}
     rooms: dict[str, int] = {}
+    refusals: dict[str, int] = {}  # "listener:reason" -> connections or messages refused at a cap or auth check
+
+
+class Refusals:
+    """Counts what a listener refused (auth, caps, size limits); logs the first of each kind (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def record(self, listener: str, reason: str, detail: str = "") -> None:
+        key = f"{listener}:{reason}"
+        with self._lock:
+            self.counts[key] += 1
+            first = self.counts[key] == 1
+        if first:
+            logger.warning("%s refused %s%s (logged once; counted in /metrics as pdserve:refusals_total)",
+                           listener, reason, f": {detail}" if detail else "")
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
 
 
 class TransferStats:
@@ -44,6 +69,7 @@ class TransferStats:
         self._lock = threading.Lock()
         self._report = DisaggReport(role)
         self._failures: Counter[str] = Counter()
+        self.refusals = Refusals()
 
     def record_transfer(self, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -62,5 +88,5 @@ class TransferStats:
             report = self._report
             return DisaggReport(
                 report.role, report.transfer_bytes, report.transfers, list(report.latency_counts),
-                report.latency_sum_s, dict(self._failures), dict(rooms),
+                report.latency_sum_s, dict(self._failures), dict(rooms), self.refusals.snapshot(),
             )

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 SHM_DIR = "/dev/shm"
+SHM_PREFIX = "pdserve-kv-"
+SHM_TRAILER_BYTES = 4096  # after the layers: room for the owner's proof that the segment is a KV pool
 
 
 class OutOfPagesError(RuntimeError):
@@ -84,6 +86,8 @@ class KVPool:
         self.layout = KVLayout(num_layers, num_kv_heads, head_dim, page_size, str(dtype).removeprefix("torch."))
         self.device = torch.device(device)
         self.shm_path: str | None = None
+        self.shm_fd: int | None = None  # this process's descriptor of the segment
+        self.shm_segment: str | None = None  # random id in the segment's name
         if shared_memory:
             self.layers = self._shared_layers(num_layers, (num_pages, 2, page_size, num_kv_heads, head_dim), dtype)
         else:
@@ -186,9 +190,10 @@ class KVPool:
     def _shared_layers(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
         if self.device.type != "cpu":
             raise ValueError(f"a shared-memory KV pool must live on the CPU, not {self.device}")
-        path = os.path.join(SHM_DIR, f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        segment = uuid.uuid4().hex[:24]
+        path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}-{segment}")
         layer_bytes = self.layout.page_numel * dtype.itemsize * shape[0]
-        size = layer_bytes * num_layers
+        size = layer_bytes * num_layers + SHM_TRAILER_BYTES
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.unlink(path)
         try:
@@ -201,5 +206,6 @@ class KVPool:
         flat = torch.frombuffer(region, dtype=torch.uint8)
         flat.zero_()  # touch every page now: first touches of fresh shared memory are slow
         self.shm_path = f"/proc/{os.getpid()}/fd/{fd}"
+        self.shm_fd, self.shm_segment = fd, segment
         return [flat[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(num_layers)]
 

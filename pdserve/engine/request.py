@@ -23,6 +23,12 @@ class RequestError(ValueError):
     """Invalid request input; the message names the offending field and the allowed range."""
 
 
+MAX_STOP_STRINGS = 64  # each output token is checked against every stop string
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+INT_LIMIT = 1 << 63  # integer parameters must lie in (-2^63, 2^63): they travel as int64
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -106,6 +112,15 @@ class SamplingParams:
             raise RequestError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise RequestError(f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(
+                f"stop_token_ids has {len(self.stop_token_ids)} entries; at most {MAX_STOP_TOKEN_IDS} are allowed"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -127,6 +142,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         raise RequestError("stop must be a string or a list of strings")
     if name == "stop_token_ids":
         if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            if any(not -INT_LIMIT < t < INT_LIMIT for t in value):
+                raise RequestError("stop_token_ids entries must be 64-bit integers")
             return list(value)
         raise RequestError("stop_token_ids must be a list of integers")
     if kind.startswith("bool"):
@@ -134,11 +151,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return value
         raise RequestError(f"{name} must be a boolean, got {type(value).__name__}")
     if kind.startswith("int"):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise RequestError(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT < value < INT_LIMIT:
+                raise RequestError(f"{name} must be a 64-bit integer, got one of {len(str(abs(value)))} digits")
+            return value
+        raise RequestError(f"{name} must be an integer, got {value!r}"[:300])
     if kind.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

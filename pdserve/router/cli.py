@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
 from pdserve.router.config import add_arguments as _add_arguments
 from pdserve.router.config import router_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_arguments(parser)
+    add_http_limit_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = router_config_from_args(args)
         config.validate()
+        limits = http_limits_from_args(args)
     except ValueError as e:
         raise SystemExit(f"pdserve router: {e}") from None
     logging.basicConfig(level=config.log_level.upper(),
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
-            lifespan="on", timeout_graceful_shutdown=5,
+            lifespan="on", timeout_graceful_shutdown=5, **limits.uvicorn_options(),
         )
     ).run()
     return 0

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from pdserve.disagg.auth import SECRET_ENV, generate_secret
 from pdserve.router.config import POLICIES
 
 STOP_GRACE_S = 15.0
@@ -70,6 +71,8 @@ class Launcher:
         self.children: list[Child] = []
         self.print_lock = threading.Lock()
         self.stop_requested = threading.Event()
+        # one secret per launch authenticates the P/D plane between the servers it starts (by env, not argv)
+        self.secret = os.environ.get(SECRET_ENV) or generate_secret()
 
     # ------------------------------------------------------------------ output
     def say(self, line: str) -> None:
@@ -89,7 +92,7 @@ class Launcher:
         self.say(f"[launch] starting {name}: {shlex.join(cmd)}")
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **{SECRET_ENV: self.secret}), start_new_session=True,
         )
         child = Child(name, proc, url)
         child.pump = threading.Thread(target=self._pump, args=(child,), name=f"pump-{name}", daemon=True)

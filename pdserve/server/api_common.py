@@ -35,7 +35,9 @@ async def read_json(request: Request, schema: type[T], max_bytes: int) -> T:
     if not body.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        return msgspec.json.decode(body, type=schema)
+        decoded = msgspec.json.decode(body, type=schema)
+    except RecursionError:
+        raise bad_request("the JSON body is nested too deeply") from None
     except msgspec.ValidationError as e:
         text = str(e)
         found = _PATH_RE.search(text)
@@ -43,6 +45,39 @@ async def read_json(request: Request, schema: type[T], max_bytes: int) -> T:
         raise bad_request(f"invalid request: {text}", param or None) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON body: {e}") from None
+    check_integers(decoded)
+    return decoded
+
+
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack carries to the workers (int64 / uint64)
+MAX_DEPTH = 64
+
+
+def check_integers(value: Any, path: str = "", depth: int = 0) -> None:
+    """400 naming the field for any integer outside int64/uint64 or nesting deeper than :data:`MAX_DEPTH`
+    (such values would otherwise fail later, as a 500, when the request is sent to a worker)."""
+    if depth > MAX_DEPTH:
+        raise bad_request(f"{path or 'the body'} is nested more than {MAX_DEPTH} levels deep", path.split(".")[0] or None)
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            name = path or "body"
+            raise bad_request(f"{name} must fit in 64 bits, got an integer of {len(str(abs(value)))} digits",
+                              name.split("[")[0].split(".")[0])
+    elif isinstance(value, msgspec.Struct):
+        for field in value.__struct_fields__:
+            check_integers(getattr(value, field), f"{path}.{field}" if path else field, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_integers(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        if value and all(type(item) is int for item in value):  # token ids: checked in bulk
+            if not (min(value) >= INT_MIN and max(value) <= INT_MAX):
+                check_integers(next(v for v in value if not INT_MIN <= v <= INT_MAX), f"{path}[]", depth)
+            return
+        for i, item in enumerate(value):
+            check_integers(item, f"{path}[{i}]", depth + 1)
 
 
 def parse_rank(value: Any, name: str, dp_size: int) -> int | None:
@@ -51,6 +86,8 @@ def parse_rank(value: Any, name: str, dp_size: int) -> int | None:
         return None
     if isinstance(value, str):
         text = value.strip()
+        if len(text) > 20:
+            raise bad_request(f"{name} must be an integer in [0, {dp_size - 1}], got {len(text)} characters", name)
         if text.lstrip("-").isdigit():
             value = int(text)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < dp_size:
@@ -88,8 +125,8 @@ def per_item(value: Any, count: int, name: str, batch: bool) -> list[Any]:
 def check_room(room: Any) -> int | None:
     if room is None:
         return None
-    if not isinstance(room, int) or isinstance(room, bool) or room < 0:
-        raise bad_request(f"bootstrap_room must be a non-negative integer, got {room!r}", "bootstrap_room")
+    if not isinstance(room, int) or isinstance(room, bool) or not 0 <= room < 1 << 64:
+        raise bad_request(f"bootstrap_room must be an integer in [0, 2^64), got {room!r}"[:300], "bootstrap_room")
     return room
 
 

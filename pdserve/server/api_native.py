@@ -29,6 +29,7 @@ from pdserve.server.api_common import (
 )
 from pdserve.server.errors import ServerError, bad_request
 from pdserve.server.generation import (
+    MAX_BATCH,
     Generation,
     GenRequest,
     close_all,
@@ -100,6 +101,8 @@ def build_requests(state: ServerState, request: Request, body: GenerateBody) -> 
     service = state.require_service()
     prompts, batch = _prompts(body)
     n = len(prompts)
+    if n > MAX_BATCH:
+        raise bad_request(f"a batch may hold at most {MAX_BATCH} prompts, got {n}", "text" if body.text else "input_ids")
     rank = pinned_rank(request, body, state.config.dp_size)
     rids = per_item(body.rid, n, "rid", batch)
     if batch and isinstance(body.rid, str):
@@ -122,7 +125,7 @@ def build_requests(state: ServerState, request: Request, body: GenerateBody) -> 
             params = SamplingParams.from_dict(raw)
         except RequestError as e:
             raise bad_request(f"sampling_params: {e}", "sampling_params") from None
-        ids = service.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = service.encode(prompt, field="text") if isinstance(prompt, str) else prompt
         reqs.append(
             GenRequest(
                 rid=rids[i] if rids[i] is not None else (base if n == 1 else f"{base}-{i}"),
@@ -177,7 +180,7 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
 async def generate(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateBody, state.config.max_request_bytes)
-    reqs, batch = build_requests(state, request, body)
+    reqs, batch = await state.require_service().offload(build_requests, state, request, body)
     gens = state.require_service().start_all(reqs)
     if not body.stream:
         try:

@@ -31,7 +31,16 @@ from pdserve.server.api_common import (
     unless_disconnected,
 )
 from pdserve.server.errors import ServerError, bad_request
-from pdserve.server.generation import Generation, GenRequest, close_all, first_outputs, interleave, run_to_end
+from pdserve.server.generation import (
+    MAX_BATCH,
+    Generation,
+    GenerationService,
+    GenRequest,
+    close_all,
+    first_outputs,
+    interleave,
+    run_to_end,
+)
 from pdserve.server.state import ServerState
 
 MAX_LOGPROBS = 20
@@ -269,6 +278,8 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
         raise bad_request("prompt is required", "prompt")
     if isinstance(prompt, str) and prompt:
         return [service.encode(prompt)]
+    if isinstance(prompt, list) and len(prompt) > MAX_BATCH and not all(isinstance(t, int) for t in prompt):
+        raise bad_request(f"a batch may hold at most {MAX_BATCH} prompts, got {len(prompt)}", "prompt")
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) and p for p in prompt):
             return [service.encode(p) for p in prompt]
@@ -295,7 +306,7 @@ async def completions(request: Request) -> Response:
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
     params, given = _sampling(body, body.max_tokens, "max_tokens")
-    prompts = _completion_prompts(state, body.prompt)
+    prompts = await state.require_service().offload(_completion_prompts, state, body.prompt)
     reqs = _requests(state, request, body, prompts, params, given, "cmpl", "prompt", "max_tokens", body.logprobs)
     gens = state.require_service().start_all(reqs)
     cid = reqs[0].rid if len(reqs) == 1 else f"cmpl-{uuid.uuid4().hex}"
@@ -414,6 +425,17 @@ def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
+    """The chat template applied to ``messages``, tokenized (run off the event loop)."""
+    try:
+        prompt = service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=body.tools, **(body.chat_template_kwargs or {})
+        )
+    except Exception as e:
+        raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
+    return service.encode(prompt, add_special_tokens=False, field="messages")
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
@@ -429,13 +451,7 @@ async def chat_completions(request: Request) -> Response:
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params, given = _sampling(body, max_tokens, max_field)
-    try:
-        prompt = service.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tools=body.tools, **(body.chat_template_kwargs or {})
-        )
-    except Exception as e:
-        raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
-    ids = service.encode(prompt, add_special_tokens=False)
+    ids = await service.offload(_chat_prompt_ids, service, messages, body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top)
     gens = service.start_all(reqs)

@@ -35,7 +35,9 @@ def _reject_api_key(path: str) -> JSONResponse:
 
 def _render(request: Request, error: ServerError) -> JSONResponse:
     body = error.openai_body() if request.url.path.startswith("/v1/") else error.native_body()
-    return JSONResponse(body, status_code=error.status)
+    # after an unexpected error the connection's state is unknown: say it closes (a 4xx keeps it)
+    headers = {"Connection": "close"} if error.status >= 500 and error.status != 503 else None
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def create_app(config: ServerConfig) -> FastAPI:

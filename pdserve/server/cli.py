@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
 from pdserve.server.config import add_arguments as _add_arguments
 from pdserve.server.config import server_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_arguments(parser)
+    add_http_limit_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     config = server_config_from_args(args)
     try:
         config.validate()
+        limits = http_limits_from_args(args)
     except ValueError as e:
         raise SystemExit(f"pdserve serve: {e}") from None
     logging.basicConfig(
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             access_log=config.log_level == "debug",
             timeout_graceful_shutdown=int(config.graceful_shutdown_s),
             lifespan="on",
+            **limits.uvicorn_options(),
         )
     )
     state = app.state.server

@@ -46,6 +46,15 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        from pdserve.disagg.auth import is_loopback
+
+        insecure = self.disagg.mode != "null" and not self.disagg.secret and not self.disagg.allow_insecure
+        if insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"a {self.disagg.mode} server on {self.host} (not loopback) needs a secret shared with its P/D "
+                "peers: set --disaggregation-secret, $PDSERVE_DISAGG_SECRET or --api-key (or pass "
+                "--disaggregation-allow-insecure on a network you trust)"
+            )
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +77,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from pdserve.disagg.auth import resolve_secret
+
     disagg = disagg_config_from_args(args)
+    disagg.secret = resolve_secret(disagg.secret, args.api_key)
     method = args.load_balance_method
     if method is None:
         method = "follow_bootstrap_room" if disagg.mode == "prefill" else ServerConfig.load_balance_method

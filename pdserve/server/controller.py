@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import zmq
 import zmq.asyncio
 
+from pdserve.disagg.auth import SECRET_ENV, PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput
 from pdserve.server import messages as msg
@@ -110,11 +111,16 @@ class DPController:
 
             self.bootstrap = await asyncio.to_thread(
                 BootstrapServer(self.dp_size, self.config.host, disagg.bootstrap_port,
-                                self.config.load_balance_method).start
+                                self.config.load_balance_method, PlaneAuth(disagg.secret),
+                                refusals=self.metrics.refusals if self.metrics is not None else None).start
             )
             disagg = replace(disagg, bootstrap_port=self.bootstrap.port)
             logger.info("P/D bootstrap service on %s", self.bootstrap.address)
-        disagg = replace(disagg, host=self.config.host)
+        if disagg.mode != "null" and not disagg.secret:
+            logger.warning("P/D plane of this server is NOT authenticated: no --disaggregation-secret, "
+                           "$%s or --api-key (acceptable on loopback only)", SECRET_ENV)
+        secret = disagg.secret
+        disagg = replace(disagg, host=self.config.host, secret=None)  # the spec is a command line: secret via env
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-")
         self._sync_ctx = zmq.Context(1)
         self._async_ctx = zmq.asyncio.Context(1)
@@ -125,6 +131,9 @@ class DPController:
         self._pull.bind(out_addr)
         threads = self.config.engine.torch_threads or max(1, len(os.sched_getaffinity(0)) // self.dp_size)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env.pop(SECRET_ENV, None)
+        if secret:
+            env[SECRET_ENV] = secret
         for state in self.ranks:
             in_addr = f"ipc://{self._tmpdir}/in{state.rank}"
             sock = self._sync_ctx.socket(zmq.PUSH)

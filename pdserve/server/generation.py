@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
@@ -21,7 +22,12 @@ from pdserve.server import messages as msg
 from pdserve.server.controller import DPController, RequestHandle
 from pdserve.server.errors import ServerError, bad_request
 
+T = TypeVar("T")
+
 MAX_TOP_LOGPROBS = 20
+MAX_CHARS_PER_TOKEN = 32  # a text prompt longer than context_length * this cannot fit: refused before tokenizing
+MAX_BATCH = 1024  # prompts in one request
+OFFLOAD_THREADS = 2  # tokenization and chat templates run here, never on the event loop
 
 
 @dataclass
@@ -56,9 +62,23 @@ class GenerationService:
         self.max_total_tokens = info.max_total_tokens
         self.vocab_size = info.vocab_size
         self._token_text: dict[int, str] = {}
+        self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
+        self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
+        request cannot stall other clients' streams or ``/health``."""
+        return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
 
     # ------------------------------------------------------------------ text
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Token ids of ``text``; 400 naming ``field`` before tokenizing when it cannot fit the context."""
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(
+                f"{field} has {len(text)} characters; with a context length of {self.context_length} tokens at "
+                f"most {self.max_prompt_chars} are accepted",
+                field,
+            )
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
@@ -127,6 +147,13 @@ class GenerationService:
         if self.controller.config.disagg.mode == "decode" and req.bootstrap_room is not None:
             if not req.bootstrap_host:
                 raise bad_request("bootstrap_host is required with bootstrap_room on a decode server", "bootstrap_host")
+            disagg = self.controller.config.disagg
+            if not disagg.bootstrap_allowed(req.bootstrap_host):
+                raise bad_request(
+                    f"bootstrap_host {req.bootstrap_host[:256]!r} is not an allowed bootstrap address "
+                    f"(--disaggregation-allowed-bootstrap: {', '.join(disagg.allowed_networks())})",
+                    "bootstrap_host",
+                )
             if req.prefill_dp_rank is not None and req.prefill_dp_rank < 0:
                 raise bad_request(
                     f"disagg_prefill_dp_rank must be >= 0, got {req.prefill_dp_rank}", "disagg_prefill_dp_rank"

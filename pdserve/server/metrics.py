@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdserve.disagg.stats import LATENCY_BUCKETS_S, DisaggReport
+from pdserve.disagg.stats import LATENCY_BUCKETS_S, DisaggReport, Refusals
+from pdserve.http_common import HTTP_REFUSALS
 from pdserve.server.messages import RankLoad
 
 LATENCY_BUCKETS = (
@@ -78,6 +79,7 @@ class ServerMetrics:
         self.requests = Counter(
             "sglang:num_requests", "Finished requests", ["model_name"], registry=self.registry
         )
+        self.refusals = Refusals()  # the front's own listeners (bootstrap service)
         self.disagg = DisaggCollector(self)
         self.registry.register(self.disagg)
 
@@ -142,6 +144,12 @@ class DisaggCollector:
                                         "First KV page sent/received to transfer complete", labels=labels)
         failures = CounterMetricFamily("pdserve:kv_transfer_failures", "Failed P/D rooms by cause",
                                        labels=[*labels, "cause"])
+        refusals = CounterMetricFamily("pdserve:refusals", "Connections and messages refused at an auth check or a cap",
+                                       labels=["model_name", "where", "listener", "reason"])
+        for key, n in sorted(self.metrics.refusals.snapshot().items()):
+            refusals.add_metric([self.metrics.model_name, "front", *key.split(":", 1)], n)
+        for reason, n in sorted(HTTP_REFUSALS.items()):
+            refusals.add_metric([self.metrics.model_name, "front", "http", reason], n)
         rooms = GaugeMetricFamily("pdserve:disagg_rooms", "P/D rooms in flight by what they wait for",
                                   labels=[*labels, "state"])
         for rank, report in sorted(self.reports.items()):
@@ -157,4 +165,6 @@ class DisaggCollector:
                 failures.add_metric([*values, cause], n)
             for state, n in sorted(report.rooms.items()):
                 rooms.add_metric([*values, state], n)
-        yield from (moved, count, latency, failures, rooms)
+            for key, n in sorted(report.refusals.items()):
+                refusals.add_metric([self.metrics.model_name, f"dp_rank {rank}", *key.split(":", 1)], n)
+        yield from (moved, count, latency, failures, rooms, refusals)

@@ -90,7 +90,11 @@ class ServerState:
         fails at once with this reason (not 409: that room belongs to another request)."""
         if self.config.disagg.mode != "prefill" or error.status == 409:
             return
-        rooms, rank = request_rooms(request, self.config.dp_size)
+        try:
+            rooms, rank = request_rooms(request, self.config.dp_size)
+        except Exception:  # an unreadable body names no room; the error answer must still go out
+            logger.debug("no room readable in a refused request", exc_info=True)
+            return
         for room in rooms:
             reason = (f"the prefill server refused the request for bootstrap_room {room} with HTTP {error.status}: "
                       f"{error.message}")

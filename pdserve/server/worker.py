@@ -88,7 +88,11 @@ class Worker:
 
     def start_disagg(self) -> None:
         """Create this rank's P/D manager; a prefill rank registers at its front's bootstrap service."""
-        cfg = self.spec.disagg
+        from dataclasses import replace
+
+        from pdserve.disagg.auth import SECRET_ENV
+
+        cfg = replace(self.spec.disagg, secret=os.environ.get(SECRET_ENV) or None)  # the front passes it by env
         if cfg.mode == "prefill":
             from pdserve.disagg.prefill import PrefillDisaggManager
 

@@ -4,40 +4,52 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.config import BACKENDS
-from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
+from pdserve.disagg.transfer.base import (
+    KVReceiver,
+    KVSender,
+    PeerLost,
+    ReceiverEvent,
+    ReceiverGuard,
+    SendResult,
+)
 from pdserve.engine.kv_pool import KVPool
 
-__all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "SendResult", "create_receiver",
-           "create_sender"]
+__all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "ReceiverGuard", "SendResult",
+           "create_receiver", "create_sender"]
 
 
-def create_sender(backend: str, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> KVSender:
+def create_sender(
+    backend: str, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float,
+    auth: PlaneAuth | None = None,
+) -> KVSender:
     _check_pool(backend, pool)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpSender
 
-        return TcpSender(pool, on_done, io_timeout)
+        return TcpSender(pool, on_done, io_timeout, auth)
     if backend == "shm":
         from pdserve.disagg.transfer.shm import ShmSender
 
-        return ShmSender(pool, on_done, io_timeout)
+        return ShmSender(pool, on_done, io_timeout, auth)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def create_receiver(
-    backend: str, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float
+    backend: str, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float,
+    guard: ReceiverGuard | None = None,
 ) -> KVReceiver:
     """A receiver for ``pool`` (the ``shm`` backend moves the pool into shared memory first)."""
     _check_pool(backend, pool)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpReceiver
 
-        return TcpReceiver(pool, on_event, host, io_timeout)
+        return TcpReceiver(pool, on_event, host, io_timeout, guard)
     if backend == "shm":
         from pdserve.disagg.transfer.shm import ShmReceiver
 
-        return ShmReceiver(pool, on_event, host, io_timeout)
+        return ShmReceiver(pool, on_event, host, io_timeout, guard)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

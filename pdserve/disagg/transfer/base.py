@@ -7,6 +7,9 @@ each write with a small ordered notification (:class:`Pages`, then :class:`Aux` 
 :class:`Status`). Whatever a backend does, its receiver reports these stream messages, in order,
 through ``on_event`` — plus :class:`PeerLost` when a sender's connection dies mid-room.
 
+Every connection is authenticated before any frame is read (:class:`ReceiverGuard`: the
+deployment's secret, a cap on concurrent connections and a handshake deadline).
+
 Sends are queued and executed on backend threads; every queued job is reported once through
 ``on_done`` (success, error or cancellation), so the caller knows when it may free the source pages.
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.messages import ReceiverInfo, StreamMsg
+from pdserve.disagg.stats import Refusals
 from pdserve.engine.kv_pool import KVPool
 
 
@@ -48,15 +53,28 @@ class PeerLost:
 ReceiverEvent = StreamMsg | PeerLost
 
 
+@dataclass
+class ReceiverGuard:
+    """What a receiver's listener enforces before and while serving a connection."""
+
+    auth: PlaneAuth = field(default_factory=lambda: PlaneAuth(None))
+    refusals: Refusals = field(default_factory=Refusals)
+    max_connections: int = 256  # concurrent connections; more are closed at once
+    handshake_timeout: float = 5.0  # a connection must authenticate within this
+
+
 class KVSender(ABC):
     """Prefill side: writes pages of the local pool into remote decode pools, in order per receiver."""
 
     backend: ClassVar[str]
 
-    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> None:
+    def __init__(
+        self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth: PlaneAuth | None = None
+    ) -> None:
         self.pool = pool
         self.on_done = on_done
         self.io_timeout = io_timeout
+        self.auth = auth or PlaneAuth(None)
 
     @abstractmethod
     def send_pages(
@@ -83,11 +101,19 @@ class KVReceiver(ABC):
     backend: ClassVar[str]
     close_stops_writes: ClassVar[bool]  # True: after close_room no sender can touch the room's pages
 
-    def __init__(self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float) -> None:
+    def __init__(
+        self,
+        pool: KVPool,
+        on_event: Callable[[ReceiverEvent], None],
+        host: str,
+        io_timeout: float,
+        guard: ReceiverGuard | None = None,
+    ) -> None:
         self.pool = pool
         self.on_event = on_event
         self.host = host
         self.io_timeout = io_timeout
+        self.guard = guard or ReceiverGuard()
 
     @abstractmethod
     def info(self) -> ReceiverInfo:

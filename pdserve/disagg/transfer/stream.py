@@ -1,6 +1,12 @@
 """The ordered byte stream both built-in backends use: one TCP connection per (sender, receiver).
 
-Frames are ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; only a
+A connection starts with a handshake: the receiver sends a random challenge, the sender answers
+with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`), the receiver confirms with one
+byte (so a sender with the wrong secret fails at once, named); the receiver reads no frame
+before that, closes connections that do not authenticate within the guard's handshake timeout and
+accepts at most ``max_connections`` at once. Frames are
+``u32 little-endian header length | msgpack header (StreamMsg) | payload``; a header may not exceed
+:func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
 rooms; :class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
@@ -25,13 +31,15 @@ import numpy as np
 import torch
 
 from pdserve.disagg import messages as m
+from pdserve.disagg.auth import CHALLENGE_BYTES, MAC_BYTES, AuthError
 from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
 from pdserve.engine.kv_pool import KVPool
 
 logger = logging.getLogger("pdserve.disagg.transfer")
 
 HEADER = struct.Struct("<I")
-MAX_HEADER_BYTES = 64 << 20
+STREAM_PURPOSE = b"kv-stream"
+HANDSHAKE_OK = b"\x01"  # the receiver accepted the sender's proof
 IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
@@ -122,6 +130,12 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
+def max_header_bytes(num_pages: int) -> int:
+    """Largest frame header a receiver with ``num_pages`` pages reads: a page list (at most 9 bytes of
+    msgpack per page) plus room for a reason string and one token's logprobs."""
+    return (64 << 10) + 9 * num_pages
+
+
 def frame(msg: m.StreamMsg) -> list[memoryview]:
     header = m.encode(msg)
     return [memoryview(HEADER.pack(len(header))), memoryview(header)]
@@ -161,6 +175,16 @@ class _Destination:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             sock.settimeout(self.sender.io_timeout)
+            try:
+                challenge = recv_exact(sock, CHALLENGE_BYTES)
+                if challenge is None or len(challenge) != CHALLENGE_BYTES:
+                    raise ConnectionError("closed before the handshake (over its connection cap?)")
+                sock.sendall(self.sender.auth.respond(STREAM_PURPOSE, bytes(challenge)))
+                if recv_exact(sock, 1) != HANDSHAKE_OK:
+                    raise ConnectionError("the receiver refused our proof (is --disaggregation-secret the same?)")
+            except (OSError, ConnectionError) as e:
+                sock.close()
+                raise ConnectionError(f"handshake with decode receiver {self.info.address} failed: {e}") from e
             self.sock = sock
         return self.sock
 
@@ -181,8 +205,8 @@ class _Destination:
 class StreamSender(KVSender):
     """Sender half of the stream; subclasses implement :meth:`write_pages`."""
 
-    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float) -> None:
-        super().__init__(pool, on_done, io_timeout)
+    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth=None) -> None:
+        super().__init__(pool, on_done, io_timeout, auth)
         self._lock = threading.Lock()
         self._dests: dict[str, _Destination] = {}
         self._pending: dict[int, list[_Job]] = {}
@@ -271,8 +295,11 @@ class _Slot:
 class StreamReceiver(KVReceiver):
     """Receiver half of the stream; subclasses implement :meth:`read_pages`."""
 
-    def __init__(self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float) -> None:
-        super().__init__(pool, on_event, host, io_timeout)
+    def __init__(
+        self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float, guard=None
+    ) -> None:
+        super().__init__(pool, on_event, host, io_timeout, guard)
+        self.max_header = max_header_bytes(pool.num_pages)
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {}
         self._conns: set[socket.socket] = set()
@@ -334,21 +361,45 @@ class StreamReceiver(KVReceiver):
                 if self._closed:
                     sock.close()
                     return
-                self._conns.add(sock)
+                full = len(self._conns) >= self.guard.max_connections
+                if not full:
+                    self._conns.add(sock)
+            if full:
+                self.guard.refusals.record(f"KV receiver {self.port}", "connection_cap",
+                                           f"{self.guard.max_connections} connections already open")
+                sock.close()
+                continue
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
             threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         open_rooms: set[int] = set()
         reason = "the sender closed the connection"
+        listener = f"KV receiver {self.port}"
+        try:
+            sock.settimeout(self.guard.handshake_timeout)
+            challenge = self.guard.auth.challenge()
+            sock.sendall(challenge)
+            response = recv_exact(sock, MAC_BYTES)
+            self.guard.auth.check_response(STREAM_PURPOSE, challenge, bytes(response or b""))
+            sock.sendall(HANDSHAKE_OK)
+            sock.settimeout(None)
+        except (OSError, ConnectionError, AuthError) as e:
+            why = "unauthenticated" if isinstance(e, AuthError) else "handshake_timeout_or_error"
+            self.guard.refusals.record(listener, why, f"{peer}: {type(e).__name__}: {e}")
+            with self._cond:
+                self._conns.discard(sock)
+            sock.close()
+            return
         try:
             while True:
                 head = recv_exact(sock, HEADER.size)
                 if head is None:
                     break
                 (size,) = HEADER.unpack(head)
-                if size > MAX_HEADER_BYTES:
-                    raise ConnectionError(f"frame header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+                if size > self.max_header:
+                    self.guard.refusals.record(listener, "oversized_frame", f"{peer}: {size} bytes")
+                    raise ConnectionError(f"frame header of {size} bytes exceeds {self.max_header}")
                 msg = m.decode_stream(recv_exact(sock, size) or b"")
                 if isinstance(msg, m.Pages):
                     error = self.read_pages(sock, msg)
