@@ -5,6 +5,8 @@ registers its :class:`RankInfo` (control endpoint, KV layout); when prefill pick
 rather than ``room % dp_size``, the room -> rank assignments are registered too. Lookups of
 something not yet registered wait (``?wait=SECONDS`` long-poll, capped at :data:`MAX_WAIT_S`) and
 answer 503 with a JSON :class:`ErrorBody` at the bound; a rank outside ``[0, dp_size)`` is 404.
+A rank whose worker died is unregistered by the front (lookups then wait for the restarted
+worker's registration, and their 503 says why); a rank given up for good answers 410 at once.
 
 Routes::
 
@@ -122,6 +124,7 @@ class BootstrapServer:
         self.load_balance_method = load_balance_method
         self.port = 0
         self._ranks = _Waitable()
+        self._down: dict[int, tuple[str, bool]] = {}  # rank -> (why it is not registered, given up for good)
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
         self._io: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
@@ -186,6 +189,18 @@ class BootstrapServer:
         assert self._io is not None, "bootstrap service not started"
         self._io.loop.call_soon_threadsafe(self._ranks.set, info.rank, info)
 
+    def unregister_rank(self, rank: int, reason: str, gone: bool = False) -> None:
+        """The rank's worker died: lookups wait for its successor's registration (503 naming ``reason``
+        at their bound), or, ``gone``, answer 410 at once."""
+        self._check_rank(rank)
+        assert self._io is not None, "bootstrap service not started"
+
+        def apply() -> None:
+            self._ranks.pop(rank)
+            self._down[rank] = (reason, gone)
+
+        self._io.loop.call_soon_threadsafe(apply)
+
     def register_room(self, room: int, rank: int) -> None:
         """Record that ``room`` is served by prefill ``rank`` (the front calls this when it dispatches)."""
         self._check_rank(rank)
@@ -219,6 +234,7 @@ class BootstrapServer:
             return _error(400, f"RankInfo.rank={info.rank} does not match the path rank {rank}")
         if not 0 <= rank < self.dp_size:
             return _error(400, f"prefill rank {rank} is outside [0, {self.dp_size}) (dp_size {self.dp_size})")
+        self._down.pop(rank, None)
         self._ranks.set(rank, info)
         return web.json_response({"registered": rank})
 
@@ -229,12 +245,17 @@ class BootstrapServer:
                 return bad
         if not 0 <= rank < self.dp_size:
             return _error(404, f"prefill rank {rank} does not exist: this prefill server has dp_size {self.dp_size}")
+        down = self._down.get(rank)
+        if down is not None and down[1]:
+            return _error(410, f"prefill rank {rank} is down for good: {down[0]}", f"prefill rank {rank}")
         info = await self._ranks.get(rank, wait)
         if info is None:
+            down = self._down.get(rank)
+            why = f" (it died and is restarting: {down[0]})" if down is not None else ""
             return _error(
-                503,
+                410 if down is not None and down[1] else 503,
                 f"prefill rank {rank} has not registered with the bootstrap service at {self.address} "
-                f"within {wait:.3g} s",
+                f"within {wait:.3g} s{why}",
                 f"registration of prefill rank {rank}",
                 wait,
             )

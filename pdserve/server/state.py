@@ -64,9 +64,12 @@ class ServerState:
     def unhealthy_reason(self) -> str:
         if self.startup_error:
             return self.startup_error
-        dead = [s for s in self.controller.ranks if not s.alive]
+        ranks = self.controller.ranks
+        if self.service is not None and not any(s.phase == "ready" for s in ranks):
+            return "no DP rank is serving: " + "; ".join(self.controller.rank_unavailable(s) for s in ranks)
+        dead = [s for s in ranks if s.error]
         if dead:
-            return "; ".join(s.error or f"DP rank {s.rank} is down" for s in dead)
+            return "; ".join(s.error or "" for s in dead)
         return "the server is starting" if self.service is None else "the server is shutting down"
 
     def require_service(self) -> GenerationService:
@@ -105,9 +108,10 @@ class ServerState:
                 rid=f"health-{uuid.uuid4().hex}",
                 input_ids=ids,
                 params=SamplingParams(max_new_tokens=1, temperature=0.0),
-                dp_rank=rank,
+                dp_rank=state.rank,
             )
-            for rank in range(self.config.dp_size)
+            for state in self.controller.ranks
+            if state.phase == "ready"
         ]
         try:
             gens = service.start_all(reqs)
