@@ -17,6 +17,12 @@ Routes::
     PUT  /bootstrap/rooms/{room}        body RoomRank
     GET  /bootstrap/rooms/{room}?wait=  RoomRank
     DELETE /bootstrap/rooms/{room}
+    PUT  /bootstrap/rooms/{room}/asked  body RoomAsk: a rank got a KV request for a room it lacks
+    POST /bootstrap/rooms/{room}/refuse body RoomRefusal: decode refused its half of the room
+
+The front registers every room it dispatches; a room registered to one rank and asked of
+another is reported to ``on_misroute`` (whichever comes first), a refusal to ``on_refusal``;
+both callbacks run on the service's thread.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import contextlib
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
-from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomRank
+from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomAsk, RoomRank, RoomRefusal
 from pdserve.disagg.threads import EventLoopThread
 
 MAX_WAIT_S = 60.0  # longest single long-poll; clients poll again until their own deadline
@@ -43,10 +50,11 @@ MAX_ROOMS = 1_000_000
 class BootstrapError(RuntimeError):
     """A lookup or registration failed or hit its deadline; ``awaited`` names what was awaited."""
 
-    def __init__(self, message: str, awaited: str, cause: str = Cause.BOOTSTRAP_TIMEOUT) -> None:
+    def __init__(self, message: str, awaited: str, cause: str = Cause.BOOTSTRAP_TIMEOUT, status: int = 0) -> None:
         super().__init__(message)
         self.awaited = awaited
         self.cause = cause
+        self.status = status  # the bootstrap service's HTTP answer (0: none)
 
 
 class _Waitable:
@@ -126,6 +134,9 @@ class BootstrapServer:
         self._ranks = _Waitable()
         self._down: dict[int, tuple[str, bool]] = {}  # rank -> (why it is not registered, given up for good)
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
+        self._asked = _Waitable(ROOM_TTL_S, MAX_ROOMS)  # room -> RoomAsk of a rank that lacks it
+        self.on_misroute: Callable[[int, int, RoomAsk], None] | None = None  # (room, holder rank, ask)
+        self.on_refusal: Callable[[RoomRefusal], None] | None = None
         self._io: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
 
@@ -164,6 +175,8 @@ class BootstrapServer:
         app.router.add_put("/bootstrap/rooms/{room}", self._put_room)
         app.router.add_get("/bootstrap/rooms/{room}", self._get_room)
         app.router.add_delete("/bootstrap/rooms/{room}", self._delete_room)
+        app.router.add_put("/bootstrap/rooms/{room}/asked", self._put_asked)
+        app.router.add_post("/bootstrap/rooms/{room}/refuse", self._post_refuse)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -205,7 +218,15 @@ class BootstrapServer:
         """Record that ``room`` is served by prefill ``rank`` (the front calls this when it dispatches)."""
         self._check_rank(rank)
         assert self._io is not None, "bootstrap service not started"
-        self._io.loop.call_soon_threadsafe(self._rooms.set, room, rank)
+        self._io.loop.call_soon_threadsafe(self._set_room, room, rank)
+
+    def _set_room(self, room: int, rank: int) -> None:
+        self._rooms.set(room, rank)
+        ask = self._asked.get_now(room)
+        if ask is not None:
+            self._asked.pop(room)
+            if ask.rank != rank and self.on_misroute is not None:
+                self.on_misroute(room, rank, ask)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.dp_size:
@@ -271,8 +292,39 @@ class BootstrapServer:
             return _error(400, f"bad RoomRank: {e}")
         if body.room != room or not 0 <= body.rank < self.dp_size:
             return _error(400, f"bad room registration {body} for room {room} (dp_size {self.dp_size})")
-        self._rooms.set(room, body.rank)
+        self._set_room(room, body.rank)
         return web.json_response({"registered": room})
+
+    async def _put_asked(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        try:
+            ask = msgspec.json.decode(await request.read(), type=RoomAsk)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _error(400, f"bad RoomAsk: {e}")
+        if ask.room != room or not 0 <= ask.rank < self.dp_size:
+            return _error(400, f"bad RoomAsk {ask} for room {room} (dp_size {self.dp_size})")
+        holder = self._rooms.get_now(room)
+        if holder is None:
+            self._asked.set(room, ask)
+        elif holder != ask.rank and self.on_misroute is not None:
+            self.on_misroute(room, holder, ask)
+        return web.json_response({"room": room, "holder": holder})
+
+    async def _post_refuse(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        try:
+            refusal = msgspec.json.decode(await request.read(), type=RoomRefusal)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _error(400, f"bad RoomRefusal: {e}")
+        if refusal.room != room or not 400 <= refusal.status <= 599:
+            return _error(400, f"bad RoomRefusal for room {room}: room {refusal.room}, status {refusal.status}")
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)
+        return web.json_response({"refused": room})
 
     async def _get_room(self, request: web.Request) -> web.Response:
         room, wait = _int_param(request, "room"), _wait_param(request)
@@ -369,6 +421,14 @@ class BootstrapClient:
             "PUT", f"/bootstrap/rooms/{room}", None, deadline, f"registration of room {room}", RoomRank(room, rank)
         )
 
+    async def note_asked(self, ask: RoomAsk, deadline: float) -> None:
+        await self._call("PUT", f"/bootstrap/rooms/{ask.room}/asked", None, deadline, f"the holder of room {ask.room}",
+                         ask)
+
+    async def refuse_room(self, refusal: RoomRefusal, deadline: float) -> None:
+        await self._call("POST", f"/bootstrap/rooms/{refusal.room}/refuse", None, deadline,
+                         f"the refusal of room {refusal.room}", refusal)
+
     async def _call(
         self,
         method: str,
@@ -404,10 +464,18 @@ class BootstrapClient:
                             f"bootstrap service at {self.address} refused {what}: {message}",
                             what,
                             Cause.BOOTSTRAP_ERROR,
+                            resp.status,
                         )
                     last = message
                     if poll:
                         continue  # the long-poll expired: poll again while time remains
+            except aiohttp.ClientConnectorError as e:
+                if isinstance(e.os_error, ConnectionRefusedError):  # nothing listens there: waiting cannot help
+                    raise BootstrapError(
+                        f"no bootstrap service at {self.address} (connection refused) for {what}: is the prefill "
+                        "server down, or is bootstrap_port wrong?", what, Cause.BOOTSTRAP_ERROR,
+                    ) from None
+                last = f"{type(e).__name__}: {e}"
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))

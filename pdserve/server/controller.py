@@ -26,8 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -41,7 +43,13 @@ from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy
 from pdserve.server.errors import ServerError
 from pdserve.server.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from pdserve.disagg.messages import RoomAsk, RoomRefusal  # imports the KV layout (torch)
+
 WATCHDOG_INTERVAL_S = 0.2
+MAX_PREFILL_CLIENTS = 64  # P/D decode: bootstrap clients kept for telling prefill servers of refusals
+REFUSAL_TIMEOUT_S = 2.0
+MAX_REFUSED_ROOMS = 100_000  # P/D prefill: rooms decode refused before their prefill half came
 RESTART_STREAK_RESET_S = 60.0  # a rank that served this long starts a fresh run of restarts
 SHUTDOWN_JOIN_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
@@ -129,6 +137,10 @@ class DPController:
         self._flush_waiters: dict[tuple[int, int], asyncio.Future[bool]] = {}
         self._next_flush_id = 0
         self._env: dict[str, str] = {}
+        self._bootstrap_client: type | None = None  # P/D decode: BootstrapClient, to tell prefill servers
+        self._prefill_clients: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._background: set[asyncio.Task] = set()
+        self._refused_rooms: OrderedDict[int, tuple[RoomRefusal, float]] = OrderedDict()  # P/D prefill
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -142,7 +154,14 @@ class DPController:
                                 self.config.load_balance_method).start
             )
             disagg = replace(disagg, bootstrap_port=self.bootstrap.port)
+            loop = asyncio.get_running_loop()
+            self.bootstrap.on_misroute = lambda *a: loop.call_soon_threadsafe(self._on_misroute, *a)
+            self.bootstrap.on_refusal = lambda r: loop.call_soon_threadsafe(self._on_refusal, r)
             logger.info("P/D bootstrap service on %s", self.bootstrap.address)
+        elif disagg.mode == "decode":
+            from pdserve.disagg.bootstrap import BootstrapClient
+
+            self._bootstrap_client = BootstrapClient  # imported now: it pulls in the wire types (and torch)
         disagg = replace(disagg, host=self.config.host)
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-")
         self._sync_ctx = zmq.Context(1)
@@ -214,9 +233,11 @@ class DPController:
                     await asyncio.to_thread(proc.wait)
         for handle in list(self.requests.values()):
             self._fail(handle, ServerError(503, "the server is shutting down"))
-        for task in self._tasks:
+        for client in self._prefill_clients.values():
+            await client.close()
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for state in self.ranks:
@@ -273,6 +294,9 @@ class DPController:
         if req.rid in self.requests:
             raise ServerError(400, f"rid {req.rid!r} is already in use by a running request", "rid")
         room = req.bootstrap_room if self.config.disagg.mode != "null" else None
+        refusal = self._refused_rooms.pop(room, None) if room is not None else None
+        if refusal is not None and refusal[0].room == room and refusal[1] > time.monotonic():
+            raise ServerError(refusal[0].status, refusal[0].reason)
         if room is not None and room in self.rooms:
             raise ServerError(409, f"bootstrap_room {room} is already in use by running request {self.rooms[room]!r}",
                               "bootstrap_room")
@@ -284,8 +308,8 @@ class DPController:
             num_tokens=len(req.input_ids),
             room=room,
         )
-        if room is not None and self.bootstrap is not None and not self.bootstrap.follows_room:
-            self.bootstrap.register_room(room, req.dp_rank)
+        if room is not None and self.bootstrap is not None:
+            self.bootstrap.register_room(room, req.dp_rank)  # also lets the service catch a decode asking another rank
         if not self._send(state, req):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
         self.requests[req.rid] = handle
@@ -324,6 +348,67 @@ class DPController:
         for state in self.ranks if not valid else [self.ranks[target]]:
             if state.phase == RankPhase.READY:
                 self._send(state, msg.RejectRoom(room, reason))
+
+    def tell_prefill(self, host: str, port: int, room: int, reason: str, status: int) -> None:
+        """P/D decode: the front refused a request naming ``room`` before it reached a worker; tell the
+        prefill server's bootstrap service so its half fails now (best effort, bounded)."""
+        if self._bootstrap_client is None or self._closing:
+            return
+        from pdserve.disagg.messages import RoomRefusal
+
+        client = self._prefill_clients.get((host, port))
+        if client is None:
+            client = self._prefill_clients[(host, port)] = self._bootstrap_client(host, port)
+            if len(self._prefill_clients) > MAX_PREFILL_CLIENTS:
+                _, old = self._prefill_clients.popitem(last=False)
+                self._spawn_task(old.close())
+        self._prefill_clients.move_to_end((host, port))
+
+        async def tell() -> None:
+            try:
+                await client.refuse_room(RoomRefusal(room, reason, status), time.monotonic() + REFUSAL_TIMEOUT_S)
+            except Exception as e:
+                logger.info("could not tell the prefill server at %s:%d that room %d was refused: %s",
+                            host, port, room, e)
+
+        self._spawn_task(tell())
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_misroute(self, room: int, holder: int, ask: RoomAsk) -> None:
+        """P/D prefill: rank ``holder`` runs the room's prefill request while decode sent its KV request
+        to rank ``ask.rank``: both halves would wait for the waiting timeout. Fail both now (400: the
+        two halves were pinned to different ranks)."""
+        reason = (f"prefill rank {holder} holds bootstrap_room {room}; decode rank {ask.decode_rank} asked prefill "
+                  f"rank {ask.rank} (pin both halves to the same prefill rank: disagg_prefill_dp_rank)")
+        logger.info("%s", reason)
+        rid = self.rooms.get(room)
+        handle = self.requests.get(rid) if rid is not None else None
+        if handle is not None and handle.rank == holder:
+            self._send(self.ranks[holder], msg.AbortReq(handle.rid, reason))
+            self._fail(handle, ServerError(400, reason, "disagg_prefill_dp_rank"))
+        asked = self.ranks[ask.rank]
+        if asked.phase == RankPhase.READY:
+            self._send(asked, msg.RejectRoom(room, reason, 400, "wrong_rank"))
+
+    def _on_refusal(self, refusal: RoomRefusal) -> None:
+        """P/D prefill: decode refused its half of a room (or gave up on it before reaching a prefill
+        rank). Fail the prefill half now, or refuse it when it comes (for the waiting timeout)."""
+        rid = self.rooms.get(refusal.room)
+        handle = self.requests.get(rid) if rid is not None else None
+        if handle is not None:
+            self._send(self.ranks[handle.rank], msg.AbortReq(handle.rid, refusal.reason))
+            self._fail(handle, ServerError(refusal.status, refusal.reason))
+            return
+        refused = self._refused_rooms
+        refused[refusal.room] = (refusal, time.monotonic() + self.config.disagg.waiting_timeout)
+        refused.move_to_end(refusal.room)
+        now = time.monotonic()
+        while refused and (len(refused) > MAX_REFUSED_ROOMS or next(iter(refused.values()))[1] < now):
+            refused.popitem(last=False)
 
     def abort_all(self, message: str = "aborted by request") -> int:
         rids = list(self.requests)

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from pdserve.engine.request import SamplingParams
 from pdserve.server import messages as msg
-from pdserve.server.api_common import request_rooms
+from pdserve.server.api_common import request_peers, request_rooms
 from pdserve.server.config import ServerConfig
 from pdserve.server.controller import DPController
 from pdserve.server.errors import ServerError
@@ -89,9 +89,19 @@ class ServerState:
         return {n for n in names if n}
 
     def refused(self, request: Request, error: ServerError) -> None:
-        """A P/D prefill front answered a request with an error: decode's half of each room it named
-        fails at once with this reason (not 409: that room belongs to another request)."""
-        if self.config.disagg.mode != "prefill" or error.status == 409:
+        """A P/D front answered a request with an error (not 409: that room belongs to another request).
+        Prefill: decode's half of each room it named fails at once with this reason. Decode: the
+        prefill server named in the request is told, and fails its half at once."""
+        if error.status == 409:
+            return
+        if self.config.disagg.mode == "decode":
+            status = error.status if error.status < 500 else 503
+            for host, port, room in request_peers(request, self.config.disagg.bootstrap_port):
+                reason = (f"the decode server refused the request for bootstrap_room {room} with HTTP {error.status}: "
+                          f"{error.message}")
+                self.controller.tell_prefill(host, port, room, reason, status)
+            return
+        if self.config.disagg.mode != "prefill":
             return
         rooms, rank = request_rooms(request, self.config.dp_size)
         for room in rooms:
