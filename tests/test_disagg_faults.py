@@ -8,6 +8,7 @@ their registration at the bootstrap service, which lets a decode half wait in th
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -16,6 +17,8 @@ import time
 import httpx
 import pytest
 
+from pdserve.router.config import WorkerSpec
+from tests.router_harness import router_client, wait_for
 from tests.server_harness import free_port, launch, wait_until
 
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "2048", "--log-level", "warning",
@@ -139,7 +142,7 @@ def test_decode_abort_while_resolving_reaches_prefill(pd, pool):
     time.sleep(0.3)
     resp, took = timed(pd["prefill"], half(pd, room))
     message = error(resp, 503)
-    assert f"gave up on room {room}" in message and "aborted" in message and took < FAST_S
+    assert f"room {room}" in message and "aborted" in message and took < FAST_S
     assert_pages_freed(pd)
 
 
@@ -162,6 +165,54 @@ def test_prefill_rank_that_does_not_exist_is_400(pd):
     resp, took = timed(pd["decode"], half(pd, 5002, data_parallel_rank=0, disagg_prefill_dp_rank=5))
     message = error(resp, 400)
     assert "prefill rank 5 does not exist" in message and "room 5002" in message and took < FAST_S
+
+
+def test_errors_say_whether_a_router_may_retry(pd):
+    bad = post(pd["decode"], half(pd, 5003, data_parallel_rank=0, sampling_params={"temperature": -1}))
+    assert bad.status_code == 400 and bad.headers["X-Pdserve-Retryable"] == "false"
+    refused = post(pd["decode"], half(pd, 5004, bootstrap_port=free_port(), data_parallel_rank=0))
+    assert refused.status_code == 503 and refused.headers["X-Pdserve-Retryable"] == "true"
+
+
+def test_router_relays_request_caused_failures_without_retrying(pd):
+    """A 400 from either half is the client's: one attempt, no retry, the server's message."""
+    async def main():
+        specs = [WorkerSpec(pd["prefill"].url, "prefill"), WorkerSpec(pd["decode"].url, "decode")]
+        async with router_client(specs) as (client, state):
+            resp = await client.post("/generate", json={"text": PROMPT, "sampling_params": {"top_p": 7}})
+            assert resp.status_code == 400 and "top_p" in resp.text
+            assert state.metrics.retries.labels("/generate")._value.get() == 0
+
+    asyncio.run(main())
+
+
+def test_duplicate_rid_through_the_router_leaves_the_owner_alone(pd, pool):
+    """Case 7: a rid in flight (sent straight to the servers, or through the router) reused through
+    the router is refused with 400, and the request owning it finishes untouched."""
+    long = {"max_new_tokens": 96, "min_new_tokens": 96, "temperature": 0}
+
+    async def main():
+        specs = [WorkerSpec(pd["prefill"].url, "prefill"), WorkerSpec(pd["decode"].url, "decode")]
+        async with router_client(specs) as (client, _):
+            direct = pool.submit(post, pd["prefill"], half(pd, 8000, rid="owned", data_parallel_rank=0))
+            owner = pool.submit(post, pd["decode"], half(pd, 8000, rid="owned", sampling_params=long,
+                                                          data_parallel_rank=0, disagg_prefill_dp_rank=0))
+            await asyncio.sleep(0.5)
+            dup = await client.post("/generate", json={"text": PROMPT, "rid": "owned", "sampling_params": SHORT})
+            assert dup.status_code == 400 and "owned" in dup.text, dup.text
+            first = asyncio.create_task(client.post("/generate", json={
+                "text": PROMPT, "rid": "mine", "sampling_params": long}))
+            await asyncio.sleep(0.3)
+            again = await client.post("/generate", json={"text": PROMPT, "rid": "mine", "sampling_params": SHORT})
+            assert again.status_code == 400 and "mine" in again.text
+            first = await first
+            assert first.status_code == 200 and len(first.json()["output_ids"]) == 96, first.text
+            return direct, owner
+
+    direct, owner = asyncio.run(main())
+    assert direct.result().status_code == 200
+    assert owner.result().status_code == 200 and len(owner.result().json()["output_ids"]) == 96
+    assert_pages_freed(pd)
 
 
 def test_killed_prefill_worker(pd, pool):
@@ -225,4 +276,35 @@ def test_killed_decode_worker(pd, pool):
     p = pool.submit(post, prefill, half(pd, 7002, data_parallel_rank=0))
     assert post(decode, half(pd, 7002, data_parallel_rank=1, disagg_prefill_dp_rank=0)).status_code == 200
     assert p.result().status_code == 200
+    assert_pages_freed(pd)
+
+
+def test_router_keeps_serving_while_a_decode_rank_restarts(pd):
+    """SIGKILL decode rank 1 under load through the router: the router takes unit decode#1 out of
+    rotation (the server stays admitted), retries what the kill failed, serves every request on the
+    live units, and takes the unit back once it is ready."""
+    decode = pd["decode"]
+
+    async def main():
+        specs = [WorkerSpec(pd["prefill"].url, "prefill"), WorkerSpec(decode.url, "decode")]
+        async with router_client(specs, decode_policy="round_robin") as (client, state):
+            async def one(i: int) -> int:
+                r = await client.post("/generate", json={"text": f"{PROMPT} {i}", "sampling_params": SHORT})
+                return r.status_code
+
+            assert await asyncio.gather(*(one(i) for i in range(4))) == [200] * 4
+            pid = rank_state(decode, 1)["pid"]
+            load = [asyncio.create_task(one(i)) for i in range(8)]
+            await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            worker = state.fleet.workers[decode.url]
+            assert await wait_for(lambda: not worker.units[1].up, 5), worker.describe()
+            assert worker.healthy and len(state.fleet.units("decode")) == 1
+            load += [asyncio.create_task(one(i)) for i in range(8, 20)]
+            assert await asyncio.gather(*load) == [200] * 20
+            assert await wait_for(lambda: worker.units[1].up, 90), worker.describe()
+            assert len(state.fleet.units("decode")) == 2
+            assert await asyncio.gather(*(one(i) for i in range(4))) == [200] * 4
+
+    asyncio.run(main())
     assert_pages_freed(pd)

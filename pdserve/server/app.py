@@ -35,7 +35,7 @@ def _reject_api_key(path: str) -> JSONResponse:
 
 def _render(request: Request, error: ServerError) -> JSONResponse:
     body = error.openai_body() if request.url.path.startswith("/v1/") else error.native_body()
-    return JSONResponse(body, status_code=error.status)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def create_app(config: ServerConfig) -> FastAPI:

@@ -404,6 +404,8 @@ class DPController:
             self._fail(handle, ServerError(refusal.status, refusal.reason))
             return
         refused = self._refused_rooms
+        if refusal.room in refused:
+            return  # the first reason is the most precise (the decode worker's, then its front's)
         refused[refusal.room] = (refusal, time.monotonic() + self.config.disagg.waiting_timeout)
         refused.move_to_end(refusal.room)
         now = time.monotonic()

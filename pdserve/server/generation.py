@@ -232,7 +232,8 @@ class Generation:
             if item.finished and not item.new_token_ids and not self.output_ids and reason.get("status_code"):
                 self.finished = True
                 self.finished_at = time.perf_counter()
-                raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")))
+                raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")),
+                                  retryable=reason.get("retryable"))
             delta = self._apply(item)
             if item.new_token_ids or item.finished:
                 return delta
