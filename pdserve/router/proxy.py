@@ -351,7 +351,7 @@ class Proxy:
             self.fleet.recheck(worker)
         logger.info("%s server %s failed: %s %s", side, worker.url, reply.status or reply.reason,
                     reply.body[:200].decode(errors="replace"))
-        return side, worker, reply
+        return side, unit, reply
 
     def _failed(self, route: str, failure: Failure, started: float) -> Response:
         """The client's answer once no attempt is left: the server's error, or 502 if none came."""
