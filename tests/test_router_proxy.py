@@ -107,11 +107,12 @@ async def _prefill_error_aborts_decode() -> None:
         assert r.status_code == 400 and "scripted 400" in r.text
         assert time.perf_counter() - start < 2.0
         assert len(p.received) == 1  # a 4xx is not retried
-        assert await wait_for(lambda: d.aborted == ["r1"] and d.active == 0)
-        assert d.cancelled == 1
+        # cancelled, but no abort by rid: a refused rid may belong to another request in flight
+        assert await wait_for(lambda: d.active == 0 and d.cancelled == 1)
+        assert d.aborted == []
 
 
-def test_prefill_error_returns_promptly_and_aborts_decode() -> None:
+def test_prefill_error_returns_promptly_and_cancels_decode() -> None:
     asyncio.run(_prefill_error_aborts_decode())
 
 

@@ -5,6 +5,8 @@ registers its :class:`RankInfo` (control endpoint, KV layout); when prefill pick
 rather than ``room % dp_size``, the room -> rank assignments are registered too. Lookups of
 something not yet registered wait (``?wait=SECONDS`` long-poll, capped at :data:`MAX_WAIT_S`) and
 answer 503 with a JSON :class:`ErrorBody` at the bound; a rank outside ``[0, dp_size)`` is 404.
+A rank whose worker died is unregistered by the front (lookups then wait for the restarted
+worker's registration, and their 503 says why); a rank given up for good answers 410 at once.
 
 Routes::
 
@@ -15,8 +17,14 @@ Routes::
     PUT  /bootstrap/rooms/{room}        body RoomRank
     GET  /bootstrap/rooms/{room}?wait=  RoomRank
     DELETE /bootstrap/rooms/{room}
+    PUT  /bootstrap/rooms/{room}/asked  body RoomAsk: a rank got a KV request for a room it lacks
+    POST /bootstrap/rooms/{room}/refuse body RoomRefusal: decode refused its half of the room
 
-Writes (PUT, DELETE) must carry an ``X-PDServe-Auth`` envelope sealing method, path and body with
+The front registers every room it dispatches; a room registered to one rank and asked of
+another is reported to ``on_misroute`` (whichever comes first), a refusal to ``on_refusal``;
+both callbacks run on the service's thread.
+
+Writes (PUT, POST, DELETE) must carry an ``X-PDServe-Auth`` envelope sealing method, path and body with
 the deployment's secret (:mod:`.auth`); others are 401. Reads stay open: they reveal control
 endpoints and KV layouts, which an attacker cannot use without the secret (every control message
 and transfer connection is authenticated). Each read answer is MACed with the nonce the client
@@ -32,6 +40,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -39,7 +48,7 @@ import msgspec
 from aiohttp import web
 
 from pdserve.disagg.auth import AuthError, PlaneAuth
-from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomRank
+from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomAsk, RoomRank, RoomRefusal
 from pdserve.disagg.stats import Refusals
 from pdserve.disagg.threads import EventLoopThread
 
@@ -62,10 +71,11 @@ MAX_ROOMS = 1_000_000
 class BootstrapError(RuntimeError):
     """A lookup or registration failed or hit its deadline; ``awaited`` names what was awaited."""
 
-    def __init__(self, message: str, awaited: str, cause: str = Cause.BOOTSTRAP_TIMEOUT) -> None:
+    def __init__(self, message: str, awaited: str, cause: str = Cause.BOOTSTRAP_TIMEOUT, status: int = 0) -> None:
         super().__init__(message)
         self.awaited = awaited
         self.cause = cause
+        self.status = status  # the bootstrap service's HTTP answer (0: none)
 
 
 class _Waitable:
@@ -147,7 +157,11 @@ class BootstrapServer:
         self.refusals = refusals or Refusals()
         self.port = 0
         self._ranks = _Waitable()
+        self._down: dict[int, tuple[str, bool]] = {}  # rank -> (why it is not registered, given up for good)
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
+        self._asked = _Waitable(ROOM_TTL_S, MAX_ROOMS)  # room -> RoomAsk of a rank that lacks it
+        self.on_misroute: Callable[[int, int, RoomAsk], None] | None = None  # (room, holder rank, ask)
+        self.on_refusal: Callable[[RoomRefusal], None] | None = None
         self._io: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
 
@@ -186,6 +200,8 @@ class BootstrapServer:
         app.router.add_put("/bootstrap/rooms/{room}", self._put_room)
         app.router.add_get("/bootstrap/rooms/{room}", self._get_room)
         app.router.add_delete("/bootstrap/rooms/{room}", self._delete_room)
+        app.router.add_put("/bootstrap/rooms/{room}/asked", self._put_asked)
+        app.router.add_post("/bootstrap/rooms/{room}/refuse", self._post_refuse)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=KEEPALIVE_S,
             max_line_size=8190, max_field_size=8190,
@@ -214,11 +230,31 @@ class BootstrapServer:
         assert self._io is not None, "bootstrap service not started"
         self._io.loop.call_soon_threadsafe(self._ranks.set, info.rank, info)
 
+    def unregister_rank(self, rank: int, reason: str, gone: bool = False) -> None:
+        """The rank's worker died: lookups wait for its successor's registration (503 naming ``reason``
+        at their bound), or, ``gone``, answer 410 at once."""
+        self._check_rank(rank)
+        assert self._io is not None, "bootstrap service not started"
+
+        def apply() -> None:
+            self._ranks.pop(rank)
+            self._down[rank] = (reason, gone)
+
+        self._io.loop.call_soon_threadsafe(apply)
+
     def register_room(self, room: int, rank: int) -> None:
         """Record that ``room`` is served by prefill ``rank`` (the front calls this when it dispatches)."""
         self._check_rank(rank)
         assert self._io is not None, "bootstrap service not started"
-        self._io.loop.call_soon_threadsafe(self._rooms.set, room, rank)
+        self._io.loop.call_soon_threadsafe(self._set_room, room, rank)
+
+    def _set_room(self, room: int, rank: int) -> None:
+        self._rooms.set(room, rank)
+        ask = self._asked.get_now(room)
+        if ask is not None:
+            self._asked.pop(room)
+            if ask.rank != rank and self.on_misroute is not None:
+                self.on_misroute(room, rank, ask)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.dp_size:
@@ -264,6 +300,7 @@ class BootstrapServer:
             return _error(400, f"RankInfo.rank={info.rank} does not match the path rank {rank}")
         if not 0 <= rank < self.dp_size:
             return _error(400, f"prefill rank {rank} is outside [0, {self.dp_size}) (dp_size {self.dp_size})")
+        self._down.pop(rank, None)
         self._ranks.set(rank, info)
         return web.json_response({"registered": rank})
 
@@ -274,12 +311,17 @@ class BootstrapServer:
                 return bad
         if not 0 <= rank < self.dp_size:
             return _error(404, f"prefill rank {rank} does not exist: this prefill server has dp_size {self.dp_size}")
+        down = self._down.get(rank)
+        if down is not None and down[1]:
+            return _error(410, f"prefill rank {rank} is down for good: {down[0]}", f"prefill rank {rank}")
         info = await self._ranks.get(rank, wait)
         if info is None:
+            down = self._down.get(rank)
+            why = f" (it died and is restarting: {down[0]})" if down is not None else ""
             return _error(
-                503,
+                410 if down is not None and down[1] else 503,
                 f"prefill rank {rank} has not registered with the bootstrap service at {self.address} "
-                f"within {wait:.3g} s",
+                f"within {wait:.3g} s{why}",
                 f"registration of prefill rank {rank}",
                 wait,
             )
@@ -295,8 +337,39 @@ class BootstrapServer:
             return _error(400, f"bad RoomRank: {e}")
         if body.room != room or not 0 <= body.rank < self.dp_size:
             return _error(400, f"bad room registration {body} for room {room} (dp_size {self.dp_size})")
-        self._rooms.set(room, body.rank)
+        self._set_room(room, body.rank)
         return web.json_response({"registered": room})
+
+    async def _put_asked(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        try:
+            ask = msgspec.json.decode(await request.read(), type=RoomAsk)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _error(400, f"bad RoomAsk: {e}")
+        if ask.room != room or not 0 <= ask.rank < self.dp_size:
+            return _error(400, f"bad RoomAsk {ask} for room {room} (dp_size {self.dp_size})")
+        holder = self._rooms.get_now(room)
+        if holder is None:
+            self._asked.set(room, ask)
+        elif holder != ask.rank and self.on_misroute is not None:
+            self.on_misroute(room, holder, ask)
+        return web.json_response({"room": room, "holder": holder})
+
+    async def _post_refuse(self, request: web.Request) -> web.Response:
+        room = _int_param(request, "room")
+        if isinstance(room, web.Response):
+            return room
+        try:
+            refusal = msgspec.json.decode(await request.read(), type=RoomRefusal)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return _error(400, f"bad RoomRefusal: {e}")
+        if refusal.room != room or not 400 <= refusal.status <= 599:
+            return _error(400, f"bad RoomRefusal for room {room}: room {refusal.room}, status {refusal.status}")
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)
+        return web.json_response({"refused": room})
 
     async def _get_room(self, request: web.Request) -> web.Response:
         room, wait = _int_param(request, "room"), _wait_param(request)
@@ -394,6 +467,14 @@ class BootstrapClient:
             "PUT", f"/bootstrap/rooms/{room}", None, deadline, f"registration of room {room}", RoomRank(room, rank)
         )
 
+    async def note_asked(self, ask: RoomAsk, deadline: float) -> None:
+        await self._call("PUT", f"/bootstrap/rooms/{ask.room}/asked", None, deadline, f"the holder of room {ask.room}",
+                         ask)
+
+    async def refuse_room(self, refusal: RoomRefusal, deadline: float) -> None:
+        await self._call("POST", f"/bootstrap/rooms/{refusal.room}/refuse", None, deadline,
+                         f"the refusal of room {refusal.room}", refusal)
+
     async def _call(
         self,
         method: str,
@@ -439,10 +520,18 @@ class BootstrapClient:
                             f"bootstrap service at {self.address} refused {what}: {message}",
                             what,
                             Cause.BOOTSTRAP_ERROR,
+                            resp.status,
                         )
                     last = message
                     if poll:
                         continue  # the long-poll expired: poll again while time remains
+            except aiohttp.ClientConnectorError as e:
+                if isinstance(e.os_error, ConnectionRefusedError):  # nothing listens there: waiting cannot help
+                    raise BootstrapError(
+                        f"no bootstrap service at {self.address} (connection refused) for {what}: is the prefill "
+                        "server down, or is bootstrap_port wrong?", what, Cause.BOOTSTRAP_ERROR,
+                    ) from None
+                last = f"{type(e).__name__}: {e}"
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))

@@ -16,6 +16,14 @@ the room, both ranks and what was awaited.
 While a room is open for writes, the receive holds its own reference to the room's pages
 (:meth:`KVPool.ref`), next to the request's; it is dropped once no writer can touch them (the room
 finished, the receiver closed it, prefill confirmed it stopped, or the quarantine expired).
+
+Liveness: each control connection carries ZMQ heartbeats (every :data:`HEARTBEAT_INTERVAL_S`, the
+peer is dropped after two missed) and is watched by a socket monitor; when a prefill rank's
+connection drops (its process died or restarted) or cannot be made, the rooms that depend on it
+fail at once and the cached bootstrap answers of its server are dropped, so the next room resolves
+the restarted rank (possibly with another DP size). A room that fails before it reached its prefill
+rank (refused, aborted while resolving) is reported to the prefill server's bootstrap service,
+which fails the prefill half.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ from pdserve.engine.request import Req, RequestError, StepOutput
 logger = logging.getLogger("pdserve.disagg.decode")
 
 PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
+HEARTBEAT_INTERVAL_S = 5.0  # ZMQ heartbeat on each control connection (as SGLang); dropped after 2 missed
+MONITOR_POLL_S = 0.1  # how often control-connection events are read
+REFUSAL_TIMEOUT_S = 2.0  # telling a prefill server's bootstrap service that decode refused a room
 
 
 @dataclass
@@ -65,6 +76,14 @@ class _Arrived:
 class _SendFailed:
     room: _Room
     error: str
+
+
+@dataclass
+class _ControlLost:
+    """The control connection to a prefill rank dropped or could not be made."""
+
+    endpoint: str
+    reason: str
 
 
 @dataclass
@@ -122,12 +141,16 @@ class DecodeDisaggManager:
         self._clients: dict[tuple[str, int], BootstrapClient] = {}  # likewise
         self._server_info: dict[tuple[str, int], m.BootstrapInfo] = {}  # likewise
         self._rank_info: dict[tuple[str, int, int], m.RankInfo] = {}  # likewise
+        self._monitors: dict[str, tuple[zmq.Socket, bool]] = {}  # endpoint -> (monitor, ever connected); likewise
+        self._io.submit(self._watch_control())
         self.scheduler.on_pages_allocated = self._on_pages
 
     def close(self) -> None:
         async def shutdown() -> None:
             for sock in self._push.values():
                 sock.close(0)
+            for mon, _ in self._monitors.values():
+                mon.close(0)
             for client in self._clients.values():
                 await client.close()
 
@@ -168,7 +191,7 @@ class DecodeDisaggManager:
         self.core.validate(req)
         if req.rid in self.by_rid or self.scheduler._find(req.rid) is not None:
             raise RequestError(f"rid {req.rid!r} is already in use")
-        port = bootstrap_port or self.config.bootstrap_port
+        port = self.config.bootstrap_port if bootstrap_port is None else bootstrap_port
         r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
@@ -194,6 +217,8 @@ class DecodeDisaggManager:
             elif isinstance(item, _SendFailed):
                 if self.rooms.get(item.room.room) is item.room:
                     self._fail(item.room, item.error, m.Cause.TRANSFER_ERROR, tell_prefill=False)
+            elif isinstance(item, _ControlLost):
+                self._on_control_lost(item)
             elif isinstance(item.event, PeerLost):
                 self._on_peer_lost(item.event)
             else:
@@ -242,6 +267,64 @@ class DecodeDisaggManager:
             what = "the prefill rank and its info"
             return _Resolved(r, rank, error=BootstrapError(f"lookup failed: {e!r}", what, m.Cause.BOOTSTRAP_ERROR))
 
+    async def _watch_control(self) -> None:
+        """Read the control sockets' monitors; report a lost (or never made) connection to the engine
+        thread once, and drop that socket so the next room reconnects from fresh bootstrap answers."""
+        import asyncio
+
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            await asyncio.sleep(MONITOR_POLL_S)
+            for endpoint, (mon, connected) in list(self._monitors.items()):
+                lost = None
+                while lost is None:
+                    try:
+                        event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["event"]
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        lost = "its monitor failed"
+                        break
+                    if event == zmq.EVENT_CONNECTED:
+                        connected = True
+                        self._monitors[endpoint] = (mon, True)
+                    elif event == zmq.EVENT_DISCONNECTED and connected:
+                        lost = "the control connection dropped (the prefill worker died, restarted or missed 2 heartbeats)"
+                    elif event == zmq.EVENT_CONNECT_RETRIED and not connected:
+                        lost = "nothing accepts connections there (the prefill worker is gone)"
+                if lost is not None:
+                    self._drop_control(endpoint)
+                    self.inbox.put(_ControlLost(endpoint, lost))
+
+    def _drop_control(self, endpoint: str) -> None:
+        sock = self._push.pop(endpoint, None)
+        if sock is not None:
+            sock.close(0)
+        mon = self._monitors.pop(endpoint, None)
+        if mon is not None:
+            mon[0].close(0)
+        for key in [k for k, info in self._rank_info.items() if info.control_endpoint == endpoint]:
+            del self._rank_info[key]
+            self._server_info.pop(key[:2], None)
+
+    def _tell_bootstrap(self, r: _Room, reason: str, status: int) -> None:
+        """The room failed before a KV request reached its prefill rank: let the prefill server fail its
+        half now rather than after the waiting timeout (best effort, bounded)."""
+        refusal = m.RoomRefusal(r.room, reason, status)
+
+        async def tell() -> None:
+            client = self._clients.get((r.host, r.port))
+            if client is None:
+                return
+            try:
+                await client.refuse_room(refusal, time.monotonic() + REFUSAL_TIMEOUT_S)
+            except Exception as e:
+                logger.info("decode rank %d: could not tell %s that room %d failed: %s", self.rank, r.bootstrap,
+                            r.room, e)
+
+        self._io.submit(tell())
+
     def _forget_server(self, host: str, port: int) -> None:
         """Drop cached bootstrap answers of a prefill server that stopped answering (it may have restarted)."""
 
@@ -261,6 +344,10 @@ class DecodeDisaggManager:
             if sock is None:
                 sock = self._push[endpoint] = self._zmq.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_INTERVAL_S * 1000))
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(2 * HEARTBEAT_INTERVAL_S * 1000))
+                events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                self._monitors[endpoint] = (sock.get_monitor_socket(events), False)
                 sock.connect(endpoint)
             try:
                 sock.send(data, zmq.NOBLOCK)
@@ -277,7 +364,9 @@ class DecodeDisaggManager:
             return
         r.prefill_rank = res.rank
         if res.error is not None:
-            self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=False)
+            # no such prefill rank (404) is the request's fault: 400, not retried
+            status = 400 if res.error.status in (400, 404) else PD_FAILURE_STATUS
+            self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=True, status=status)
             return
         r.info = res.info
         self._maybe_request(r)
@@ -333,7 +422,13 @@ class DecodeDisaggManager:
         else:
             reason = msg.reason or "prefill failed without a reason"
             self._fail(r, f"prefill failed: {reason}", msg.cause or m.Cause.PREFILL_ABORTED, tell_prefill=False,
-                       writer_done=True)
+                       writer_done=True, status=msg.status or PD_FAILURE_STATUS)
+
+    def _on_control_lost(self, lost: _ControlLost) -> None:
+        for r in list(self.rooms.values()):
+            if r.info is not None and r.info.control_endpoint == lost.endpoint:
+                self._fail(r, f"{self._who(r)}: lost prefill rank {r.info.rank} (pid {r.info.pid}) at {lost.endpoint}: "
+                           f"{lost.reason}", m.Cause.PEER_LOST, tell_prefill=False)
 
     def _on_peer_lost(self, lost: PeerLost) -> None:
         for room in lost.rooms:
@@ -368,15 +463,19 @@ class DecodeDisaggManager:
         self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens)
 
     # ------------------------------------------------------------------ failure
-    def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False) -> None:
-        """Fail a room: abort the request with ``reason`` (dropping its page references), tell prefill
-        when asked, and drop the receive's references now, or once the remote writer is known to be
-        done with the pages (``writer_done``: it said so)."""
+    def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False,
+              status: int = PD_FAILURE_STATUS) -> None:
+        """Fail a room: abort the request with ``reason`` (answering HTTP ``status`` if no token went
+        out), tell prefill when asked (on its control socket, or through its bootstrap service while
+        the rank is unknown), and drop the receive's page references now, or once the remote writer is
+        known to be done with the pages (``writer_done``: it said so)."""
         self._forget(r)
         self.stats.record_failure(cause)
         logger.info("decode rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         if tell_prefill and r.info is not None:
             self._send_control(r, m.Abort(r.room, reason, self.rank))
+        elif tell_prefill:
+            self._tell_bootstrap(r, f"decode rank {self.rank} gave up on room {r.room}: {reason}", status)
         if r.kvreq_at is not None:
             stopped = self.receiver.close_room(r.room) or writer_done
             if stopped:
@@ -385,7 +484,7 @@ class DecodeDisaggManager:
                 self.quarantine[r.room] = (r.receiving, time.monotonic() + self.config.transfer_timeout)
                 r.receiving = None
         self.meta[r.rid] = self._meta(r, 0.0, time.monotonic() - r.added_at)
-        if not self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
+        if not self.scheduler.abort(r.rid, reason, status_code=status):
             self.meta.pop(r.rid, None)
 
     def _forget(self, r: _Room) -> None:

@@ -45,6 +45,9 @@ class Cause:
     PREFILL_REJECTED = "prefill_rejected"  # the prefill server refused the request (bad input)
     DECODE_ABORTED = "decode_aborted"  # decode was aborted (client gone) or failed
     NO_PAGES = "no_pages"  # decode never got KV pages for the prompt
+    WRONG_RANK = "wrong_rank"  # decode asked another prefill rank than the one holding the room
+    DECODE_REFUSED = "decode_refused"  # the decode server refused its half (bad input) or gave up resolving
+    PEER_LOST = "peer_lost"  # the other side's process died or restarted (control connection lost)
 
 
 # ---------------------------------------------------------------- bootstrap service (JSON)
@@ -80,6 +83,24 @@ class RoomRank(msgspec.Struct, frozen=True):
 
     room: int
     rank: int
+
+
+class RoomAsk(msgspec.Struct, frozen=True):
+    """A prefill rank got a KV request for a room it does not hold (yet): the bootstrap service
+    checks whether another rank of the same server holds it (decode asked the wrong rank)."""
+
+    room: int
+    rank: int
+    decode_rank: int
+
+
+class RoomRefusal(msgspec.Struct, frozen=True):
+    """Decode refused or gave up on its half of a room before it could reach the prefill rank
+    (bad field, no such rank, aborted while resolving): the prefill server fails its half at once."""
+
+    room: int
+    reason: str
+    status: int = 503  # HTTP status the prefill half answers
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -176,6 +197,7 @@ class Status(msgspec.Struct, tag="status", frozen=True):
     ok: bool
     reason: str = ""
     cause: str = ""
+    status: int = 0  # failure: the HTTP status the other half answers (0: 503, retryable)
 
 
 StreamMsg = Accepted | Pages | Aux | Status

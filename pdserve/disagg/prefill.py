@@ -109,7 +109,7 @@ class PrefillDisaggManager:
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
         self.early: dict[int, tuple[m.KVRequest, float]] = {}  # KV requests ahead of their prefill request
-        self.tombstones: dict[int, tuple[str, str, float]] = {}  # failed rooms: reason, cause, expiry
+        self.tombstones: dict[int, tuple[str, str, float, int]] = {}  # failed rooms: reason, cause, expiry, status
         self._released: list[tuple[StepOutput, DisaggMeta]] = []
         self._abort_meta: dict[str, DisaggMeta] = {}  # meta for abort outputs still to come
         self._io = EventLoopThread(f"prefill-ctl-{dp_rank}")
@@ -184,11 +184,20 @@ class PrefillDisaggManager:
             self._io.submit(self._register_room(room))
         tomb = self.tombstones.pop(room, None)
         if tomb is not None:
-            self._fail(r, tomb[0], tomb[1])
+            self._fail(r, tomb[0], tomb[1], tomb[3])
             return
         early = self.early.pop(room, None)
         if early is not None:
             self._pair(r, early[0])
+
+    async def _note_asked(self, ask: m.RoomAsk) -> None:
+        """Tell the bootstrap service this rank lacks ``ask.room``: if another rank holds it, the front
+        fails both halves at once (decode asked the wrong rank) instead of both waiting."""
+        try:
+            await self.bootstrap.note_asked(ask, time.monotonic() + 2.0)
+        except Exception as e:
+            logger.warning("prefill rank %d: could not report room %d to the bootstrap service: %s",
+                           self.rank, ask.room, e)
 
     async def _register_room(self, room: int) -> None:
         try:
@@ -204,17 +213,17 @@ class PrefillDisaggManager:
         self._fail(r, message, m.Cause.PREFILL_ABORTED)
         return True
 
-    def reject_room(self, room: int, reason: str) -> None:
+    def reject_room(self, room: int, reason: str, status: int = 0, cause: str = m.Cause.PREFILL_REJECTED) -> None:
         """The prefill request for ``room`` was refused before reaching :meth:`add`: answer the room's
         KV request with ``reason``, now or when it comes (tombstone). A room active here belongs to
         another request and is left alone; an existing tombstone keeps its reason."""
         if room in self.rooms or room in self.tombstones:
             return
-        self.stats.record_failure(m.Cause.PREFILL_REJECTED)
+        self.stats.record_failure(cause)
         early = self.early.pop(room, None)
         if early is not None:
-            self._reply(early[0], m.Status(room, False, reason, m.Cause.PREFILL_REJECTED))
-        self._tombstone(room, reason, m.Cause.PREFILL_REJECTED)
+            self._reply(early[0], m.Status(room, False, reason, cause, status))
+        self._tombstone(room, reason, cause, status)
 
     # ------------------------------------------------------------------ engine loop
     def process(self, outputs: list[StepOutput]) -> tuple[list[StepOutput], dict[str, DisaggMeta]]:
@@ -281,9 +290,10 @@ class PrefillDisaggManager:
             return
         tomb = self.tombstones.get(k.room)
         if tomb is not None:
-            self._reply(k, m.Status(k.room, False, tomb[0], tomb[1]))
+            self._reply(k, m.Status(k.room, False, tomb[0], tomb[1], tomb[3]))
         elif r is None:
             self.early[k.room] = (k, time.monotonic() + self.config.waiting_timeout)
+            self._io.submit(self._note_asked(m.RoomAsk(k.room, self.rank, k.decode_rank)))
         else:
             self._pair(r, k)
 
@@ -392,9 +402,10 @@ class PrefillDisaggManager:
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
 
-    def _fail(self, r: _Room, reason: str, cause: str) -> None:
-        """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``)
-        and tell its decode; the pages become free when the last send in flight lets go of them."""
+    def _fail(self, r: _Room, reason: str, cause: str, status: int = 0) -> None:
+        """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``;
+        HTTP ``status``, else 503) and tell its decode; the pages become free when the last send in
+        flight lets go of them."""
         if r.failed:
             return
         r.failed = True
@@ -403,13 +414,13 @@ class PrefillDisaggManager:
         self.stats.record_failure(cause)
         logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         self.sender.cancel(r.room)
-        if self.scheduler.abort(r.rid, reason, status_code=PD_FAILURE_STATUS):
+        if self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
             self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:
             self._count_send(r)
-            self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause), tag=r)
+            self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause, status), tag=r)
         else:
-            self._tombstone(r.room, reason, cause)
+            self._tombstone(r.room, reason, cause, status)
         self._settle(r)
 
     def _on_abort(self, a: m.Abort) -> None:
@@ -423,8 +434,8 @@ class PrefillDisaggManager:
             self._reply(early[0], m.Status(a.room, False, reason, m.Cause.DECODE_ABORTED))
         self._tombstone(a.room, reason, m.Cause.DECODE_ABORTED)
 
-    def _tombstone(self, room: int, reason: str, cause: str) -> None:
-        self.tombstones[room] = (reason, cause, time.monotonic() + self.config.waiting_timeout)
+    def _tombstone(self, room: int, reason: str, cause: str, status: int = 0) -> None:
+        self.tombstones[room] = (reason, cause, time.monotonic() + self.config.waiting_timeout, status)
 
     def _check_timeouts(self, now: float) -> None:
         cfg = self.config
@@ -448,7 +459,7 @@ class PrefillDisaggManager:
                           "(--disaggregation-waiting-timeout)")
                 self.stats.record_failure(m.Cause.WAITING_TIMEOUT)
                 self._reply(k, m.Status(room, False, reason, m.Cause.WAITING_TIMEOUT))
-        for room, (_, _, expiry) in list(self.tombstones.items()):
+        for room, (_, _, expiry, _) in list(self.tombstones.items()):
             if now > expiry:
                 del self.tombstones[room]
 

@@ -5,12 +5,17 @@ role needs (``prefill``, ``decode``, or ``null`` for mixed); its ``dp_size`` giv
 An admitted worker is evicted after ``health_failure_threshold`` failed checks in a row (a refused
 connection on a request counts as one) and re-admitted, with a fresh ``/server_info``, after
 ``health_success_threshold`` good ones.
+
+Units are evicted one by one: a server whose ``/health`` (or ``/get_load``) names the state of each
+DP rank keeps its ready ranks in rotation while others restart; a server with a rank not ready is
+checked every ``worker_startup_check_interval`` so the rank rejoins soon after it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -90,7 +95,7 @@ class Fleet:
         units: dict[str, list[Unit]] = {"prefill": [], "decode": [], "mixed": []}
         for w in self.workers.values():
             if w.healthy:
-                units[w.role].extend(w.units)
+                units[w.role].extend(u for u in w.units if u.up)
         self._units = units
 
     def _drop_units(self, units: list[Unit]) -> None:
@@ -129,6 +134,7 @@ class Fleet:
         if worker.healthy:
             if error is None:
                 worker.failures = 0
+                self._apply_rank_states(worker)
             else:
                 self.note_failure(worker, error)
             return
@@ -166,15 +172,37 @@ class Fleet:
                            worker.failures, error)
 
     async def probe(self, worker: Worker) -> str | None:
-        """None if the health endpoint answers 2xx, else what went wrong."""
+        """None if the health endpoint answers 2xx, else what went wrong. A pdserve server's answer
+        names each DP rank's state (``dp_ranks``): kept for :meth:`_apply_rank_states`."""
         assert self.session is not None
         try:
             async with self.session.get(worker.url + self.config.health_check_endpoint, headers=self._auth,
                                         timeout=self._timeout) as resp:
-                await resp.read()
-                return None if 200 <= resp.status < 300 else f"health check answered {resp.status}"
+                body = await resp.read()
+                if not 200 <= resp.status < 300:
+                    return f"health check answered {resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return f"health check failed: {e!r}"
+        worker.rank_states = _rank_states(body)
+        return None
+
+    def _apply_rank_states(self, worker: Worker) -> None:
+        """Take each unit in or out of rotation as the worker's last health answer said."""
+        changed = False
+        for rank, state in worker.rank_states.items():
+            if 0 <= rank < len(worker.units) and worker.units[rank].state != state:
+                unit = worker.units[rank]
+                logger.warning("%s unit %s is now %s", worker.role, unit.label, state)
+                unit.state = state
+                changed = True
+        if changed:
+            self._rebuild()
+        if any(not u.up for u in worker.units):
+            worker.next_check = min(worker.next_check, time.monotonic() + self.config.worker_startup_check_interval)
+
+    def recheck(self, worker: Worker) -> None:
+        """A request saw a rank of ``worker`` fail: check its health (and rank states) now."""
+        worker.next_check = 0.0
 
     async def _get_json(self, worker: Worker, path: str) -> Any:
         assert self.session is not None
@@ -229,8 +257,24 @@ class Fleet:
             return
         if not isinstance(loads, list):
             return
+        was_up = [u.up for u in worker.units]
         for entry in loads:
             if isinstance(entry, dict):
                 rank = entry.get("dp_rank", 0)
                 if isinstance(rank, int) and 0 <= rank < len(worker.units):
                     worker.units[rank].report(entry)
+        if was_up != [u.up for u in worker.units]:
+            self._rebuild()
+
+
+def _rank_states(body: bytes) -> dict[int, str]:
+    """``{dp_rank: state}`` from a pdserve ``/health`` body (empty for other servers' answers)."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return {}
+    ranks = data.get("dp_ranks") if isinstance(data, dict) else None
+    if not isinstance(ranks, list):
+        return {}
+    return {r["dp_rank"]: r["state"] for r in ranks
+            if isinstance(r, dict) and isinstance(r.get("dp_rank"), int) and isinstance(r.get("state"), str)}

@@ -31,18 +31,19 @@ class Pairing:
         self.decode_policy = decode_policy
         self.dp_coupled = dp_coupled
 
-    def candidates(self, role: str, exclude: Set[Worker]) -> list[Unit]:
-        """Healthy units of ``role`` outside ``exclude`` (all healthy ones if that leaves none)."""
+    def candidates(self, role: str, exclude: Set[Worker | Unit]) -> list[Unit]:
+        """Healthy units of ``role`` outside ``exclude`` (workers or single units; all healthy ones if
+        that leaves none)."""
         units = self.fleet.units(role)
         if not units:
             raise NoWorkers(role)
         if exclude:
-            kept = [u for u in units if u.worker not in exclude]
+            kept = [u for u in units if u.worker not in exclude and u not in exclude]
             if kept:
                 return kept
         return units
 
-    def pick_pair(self, info: RequestInfo, exclude: Set[Worker] = frozenset()) -> tuple[Unit, Unit]:
+    def pick_pair(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset()) -> tuple[Unit, Unit]:
         prefills = self.candidates("prefill", exclude)
         decodes = self.candidates("decode", exclude)
         if not self.dp_coupled:
@@ -51,5 +52,5 @@ class Pairing:
         matching = [u for u in prefills if u.rank == decode.rank % u.worker.dp_size]
         return self.prefill_policy.select(matching, info), decode
 
-    def pick_one(self, info: RequestInfo, exclude: Set[Worker] = frozenset()) -> Unit:
+    def pick_one(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset()) -> Unit:
         return self.prefill_policy.select(self.candidates("mixed", exclude), info)

@@ -1,9 +1,13 @@
 """The hot path: send one client request to its unit(s) and relay the answer.
 
 P/D: the prefill and decode halves go out at once with the same ``rid`` and bootstrap room. The
-first failing half ends the attempt at once: the other half's HTTP request is cancelled and the
-other server told ``POST /abort_request``. Connect errors, 408/429 and 5xx are retried with a fresh
-pair (other servers when there are any) and a fresh room, until a byte has reached the client.
+first failing half ends the attempt at once: the other half's HTTP request is cancelled and, when
+the failure was the server's, the other server told ``POST /abort_request`` (a refused request,
+e.g. a duplicate ``rid``, sends no abort by rid: that rid may belong to another request). Connect
+errors, 408/429 and 5xx are retried with a fresh pair and a fresh room, until a byte has reached
+the client, unless the server marked the failure as the request's own (``X-Pdserve-Retryable:
+false``); a server that did not answer is left out of the retries, an answering server only loses
+the failed unit. A client ``rid`` already in flight through this router is refused with 400.
 A streamed reply is decode's stream relayed chunk by chunk once its first chunk is in; the client
 going away cancels both halves. Mixed mode is the same with one unit and no pairing.
 """
@@ -40,8 +44,8 @@ LOGPROB_FIELDS = ("input_token_logprobs", "input_top_logprobs")
 SETTLE_S = 10.0  # how long a finished stream waits for its prefill half's answer
 _rng = random.Random()
 
-# what one failed attempt returns: the side, its worker and the reply
-Failure = tuple[str, Worker, Reply]
+# what one failed attempt returns: the side, its unit and the reply
+Failure = tuple[str, Unit, Reply]
 
 
 class RelayResponse(StreamingResponse):
@@ -49,13 +53,17 @@ class RelayResponse(StreamingResponse):
 
     def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None], media_type: str) -> None:
         super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
+        self.on_close = [on_close]
+
+    def also_on_close(self, callback: Callable[[], None]) -> None:
+        self.on_close.append(callback)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            for callback in self.on_close:
+                callback()
 
 
 def _rids(rid: Any) -> list[str]:
@@ -89,12 +97,29 @@ class Proxy:
         self.upstream = upstream
         self.metrics = metrics
         self.background: set[asyncio.Task] = set()
+        self.client_rids: set[str] = set()  # client-given rids in flight through this router
 
     async def handle(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
                      started: float) -> Response:
-        if self.config.pd_disaggregation:
-            return await self._pd(route, body, info, headers, started)
-        return await self._mixed(route, body, info, headers, started)
+        rids = [r for r in _rids(body.get("rid")) if isinstance(r, str)] if body.get("rid") is not None else []
+        taken = [r for r in rids if r in self.client_rids]
+        if taken or len(set(rids)) != len(rids):
+            self.metrics.answered(route, 400, time.perf_counter() - started)
+            which = taken[0] if taken else next(r for r in rids if rids.count(r) > 1)
+            return error_response(route, 400, f"rid {which!r} is already in use by a request in flight", "rid")
+        self.client_rids.update(rids)
+        response: Response | None = None
+        try:
+            if self.config.pd_disaggregation:
+                response = await self._pd(route, body, info, headers, started)
+            else:
+                response = await self._mixed(route, body, info, headers, started)
+            return response
+        finally:
+            if isinstance(response, RelayResponse):
+                response.also_on_close(lambda: self.client_rids.difference_update(rids))
+            else:
+                self.client_rids.difference_update(rids)
 
     async def close(self) -> None:
         """Cancel the background aborts still running."""
@@ -130,7 +155,7 @@ class Proxy:
             failure = result
             if not failure[2].retryable:
                 break
-            exclude.add(failure[1])
+            exclude.add(_culprit(failure))
         assert failure is not None
         return self._failed(route, failure, started)
 
@@ -182,9 +207,9 @@ class Proxy:
                 d = d_task.result() if d_task.done() else None
                 p = p_task.result() if p_task.done() else None
                 if isinstance(d, Reply) and not d.ok:
-                    aborts += self._drop(p_task, prefill.worker, rid, headers)
+                    aborts += self._drop(p_task, prefill.worker, rid, headers, by_rid=d.retryable)
                     release_decode()
-                    return self._note_failure("decode", decode.worker, d)
+                    return self._note_failure("decode", decode, d)
                 if isinstance(d, Stream):
                     handed_off = True
                     return self._relay(route, d, started, prefill.worker, decode.worker, rid, headers,
@@ -193,9 +218,9 @@ class Proxy:
                     release_decode()
                     return self._reply(route, body, p, d, started)
                 if p is not None and not p.ok:
-                    aborts += self._drop(d_task, decode.worker, rid, headers)
+                    aborts += self._drop(d_task, decode.worker, rid, headers, by_rid=p.retryable)
                     release_decode()
-                    return self._note_failure("prefill", prefill.worker, p)
+                    return self._note_failure("prefill", prefill, p)
         finally:
             if not handed_off and decode_held:  # cancelled: the client went away or the router stops
                 self._drop(p_task, prefill.worker, rid, headers)
@@ -209,13 +234,18 @@ class Proxy:
         self.metrics.answered(route, d.status, time.perf_counter() - started)
         return Response(content, status_code=d.status, media_type=d.content_type)
 
-    def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str]) -> list[asyncio.Task]:
-        """Stop one half: cancel its HTTP request (or close its stream) and tell its server to abort."""
+    def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str],
+              by_rid: bool = True) -> list[asyncio.Task]:
+        """Stop one half: cancel its HTTP request (or close its stream; the server aborts what that
+        connection carried) and, ``by_rid``, also tell its server to abort the rid. Not after a
+        refusal: a duplicate rid is refused, and an abort by rid would hit the request owning it."""
         if not task.done():
             task.cancel()
         elif not task.cancelled() and isinstance(task.result(), Stream):
             task.result().close()
         elif not task.cancelled() and task.result().ok:
+            return []
+        if not by_rid:
             return []
         return [self._spawn(self.upstream.abort(worker.url, r, headers)) for r in _rids(rid)]
 
@@ -255,10 +285,10 @@ class Proxy:
                 if reply.ok:
                     self.metrics.answered(route, reply.status, time.perf_counter() - started)
                     return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
-            failure = self._note_failure("mixed", unit.worker, reply)
+            failure = self._note_failure("mixed", unit, reply)
             if not reply.retryable:
                 break
-            exclude.add(unit.worker)
+            exclude.add(_culprit(failure))
         assert failure is not None
         return self._failed(route, failure, started)
 
@@ -309,20 +339,24 @@ class Proxy:
         if not p_task.cancelled() and not p_task.result().ok:
             self.metrics.failed("prefill", prefill, p_task.result().reason or "status")
 
-    def _note_failure(self, side: str, worker: Worker, reply: Reply) -> Failure:
+    def _note_failure(self, side: str, unit: Unit, reply: Reply) -> Failure:
         """Count and log a server-side failure (a 4xx is the client's and is only relayed)."""
         if not reply.retryable:
-            return side, worker, reply
+            return side, unit, reply
+        worker = unit.worker
         self.metrics.failed(side, worker, reply.reason or "status")
         if reply.reason == "connect":
             self.fleet.note_failure(worker, f"connection failed: {reply.body.decode(errors='replace')}")
+        elif reply.status == 503:  # perhaps a rank down: the health answer says which
+            self.fleet.recheck(worker)
         logger.info("%s server %s failed: %s %s", side, worker.url, reply.status or reply.reason,
                     reply.body[:200].decode(errors="replace"))
-        return side, worker, reply
+        return side, unit, reply
 
     def _failed(self, route: str, failure: Failure, started: float) -> Response:
         """The client's answer once no attempt is left: the server's error, or 502 if none came."""
-        side, worker, reply = failure
+        side, unit, reply = failure
+        worker = unit.worker
         status = reply.status or 502
         self.metrics.answered(route, status, time.perf_counter() - started)
         if reply.status:
@@ -340,3 +374,9 @@ class Proxy:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
+
+
+def _culprit(failure: Failure) -> Worker | Unit:
+    """What a retry leaves out: the whole server when it did not answer, else the failed unit."""
+    _, unit, reply = failure
+    return unit.worker if reply.status == 0 else unit

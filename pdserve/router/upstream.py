@@ -16,6 +16,7 @@ import msgspec
 
 JSON = {"Content-Type": "application/json"}
 RETRY_STATUSES = frozenset({408, 429})
+RETRYABLE_HEADER = "X-Pdserve-Retryable"  # a pdserve server's own verdict on an error answer
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -27,6 +28,7 @@ class Reply:
     body: bytes = b""
     content_type: str = "application/json"
     reason: str = ""  # failures: "connect", "timeout", "disconnected", "status", "empty_stream"
+    verdict: bool | None = None  # the server's RETRYABLE_HEADER, when it sent one
 
     @property
     def ok(self) -> bool:
@@ -34,6 +36,11 @@ class Reply:
 
     @property
     def retryable(self) -> bool:
+        """Worth another pair: no answer, 408/429 or 5xx, unless the server said the request caused it."""
+        if self.ok:
+            return False
+        if self.verdict is not None:
+            return self.verdict
         return self.status == 0 or self.status >= 500 or self.status in RETRY_STATUSES
 
 
@@ -50,6 +57,11 @@ class Stream:
             self.resp.release()
         else:
             self.resp.close()
+
+
+def _verdict(resp: aiohttp.ClientResponse) -> bool | None:
+    value = resp.headers.get(RETRYABLE_HEADER, "").strip().lower()
+    return {"true": True, "false": False}.get(value)
 
 
 def _failure(e: BaseException) -> Reply:
@@ -73,7 +85,7 @@ class Upstream:
             async with self.session.post(url, data=body, headers=headers, timeout=self.timeout) as resp:
                 data = await resp.read()
                 return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"),
-                             "" if 200 <= resp.status < 300 else "status")
+                             "" if 200 <= resp.status < 300 else "status", _verdict(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return _failure(e)
 
@@ -85,7 +97,8 @@ class Upstream:
             if not 200 <= resp.status < 300:
                 data = await resp.read()
                 resp.release()
-                return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), "status")
+                return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"), "status",
+                             _verdict(resp))
             first = await resp.content.readany()
             if not first:
                 resp.close()

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 class Unit:
     """One DP rank of one server."""
 
-    __slots__ = ("worker", "rank", "label", "inflight_tokens", "inflight_requests", "external_tokens", "reported")
+    __slots__ = ("worker", "rank", "label", "inflight_tokens", "inflight_requests", "external_tokens", "reported",
+                 "state")
 
     def __init__(self, worker: Worker, rank: int) -> None:
         self.worker = worker
@@ -26,6 +27,11 @@ class Unit:
         self.inflight_requests = 0
         self.external_tokens = 0
         self.reported: dict[str, Any] = {}
+        self.state = "ready"  # as the server's /health or /get_load last said ("restarting", "down", ...)
+
+    @property
+    def up(self) -> bool:
+        return self.state == "ready"
 
     @property
     def load(self) -> int:
@@ -43,6 +49,9 @@ class Unit:
         """Take the server's view of this rank (one entry of its ``/get_load`` list)."""
         self.reported = load
         self.external_tokens = max(0, int(load.get("num_tokens", 0)) - self.inflight_tokens)
+        state = load.get("state")
+        if isinstance(state, str):
+            self.state = state
 
     def __repr__(self) -> str:
         return f"Unit({self.label}, load={self.load})"
@@ -64,6 +73,7 @@ class Worker:
         self.successes = 0  # consecutive good health checks while not admitted
         self.next_check = 0.0
         self.last_error = ""
+        self.rank_states: dict[int, str] = {}  # from the last health answer that named them
 
     @property
     def dp_size(self) -> int:
@@ -93,6 +103,7 @@ class Worker:
             "bootstrap_port": self.bootstrap_port if self.role == "prefill" else None,
             "disaggregation_mode": self.info.get("disaggregation_mode"),
             "model": self.info.get("served_model_name"),
+            "dp_ranks": {u.rank: u.state for u in self.units},
             "consecutive_failures": self.failures,
             "last_error": self.last_error or None,
         }

@@ -136,6 +136,35 @@ class _RoomFields(msgspec.Struct):
     bootstrap_room: Any = None
     data_parallel_rank: Any = None
     routed_dp_rank: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+
+
+def request_peers(request: Request, default_port: int) -> list[tuple[str, int, int]]:
+    """P/D decode: ``(bootstrap_host, bootstrap_port, room)`` of each room a request's body named,
+    where those fields are valid (to tell the prefill server that decode refused its half)."""
+    raw = getattr(request.state, "json_body", None)
+    if not raw:
+        return []
+    try:
+        fields = msgspec.json.decode(raw, type=_RoomFields)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+    rooms = fields.bootstrap_room if isinstance(fields.bootstrap_room, list) else [fields.bootstrap_room]
+    peers = []
+    for i, value in enumerate(rooms):
+        host = fields.bootstrap_host[i] if isinstance(fields.bootstrap_host, list) and i < len(
+            fields.bootstrap_host) else fields.bootstrap_host
+        port = fields.bootstrap_port[i] if isinstance(fields.bootstrap_port, list) and i < len(
+            fields.bootstrap_port) else fields.bootstrap_port
+        port = default_port if port is None else port
+        try:
+            room = check_room(value)
+        except ServerError:
+            continue
+        if room is not None and isinstance(host, str) and host and type(port) is int and 0 < port < 65536:
+            peers.append((host, port, room))
+    return peers
 
 
 def request_rooms(request: Request, dp_size: int) -> tuple[list[int], int | None]:

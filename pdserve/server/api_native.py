@@ -212,9 +212,11 @@ async def generate(request: Request) -> Response:
 @router.get("/health")
 async def health(request: Request) -> Response:
     state = _state(request)
+    ranks = state.controller.rank_states()
     if state.healthy:
-        return Response(status_code=200)
-    return JSONResponse({"error": {"message": state.unhealthy_reason(), "code": 503}}, status_code=503)
+        return JSONResponse({"status": "ok", "dp_ranks": ranks})
+    return JSONResponse({"error": {"message": state.unhealthy_reason(), "code": 503}, "dp_ranks": ranks},
+                        status_code=503)
 
 
 @router.get("/health_generate")

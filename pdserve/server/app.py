@@ -35,8 +35,10 @@ def _reject_api_key(path: str) -> JSONResponse:
 
 def _render(request: Request, error: ServerError) -> JSONResponse:
     body = error.openai_body() if request.url.path.startswith("/v1/") else error.native_body()
-    # after an unexpected error the connection's state is unknown: say it closes (a 4xx keeps it)
-    headers = {"Connection": "close"} if error.status >= 500 and error.status != 503 else None
+    headers = error.headers
+    if error.status >= 500 and error.status != 503:
+        # after an unexpected error the connection's state is unknown: say it closes (a 4xx keeps it)
+        headers = {**headers, "Connection": "close"}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 

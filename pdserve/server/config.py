@@ -27,6 +27,9 @@ class ServerConfig:
     log_level: str = "info"
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     graceful_shutdown_s: float = 5.0
+    worker_max_restarts: int = 5  # a rank whose worker died more often in a row stays down
+    worker_restart_backoff_s: float = 0.5  # first restart delay, doubled per death in a row
+    worker_restart_backoff_max_s: float = 30.0
 
     @property
     def disaggregation_mode(self) -> str:
@@ -44,6 +47,11 @@ class ServerConfig:
             )
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.worker_max_restarts < 0:
+            raise ValueError(f"worker_max_restarts must be >= 0, got {self.worker_max_restarts}")
+        if not 0 <= self.worker_restart_backoff_s <= self.worker_restart_backoff_max_s:
+            raise ValueError("worker restart backoff must satisfy 0 <= initial <= max, got "
+                             f"{self.worker_restart_backoff_s} and {self.worker_restart_backoff_max_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         from pdserve.disagg.auth import is_loopback
@@ -74,6 +82,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted (413 beyond)",
     )
     parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS)
+    parser.add_argument(
+        "--worker-max-restarts", type=int, default=defaults.worker_max_restarts,
+        help="restart a DP rank whose worker died at most this many times in a row (0: never); "
+        "a rank that served 60 s starts a fresh count",
+    )
+    parser.add_argument(
+        "--worker-restart-backoff", type=float, default=defaults.worker_restart_backoff_s,
+        help="seconds before the first restart of a dead worker, doubled for each death in a row",
+    )
+    parser.add_argument(
+        "--worker-restart-backoff-max", type=float, default=defaults.worker_restart_backoff_max_s,
+        help="longest delay between restarts of a rank (seconds)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -95,6 +116,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key,
         max_request_bytes=args.max_request_bytes,
         log_level=args.log_level,
+        worker_max_restarts=args.worker_max_restarts,
+        worker_restart_backoff_s=args.worker_restart_backoff,
+        worker_restart_backoff_max_s=args.worker_restart_backoff_max,
     )
 
 

@@ -4,9 +4,11 @@ It lives in the front's asyncio loop. Requests go out over one ZMQ PUSH socket p
 sockets with unbounded queues, so sending never blocks or awaits, which keeps aborts safe inside
 ``finally`` blocks); every worker's outputs come back on one PULL socket read by a background
 task that hands each :class:`StepOutput` to the per-request asyncio queue of its
-:class:`RequestHandle`. A watchdog task polls the worker processes: a dead rank fails its
-in-flight requests with a 503 and makes the server unhealthy. The load a worker reports with
-every output batch answers ``/get_load`` without a round trip.
+:class:`RequestHandle`. A watchdog task polls the worker processes: a rank that dies after startup
+fails its in-flight requests with a 503 naming it and is restarted (exponential backoff, at most
+``--worker-max-restarts`` times in a row) while the other ranks keep serving; the server is
+healthy while at least one rank is ready. The load a worker reports with every output batch
+answers ``/get_load`` without a round trip.
 
 A prefill server's controller also runs the P/D bootstrap service (before the workers start, so
 they can register), records room -> rank there when ranks are not ``room % dp_size``, and refuses
@@ -24,9 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -39,7 +44,14 @@ from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy
 from pdserve.server.errors import ServerError
 from pdserve.server.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from pdserve.disagg.messages import RoomAsk, RoomRefusal  # imports the KV layout (torch)
+
 WATCHDOG_INTERVAL_S = 0.2
+MAX_PREFILL_CLIENTS = 64  # P/D decode: bootstrap clients kept for telling prefill servers of refusals
+REFUSAL_TIMEOUT_S = 2.0
+MAX_REFUSED_ROOMS = 100_000  # P/D prefill: rooms decode refused before their prefill half came
+RESTART_STREAK_RESET_S = 60.0  # a rank that served this long starts a fresh run of restarts
 SHUTDOWN_JOIN_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
@@ -64,17 +76,41 @@ class RequestHandle:
     done: bool = False
 
 
+class RankPhase:
+    """Lifecycle of one DP rank as ``/health`` and ``/get_load`` report it."""
+
+    STARTING = "starting"  # first start, not ready yet
+    READY = "ready"  # serving
+    RESTARTING = "restarting"  # died; a new worker is (or will be, after the backoff) starting
+    DOWN = "down"  # died more than --worker-max-restarts times in a row: given up
+
+
 @dataclass
 class RankState:
     rank: int
     proc: subprocess.Popen | None = None
     sock: zmq.Socket | None = None
+    spec: msg.WorkerSpec | None = None
     ready: msg.WorkerReady | None = None
-    alive: bool = True
-    error: str | None = None
+    phase: str = RankPhase.STARTING
+    error: str | None = None  # why it last died
+    restarts: int = 0  # restarts since startup
+    streak: int = 0  # deaths in a row without serving RESTART_STREAK_RESET_S in between
+    ready_at: float = 0.0
+    generation: int = 0  # bumps at each restart: a fresh input socket per worker process
     load: msg.RankLoad = field(default_factory=msg.RankLoad)
     num_reqs: int = 0
     num_tokens: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """Accepting requests (a starting rank counts, so startup can submit nothing but waits anyway)."""
+        return self.phase in (RankPhase.READY, RankPhase.STARTING)
+
+    def describe(self) -> dict[str, object]:
+        return {"dp_rank": self.rank, "state": self.phase, "restarts": self.restarts,
+                "pid": self.proc.pid if self.proc is not None and self.phase == RankPhase.READY else None,
+                "error": self.error}
 
 
 class DPController:
@@ -101,6 +137,12 @@ class DPController:
         self._tasks: list[asyncio.Task] = []
         self._flush_waiters: dict[tuple[int, int], asyncio.Future[bool]] = {}
         self._next_flush_id = 0
+        self._env: dict[str, str] = {}
+        self._plane_auth: PlaneAuth | None = None
+        self._bootstrap_client: type | None = None  # P/D decode: BootstrapClient, to tell prefill servers
+        self._prefill_clients: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._background: set[asyncio.Task] = set()
+        self._refused_rooms: OrderedDict[int, tuple[RoomRefusal, float]] = OrderedDict()  # P/D prefill
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -115,11 +157,19 @@ class DPController:
                                 refusals=self.metrics.refusals if self.metrics is not None else None).start
             )
             disagg = replace(disagg, bootstrap_port=self.bootstrap.port)
+            loop = asyncio.get_running_loop()
+            self.bootstrap.on_misroute = lambda *a: loop.call_soon_threadsafe(self._on_misroute, *a)
+            self.bootstrap.on_refusal = lambda r: loop.call_soon_threadsafe(self._on_refusal, r)
             logger.info("P/D bootstrap service on %s", self.bootstrap.address)
+        elif disagg.mode == "decode":
+            from pdserve.disagg.bootstrap import BootstrapClient
+
+            self._bootstrap_client = BootstrapClient  # imported now: it pulls in the wire types (and torch)
         if disagg.mode != "null" and not disagg.secret:
             logger.warning("P/D plane of this server is NOT authenticated: no --disaggregation-secret, "
                            "$%s or --api-key (acceptable on loopback only)", SECRET_ENV)
         secret = disagg.secret
+        self._plane_auth = PlaneAuth(secret)
         disagg = replace(disagg, host=self.config.host, secret=None)  # the spec is a command line: secret via env
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-")
         self._sync_ctx = zmq.Context(1)
@@ -130,37 +180,46 @@ class DPController:
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(out_addr)
         threads = self.config.engine.torch_threads or max(1, len(os.sched_getaffinity(0)) // self.dp_size)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        env.pop(SECRET_ENV, None)
+        self._env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self._env.pop(SECRET_ENV, None)
         if secret:
-            env[SECRET_ENV] = secret
+            self._env[SECRET_ENV] = secret
         for state in self.ranks:
-            in_addr = f"ipc://{self._tmpdir}/in{state.rank}"
-            sock = self._sync_ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(in_addr)
-            state.sock = sock
-            spec = msg.WorkerSpec(
+            state.spec = msg.WorkerSpec(
                 dp_rank=state.rank,
                 dp_size=self.dp_size,
                 engine=replace(self.config.engine, torch_threads=threads, engines_per_device=self.dp_size),
-                input_addr=in_addr,
+                input_addr="",
                 output_addr=out_addr,
                 parent_pid=os.getpid(),
                 log_level=self.config.log_level,
                 disagg=disagg,
             )
-            state.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve.server.worker", msg.encode_spec(spec)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-            logger.info("started dp rank %d worker (pid %d, %d torch threads)", state.rank, state.proc.pid, threads)
+            self._spawn(state)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="pdserve-recv"),
             asyncio.create_task(self._watchdog(), name="pdserve-watchdog"),
         ]
+
+    def _spawn(self, state: RankState) -> None:
+        """Start (or restart) the worker process of one rank, on a fresh input socket."""
+        assert self._sync_ctx is not None and state.spec is not None
+        if state.sock is not None:
+            state.sock.close(0)  # messages queued for the dead worker must not reach its successor
+        state.generation += 1
+        in_addr = f"ipc://{self._tmpdir}/in{state.rank}.{state.generation}"
+        sock = self._sync_ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(in_addr)
+        state.sock = sock
+        state.spec = msgspec.structs.replace(state.spec, input_addr=in_addr)
+        state.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.server.worker", msg.encode_spec(state.spec)],
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+        )
+        logger.info("started dp rank %d worker (pid %d)", state.rank, state.proc.pid)
 
     async def shutdown(self) -> None:
         """Stop every worker (ask, then terminate, then kill), fail what is in flight, free the sockets."""
@@ -185,9 +244,11 @@ class DPController:
                     await asyncio.to_thread(proc.wait)
         for handle in list(self.requests.values()):
             self._fail(handle, ServerError(503, "the server is shutting down"))
-        for task in self._tasks:
+        for client in self._prefill_clients.values():
+            await client.close()
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for state in self.ranks:
@@ -210,7 +271,11 @@ class DPController:
 
     @property
     def healthy(self) -> bool:
-        return self.ready and not self._closing and all(s.alive for s in self.ranks)
+        """Started, not stopping, and at least one rank serving."""
+        return self.ready and not self._closing and any(s.phase == RankPhase.READY for s in self.ranks)
+
+    def rank_states(self) -> list[dict[str, object]]:
+        return [s.describe() for s in self.ranks]
 
     @property
     def info(self) -> msg.WorkerReady:
@@ -224,7 +289,7 @@ class DPController:
     def pick_rank(self, pinned: int | None, bootstrap_room: int | None) -> int:
         if pinned is not None:
             return pinned
-        views = [RankView(s.rank, s.alive, s.num_reqs, s.num_tokens) for s in self.ranks]
+        views = [RankView(s.rank, s.phase == RankPhase.READY, s.num_reqs, s.num_tokens) for s in self.ranks]
         try:
             return self.policy.select(views, bootstrap_room)
         except NoRankAvailable as e:
@@ -235,11 +300,14 @@ class DPController:
         if not self.ready or self._closing:
             raise ServerError(503, "the server is not ready")
         state = self.ranks[req.dp_rank]
-        if not state.alive:
-            raise ServerError(503, f"DP rank {req.dp_rank} is not available: {state.error}")
+        if state.phase != RankPhase.READY:
+            raise ServerError(503, self.rank_unavailable(state))
         if req.rid in self.requests:
             raise ServerError(400, f"rid {req.rid!r} is already in use by a running request", "rid")
         room = req.bootstrap_room if self.config.disagg.mode != "null" else None
+        refusal = self._refused_rooms.pop(room, None) if room is not None else None
+        if refusal is not None and refusal[0].room == room and refusal[1] > time.monotonic():
+            raise ServerError(refusal[0].status, refusal[0].reason)
         if room is not None and room in self.rooms:
             raise ServerError(409, f"bootstrap_room {room} is already in use by running request {self.rooms[room]!r}",
                               "bootstrap_room")
@@ -251,8 +319,8 @@ class DPController:
             num_tokens=len(req.input_ids),
             room=room,
         )
-        if room is not None and self.bootstrap is not None and not self.bootstrap.follows_room:
-            self.bootstrap.register_room(room, req.dp_rank)
+        if room is not None and self.bootstrap is not None:
+            self.bootstrap.register_room(room, req.dp_rank)  # also lets the service catch a decode asking another rank
         if not self._send(state, req):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
         self.requests[req.rid] = handle
@@ -261,6 +329,15 @@ class DPController:
         state.num_reqs += 1
         state.num_tokens += handle.num_tokens
         return handle
+
+    def rank_unavailable(self, state: RankState) -> str:
+        """Why ``state`` takes no request now (a retryable 503: the rank comes back or others serve)."""
+        if state.phase == RankPhase.DOWN:
+            return (f"DP rank {state.rank} is down: its worker died {state.streak} times in a row "
+                    f"(--worker-max-restarts {self.config.worker_max_restarts}); last: {state.error}")
+        if state.phase == RankPhase.RESTARTING:
+            return f"DP rank {state.rank} is restarting after its worker died: {state.error}"
+        return f"DP rank {state.rank} is starting"
 
     def abort(self, rid: str, message: str = "aborted by request") -> bool:
         handle = self.requests.get(rid)
@@ -280,8 +357,71 @@ class DPController:
         if self.bootstrap is not None and not self.bootstrap.follows_room:
             self.bootstrap.register_room(room, target)
         for state in self.ranks if not valid else [self.ranks[target]]:
-            if state.alive:
+            if state.phase == RankPhase.READY:
                 self._send(state, msg.RejectRoom(room, reason))
+
+    def tell_prefill(self, host: str, port: int, room: int, reason: str, status: int) -> None:
+        """P/D decode: the front refused a request naming ``room`` before it reached a worker; tell the
+        prefill server's bootstrap service so its half fails now (best effort, bounded)."""
+        if self._bootstrap_client is None or self._closing:
+            return
+        from pdserve.disagg.messages import RoomRefusal
+
+        client = self._prefill_clients.get((host, port))
+        if client is None:
+            client = self._prefill_clients[(host, port)] = self._bootstrap_client(host, port, self._plane_auth)
+            if len(self._prefill_clients) > MAX_PREFILL_CLIENTS:
+                _, old = self._prefill_clients.popitem(last=False)
+                self._spawn_task(old.close())
+        self._prefill_clients.move_to_end((host, port))
+
+        async def tell() -> None:
+            try:
+                await client.refuse_room(RoomRefusal(room, reason, status), time.monotonic() + REFUSAL_TIMEOUT_S)
+            except Exception as e:
+                logger.info("could not tell the prefill server at %s:%d that room %d was refused: %s",
+                            host, port, room, e)
+
+        self._spawn_task(tell())
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_misroute(self, room: int, holder: int, ask: RoomAsk) -> None:
+        """P/D prefill: rank ``holder`` runs the room's prefill request while decode sent its KV request
+        to rank ``ask.rank``: both halves would wait for the waiting timeout. Fail both now (400: the
+        two halves were pinned to different ranks)."""
+        reason = (f"prefill rank {holder} holds bootstrap_room {room}; decode rank {ask.decode_rank} asked prefill "
+                  f"rank {ask.rank} (pin both halves to the same prefill rank: disagg_prefill_dp_rank)")
+        logger.info("%s", reason)
+        rid = self.rooms.get(room)
+        handle = self.requests.get(rid) if rid is not None else None
+        if handle is not None and handle.rank == holder:
+            self._send(self.ranks[holder], msg.AbortReq(handle.rid, reason))
+            self._fail(handle, ServerError(400, reason, "disagg_prefill_dp_rank"))
+        asked = self.ranks[ask.rank]
+        if asked.phase == RankPhase.READY:
+            self._send(asked, msg.RejectRoom(room, reason, 400, "wrong_rank"))
+
+    def _on_refusal(self, refusal: RoomRefusal) -> None:
+        """P/D prefill: decode refused its half of a room (or gave up on it before reaching a prefill
+        rank). Fail the prefill half now, or refuse it when it comes (for the waiting timeout)."""
+        rid = self.rooms.get(refusal.room)
+        handle = self.requests.get(rid) if rid is not None else None
+        if handle is not None:
+            self._send(self.ranks[handle.rank], msg.AbortReq(handle.rid, refusal.reason))
+            self._fail(handle, ServerError(refusal.status, refusal.reason))
+            return
+        refused = self._refused_rooms
+        if refusal.room in refused:
+            return  # the first reason is the most precise (the decode worker's, then its front's)
+        refused[refusal.room] = (refusal, time.monotonic() + self.config.disagg.waiting_timeout)
+        refused.move_to_end(refusal.room)
+        now = time.monotonic()
+        while refused and (len(refused) > MAX_REFUSED_ROOMS or next(iter(refused.values()))[1] < now):
+            refused.popitem(last=False)
 
     def abort_all(self, message: str = "aborted by request") -> int:
         rids = list(self.requests)
@@ -305,7 +445,7 @@ class DPController:
         loop = asyncio.get_running_loop()
         waiters = []
         for state in self.ranks:
-            if not state.alive:
+            if state.phase != RankPhase.READY:
                 return False
             fut: asyncio.Future[bool] = loop.create_future()
             self._flush_waiters[(flush_id, state.rank)] = fut
@@ -322,7 +462,8 @@ class DPController:
 
     def loads(self) -> list[dict[str, int]]:
         """The load each rank reported with its latest outputs (SGLang's /get_load shape)."""
-        return [{"dp_rank": s.rank, **{k: getattr(s.load, k) for k in s.load.__struct_fields__}} for s in self.ranks]
+        return [{"dp_rank": s.rank, **{k: getattr(s.load, k) for k in s.load.__struct_fields__},
+                 "state": s.phase, "restarts": s.restarts} for s in self.ranks]
 
     # ------------------------------------------------------------------ internals
     def _send(self, state: RankState, message: msg.ToWorker) -> bool:
@@ -353,7 +494,8 @@ class DPController:
                 if meta is not None and (handle := self.requests.get(out.rid)) is not None:
                     handle.disagg_meta = meta
                 self._on_output(state, out, now)
-            self._set_load(state, message.load)
+            if state.phase == RankPhase.READY:  # not a dead worker's last batch
+                self._set_load(state, message.load)
         elif isinstance(message, msg.DisaggStats):
             self.disagg_reports[message.dp_rank] = message.report
             if self.metrics is not None:
@@ -371,15 +513,18 @@ class DPController:
         elif isinstance(message, msg.WorkerFailed):
             state = self.ranks[message.dp_rank]
             last_line = message.message.strip().splitlines()[-1] if message.message.strip() else "unknown error"
-            state.error = last_line
-            self._rank_died(state, f"DP rank {state.rank} failed: {last_line}")
+            self._rank_died(state, f"DP rank {state.rank} worker failed: {last_line}")
 
     def _on_ready(self, message: msg.WorkerReady) -> None:
         state = self.ranks[message.dp_rank]
+        if state.proc is None or message.pid != state.proc.pid or state.phase == RankPhase.DOWN:
+            return  # a worker that has died since
         state.ready = message
+        state.phase = RankPhase.READY
+        state.ready_at = time.monotonic()
         self._set_load(state, message.load)
         logger.info("dp rank %d ready (pid %d, model %s)", message.dp_rank, message.pid, message.model_path)
-        if all(s.ready is not None for s in self.ranks) and all(s.alive for s in self.ranks):
+        if all(s.phase == RankPhase.READY for s in self.ranks):
             self.ready_event.set()
 
     def _on_output(self, state: RankState, out: StepOutput, now: float) -> None:
@@ -424,18 +569,54 @@ class DPController:
             handle.queue.put_nowait(error)
 
     def _rank_died(self, state: RankState, reason: str) -> None:
-        if not state.alive:
+        """A worker process is gone: fail its requests; at startup the server fails, later the rank
+        is restarted after a backoff (or marked down once it died too often in a row)."""
+        if state.phase in (RankPhase.RESTARTING, RankPhase.DOWN):
             return
-        state.alive = False
-        state.error = state.error or reason
+        was_ready = state.phase == RankPhase.READY
+        state.error = reason
         state.load = msg.RankLoad()
-        logger.error("%s", reason)
+        if self.metrics is not None:
+            self.metrics.set_load(state.rank, state.load)
         for handle in [h for h in self.requests.values() if h.rank == state.rank]:
-            self._fail(handle, ServerError(503, reason))
-        if not self.ready and not self._closing:
-            self.startup_error = reason
-            if self.on_fatal is not None:
-                self.on_fatal(reason)
+            self._fail(handle, ServerError(503, f"{reason}; the request was lost with it (retry it)"))
+        if self.bootstrap is not None:
+            self.bootstrap.unregister_rank(state.rank, reason)
+        if not self.ready or self._closing:
+            state.phase = RankPhase.DOWN
+            logger.error("%s", reason)
+            if not self.ready and not self._closing:
+                self.startup_error = reason
+                if self.on_fatal is not None:
+                    self.on_fatal(reason)
+            return
+        if was_ready and time.monotonic() - state.ready_at > RESTART_STREAK_RESET_S:
+            state.streak = 0
+        state.streak += 1
+        cfg = self.config
+        if state.streak > cfg.worker_max_restarts:
+            state.phase = RankPhase.DOWN
+            if self.bootstrap is not None:
+                self.bootstrap.unregister_rank(state.rank, self.rank_unavailable(state), gone=True)
+            logger.error("%s; not restarting it: it died %d times in a row (--worker-max-restarts %d)",
+                         reason, state.streak, cfg.worker_max_restarts)
+            return
+        state.phase = RankPhase.RESTARTING
+        delay = min(cfg.worker_restart_backoff_s * 2 ** (state.streak - 1), cfg.worker_restart_backoff_max_s)
+        logger.error("%s; restarting it in %.2g s (restart %d of at most %d in a row)", reason, delay, state.streak,
+                     cfg.worker_max_restarts)
+        self._tasks.append(asyncio.create_task(self._restart(state, delay), name=f"pdserve-restart-{state.rank}"))
+
+    async def _restart(self, state: RankState, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._closing or state.phase != RankPhase.RESTARTING:
+            return
+        if state.proc is not None and state.proc.poll() is None:
+            state.proc.kill()  # a worker that reported failure but lingers
+        if state.proc is not None:
+            await asyncio.to_thread(state.proc.wait)
+        state.restarts += 1
+        self._spawn(state)
 
     async def _watchdog(self) -> None:
         while True:
@@ -443,8 +624,9 @@ class DPController:
             if self._closing:
                 continue
             for state in self.ranks:
-                code = state.proc.poll() if state.proc is not None else None
-                if code is not None and state.alive:
+                if state.phase not in (RankPhase.READY, RankPhase.STARTING) or state.proc is None:
+                    continue
+                code = state.proc.poll()
+                if code is not None:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    detail = f": {state.error}" if state.error else ""
-                    self._rank_died(state, f"DP rank {state.rank} worker {how}{detail}")
+                    self._rank_died(state, f"DP rank {state.rank} worker (pid {state.proc.pid}) {how}")

@@ -18,15 +18,28 @@ ERROR_TYPES = {
 }
 
 
-class ServerError(Exception):
-    """A request failed; ``message`` names the problem (the field, the allowed range)."""
+RETRYABLE_HEADER = "X-Pdserve-Retryable"  # on every error answer: may a router retry it elsewhere?
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+
+class ServerError(Exception):
+    """A request failed; ``message`` names the problem (the field, the allowed range).
+
+    ``retryable`` says whether the same request may succeed on another server or rank: by default
+    5xx, 408 and 429 are (the server's trouble) and other 4xx are not (the request's). A 5xx the
+    request itself caused passes ``retryable=False``; answers carry it as :data:`RETRYABLE_HEADER`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retryable: bool | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retryable = (status >= 500 or status in (408, 429)) if retryable is None else retryable
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {RETRYABLE_HEADER: "true" if self.retryable else "false"}
 
     def openai_body(self) -> dict[str, Any]:
         return {

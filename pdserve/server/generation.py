@@ -144,6 +144,8 @@ class GenerationService:
                 f"data_parallel_rank must be in [0, {self.controller.dp_size - 1}], got {req.dp_rank}",
                 "data_parallel_rank",
             )
+        if req.bootstrap_port is not None and not 0 < req.bootstrap_port < 65536:
+            raise bad_request(f"bootstrap_port must be in [1, 65535], got {req.bootstrap_port}", "bootstrap_port")
         if self.controller.config.disagg.mode == "decode" and req.bootstrap_room is not None:
             if not req.bootstrap_host:
                 raise bad_request("bootstrap_host is required with bootstrap_room on a decode server", "bootstrap_host")
@@ -257,7 +259,8 @@ class Generation:
             if item.finished and not item.new_token_ids and not self.output_ids and reason.get("status_code"):
                 self.finished = True
                 self.finished_at = time.perf_counter()
-                raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")))
+                raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")),
+                                  retryable=reason.get("retryable"))
             delta = self._apply(item)
             if item.new_token_ids or item.finished:
                 return delta

@@ -63,6 +63,8 @@ class RejectRoom(msgspec.Struct, tag="reject_room"):
 
     room: int
     reason: str
+    status: int = 0  # HTTP status decode answers (0: 503)
+    cause: str = ""  # a disagg Cause (default: prefill_rejected)
 
 
 class FlushCacheReq(msgspec.Struct, tag="flush_cache"):

@@ -11,12 +11,14 @@ from fastapi import Request
 
 from pdserve.engine.request import SamplingParams
 from pdserve.server import messages as msg
-from pdserve.server.api_common import request_rooms
+from pdserve.server.api_common import request_peers, request_rooms
 from pdserve.server.config import ServerConfig
 from pdserve.server.controller import DPController
 from pdserve.server.errors import ServerError
 from pdserve.server.generation import GenerationService, GenRequest, close_all, run_to_end
 from pdserve.server.metrics import ServerMetrics
+
+MAX_PEERS_TOLD = 64  # a refused batch tells at most this many prefill rooms
 
 logger = logging.getLogger("pdserve.server")
 
@@ -64,9 +66,12 @@ class ServerState:
     def unhealthy_reason(self) -> str:
         if self.startup_error:
             return self.startup_error
-        dead = [s for s in self.controller.ranks if not s.alive]
+        ranks = self.controller.ranks
+        if self.service is not None and not any(s.phase == "ready" for s in ranks):
+            return "no DP rank is serving: " + "; ".join(self.controller.rank_unavailable(s) for s in ranks)
+        dead = [s for s in ranks if s.error]
         if dead:
-            return "; ".join(s.error or f"DP rank {s.rank} is down" for s in dead)
+            return "; ".join(s.error or "" for s in dead)
         return "the server is starting" if self.service is None else "the server is shutting down"
 
     def require_service(self) -> GenerationService:
@@ -86,9 +91,21 @@ class ServerState:
         return {n for n in names if n}
 
     def refused(self, request: Request, error: ServerError) -> None:
-        """A P/D prefill front answered a request with an error: decode's half of each room it named
-        fails at once with this reason (not 409: that room belongs to another request)."""
-        if self.config.disagg.mode != "prefill" or error.status == 409:
+        """A P/D front answered a request with an error (not 409: that room belongs to another request).
+        Prefill: decode's half of each room it named fails at once with this reason. Decode: the
+        prefill server named in the request is told, and fails its half at once."""
+        if error.status == 409:
+            return
+        if self.config.disagg.mode == "decode":
+            status = error.status if error.status < 500 else 503
+            for host, port, room in request_peers(request, self.config.disagg.bootstrap_port)[:MAX_PEERS_TOLD]:
+                if not self.config.disagg.bootstrap_allowed(host):
+                    continue  # never contact an address the outbound allow-list refuses
+                reason = (f"the decode server refused the request for bootstrap_room {room} with HTTP {error.status}: "
+                          f"{error.message}")
+                self.controller.tell_prefill(host, port, room, reason, status)
+            return
+        if self.config.disagg.mode != "prefill":
             return
         try:
             rooms, rank = request_rooms(request, self.config.dp_size)
@@ -109,9 +126,10 @@ class ServerState:
                 rid=f"health-{uuid.uuid4().hex}",
                 input_ids=ids,
                 params=SamplingParams(max_new_tokens=1, temperature=0.0),
-                dp_rank=rank,
+                dp_rank=state.rank,
             )
-            for rank in range(self.config.dp_size)
+            for state in self.controller.ranks
+            if state.phase == "ready"
         ]
         try:
             gens = service.start_all(reqs)

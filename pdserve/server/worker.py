@@ -145,7 +145,8 @@ class Worker:
             self._step_due = True
         elif isinstance(message, msg.RejectRoom):
             if self.spec.disagg.mode == "prefill":
-                self.disagg.reject_room(message.room, message.reason)
+                self.disagg.reject_room(message.room, message.reason, message.status,
+                                        message.cause or "prefill_rejected")
         elif isinstance(message, msg.FlushCacheReq):
             self.send(msg.FlushCacheDone(self.rank, message.req_id, bool(self.engine.flush_cache())))
         elif isinstance(message, msg.ShutdownReq):
