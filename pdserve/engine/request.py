@@ -34,6 +34,10 @@ class SamplingParams:
     no_stop_trim: bool = False
     seed: int | None = None
     n: int = 1
+    # structured output (engine/grammar.py): at most one of these, SGLang's names
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     _ALIASES = {"sampling_seed": "seed"}
 
@@ -50,7 +54,7 @@ class SamplingParams:
             name = cls._ALIASES.get(key, key)
             if name not in known:
                 raise RequestError(
-                    f"unknown sampling parameter {key!r}; known: {', '.join(sorted(known))}"
+                    f"unsupported field: sampling_params.{key} (known: {', '.join(sorted(known))})"
                 )
             if value is None:
                 continue
@@ -107,6 +111,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             return list(value)
         raise RequestError("stop_token_ids must be a list of integers")
+    if kind.startswith("str"):
+        if isinstance(value, str):
+            return value
+        raise RequestError(f"{name} must be a string, got {type(value).__name__}")
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -165,6 +173,7 @@ class Req:
     num_retractions: int = 0
     cached_tokens: int = 0
     input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks
+    grammar: Any = None  # llguidance matcher when the output is constrained (engine/grammar.py)
 
     @property
     def fill_target(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pdserve.engine.grammar import advance_grammar
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
@@ -207,7 +208,9 @@ class Scheduler:
         self, req: Req, token: int, info: TokenLogprobs | None, input_logprobs: TokenLogprobs | None
     ) -> None:
         req.output_ids.append(token)
-        reason = self._finish_reason(req, token)
+        reason = advance_grammar(req, token)
+        if reason is None or reason["type"] == "stop":
+            reason = self._finish_reason(req, token) or reason
         if req.stop_after_prefill and reason is None:
             reason = {"type": "length", "length": 1}
         if reason is not None:

@@ -28,6 +28,7 @@ from pdserve.server.api_common import (
     unless_disconnected,
 )
 from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.fields import check_fields
 from pdserve.server.generation import (
     Generation,
     GenRequest,
@@ -44,7 +45,7 @@ router = APIRouter()
 
 
 class GenerateBody(msgspec.Struct, kw_only=True):
-    """The JSON body of ``POST /generate``; unknown keys (router defaults) are ignored."""
+    """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
 
     text: str | list[str] | None = None
     input_ids: list[Any] | None = None
@@ -121,7 +122,9 @@ def build_requests(state: ServerState, request: Request, body: GenerateBody) -> 
         try:
             params = SamplingParams.from_dict(raw)
         except RequestError as e:
-            raise bad_request(f"sampling_params: {e}", "sampling_params") from None
+            text = str(e)
+            raise bad_request(text if text.startswith("unsupported field") else f"sampling_params: {text}",
+                              "sampling_params") from None
         ids = service.encode(prompt) if isinstance(prompt, str) else prompt
         reqs.append(
             GenRequest(
@@ -177,7 +180,9 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
 async def generate(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateBody, state.config.max_request_bytes)
+    check_fields("generate", request.state.json_body)
     reqs, batch = build_requests(state, request, body)
+    await state.require_service().check_grammars(reqs)
     gens = state.require_service().start_all(reqs)
     if not body.stream:
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pdserve.disagg.config import DisaggConfig, add_disagg_arguments, disagg_config_from_args
 from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
+from pdserve.server.tool_parsers import PARSERS
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "follow_bootstrap_room")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -27,6 +28,7 @@ class ServerConfig:
     log_level: str = "info"
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     graceful_shutdown_s: float = 5.0
+    tool_call_parser: str | None = None  # server/tool_parsers: the model family's tool-call format
 
     @property
     def disaggregation_mode(self) -> str:
@@ -64,7 +66,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=defaults.max_request_bytes,
         help="largest request body accepted (413 beyond)",
     )
-    parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS)
+    parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS, help="default: %(default)s")
+    parser.add_argument(
+        "--tool-call-parser", default=None, choices=sorted(PARSERS),
+        help="how tool calls are written by the model, for tool_choice 'auto' (default: none; 'required' "
+        "and named functions work without one)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -83,6 +90,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key,
         max_request_bytes=args.max_request_bytes,
         log_level=args.log_level,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.engine.grammar import GrammarCompiler, GrammarError, grammar_field
 from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
 from pdserve.server import messages as msg
@@ -22,6 +23,7 @@ from pdserve.server.controller import DPController, RequestHandle
 from pdserve.server.errors import ServerError, bad_request
 
 MAX_TOP_LOGPROBS = 20
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -43,6 +45,7 @@ class GenRequest:
     prefill_dp_rank: int | None = None
     prompt_field: str = "input_ids"  # names used in error messages
     max_tokens_field: str = "max_new_tokens"
+    grammar_field: str | None = None  # the client's name for the grammar (response_format, guided_json ...)
 
 
 class GenerationService:
@@ -56,6 +59,7 @@ class GenerationService:
         self.max_total_tokens = info.max_total_tokens
         self.vocab_size = info.vocab_size
         self._token_text: dict[int, str] = {}
+        self._grammars: GrammarCompiler | None = None
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -131,6 +135,27 @@ class GenerationService:
                 raise bad_request(
                     f"disagg_prefill_dp_rank must be >= 0, got {req.prefill_dp_rank}", "disagg_prefill_dp_rank"
                 )
+
+    async def check_grammars(self, reqs: Sequence[GenRequest]) -> None:
+        """Compile each request's grammar off the event loop (cached); 400 naming the field if one
+        does not compile or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
+        for req in reqs:
+            try:
+                if grammar_field(req.params) is None:
+                    continue
+                if self._grammars is None:
+                    tok = self.tokenizer
+                    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+                    self._grammars = await asyncio.to_thread(GrammarCompiler, tok.to_json(), self.vocab_size, eos)
+                await asyncio.wait_for(asyncio.to_thread(self._grammars.check, req.params), GRAMMAR_COMPILE_TIMEOUT_S)
+            except GrammarError as e:
+                field = req.grammar_field or f"sampling_params.{e.field}"
+                raise bad_request(f"{field}: {e.detail}", field) from None
+            except asyncio.TimeoutError:
+                field = req.grammar_field or "grammar"
+                raise bad_request(
+                    f"{field}: the grammar did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:.0f} s", field
+                ) from None
 
     # ------------------------------------------------------------------ submit
     def start(self, req: GenRequest) -> Generation:
