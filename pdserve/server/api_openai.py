@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -454,10 +454,8 @@ def _call_for_template(call: Any) -> Any:
         return call
     fn = dict(call["function"])
     if isinstance(fn.get("arguments"), str):
-        try:
+        with suppress(ValueError):
             fn["arguments"] = json.loads(fn["arguments"])
-        except ValueError:
-            pass
     return {**call, "function": fn}
 
 
