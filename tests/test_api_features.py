@@ -252,3 +252,71 @@ def test_unsupported_field_is_400(client, route, extra, field):
 def test_unsupported_field_via_openai_sdk(oai):
     with pytest.raises(openai.BadRequestError, match="unsupported field: logit_bias"):
         oai.completions.create(model=oai.models.list().data[0].id, prompt="Hi", max_tokens=2, logit_bias={"5": 1})
+
+
+# ---------------------------------------------------------------------- parallel sampling
+
+
+def _stream_texts(stream) -> tuple[dict[int, str], object]:
+    texts: dict[int, str] = {}
+    usage = None
+    for c in stream:
+        usage = c.usage or usage
+        for ch in c.choices:
+            piece = ch.text if hasattr(ch, "text") else (ch.delta.content or "")
+            texts[ch.index] = texts.get(ch.index, "") + piece
+    return texts, usage
+
+
+def test_n_completions_seeded_reproducible(oai):
+    model = oai.models.list().data[0].id
+    kwargs = dict(model=model, prompt="Once upon a time", max_tokens=12, n=3, seed=11, temperature=1.0)
+    first = oai.completions.create(**kwargs)
+    again = oai.completions.create(**kwargs)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(first.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert len(set(texts)) == 3, texts
+    assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
+    prompt_tokens = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=1).usage.prompt_tokens
+    assert first.usage.prompt_tokens == prompt_tokens
+    assert first.usage.completion_tokens == 36
+    streamed, usage = _stream_texts(oai.completions.create(**kwargs, stream=True,
+                                                           stream_options={"include_usage": True}))
+    assert [streamed[i] for i in range(3)] == texts
+    assert usage.completion_tokens == 36
+    # sample 0 with seed s is what n=1 with seed s gives
+    single = oai.completions.create(**{**kwargs, "n": 1})
+    assert single.choices[0].text == texts[0]
+
+
+def test_n_chat_streaming_and_json_schema(oai):
+    model = oai.models.list().data[0].id
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=200, n=3, seed=4,
+                  response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+    r = oai.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(texts)) == 3
+    streamed, _ = _stream_texts(oai.chat.completions.create(**kwargs, stream=True))
+    assert [streamed[i] for i in range(3)] == texts
+
+
+def test_generate_batch_of_n(client):
+    body = {"text": ["Hello", "The sky"], "sampling_params": {"max_new_tokens": 6, "n": 2, "seed": 3}}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out) == 4 and all(o["meta_info"]["completion_tokens"] == 6 for o in out)
+    assert out[0]["text"] != out[1]["text"] and out[2]["text"] != out[3]["text"]
+    r = client.post("/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 6, "n": 2, "seed": 3}})
+    assert [o["text"] for o in r.json()] == [o["text"] for o in out[:2]]
+    r = client.post("/generate", json={"text": "Hi", "sampling_params": {"n": 17}})
+    assert r.status_code == 400 and "--max-n" in r.text
+    r = client.post("/v1/completions", json={"prompt": "Hi", "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    # greedy n: identical samples, allowed
+    r = client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 4, "n": 3,
+                                                                         "temperature": 0}})
+    assert len({o["text"] for o in r.json()}) == 1
+    assert sum(x["num_used_pages"] for x in client.get("/get_load").json()) == 0

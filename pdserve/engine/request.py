@@ -84,8 +84,8 @@ class SamplingParams:
             raise RequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not 0 < self.repetition_penalty <= 2:
             raise RequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
-        if self.n != 1:
-            raise RequestError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+        if self.n < 1:
+            raise RequestError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
 
@@ -130,6 +130,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return float(value)
         raise RequestError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def sample_rid(rid: str, index: int) -> str:
+    """The rid of sample ``index`` (>= 1) of a request with ``n`` > 1; sample 0 keeps ``rid``."""
+    return f"{rid}.s{index}"
 
 
 @dataclass

@@ -190,20 +190,22 @@ async def generate(request: Request) -> Response:
         finally:
             close_all(gens)
         results = [response_item(g) for g in gens]
-        return JSONResponse(results if batch else results[0])
+        return JSONResponse(results if batch or len(gens) > 1 else results[0])
     try:
         await first_outputs(gens)
     except BaseException:
         close_all(gens)
         raise
 
+    indexed = batch or len(gens) > 1  # a batch, or SGLang's batch-of-n form (sampling_params.n)
+
     async def chunks():
         for i, gen in enumerate(gens):
-            yield sse(response_item(gen, i if batch else None))
+            yield sse(response_item(gen, i if indexed else None))
         try:
             async with aclosing(interleave(gens)) as updates:
                 async for i, _delta in updates:
-                    yield sse(response_item(gens[i], i if batch else None))
+                    yield sse(response_item(gens[i], i if indexed else None))
         except ServerError as e:
             yield sse(e.native_body())
         yield SSE_DONE

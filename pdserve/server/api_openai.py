@@ -130,8 +130,6 @@ def _sampling(
 ) -> tuple[SamplingParams, bool]:
     """SamplingParams from the OpenAI fields (and the structured-output constraint), and whether
     the client chose the token budget."""
-    if body.n not in (None, 1):
-        raise bad_request(f"n must be 1 (parallel sampling is not supported), got {body.n}", "n")
     if max_tokens is not None and max_tokens < 0:
         raise bad_request(f"{max_tokens_field} must be >= 0, got {max_tokens}", max_tokens_field)
     if body.min_tokens is not None and body.min_tokens < 0:
@@ -152,6 +150,7 @@ def _sampling(
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "no_stop_trim": body.no_stop_trim,
+        "n": body.n,
     }
     if constraint is not None:
         raw[constraint.kind] = constraint.text
@@ -226,13 +225,13 @@ def _matched(gen: Generation) -> Any:
 
 
 def _usage(gens: list[Generation]) -> dict[str, Any]:
-    prompt = sum(g.prompt_tokens for g in gens)
+    prompt = sum(g.prompt_tokens for g in gens if g.is_first_sample)
     completion = sum(g.completion_tokens for g in gens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens)},
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens if g.is_first_sample)},
     }
 
 
@@ -317,8 +316,8 @@ async def completions(request: Request) -> Response:
     _check_model(state, body.model)
     if body.echo:
         raise bad_request("echo is not supported", "echo")
-    if body.best_of not in (None, 1):
-        raise bad_request(f"best_of must be 1, got {body.best_of}", "best_of")
+    if body.best_of not in (None, 1, body.n or 1):
+        raise bad_request(f"best_of must be 1 or equal to n, got {body.best_of}", "best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
     constraint = openai_constraint(body)

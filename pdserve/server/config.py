@@ -28,6 +28,7 @@ class ServerConfig:
     log_level: str = "info"
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     graceful_shutdown_s: float = 5.0
+    max_n: int = 16  # most parallel samples (n) one request may ask for
     tool_call_parser: str | None = None  # server/tool_parsers: the model family's tool-call format
 
     @property
@@ -44,6 +45,8 @@ class ServerConfig:
                 f"load_balance_method must be one of {', '.join(LOAD_BALANCE_METHODS)}, "
                 f"got {self.load_balance_method!r}"
             )
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if not 0 <= self.port < 65536:
@@ -67,6 +70,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted (413 beyond)",
     )
     parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS, help="default: %(default)s")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+                        help="largest n (parallel samples per prompt) a request may ask for (default: %(default)s)")
     parser.add_argument(
         "--tool-call-parser", default=None, choices=sorted(PARSERS),
         help="how tool calls are written by the model, for tool_choice 'auto' (default: none; 'required' "
@@ -91,6 +96,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes,
         log_level=args.log_level,
         tool_call_parser=args.tool_call_parser,
+        max_n=args.max_n,
     )
 
 

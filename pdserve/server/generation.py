@@ -100,6 +100,9 @@ class GenerationService:
                 req.prompt_field,
             )
         params = req.params
+        max_n = self.controller.config.max_n
+        if not 1 <= params.n <= max_n:
+            raise bad_request(f"n must be in [1, {max_n}] (--max-n), got {params.n}", "n")
         if not req.max_new_tokens_given:
             params.max_new_tokens = max(0, min(params.max_new_tokens, limit - n))
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
@@ -158,34 +161,37 @@ class GenerationService:
                 ) from None
 
     # ------------------------------------------------------------------ submit
-    def start(self, req: GenRequest) -> Generation:
+    def start(self, req: GenRequest) -> list[Generation]:
+        """Submit one request: its generation, or one per sample when ``n`` > 1 (a P/D prefill
+        server computes the prompt once for all samples and answers for the first only)."""
         self.check(req)
         rank = self.controller.pick_rank(req.dp_rank, req.bootstrap_room)
-        handle = self.controller.submit(
-            msg.GenerateReq(
-                rid=req.rid,
-                input_ids=req.input_ids,
-                sampling_params=req.params,
-                dp_rank=rank,
-                return_logprob=req.return_logprob,
-                top_logprobs_num=req.top_logprobs_num,
-                logprob_start_len=req.logprob_start_len,
-                bootstrap_host=req.bootstrap_host,
-                bootstrap_port=req.bootstrap_port,
-                bootstrap_room=req.bootstrap_room,
-                prefill_dp_rank=req.prefill_dp_rank,
-            )
+        message = msg.GenerateReq(
+            rid=req.rid,
+            input_ids=req.input_ids,
+            sampling_params=req.params,
+            dp_rank=rank,
+            return_logprob=req.return_logprob,
+            top_logprobs_num=req.top_logprobs_num,
+            logprob_start_len=req.logprob_start_len,
+            bootstrap_host=req.bootstrap_host,
+            bootstrap_port=req.bootstrap_port,
+            bootstrap_room=req.bootstrap_room,
+            prefill_dp_rank=req.prefill_dp_rank,
         )
-        return Generation(self, req, handle)
+        if self.controller.config.disagg.mode == "prefill":
+            return [Generation(self, req, self.controller.submit(message))]
+        return [Generation(self, req, handle) for handle in self.controller.submit_samples(message)]
 
     def start_all(self, reqs: Sequence[GenRequest]) -> list[Generation]:
-        """Check every item first, then submit; a failure submits nothing (or releases what was)."""
+        """Check every item first, then submit; a failure submits nothing (or releases what was).
+        The result holds each request's samples in order (prompt i, sample j at ``i * n + j``)."""
         for req in reqs:
             self.check(req)
         gens: list[Generation] = []
         try:
             for req in reqs:
-                gens.append(self.start(req))
+                gens.extend(self.start(req))
         except BaseException:
             close_all(gens)
             raise
@@ -213,7 +219,12 @@ class Generation:
 
     @property
     def rid(self) -> str:
-        return self.req.rid
+        return self.handle.rid
+
+    @property
+    def is_first_sample(self) -> bool:
+        """Sample 0 of its prompt (usage counts each prompt once, whatever ``n``)."""
+        return self.handle.rid == self.req.rid
 
     @property
     def dp_rank(self) -> int:
