@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.grammar import GrammarCompiler, grammar_field
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Req, RequestError, StepOutput
@@ -54,6 +55,7 @@ class EngineCore:
         )
         self.max_total_tokens = num_pages * config.page_size
         self.runner = ModelRunner(loaded.model, self.kv_pool, self.device)
+        self._grammars = None  # GrammarCompiler, built by the first constrained request
         self.scheduler = Scheduler(
             self.runner,
             self.kv_pool,
@@ -101,6 +103,15 @@ class EngineCore:
                 raise RequestError(f"stop_token_ids entry {tok} is outside the vocabulary [0, {self.vocab_size})")
         if req.logprob_start_len == -1:
             req.logprob_start_len = n - 1
+        req.grammar = self._grammar_matcher(req)
+
+    def _grammar_matcher(self, req: Req) -> Any:
+        """The request's own grammar matcher (None without a grammar); the compiler is built on first use."""
+        if grammar_field(req.params) is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.vocab_size, self.loaded.eos_token_ids)
+        return self._grammars.matcher(req.params)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Req) -> None:

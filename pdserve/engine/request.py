@@ -48,6 +48,10 @@ class SamplingParams:
     no_stop_trim: bool = False
     seed: int | None = None
     n: int = 1
+    # structured output (engine/grammar.py): at most one of these, SGLang's names
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     _ALIASES = {"sampling_seed": "seed"}
 
@@ -64,7 +68,7 @@ class SamplingParams:
             name = cls._ALIASES.get(key, key)
             if name not in known:
                 raise RequestError(
-                    f"unknown sampling parameter {key!r}; known: {', '.join(sorted(known))}"
+                    f"unsupported field: sampling_params.{key} (known: {', '.join(sorted(known))})"
                 )
             if value is None:
                 continue
@@ -108,8 +112,8 @@ class SamplingParams:
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise RequestError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
-        if self.n != 1:
-            raise RequestError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+        if self.n < 1:
+            raise RequestError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -146,6 +150,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                 raise RequestError("stop_token_ids entries must be 64-bit integers")
             return list(value)
         raise RequestError("stop_token_ids must be a list of integers")
+    if kind.startswith("str"):
+        if isinstance(value, str):
+            return value
+        raise RequestError(f"{name} must be a string, got {type(value).__name__}")
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -163,6 +171,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return float(value)
         raise RequestError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def sample_rid(rid: str, index: int) -> str:
+    """The rid of sample ``index`` (>= 1) of a request with ``n`` > 1; sample 0 keeps ``rid``."""
+    return f"{rid}.s{index}"
 
 
 @dataclass
@@ -206,6 +219,7 @@ class Req:
     num_retractions: int = 0
     cached_tokens: int = 0
     input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks
+    grammar: Any = None  # llguidance matcher when the output is constrained (engine/grammar.py)
 
     @property
     def fill_target(self) -> int:

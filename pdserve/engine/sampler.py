@@ -1,4 +1,4 @@
-"""Token sampling for one batch: penalties, temperature, top-k, top-p, min-p, per-request seeds.
+"""Token sampling for one batch: penalties, grammar masks, temperature, top-k, top-p, min-p, seeds.
 
 Logprobs reported to users are those of the model's raw distribution (log-softmax of the
 logits before temperature and filtering), as transformers' ``output_scores`` with greedy decoding.
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.engine.grammar import apply_grammar_masks
 from pdserve.engine.request import Req, TokenLogprobs
 
 NON_FINITE = -1  # the token of a row whose sampling distribution was not finite
@@ -68,8 +69,10 @@ def sample(
     raw_logprobs = None
     if any(r.return_logprob for r in reqs):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = logits.clone() if any(r.params.has_penalties or r.params.min_new_tokens for r in reqs) else logits
+    changes = any(r.params.has_penalties or r.params.min_new_tokens or r.grammar is not None for r in reqs)
+    logits = logits.clone() if changes else logits
     apply_penalties(logits, reqs, eos_ids)
+    apply_grammar_masks(logits, reqs)
     tokens = logits.argmax(dim=-1)
     bad = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]

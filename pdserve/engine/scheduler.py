@@ -24,13 +24,15 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
+from pdserve.engine.grammar import advance_grammar
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
-from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs
+from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs, sample_rid
 from pdserve.engine.sampler import NON_FINITE, new_generator, sample, token_logprobs
 
 logger = logging.getLogger("pdserve.engine.scheduler")
@@ -94,6 +96,7 @@ class Scheduler:
         req.cached_tokens = cached_tokens
         req.state = ReqState.DECODING
         self.running.append(req)
+        self._fork_samples(req)
         self._emit_token(req, first_token, logprobs, input_logprobs=None)
 
     def release(self, rid: str) -> None:
@@ -116,9 +119,11 @@ class Scheduler:
         req.finish_reason = {"type": "abort", "message": message}
         if status_code is not None:
             req.finish_reason["status_code"] = status_code
-        self._outputs.append(
-            StepOutput(rid, [], finished=True, finish_reason=req.finish_reason, prompt_tokens=len(req.input_ids))
-        )
+        for out_rid in [rid, *self._unborn_samples(req)]:
+            self._outputs.append(
+                StepOutput(out_rid, [], finished=True, finish_reason=req.finish_reason,
+                           prompt_tokens=len(req.input_ids))
+            )
         return True
 
     def has_work(self) -> bool:
@@ -249,6 +254,7 @@ class Scheduler:
             if req.output_ids:  # a retracted request finished recomputing its KV
                 req.state = ReqState.DECODING
                 continue
+            self._fork_samples(req)
             input_lp = self._finish_input_logprobs(req)
             if req.params.max_new_tokens == 0:
                 self._finish(req, {"type": "length", "length": 0}, [], None, input_lp)
@@ -265,7 +271,9 @@ class Scheduler:
         self, req: Req, token: int, info: TokenLogprobs | None, input_logprobs: TokenLogprobs | None
     ) -> None:
         req.output_ids.append(token)
-        reason = self._finish_reason(req, token)
+        reason = advance_grammar(req, token)
+        if reason is None or reason["type"] == "stop":
+            reason = self._finish_reason(req, token) or reason
         if req.stop_after_prefill and reason is None:
             reason = {"type": "length", "length": 1}
         if reason is not None:
@@ -355,6 +363,60 @@ class Scheduler:
                 part.top.insert(0, [])
         req.input_logprobs = None
         return part
+
+    # ------------------------------------------------------------------ parallel sampling (n > 1)
+    def _fork_samples(self, req: Req) -> None:
+        """``req``'s prompt KV is complete: start its samples 1..n-1 (rids :func:`sample_rid`).
+
+        Each sample gets a copy of the prompt's KV but for the last prompt token, which it recomputes
+        (one token) to sample its own first token with its own seed (``seed + i``). A sample that
+        finds no free pages is queued to prefill on its own. The P/D prefill side never forks: its
+        decode server does, after the KV arrived."""
+        n = req.params.n
+        if n <= 1 or req.stop_after_prefill:
+            return
+        req.params = replace(req.params, n=1)
+        for i in range(1, n):
+            seed = None if req.params.seed is None else req.params.seed + i
+            child = Req(
+                rid=sample_rid(req.rid, i),
+                input_ids=req.input_ids,
+                params=replace(req.params, seed=seed, stop=list(req.params.stop),
+                               stop_token_ids=list(req.params.stop_token_ids)),
+                return_logprob=req.return_logprob,
+                top_logprobs_num=req.top_logprobs_num,
+                logprob_start_len=len(req.input_ids) - 1,
+                grammar=None if req.grammar is None else req.grammar.deep_copy(),
+            )
+            self._init_request(child)
+            child.cached_tokens = req.cached_tokens
+            if self._copy_prompt_kv(req, child):
+                child.state = ReqState.PREFILLING
+                self.running.append(child)
+            else:
+                self.waiting.append(child)
+
+    def _copy_prompt_kv(self, parent: Req, child: Req) -> bool:
+        """Give ``child`` its own pages holding a copy of ``parent``'s prompt KV (all but the last
+        token counted as computed). The one place samples share a prompt: with reference-counted
+        pages this becomes sharing the full pages and copying only the last, partial one."""
+        need = self.pool.pages_for(len(parent.input_ids))
+        if need + 1 > self.pool.num_free:  # keep one page of decode headroom
+            return False
+        pages = self.pool.alloc(need)
+        src = torch.tensor(parent.pages[:need], device=self.pool.device)
+        dst = torch.tensor(pages, device=self.pool.device)
+        for layer in self.pool.layers:
+            layer[dst] = layer[src]
+        child.pages = pages
+        child.num_computed = len(parent.input_ids) - 1
+        return True
+
+    def _unborn_samples(self, req: Req) -> list[str]:
+        """The rids of ``req``'s samples 1..n-1 when it ends before forking them."""
+        if req.params.n <= 1 or req.stop_after_prefill:
+            return []
+        return [sample_rid(req.rid, i) for i in range(1, req.params.n)]
 
     # ------------------------------------------------------------------ internals
     def _init_request(self, req: Req) -> None:

@@ -28,6 +28,7 @@ from pdserve.server.api_common import (
     unless_disconnected,
 )
 from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.fields import check_fields
 from pdserve.server.generation import (
     MAX_BATCH,
     Generation,
@@ -45,7 +46,7 @@ router = APIRouter()
 
 
 class GenerateBody(msgspec.Struct, kw_only=True):
-    """The JSON body of ``POST /generate``; unknown keys (router defaults) are ignored."""
+    """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
 
     text: str | list[str] | None = None
     input_ids: list[Any] | None = None
@@ -124,7 +125,9 @@ def build_requests(state: ServerState, request: Request, body: GenerateBody) -> 
         try:
             params = SamplingParams.from_dict(raw)
         except RequestError as e:
-            raise bad_request(f"sampling_params: {e}", "sampling_params") from None
+            text = str(e)
+            raise bad_request(text if text.startswith("unsupported field") else f"sampling_params: {text}",
+                              "sampling_params") from None
         ids = service.encode(prompt, field="text") if isinstance(prompt, str) else prompt
         reqs.append(
             GenRequest(
@@ -180,7 +183,9 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
 async def generate(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateBody, state.config.max_request_bytes)
+    check_fields("generate", request.state.json_body)
     reqs, batch = await state.require_service().offload(build_requests, state, request, body)
+    await state.require_service().check_grammars(reqs)
     gens = state.require_service().start_all(reqs)
     if not body.stream:
         try:
@@ -188,20 +193,22 @@ async def generate(request: Request) -> Response:
         finally:
             close_all(gens)
         results = [response_item(g) for g in gens]
-        return JSONResponse(results if batch else results[0])
+        return JSONResponse(results if batch or len(gens) > 1 else results[0])
     try:
         await first_outputs(gens)
     except BaseException:
         close_all(gens)
         raise
 
+    indexed = batch or len(gens) > 1  # a batch, or SGLang's batch-of-n form (sampling_params.n)
+
     async def chunks():
         for i, gen in enumerate(gens):
-            yield sse(response_item(gen, i if batch else None))
+            yield sse(response_item(gen, i if indexed else None))
         try:
             async with aclosing(interleave(gens)) as updates:
                 async for i, _delta in updates:
-                    yield sse(response_item(gens[i], i if batch else None))
+                    yield sse(response_item(gens[i], i if indexed else None))
         except ServerError as e:
             yield sse(e.native_body())
         yield SSE_DONE

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
 
-Request bodies are msgspec Structs (unknown keys ignored, as sglang-router adds its own); errors
+Request bodies are msgspec Structs; which keys are accepted is decided by ``fields.py`` (one allow-list); errors
 use OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Streaming sends one chunk per
 engine output and, when asked through ``stream_options.include_usage``, a final chunk with
 empty ``choices`` and the usage; without ``stream_options`` the usage rides on the last chunk.
@@ -8,10 +8,11 @@ empty ``choices`` and the usage; without ``stream_options`` the usage rides on t
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from pdserve.server.api_common import (
     unless_disconnected,
 )
 from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.fields import check_fields
 from pdserve.server.generation import (
     MAX_BATCH,
     Generation,
@@ -42,6 +44,8 @@ from pdserve.server.generation import (
     run_to_end,
 )
 from pdserve.server.state import ServerState
+from pdserve.server.structured import Constraint, openai_constraint
+from pdserve.server.tool_parsers import PARSERS, ToolCall, ToolParser, ToolPlan, parse_forced, plan_tools
 
 MAX_LOGPROBS = 20
 
@@ -83,6 +87,19 @@ class _CommonBody(msgspec.Struct, kw_only=True):
     bootstrap_room: Any = None
     prefill_data_parallel_rank: int | None = None
     disagg_prefill_dp_rank: int | None = None
+    user: str | None = None
+    log_metrics: bool | None = None
+    no_logs: bool | None = None
+    # structured output (server/structured.py)
+    response_format: Any = None
+    json_schema: Any = None
+    regex: str | None = None
+    ebnf: str | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: Any = None
+    guided_grammar: str | None = None
+    structured_outputs: Any = None
 
 
 class CompletionBody(_CommonBody, kw_only=True):
@@ -98,6 +115,8 @@ class ChatBody(_CommonBody, kw_only=True):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -115,10 +134,11 @@ def _check_model(state: ServerState, model: str | None) -> None:
         )
 
 
-def _sampling(body: _CommonBody, max_tokens: int | None, max_tokens_field: str) -> tuple[SamplingParams, bool]:
-    """SamplingParams from the OpenAI fields, and whether the client chose the token budget."""
-    if body.n not in (None, 1):
-        raise bad_request(f"n must be 1 (parallel sampling is not supported), got {body.n}", "n")
+def _sampling(
+    body: _CommonBody, max_tokens: int | None, max_tokens_field: str, constraint: Constraint | None = None
+) -> tuple[SamplingParams, bool]:
+    """SamplingParams from the OpenAI fields (and the structured-output constraint), and whether
+    the client chose the token budget."""
     if max_tokens is not None and max_tokens < 0:
         raise bad_request(f"{max_tokens_field} must be >= 0, got {max_tokens}", max_tokens_field)
     if body.min_tokens is not None and body.min_tokens < 0:
@@ -139,7 +159,10 @@ def _sampling(body: _CommonBody, max_tokens: int | None, max_tokens_field: str) 
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "no_stop_trim": body.no_stop_trim,
+        "n": body.n,
     }
+    if constraint is not None:
+        raw[constraint.kind] = constraint.text
     try:
         params = SamplingParams.from_dict(raw)
     except RequestError as e:
@@ -160,6 +183,7 @@ def _requests(
     prompt_field: str,
     max_tokens_field: str,
     top_logprobs: int | None,
+    constraint: Constraint | None = None,
 ) -> list[GenRequest]:
     n = len(prompts)
     batch = n > 1
@@ -189,6 +213,7 @@ def _requests(
             prefill_dp_rank=prefill_rank,
             prompt_field=prompt_field,
             max_tokens_field=max_tokens_field,
+            grammar_field=constraint.field if constraint is not None else None,
         )
         for i, ids in enumerate(prompts)
     ]
@@ -209,13 +234,13 @@ def _matched(gen: Generation) -> Any:
 
 
 def _usage(gens: list[Generation]) -> dict[str, Any]:
-    prompt = sum(g.prompt_tokens for g in gens)
+    prompt = sum(g.prompt_tokens for g in gens if g.is_first_sample)
     completion = sum(g.completion_tokens for g in gens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens)},
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens if g.is_first_sample)},
     }
 
 
@@ -297,17 +322,21 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 async def completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, CompletionBody, state.config.max_request_bytes)
+    check_fields("completions", request.state.json_body)
     state.require_service()
     _check_model(state, body.model)
     if body.echo:
         raise bad_request("echo is not supported", "echo")
-    if body.best_of not in (None, 1):
-        raise bad_request(f"best_of must be 1, got {body.best_of}", "best_of")
+    if body.best_of not in (None, 1, body.n or 1):
+        raise bad_request(f"best_of must be 1 or equal to n, got {body.best_of}", "best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
-    params, given = _sampling(body, body.max_tokens, "max_tokens")
+    constraint = openai_constraint(body)
+    params, given = _sampling(body, body.max_tokens, "max_tokens", constraint)
     prompts = await state.require_service().offload(_completion_prompts, state, body.prompt)
-    reqs = _requests(state, request, body, prompts, params, given, "cmpl", "prompt", "max_tokens", body.logprobs)
+    reqs = _requests(state, request, body, prompts, params, given, "cmpl", "prompt", "max_tokens", body.logprobs,
+                     constraint)
+    await state.require_service().check_grammars(reqs)
     gens = state.require_service().start_all(reqs)
     cid = reqs[0].rid if len(reqs) == 1 else f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -421,7 +450,10 @@ def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
             content = "".join(texts)
         elif not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        out.append({**m, "role": role, "content": content})
+        item = {**m, "role": role, "content": content}
+        if isinstance(m.get("tool_calls"), list):
+            item["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"]]
+        out.append(item)
     return out
 
 
@@ -429,17 +461,30 @@ def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]],
     """The chat template applied to ``messages``, tokenized (run off the event loop)."""
     try:
         prompt = service.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tools=body.tools, **(body.chat_template_kwargs or {})
+            messages, add_generation_prompt=True, tools=body.tools or None, **(body.chat_template_kwargs or {})
         )
     except Exception as e:
         raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
     return service.encode(prompt, add_special_tokens=False, field="messages")
 
 
+def _call_for_template(call: Any) -> Any:
+    """An assistant message's tool call with its JSON ``arguments`` text as an object, which is what
+    chat templates (written for transformers) render."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    fn = dict(call["function"])
+    if isinstance(fn.get("arguments"), str):
+        with suppress(ValueError):
+            fn["arguments"] = json.loads(fn["arguments"])
+    return {**call, "function": fn}
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, ChatBody, state.config.max_request_bytes)
+    check_fields("chat", request.state.json_body)
     service = state.require_service()
     _check_model(state, body.model)
     messages = _chat_messages(body.messages)
@@ -448,32 +493,51 @@ async def chat_completions(request: Request) -> Response:
             raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
         if not body.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.config.tool_call_parser)
+    constraint = openai_constraint(body)
+    if plan.schema is not None:
+        if constraint is not None:
+            raise bad_request(f"{constraint.field} cannot be combined with tool_choice {plan.mode!r}", constraint.field)
+        constraint = Constraint("tool_choice", "json_schema", plan.schema)
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params, given = _sampling(body, max_tokens, max_field)
+    params, given = _sampling(body, max_tokens, max_field, constraint)
     ids = await service.offload(_chat_prompt_ids, service, messages, body)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top)
+    reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top,
+                     constraint)
+    await service.check_grammars(reqs)
     gens = service.start_all(reqs)
-    gen = gens[0]
-    cid = gen.rid
+    cid = gens[0].rid
     created = int(time.time())
     model = body.model or state.served_model_name
+    parser_cls = PARSERS.get(state.config.tool_call_parser or "")
 
     if not body.stream:
         try:
             await unless_disconnected(request, run_to_end(gens))
         finally:
             close_all(gens)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": gen.text, "tool_calls": None},
-            "logprobs": _chat_logprobs(gen, 0, gen.num_output_logprobs) if body.logprobs else None,
-            "finish_reason": _finish(gen),
-            "matched_stop": _matched(gen),
-        }
+        choices = []
+        for i, gen in enumerate(gens):
+            content: str | None = gen.text
+            calls: list[ToolCall] = []
+            if plan.mode in ("required", "named"):
+                calls = parse_forced(plan, gen.text)
+                content = None if calls else gen.text
+            elif plan.mode == "auto" and parser_cls is not None:
+                content, calls = parser_cls().parse(gen.text)
+                content = content or None if calls else content
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": content,
+                            "tool_calls": [c.openai() for c in calls] or None},
+                "logprobs": _chat_logprobs(gen, 0, gen.num_output_logprobs) if body.logprobs else None,
+                "finish_reason": _chat_finish(gen, calls),
+                "matched_stop": _matched(gen),
+            })
         return JSONResponse(
-            {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+            {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
              "usage": _usage(gens)}
         )
 
@@ -483,35 +547,71 @@ async def chat_completions(request: Request) -> Response:
         close_all(gens)
         raise
     usage_mode = _usage_mode(body)
-    sent = {"tokens": 0, "role": False}
+    streams = [_ChatStream(gen, plan, parser_cls) for gen in gens]
 
-    def chunk(delta: str) -> bytes | None:
+    def chunk(i: int, delta: str) -> bytes | None:
+        gen = gens[i]
+        part = streams[i]
         logprobs = None
         if body.logprobs:
             end = gen.num_output_logprobs
-            logprobs = _chat_logprobs(gen, sent["tokens"], end)
-            sent["tokens"] = end
-        if not delta and not gen.finished and sent["role"] and not (logprobs and logprobs["content"]):
+            logprobs = _chat_logprobs(gen, part.sent_tokens, end)
+            part.sent_tokens = end
+        message = part.delta(delta)
+        if not message and not gen.finished and not (logprobs and logprobs["content"]):
             return None
-        message: dict[str, Any] = {}
-        if not sent["role"]:
-            message["role"] = "assistant"
-            sent["role"] = True
-        if delta or "role" in message:
-            message["content"] = delta
         data: dict[str, Any] = {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": message, "logprobs": logprobs, "finish_reason": _finish(gen),
+            "choices": [{"index": i, "delta": message, "logprobs": logprobs,
+                         "finish_reason": _chat_finish(gen, part.calls) if gen.finished else None,
                          "matched_stop": _matched(gen)}],
         }
-        if usage_mode == "last" and gen.finished:
+        if usage_mode == "last" and all(g.finished for g in gens):
             data["usage"] = _usage(gens)
         return sse(data)
 
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    return SSEResponse(
-        _stream_chunks(gens, firsts, lambda _i, delta: chunk(delta), head, usage_mode), lambda: close_all(gens)
-    )
+    return SSEResponse(_stream_chunks(gens, firsts, chunk, head, usage_mode), lambda: close_all(gens))
+
+
+def _chat_finish(gen: Generation, calls: list[ToolCall]) -> str | None:
+    reason = _finish(gen)
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+class _ChatStream:
+    """The per-choice state of a streamed chat answer: role sent, tool calls found so far."""
+
+    def __init__(self, gen: Generation, plan: ToolPlan, parser_cls: type[ToolParser] | None) -> None:
+        self.gen = gen
+        self.plan = plan
+        self.parser = parser_cls() if plan.mode == "auto" and parser_cls is not None else None
+        self.role_sent = False
+        self.sent_tokens = 0
+        self.calls: list[ToolCall] = []
+
+    def delta(self, text: str) -> dict[str, Any]:
+        """The ``delta`` of the next chunk: role first, then content or tool-call deltas."""
+        message: dict[str, Any] = {}
+        if not self.role_sent:
+            message["role"] = "assistant"
+            self.role_sent = True
+        new_calls: list[ToolCall] = []
+        if self.plan.mode in ("required", "named"):
+            text = ""
+            if self.gen.finished:
+                new_calls = parse_forced(self.plan, self.gen.text)
+                if not new_calls:
+                    text = self.gen.text  # cut short: the partial output as content
+        elif self.parser is not None:
+            text, new_calls = self.parser.feed(self.gen.text, self.gen.finished)
+        if text or "role" in message:
+            message["content"] = text
+        if new_calls:
+            first = len(self.calls)
+            self.calls.extend(new_calls)
+            message["tool_calls"] = [c.openai(first + k) for k, c in enumerate(new_calls)]
+        return message
 
 
 # ---------------------------------------------------------------------- /v1/models

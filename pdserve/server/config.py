@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pdserve.disagg.config import DisaggConfig, add_disagg_arguments, disagg_config_from_args
 from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
+from pdserve.server.tool_parsers import PARSERS
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "follow_bootstrap_room")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -30,6 +31,8 @@ class ServerConfig:
     worker_max_restarts: int = 5  # a rank whose worker died more often in a row stays down
     worker_restart_backoff_s: float = 0.5  # first restart delay, doubled per death in a row
     worker_restart_backoff_max_s: float = 30.0
+    max_n: int = 16  # most parallel samples (n) one request may ask for
+    tool_call_parser: str | None = None  # server/tool_parsers: the model family's tool-call format
 
     @property
     def disaggregation_mode(self) -> str:
@@ -45,6 +48,8 @@ class ServerConfig:
                 f"load_balance_method must be one of {', '.join(LOAD_BALANCE_METHODS)}, "
                 f"got {self.load_balance_method!r}"
             )
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if self.worker_max_restarts < 0:
@@ -81,7 +86,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=defaults.max_request_bytes,
         help="largest request body accepted (413 beyond)",
     )
-    parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS)
     parser.add_argument(
         "--worker-max-restarts", type=int, default=defaults.worker_max_restarts,
         help="restart a DP rank whose worker died at most this many times in a row (0: never); "
@@ -94,6 +98,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-restart-backoff-max", type=float, default=defaults.worker_restart_backoff_max_s,
         help="longest delay between restarts of a rank (seconds)",
+    )
+    parser.add_argument("--log-level", default=defaults.log_level, choices=LOG_LEVELS, help="default: %(default)s")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+                        help="largest n (parallel samples per prompt) a request may ask for (default: %(default)s)")
+    parser.add_argument(
+        "--tool-call-parser", default=None, choices=sorted(PARSERS),
+        help="how tool calls are written by the model, for tool_choice 'auto' (default: none; 'required' "
+        "and named functions work without one)",
     )
 
 
@@ -119,6 +131,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         worker_max_restarts=args.worker_max_restarts,
         worker_restart_backoff_s=args.worker_restart_backoff,
         worker_restart_backoff_max_s=args.worker_restart_backoff_max,
+        tool_call_parser=args.tool_call_parser,
+        max_n=args.max_n,
     )
 
 

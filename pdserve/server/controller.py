@@ -37,7 +37,7 @@ import zmq.asyncio
 
 from pdserve.disagg.auth import SECRET_ENV, PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
-from pdserve.engine.request import StepOutput
+from pdserve.engine.request import StepOutput, sample_rid
 from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
 from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy
@@ -73,6 +73,7 @@ class RequestHandle:
     first_token_at: float | None = None
     last_token_at: float | None = None
     detached: bool = False  # nobody reads the queue any more (client gone): drop outputs
+    samples: list[str] = field(default_factory=list)  # rids of samples 1..n-1 (parallel sampling)
     done: bool = False
 
 
@@ -338,6 +339,21 @@ class DPController:
         if state.phase == RankPhase.RESTARTING:
             return f"DP rank {state.rank} is restarting after its worker died: {state.error}"
         return f"DP rank {state.rank} is starting"
+    def submit_samples(self, req: msg.GenerateReq) -> list[RequestHandle]:
+        """Like :meth:`submit`, plus one handle per further sample when ``n`` > 1 (the worker forks
+        them after the prompt's KV is computed; see ``Scheduler._fork_samples``)."""
+        parent = self.submit(req)
+        handles = [parent]
+        for i in range(1, req.sampling_params.n):
+            handle = RequestHandle(rid=sample_rid(req.rid, i), rank=parent.rank, prompt_tokens=len(req.input_ids),
+                                   arrival=parent.arrival, num_tokens=len(req.input_ids))
+            self.requests[handle.rid] = handle
+            state = self.ranks[parent.rank]
+            state.num_reqs += 1
+            state.num_tokens += handle.num_tokens
+            parent.samples.append(handle.rid)
+            handles.append(handle)
+        return handles
 
     def abort(self, rid: str, message: str = "aborted by request") -> bool:
         handle = self.requests.get(rid)
@@ -503,7 +519,9 @@ class DPController:
         elif isinstance(message, msg.ReqRejected):
             handle = self.requests.get(message.rid)
             if handle is not None:
-                self._fail(handle, ServerError(message.status, message.message))
+                for rid in [message.rid, *handle.samples]:
+                    if (sample := self.requests.get(rid)) is not None:
+                        self._fail(sample, ServerError(message.status, message.message))
         elif isinstance(message, msg.FlushCacheDone):
             fut = self._flush_waiters.get((message.req_id, message.dp_rank))
             if fut is not None and not fut.done():

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pdserve.engine.grammar import GrammarCompiler, GrammarError, grammar_field
 from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
 from pdserve.server import messages as msg
@@ -28,6 +29,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_CHARS_PER_TOKEN = 32  # a text prompt longer than context_length * this cannot fit: refused before tokenizing
 MAX_BATCH = 1024  # prompts in one request
 OFFLOAD_THREADS = 2  # tokenization and chat templates run here, never on the event loop
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class GenRequest:
     prefill_dp_rank: int | None = None
     prompt_field: str = "input_ids"  # names used in error messages
     max_tokens_field: str = "max_new_tokens"
+    grammar_field: str | None = None  # the client's name for the grammar (response_format, guided_json ...)
 
 
 class GenerationService:
@@ -69,6 +72,7 @@ class GenerationService:
         """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
         request cannot stall other clients' streams or ``/health``."""
         return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
+        self._grammars: GrammarCompiler | None = None
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
@@ -116,6 +120,9 @@ class GenerationService:
                 req.prompt_field,
             )
         params = req.params
+        max_n = self.controller.config.max_n
+        if not 1 <= params.n <= max_n:
+            raise bad_request(f"n must be in [1, {max_n}] (--max-n), got {params.n}", "n")
         if not req.max_new_tokens_given:
             params.max_new_tokens = max(0, min(params.max_new_tokens, limit - n))
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
@@ -161,35 +168,59 @@ class GenerationService:
                     f"disagg_prefill_dp_rank must be >= 0, got {req.prefill_dp_rank}", "disagg_prefill_dp_rank"
                 )
 
+    async def check_grammars(self, reqs: Sequence[GenRequest]) -> None:
+        """Compile each request's grammar off the event loop (cached); 400 naming the field if one
+        does not compile or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
+        for req in reqs:
+            try:
+                if grammar_field(req.params) is None:
+                    continue
+                if self._grammars is None:
+                    tok = self.tokenizer
+                    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+                    self._grammars = await asyncio.to_thread(GrammarCompiler, tok.to_json(), self.vocab_size, eos)
+                await asyncio.wait_for(asyncio.to_thread(self._grammars.check, req.params), GRAMMAR_COMPILE_TIMEOUT_S)
+            except GrammarError as e:
+                field = req.grammar_field or f"sampling_params.{e.field}"
+                raise bad_request(f"{field}: {e.detail}", field) from None
+            except asyncio.TimeoutError:
+                field = req.grammar_field or "grammar"
+                raise bad_request(
+                    f"{field}: the grammar did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:.0f} s", field
+                ) from None
+
     # ------------------------------------------------------------------ submit
-    def start(self, req: GenRequest) -> Generation:
+    def start(self, req: GenRequest) -> list[Generation]:
+        """Submit one request: its generation, or one per sample when ``n`` > 1 (a P/D prefill
+        server computes the prompt once for all samples and answers for the first only)."""
         self.check(req)
         rank = self.controller.pick_rank(req.dp_rank, req.bootstrap_room)
-        handle = self.controller.submit(
-            msg.GenerateReq(
-                rid=req.rid,
-                input_ids=req.input_ids,
-                sampling_params=req.params,
-                dp_rank=rank,
-                return_logprob=req.return_logprob,
-                top_logprobs_num=req.top_logprobs_num,
-                logprob_start_len=req.logprob_start_len,
-                bootstrap_host=req.bootstrap_host,
-                bootstrap_port=req.bootstrap_port,
-                bootstrap_room=req.bootstrap_room,
-                prefill_dp_rank=req.prefill_dp_rank,
-            )
+        message = msg.GenerateReq(
+            rid=req.rid,
+            input_ids=req.input_ids,
+            sampling_params=req.params,
+            dp_rank=rank,
+            return_logprob=req.return_logprob,
+            top_logprobs_num=req.top_logprobs_num,
+            logprob_start_len=req.logprob_start_len,
+            bootstrap_host=req.bootstrap_host,
+            bootstrap_port=req.bootstrap_port,
+            bootstrap_room=req.bootstrap_room,
+            prefill_dp_rank=req.prefill_dp_rank,
         )
-        return Generation(self, req, handle)
+        if self.controller.config.disagg.mode == "prefill":
+            return [Generation(self, req, self.controller.submit(message))]
+        return [Generation(self, req, handle) for handle in self.controller.submit_samples(message)]
 
     def start_all(self, reqs: Sequence[GenRequest]) -> list[Generation]:
-        """Check every item first, then submit; a failure submits nothing (or releases what was)."""
+        """Check every item first, then submit; a failure submits nothing (or releases what was).
+        The result holds each request's samples in order (prompt i, sample j at ``i * n + j``)."""
         for req in reqs:
             self.check(req)
         gens: list[Generation] = []
         try:
             for req in reqs:
-                gens.append(self.start(req))
+                gens.extend(self.start(req))
         except BaseException:
             close_all(gens)
             raise
@@ -217,7 +248,12 @@ class Generation:
 
     @property
     def rid(self) -> str:
-        return self.req.rid
+        return self.handle.rid
+
+    @property
+    def is_first_sample(self) -> bool:
+        """Sample 0 of its prompt (usage counts each prompt once, whatever ``n``)."""
+        return self.handle.rid == self.req.rid
 
     @property
     def dp_rank(self) -> int:

@@ -1,0 +1,178 @@
+"""Structured output: grammars compiled by llguidance, and the per-step token mask.
+
+A request constrains its output with one of SGLang's sampling parameters ``json_schema`` (JSON
+text), ``regex`` or ``ebnf`` (GBNF, as SGLang/xgrammar read it). :class:`GrammarCompiler` turns
+one into an llguidance grammar, checks it against the tokenizer (a :class:`GrammarError` names the
+field) and keeps compiled matchers in an LRU cache; each request gets its own copy
+(``Req.grammar``). Every sampling step, :func:`apply_grammar_masks` sets the logits of tokens the
+grammar forbids to ``-inf``, and :func:`advance_grammar` feeds the chosen token to the matcher.
+
+llguidance rather than xgrammar: llguidance is MIT, has no Python dependencies (xgrammar pulls an
+unpinned torch, triton and transformers) and computes masks on the CPU in tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import numpy as np
+import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
+
+from pdserve.engine.request import Req, RequestError, SamplingParams
+
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+CACHE_SIZE = 128
+JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of whitespace from a weak model
+
+
+class GrammarError(RequestError):
+    """A grammar that does not compile; ``field`` names the request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+
+
+def grammar_field(params: SamplingParams) -> tuple[str, str] | None:
+    """The one grammar field set in ``params`` and its text; GrammarError when several are."""
+    given = [(name, getattr(params, name)) for name in GRAMMAR_FIELDS if getattr(params, name) is not None]
+    if len(given) > 1:
+        names = ", ".join(name for name, _ in given)
+        raise GrammarError(given[1][0], f"give at most one of json_schema, regex and ebnf (got {names})")
+    return given[0] if given else None
+
+
+def _grammar_text(field: str, text: str) -> str:
+    """The llguidance grammar for one field's text (GrammarError when it cannot be read)."""
+    try:
+        if field == "json_schema":
+            schema = json.loads(text)
+            if not isinstance(schema, (dict, bool)):
+                raise GrammarError(field, "a JSON schema must be a JSON object")
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        if field == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(text)
+        return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(text))
+    except GrammarError:
+        raise
+    except Exception as e:  # json, llguidance and the GBNF converter raise their own kinds
+        raise GrammarError(field, f"invalid {field}: {e}") from None
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer; thread-safe (the front compiles off its loop)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self.vocab_size = vocab_size
+        eos = list(eos_token_ids) or None
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _template(self, field: str, text: str) -> llguidance.LLMatcher:
+        key = (field, text)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        grammar = _grammar_text(field, text)
+        error = _validate(grammar, self.tokenizer)
+        if error:
+            raise GrammarError(field, f"invalid {field}: {error}")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        if matcher.is_error():
+            raise GrammarError(field, f"invalid {field}: {matcher.get_error()}")
+        if not _allows_any(matcher, self.vocab_size):
+            raise GrammarError(field, f"the {field} matches no text: no token can start the output")
+        with self._lock:
+            self._cache[key] = matcher
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def check(self, params: SamplingParams) -> None:
+        """Raise GrammarError naming the field unless ``params``' grammar compiles."""
+        found = grammar_field(params)
+        if found is not None:
+            self._template(*found)
+
+    def matcher(self, params: SamplingParams) -> llguidance.LLMatcher | None:
+        """A fresh matcher for ``params``' grammar, or None when it has none."""
+        found = grammar_field(params)
+        if found is None:
+            return None
+        template = self._template(*found)
+        with self._lock:
+            return template.deep_copy()
+
+
+def check_json_schema(schema: Any) -> str:
+    """The reason ``schema`` is not a usable JSON Schema, or "" when it is."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return llguidance.LLMatcher.validate_grammar(grammar, None)
+    except Exception as e:
+        return str(e) or "invalid JSON Schema"
+
+
+def _validate(grammar: str, tokenizer: llguidance.LLTokenizer) -> str:
+    """llguidance's grammar check: the error, or "" when the grammar compiles."""
+    try:
+        return llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    except Exception as e:
+        return str(e) or "the grammar does not compile"
+
+
+def _allows_any(matcher: llguidance.LLMatcher, vocab: int) -> bool:
+    words = (vocab + 31) // 32
+    bits = np.zeros(words, dtype=np.int32)
+    matcher.unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
+    return bool(bits.any()) and not matcher.is_error()
+
+
+def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
+    """In place: ``-inf`` for every token the grammar of row ``i``'s request forbids next.
+
+    Run after penalties: if they banned every token the grammar allows (``min_new_tokens`` on a
+    complete grammar), the grammar wins and its tokens are made equally likely. A grammar that
+    allows nothing is left unmasked; :func:`advance_grammar` then finishes the request."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bits = np.zeros((len(rows), words), dtype=np.int32)
+    for k, row in enumerate(rows):
+        reqs[row].grammar.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
+    allowed = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool))
+    for k, row in enumerate(rows):
+        ok = allowed[k].to(logits.device)
+        if not bool(ok.any()):
+            continue
+        masked = logits[row].masked_fill(~ok, float("-inf"))
+        if bool(torch.isinf(masked).all()):
+            masked = torch.zeros_like(masked).masked_fill(~ok, float("-inf"))
+        logits[row] = masked
+
+
+def advance_grammar(req: Req, token: int) -> dict[str, Any] | None:
+    """Feed ``token`` to ``req``'s grammar; a finish reason when the grammar is complete (stop)
+    or dead-ended (abort, naming the grammar's error), else None."""
+    grammar = req.grammar
+    if grammar is None:
+        return None
+    if grammar.is_stopped():  # complete: the token is the EOS the mask allowed
+        return {"type": "stop", "matched": token}
+    if not grammar.consume_token(token) or grammar.is_error():
+        return {"type": "abort", "message": f"grammar dead end: {grammar.get_error() or 'no token can follow'}"}
+    if grammar.is_stopped():
+        return {"type": "stop", "matched": None}
+    return None

@@ -1,0 +1,93 @@
+"""Parallel sampling, structured output and tool calls through the router in front of a P/D pair
+(real ``pdserve serve`` processes, the router in-process, the ``openai`` package as the client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from pdserve.router.config import WorkerSpec
+from tests.router_harness import router_client
+from tests.server_harness import wait_until
+from tests.test_api_features import SCHEMA, WEATHER_TOOL
+from tests.test_router_e2e import decode_args, prefill_args, serve
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("api-pd")
+    servers = [serve(prefill_args(1), log_dir, "prefill"), serve(decode_args(1), log_dir, "decode")]
+    try:
+        for s in servers:
+            s.wait_healthy()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def idle(servers) -> bool:
+    return all(sum(r["num_used_pages"] for r in httpx.get(s.url + "/get_load", timeout=10).json()) == 0
+               for s in servers)
+
+
+def through_router(pair, scenario) -> None:
+    specs = [WorkerSpec(pair[0].url, "prefill"), WorkerSpec(pair[1].url, "decode")]
+
+    async def run() -> None:
+        async with router_client(specs) as (c, _):
+            oai = openai.AsyncOpenAI(base_url=str(c.base_url) + "/v1", api_key="none", max_retries=0, timeout=120)
+            await scenario(c, oai)
+
+    asyncio.run(run())
+    assert wait_until(lambda: idle(pair), 20)
+
+
+def test_n_seeded_through_router_pd(pair):
+    async def scenario(c, oai) -> None:
+        model = (await oai.models.list()).data[0].id
+        kwargs = dict(model=model, prompt="Once upon a time", max_tokens=10, n=3, seed=21, temperature=1.0)
+        first = await oai.completions.create(**kwargs)
+        again = await oai.completions.create(**kwargs)
+        texts = [ch.text for ch in sorted(first.choices, key=lambda ch: ch.index)]
+        assert len(set(texts)) == 3 and texts == [ch.text for ch in sorted(again.choices, key=lambda ch: ch.index)]
+        assert first.usage.completion_tokens == 30
+        stream = await oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=10, n=3, seed=21, stream=True)
+        streamed: dict[int, str] = {}
+        async for chunk in stream:
+            for ch in chunk.choices:
+                streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+        chat = await oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=10, n=3, seed=21)
+        assert [streamed[i] for i in range(3)] == [ch.message.content for ch in chat.choices]
+        assert len(set(streamed.values())) == 3
+
+    through_router(pair, scenario)
+
+
+def test_structured_output_and_tools_through_router_pd(pair):
+    async def scenario(c, oai) -> None:
+        model = (await oai.models.list()).data[0].id
+        for seed in (1, 2):
+            r = await oai.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "a person"}], max_tokens=200, seed=seed,
+                response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+        r = await c.post("/generate", json={"text": "Hi", "sampling_params": {
+            "max_new_tokens": 30, "temperature": 1.0, "regex": "[0-9]{2}:[0-9]{2}"}})
+        assert r.status_code == 200, r.text
+        text = r.json()["text"]
+        assert len(text) == 5 and text[2] == ":" and text.replace(":", "").isdigit(), text
+        r = await oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL],
+            tool_choice="required", max_tokens=200, seed=5)
+        call = r.choices[0].message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+    through_router(pair, scenario)
