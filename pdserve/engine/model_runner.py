@@ -57,12 +57,11 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         for req in batch.decodes:
-            ids.append(req.all_ids[-1])
+            ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
             positions.append(req.seq_len - 1)
         extend_rows = []
         for chunk in batch.extends:
-            all_ids = chunk.req.all_ids
-            ids.extend(all_ids[chunk.start : chunk.start + chunk.length])
+            ids.extend(_token_slice(chunk.req, chunk.start, chunk.start + chunk.length))
             positions.extend(range(chunk.start, chunk.start + chunk.length))
             extend_rows.append((chunk.start, chunk.length, chunk.req.pages))
         meta = AttentionMetadata.build(
@@ -103,3 +102,11 @@ class ModelRunner:
             sample_logits={rid: logits[i] for rid, i in sample_at.items()},
             input_logits={rid: (first, logits[i : i + n]) for rid, (first, i, n) in input_at.items()},
         )
+
+
+def _token_slice(req: Req, start: int, end: int) -> list[int]:
+    """``req.all_ids[start:end]`` without concatenating prompt and output first."""
+    n = len(req.input_ids)
+    if end <= n:
+        return req.input_ids[start:end]
+    return req.input_ids[start:] + req.output_ids[max(start - n, 0) : end - n]
