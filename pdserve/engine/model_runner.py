@@ -51,6 +51,13 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self.workspace = Workspace()
+        self.kv_written: torch.cuda.Event | None = None  # CUDA: recorded after each step's KV writes
+
+    def wait_kv_written(self) -> None:
+        """Block until the KV written by the last step is in device memory (no-op on CPU): P/D calls
+        this before a transfer backend reads pages."""
+        if self.kv_written is not None:
+            self.kv_written.synchronize()
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         batch.decodes.sort(key=lambda r: r.seq_len)  # similar lengths share a padded attention group
@@ -78,6 +85,9 @@ class ModelRunner:
             meta,
             self.pool.layers,
         )
+        if self.device.type == "cuda":
+            self.kv_written = torch.cuda.Event()
+            self.kv_written.record()
         n_dec = len(batch.decodes)
         rows: list[int] = list(range(n_dec))
         sample_at: dict[str, int] = {}
