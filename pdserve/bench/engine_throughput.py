@@ -1,6 +1,7 @@
 """Offline throughput: pdserve's engine vs transformers ``generate`` (static batches) and, where the
 installed transformers has it, ``generate_batch`` (its continuous batching), on the same prompts,
-thread count and machine, in one run. Prints absolute numbers and ratios."""
+thread count and machine, in one run. Prints absolute numbers and ratios, and the engine's model
+FLOPs utilisation: the workload's model FLOPs / engine wall time / the GEMM peak measured in the run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ MODELS: dict[str, dict[str, Any] | None] = {
     "tiny": None,  # the embedded default model
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.05),
+    # SmolLM2-135M's shape with random weights
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                 rope_theta=100000.0, max_position_embeddings=2048, initializer_range=0.02),
+    # a ~1B Llama shape (Llama-3.2-1B's), for GPU runs
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+               rope_theta=500000.0, max_position_embeddings=4096, initializer_range=0.02),
 }
 
 
@@ -36,7 +45,7 @@ def build_model(name: str, workdir: Path) -> str:
     tok_dir = Path(default_model_path())
     tok = Tokenizer(tok_dir)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, **spec)
+    config = transformers.LlamaConfig(**{"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id, **spec})
     model = transformers.LlamaForCausalLM(config)
     out = workdir / name
     model.save_pretrained(out, safe_serialization=True)
@@ -52,28 +61,76 @@ def workload(n: int, vocab: int, seed: int, in_range: tuple[int, int], out_range
     return prompts, outputs
 
 
-def run_pdserve(path: str, prompts, outputs) -> float:
+def workload_flops(cfg, prompts, outputs) -> float:
+    """Model FLOPs of serving the workload: 2 x weights per token through the layers, the LM head
+    once per sampled token, and attention scores plus values over each token's causal context."""
+    q, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) * d + q * d * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    tokens = sum(len(p) + o - 1 for p, o in zip(prompts, outputs))  # the last output token is never fed back
+    context = sum(sum(range(1, len(p) + o)) for p, o in zip(prompts, outputs))  # sum over tokens of context length
+    sampled = sum(outputs)
+    return (2 * per_layer * cfg.num_layers * tokens + 2 * cfg.hidden_size * cfg.vocab_size * sampled
+            + 4 * q * d * cfg.num_layers * context)
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+    """Best FLOP/s of a square matmul over several tries (the machine's GEMM peak for this dtype)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: str | None = None) -> float:
     from pdserve.engine.engine import Engine
 
-    engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256,
-                    max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
+    engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype=dtype,
+                    device=device, max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
     params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
     engine.generate(input_ids=prompts[:2], sampling_params=params[:2])  # warm-up
     start = time.perf_counter()
-    engine.generate(input_ids=prompts, sampling_params=params)
-    return time.perf_counter() - start
+    results = engine.generate(input_ids=prompts, sampling_params=params)
+    secs = time.perf_counter() - start
+    engine.shutdown()
+    return secs, [r["output_ids"] for r in results]
 
 
-def run_hf_static(model, prompts, outputs, batch_size: int) -> float:
+def run_hf_static(model, prompts, outputs, batch_size: int) -> tuple[float, list[list[int]]]:
+    device = model.device
+    generated: list[list[int]] = []
     start = time.perf_counter()
     for s in range(0, len(prompts), batch_size):
         chunk, outs = prompts[s : s + batch_size], outputs[s : s + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
-                       do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                             do_sample=False, pad_token_id=0)
+        generated.extend(row[width : width + n] for row, n in zip(out.tolist(), outs))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, generated
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, float]:
+    """Share of requests with identical greedy output, and share of output tokens generated before
+    the first divergence (later tokens continue from different text, so they are not compared)."""
+    same = sum(a == b for a, b in zip(ours, theirs))
+    prefix = 0
+    for a, b in zip(ours, theirs):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefix += n
+    return same / len(ours), prefix / sum(len(b) for b in theirs)
 
 
 def run_hf_continuous(model, prompts, outputs) -> float | None:
@@ -96,29 +153,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-continuous", action="store_true", help="skip transformers generate_batch")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="both engines' dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from pdserve.models.loader import load_model
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = build_model(name, Path(tmp))
-            loaded = load_model(path)
-            prompts, outputs = workload(args.num_prompts, loaded.config.vocab_size, 0,
+            loaded = load_model(path, device="cpu")
+            cfg = loaded.config
+            prompts, outputs = workload(args.num_prompts, cfg.vocab_size, 0,
                                         tuple(args.input_len), tuple(args.output_len))
             del loaded
             useful = sum(outputs)
-            result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful}
-            result["pdserve_s"] = run_pdserve(path, prompts, outputs)
-            print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s", flush=True)
+            result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful,
+                                      "dtype": dtype_name, "device": device.type, "threads": args.threads}
+            result["model_flops"] = workload_flops(cfg, prompts, outputs)
+            result["gemm_peak_flops"] = gemm_peak(dtype, device)
+            result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device))
+            result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(dtype, device))
+            result["mfu"] = result["model_flops"] / result["pdserve_s"] / result["gemm_peak_flops"]
+            print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s, MFU {100 * result['mfu']:.1f} %",
+                  flush=True)
             import transformers
 
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
             for bs in args.hf_batch_sizes:
-                result[f"hf_generate_b{bs}_s"] = secs = run_hf_static(hf, prompts, outputs, bs)
+                secs, theirs = run_hf_static(hf, prompts, outputs, bs)
+                result[f"hf_generate_b{bs}_s"] = secs
                 print(f"[{name}] transformers generate b{bs}: {useful / secs:.1f} tok/s", flush=True)
+                if "greedy_identical_requests" not in result:
+                    result["greedy_identical_requests"], result["greedy_agreeing_tokens"] = agreement(ours, theirs)
             if not args.no_continuous:
                 try:
                     result["hf_generate_batch_s"] = run_hf_continuous(hf, prompts, outputs)
@@ -135,12 +209,19 @@ def _print_row(r: dict[str, Any], batch_sizes: list[int]) -> None:
     tok = r["output_tokens"]
     ours = tok / r["pdserve_s"]
     print(f"\n== model {r['model']}: {r['num_prompts']} requests, {tok} output tokens (useful)")
-    print(f"  pdserve engine            {ours:8.1f} tok/s  ({r['pdserve_s']:.1f} s)")
+    print(f"  pdserve engine            {ours:8.1f} tok/s  ({r['pdserve_s']:.1f} s)  {r['dtype']} on {r['device']}")
+    print(f"  model FLOPs {r['model_flops'] / 1e12:.2f} T; GEMM peak {r['gemm_peak_flops'] / 1e9:.1f} GFLOP/s "
+          f"(measured in this run); MFU {100 * r['mfu']:.1f} %")
     peers = [(f"transformers generate b{bs}", r[f"hf_generate_b{bs}_s"]) for bs in batch_sizes]
+    best = min(secs for _, secs in peers)
+    print(f"  pdserve / transformers generate's best batch size = {best / r['pdserve_s']:.2f}x")
     if r.get("hf_generate_batch_s"):
         peers.append(("transformers generate_batch", r["hf_generate_batch_s"]))
     for label, secs in peers:
         print(f"  {label:26s}{tok / secs:8.1f} tok/s  ({secs:.1f} s)   pdserve / this = {secs / r['pdserve_s']:.2f}x")
+    if "greedy_identical_requests" in r:
+        print(f"  greedy agreement with transformers ({r['dtype']}): {100 * r['greedy_identical_requests']:.0f} % of "
+              f"requests identical, {100 * r['greedy_agreeing_tokens']:.1f} % of tokens before the first divergence")
     if "hf_generate_batch_error" in r:
         print(f"  transformers generate_batch: not run ({r['hf_generate_batch_error']})")
 

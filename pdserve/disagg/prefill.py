@@ -341,6 +341,7 @@ class PrefillDisaggManager:
         if upto > r.pages_sent:
             assert r.kvreq is not None
             src, dst = r.req.pages[r.pages_sent : upto], r.kvreq.dst_pages[r.pages_sent : upto]
+            self.core.runner.wait_kv_written()
             self._count_send(r)
             self.pool.ref(src)
             self.sender.send_pages(r.kvreq.receiver, r.room, src, dst, tag=_PageSend(r, src))

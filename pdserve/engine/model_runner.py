@@ -51,18 +51,24 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self.workspace = Workspace()
+        self.kv_written: torch.cuda.Event | None = None  # CUDA: recorded after each step's KV writes
+
+    def wait_kv_written(self) -> None:
+        """Block until the KV written by the last step is in device memory (no-op on CPU): P/D calls
+        this before a transfer backend reads pages."""
+        if self.kv_written is not None:
+            self.kv_written.synchronize()
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         batch.decodes.sort(key=lambda r: r.seq_len)  # similar lengths share a padded attention group
         ids: list[int] = []
         positions: list[int] = []
         for req in batch.decodes:
-            ids.append(req.all_ids[-1])
+            ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
             positions.append(req.seq_len - 1)
         extend_rows = []
         for chunk in batch.extends:
-            all_ids = chunk.req.all_ids
-            ids.extend(all_ids[chunk.start : chunk.start + chunk.length])
+            ids.extend(_token_slice(chunk.req, chunk.start, chunk.start + chunk.length))
             positions.extend(range(chunk.start, chunk.start + chunk.length))
             extend_rows.append((chunk.start, chunk.length, chunk.req.pages))
         meta = AttentionMetadata.build(
@@ -79,6 +85,9 @@ class ModelRunner:
             meta,
             self.pool.layers,
         )
+        if self.device.type == "cuda":
+            self.kv_written = torch.cuda.Event()
+            self.kv_written.record()
         n_dec = len(batch.decodes)
         rows: list[int] = list(range(n_dec))
         sample_at: dict[str, int] = {}
@@ -103,3 +112,11 @@ class ModelRunner:
             sample_logits={rid: logits[i] for rid, i in sample_at.items()},
             input_logits={rid: (first, logits[i : i + n]) for rid, (first, i, n) in input_at.items()},
         )
+
+
+def _token_slice(req: Req, start: int, end: int) -> list[int]:
+    """``req.all_ids[start:end]`` without concatenating prompt and output first."""
+    n = len(req.input_ids)
+    if end <= n:
+        return req.input_ids[start:end]
+    return req.input_ids[start:] + req.output_ids[max(start - n, 0) : end - n]

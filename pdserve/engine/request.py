@@ -215,6 +215,7 @@ class Req:
     num_computed: int = 0  # tokens whose KV is in the pool
     finish_reason: dict[str, Any] | None = None
     generator: Any = None  # torch.Generator when seeded
+    penalty_counts: Any = None  # sampler.PenaltyCounts of output tokens, for penalties
     arrival_order: int = 0
     num_retractions: int = 0
     cached_tokens: int = 0

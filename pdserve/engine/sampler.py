@@ -22,6 +22,26 @@ def new_generator(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
+TOP_P_CANDIDATES = 1024  # top-p rows look for their nucleus among this many most likely tokens first
+
+
+class PenaltyCounts:
+    """How often each token occurs in a request's output, updated from the tokens added since the
+    last step (kept on ``Req.penalty_counts``)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.seen = 0
+
+    def update(self, output_ids: list[int]) -> None:
+        if self.seen > len(output_ids):  # the output was cut short: count again
+            self.counts.clear()
+            self.seen = 0
+        for token in output_ids[self.seen :]:
+            self.counts[token] = self.counts.get(token, 0) + 1
+        self.seen = len(output_ids)
+
+
 def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req], eos_ids: Sequence[int]) -> None:
     """In place: frequency/presence/repetition penalties on output tokens, and the
     ``min_new_tokens`` ban on end-of-sequence tokens."""
@@ -32,7 +52,12 @@ def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req], eos_ids: Sequence
             if banned:
                 logits[row, banned] = float("-inf")
         if params.has_penalties and req.output_ids:
-            ids, counts = torch.tensor(req.output_ids, device=logits.device).unique(return_counts=True)
+            if req.penalty_counts is None:
+                req.penalty_counts = PenaltyCounts()
+            req.penalty_counts.update(req.output_ids)
+            table = req.penalty_counts.counts
+            ids = torch.tensor(list(table), device=logits.device)
+            counts = torch.tensor(list(table.values()), dtype=logits.dtype, device=logits.device)
             values = logits[row, ids]
             if params.repetition_penalty != 1:
                 values = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
@@ -40,23 +65,72 @@ def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req], eos_ids: Sequence
             logits[row, ids] = values
 
 
-def _filtered_probs(logits: torch.Tensor, reqs: Sequence[Req]) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p, batched over rows."""
+def _sample_random(logits: torch.Tensor, reqs: Sequence[Req]) -> list[int]:
+    """One token per row after temperature, top-k, top-p and min-p, drawn with each request's
+    generator. No full-vocabulary sort: truncated rows choose among the ``topk`` candidates, and a
+    top-p row sorts the whole vocabulary only when its nucleus is not inside the first
+    ``TOP_P_CANDIDATES`` tokens."""
     device = logits.device
+    vocab = logits.shape[-1]
     temps = torch.tensor([r.params.temperature for r in reqs], device=device).clamp_min(1e-5)
     probs = torch.softmax(logits / temps[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs], device=device)
-    top_p = torch.tensor([r.params.top_p for r in reqs], device=device)
     min_p = torch.tensor([r.params.min_p for r in reqs], device=device)
-    ranks = torch.arange(vocab, device=device)[None, :]
+    if bool((min_p > 0).any()):
+        top = probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)
+    tokens: list[int] = [0] * len(reqs)
+    valid = (probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+    wanted = [_candidates(r.params, vocab) if ok else 0 for r, ok in zip(reqs, valid)]
+    for row, ok in enumerate(valid):
+        if not ok:
+            tokens[row] = NON_FINITE
+    truncated = [i for i, k in enumerate(wanted) if 0 < k < vocab]
+    if truncated:
+        k_max = max(wanted[i] for i in truncated)
+        cand_probs, cand_ids = probs[truncated].topk(k_max, dim=-1)
+        top_k = torch.tensor([min(reqs[i].params.top_k, k_max) if reqs[i].params.top_k > 0 else k_max
+                              for i in truncated], device=device)
+        top_p = torch.tensor([reqs[i].params.top_p for i in truncated], device=device)
+        cumulative = cand_probs.cumsum(dim=-1)
+        drop = torch.arange(k_max, device=device)[None, :] >= top_k[:, None]
+        drop |= (cumulative - cand_probs) > top_p[:, None]
+        drop[:, 0] = False  # always keep the most likely token
+        # a top-p row whose candidates hold less mass than top_p (and no top-k cut) needs them all
+        no_top_k = torch.tensor([reqs[i].params.top_k <= 0 for i in truncated], device=device)
+        short = (cumulative[:, -1] < top_p) & no_top_k
+        cand_probs = cand_probs.masked_fill(drop, 0.0)
+        for j, row in enumerate(truncated):
+            if bool(short[j]):
+                continue
+            pick = torch.multinomial(cand_probs[j], 1, generator=reqs[row].generator)
+            tokens[row] = int(cand_ids[j, pick])
+        rest = [row for j, row in enumerate(truncated) if bool(short[j])]
+        if rest:
+            full = _nucleus_by_sort(probs[rest], torch.tensor([reqs[i].params.top_p for i in rest], device=device))
+            for j, row in enumerate(rest):
+                tokens[row] = int(torch.multinomial(full[j], 1, generator=reqs[row].generator))
+    for row, k in enumerate(wanted):
+        if k >= vocab:
+            tokens[row] = int(torch.multinomial(probs[row], 1, generator=reqs[row].generator))
+    return tokens
+
+
+def _candidates(params, vocab: int) -> int:
+    """How many most likely tokens a row's top-k / top-p filter can keep at most (vocab: no cut)."""
+    if params.top_k > 0:
+        return min(params.top_k, vocab)
+    if params.top_p < 1:
+        return min(TOP_P_CANDIDATES, vocab)
+    return vocab
+
+
+def _nucleus_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p filter over the whole sorted vocabulary (rows whose nucleus is wide)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
-    drop = (ranks >= top_k[:, None]) | ((cumulative - sorted_probs) > top_p[:, None])
-    drop |= sorted_probs < (min_p[:, None] * sorted_probs[:, :1])
-    drop[:, 0] = False  # always keep the most likely token
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    drop = (cumulative - sorted_probs) > top_p[:, None]
+    drop[:, 0] = False
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
 def sample(
@@ -75,16 +149,16 @@ def sample(
     apply_grammar_masks(logits, reqs)
     tokens = logits.argmax(dim=-1)
     bad = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
-    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-    if random_rows:
-        probs = _filtered_probs(logits[random_rows], [reqs[i] for i in random_rows])
-        bad[random_rows] |= ~(probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0))
-        bad_rows = bad.tolist()
-        for k, row in enumerate(random_rows):
-            if not bad_rows[row]:
-                tokens[row] = torch.multinomial(probs[k], 1, generator=reqs[row].generator)[0]
-    tokens[bad] = NON_FINITE
     token_list = tokens.tolist()
+    bad_rows = bad.tolist()
+    random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy and not bad_rows[i]]
+    if random_rows:
+        drawn = _sample_random(logits[random_rows], [reqs[i] for i in random_rows])
+        for row, token in zip(random_rows, drawn):
+            token_list[row] = token
+    for row, is_bad in enumerate(bad_rows):
+        if is_bad:
+            token_list[row] = NON_FINITE
     infos: list[TokenLogprobs | None] = [None] * len(reqs)
     if raw_logprobs is not None:
         for row, req in enumerate(reqs):

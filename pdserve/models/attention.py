@@ -1,18 +1,24 @@
-"""Paged attention in plain PyTorch.
+"""Paged attention.
 
 The KV cache of one layer is a tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]``:
 page ``p`` of a layer (its K and V) is the contiguous block ``kv[p]``, which is what the P/D
-transfer backends move. One forward step mixes decode rows (one new token each, attended in padded
-groups of similar length) and extend rows (a prefill chunk each, attended one request at a time with
-a causal mask offset by the cached prefix).
+transfer backends move. One forward step mixes decode rows (one new token each) and extend rows
+(a prefill chunk each, attended one request at a time with a causal mask offset by the cached prefix).
+
+Decode rows on CPU are attended by the native kernel (:mod:`pdserve.models.native`), which reads K/V
+in place from the pages through an int32 block table. Elsewhere (CUDA, other dtypes, no compiler)
+they are gathered into padded groups of similar length and attended with SDPA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from pdserve.models import native
 
 
 @dataclass
@@ -66,9 +72,11 @@ class AttentionMetadata:
     slot_pages: torch.Tensor  # LongTensor [T]: page receiving each new token's K/V
     slot_offsets: torch.Tensor  # LongTensor [T]: offset inside that page
     num_decode: int
-    decode_groups: list[DecodeGroup]
+    decode_pages: list[list[int]]
+    decode_kv_lens: list[int]
     extends: list[ExtendSpan]
     workspace: Workspace
+    device: torch.device
 
     @classmethod
     def build(
@@ -94,17 +102,6 @@ class AttentionMetadata:
             slot_pages.append(pages[pos // page_size])
             slot_offsets.append(pos % page_size)
         num_decode = len(decode_pages)
-        groups: list[DecodeGroup] = []
-        for start in range(0, num_decode, DECODE_GROUP_ROWS):
-            rows = range(start, min(start + DECODE_GROUP_ROWS, num_decode))
-            width = max(len(decode_pages[r]) for r in rows)
-            ids = [p for r in rows for p in decode_pages[r] + [0] * (width - len(decode_pages[r]))]
-            lens = torch.tensor([decode_kv_lens[r] for r in rows])
-            visible = torch.arange(width * page_size)[None, :] < lens[:, None]
-            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
-            groups.append(
-                DecodeGroup(start, len(rows), width, torch.tensor(ids, device=device), mask.to(device))
-            )
         extends: list[ExtendSpan] = []
         start = num_decode
         for prefix_len, length, pages in extend_rows:
@@ -125,10 +122,39 @@ class AttentionMetadata:
             slot_pages=torch.tensor(slot_pages, dtype=torch.long, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
             num_decode=num_decode,
-            decode_groups=groups,
+            decode_pages=decode_pages,
+            decode_kv_lens=decode_kv_lens,
             extends=extends,
             workspace=workspace or Workspace(),
+            device=device,
         )
+
+    @cached_property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """Decode rows in padded groups of ``DECODE_GROUP_ROWS`` for the gather path (built on first use)."""
+        page_size, decode_pages, decode_kv_lens = self.page_size, self.decode_pages, self.decode_kv_lens
+        groups: list[DecodeGroup] = []
+        for start in range(0, self.num_decode, DECODE_GROUP_ROWS):
+            rows = range(start, min(start + DECODE_GROUP_ROWS, self.num_decode))
+            width = max(len(decode_pages[r]) for r in rows)
+            ids = [p for r in rows for p in decode_pages[r] + [0] * (width - len(decode_pages[r]))]
+            lens = torch.tensor([decode_kv_lens[r] for r in rows])
+            visible = torch.arange(width * page_size)[None, :] < lens[:, None]
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            groups.append(
+                DecodeGroup(start, len(rows), width, torch.tensor(ids, device=self.device), mask.to(self.device))
+            )
+        return groups
+
+    @cached_property
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the native kernel: int32 block table [B, max pages], row of each token and context lengths."""
+        width = max(len(p) for p in self.decode_pages)
+        table = torch.zeros(self.num_decode, width, dtype=torch.int32)
+        for row, pages in enumerate(self.decode_pages):
+            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        rows = torch.arange(self.num_decode, dtype=torch.int32)
+        return table, rows, torch.tensor(self.decode_kv_lens, dtype=torch.int32)
 
 
 def _gather_into(kv_layer: torch.Tensor, pages: torch.Tensor, which: int, out: torch.Tensor) -> torch.Tensor:
@@ -153,8 +179,13 @@ def paged_attention(
     kv_layer[meta.slot_pages, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    for group in meta.decode_groups:
-        _decode_group(q, kv_layer, group, meta.workspace, scale, out)
+    if meta.num_decode:
+        if native.supports(q, kv_layer):
+            table, rows, lens = meta.decode_tables
+            native.paged_attention(q[: meta.num_decode].contiguous(), kv_layer, table, rows, lens, scale, out)
+        else:
+            for group in meta.decode_groups:
+                _decode_group(q, kv_layer, group, meta.workspace, scale, out)
     for span in meta.extends:
         rows = slice(span.start, span.start + span.length)
         query = q[rows].transpose(0, 1)  # [Hq, L, D]

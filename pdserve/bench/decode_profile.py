@@ -1,0 +1,139 @@
+"""Decode step time and its split: one batch of decode rows at a fixed context length, on a
+random-weight model of a named shape (default: SmolLM2-135M's). Prints the median step time and how
+it divides into attention, GEMMs (projections and LM head), sampling and the rest (norms, RoPE,
+activations, metadata, Python), each timed by wrapping the calls in the same steps."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from pdserve.engine import model_runner as runner_mod
+from pdserve.engine import sampler as sampler_mod
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.model_runner import ForwardBatch, ModelRunner
+from pdserve.engine.request import Req, ReqState, SamplingParams
+from pdserve.models import llama as llama_mod
+from pdserve.models.config import ModelConfig, RopeConfig
+from pdserve.models.llama import LlamaForCausalLM
+
+SHAPES: dict[str, dict] = {
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                 num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope=RopeConfig(theta=100000.0)),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, head_dim=64, tie_word_embeddings=True, rope=RopeConfig(theta=500000.0)),
+}
+
+
+def shape_config(name: str, max_positions: int = 8192) -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", rms_norm_eps=1e-5, max_position_embeddings=max_positions,
+                       **SHAPES[name])
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.fuse_projections()
+    return model
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def wrap(self, obj, attr: str, label: str):
+        original = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.totals[label] += time.perf_counter() - start
+
+        setattr(obj, attr, timed)
+        try:
+            yield
+        finally:
+            setattr(obj, attr, original)
+
+
+def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torch.dtype,
+                   device: torch.device, page_size: int = 16) -> dict[str, float]:
+    cfg = shape_config(shape, max_positions=context + steps + 16)
+    model = random_model(cfg, dtype, device)
+    pages_per_req = (context + steps + page_size) // page_size
+    pool = KVPool(batch * pages_per_req + 1, page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+    for layer in pool.layers:
+        layer.normal_(std=1.0)
+    runner = ModelRunner(model, pool, device)
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for i in range(batch):
+        ids = torch.randint(4, cfg.vocab_size, (context,), generator=gen).tolist()
+        req = Req(f"r{i}", ids[:-1], SamplingParams(temperature=0, max_new_tokens=steps + 1))
+        req.output_ids = [ids[-1]]
+        req.pages = pool.alloc(pages_per_req)
+        req.num_computed = context - 1
+        req.state = ReqState.DECODING
+        reqs.append(req)
+    timers = _Timers()
+    walls: list[float] = []
+    split: list[dict[str, float]] = []
+    with (timers.wrap(llama_mod, "paged_attention", "attention"),
+          timers.wrap(torch.nn.Linear, "forward", "gemm"),
+          timers.wrap(runner_mod.ModelRunner, "forward", "forward"),
+          timers.wrap(sampler_mod, "sample", "sampling")):
+        for step in range(steps + 2):
+            timers.totals.clear()
+            start = time.perf_counter()
+            result = runner.forward(ForwardBatch(decodes=list(reqs)))
+            tokens, _ = sampler_mod.sample(result.decode_logits, reqs, ())
+            wall = time.perf_counter() - start
+            for req, tok in zip(reqs, tokens):
+                req.output_ids.append(tok)
+                req.num_computed += 1
+            if step >= 2:  # warm-up
+                walls.append(wall)
+                split.append(dict(timers.totals))
+    med = statistics.median(walls)
+    keys = ("attention", "gemm", "sampling")
+    out = {"step_ms": med * 1e3, "step_ms_min": min(walls) * 1e3, "step_ms_max": max(walls) * 1e3}
+    for key in keys:
+        out[f"{key}_ms"] = statistics.median(s.get(key, 0.0) for s in split) * 1e3
+    out["other_ms"] = out["step_ms"] - sum(out[f"{k}_ms"] for k in keys)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="135m", choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    r = profile_decode(args.shape, args.batch, args.context, args.steps, getattr(torch, args.dtype),
+                       torch.device(args.device))
+    print(f"decode step, {args.shape} shape, batch {args.batch} x {args.context} context, {args.dtype}, "
+          f"{args.threads} threads: median {r['step_ms']:.1f} ms (min {r['step_ms_min']:.1f}, "
+          f"max {r['step_ms_max']:.1f}) over {args.steps} steps")
+    for key in ("attention", "gemm", "sampling", "other"):
+        print(f"  {key:10s} {r[f'{key}_ms']:8.1f} ms  {100 * r[f'{key}_ms'] / r['step_ms']:5.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Small native CPU kernels, compiled on first use with the system C compiler and called via ctypes.
+
+``paged_attention.c`` attends one query token per row directly over the KV pages (no gather copy).
+The shared object is built once per source version and CPU into a cache folder
+(``$PDSERVE_NATIVE_CACHE`` or ``~/.cache/pdserve/native``) with an atomic rename, so concurrent
+processes never see half a file. When no compiler is present, or the build fails, :func:`kernels`
+returns None and callers use their PyTorch path; ``PDSERVE_NATIVE=0`` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_loaded: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PDSERVE_NATIVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "native")
+    return Path(root)
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` output depends on them), or the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode())
+    target = _cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when unavailable."""
+    global _loaded, _tried
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
+        _tried = True
+        if os.environ.get("PDSERVE_NATIVE", "1") == "0":
+            return None
+        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if compiler is None:
+            log.info("no C compiler found: paged attention uses the PyTorch gather path")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(compiler)))
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("native paged attention unavailable (%s): using the PyTorch gather path", exc)
+            return None
+        fn = lib.pd_paged_attention
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        _loaded = lib
+        return lib
+
+
+NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_DIM = 256  # as in paged_attention.c
+
+
+def supports(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    """Whether the native kernel can run this attention (CPU, float32/bfloat16, small enough heads)."""
+    heads, kv_heads, dim = q.shape[1], kv_layer.shape[3], kv_layer.shape[4]
+    return (q.device.type == "cpu" and q.dtype == kv_layer.dtype and q.dtype in NATIVE_DTYPES
+            and heads % kv_heads == 0 and dim <= MAX_DIM
+            and kv_layer.is_contiguous() and kernels() is not None)
+
+
+def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table: torch.Tensor,
+                    row_of_token: torch.Tensor, kv_len: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Fill ``out`` [T, Hq, D] with attention of ``q`` [T, Hq, D] (contiguous) over the first
+    ``kv_len[t]`` positions of ``block_table[row_of_token[t]]`` (int32 tensors)."""
+    lib = kernels()
+    assert lib is not None
+    _, _, page_size, kv_heads, dim = kv_layer.shape
+    rc = lib.pd_paged_attention(
+        NATIVE_DTYPES[q.dtype], q.data_ptr(), kv_layer.data_ptr(), out.data_ptr(), block_table.data_ptr(),
+        block_table.stride(0), row_of_token.data_ptr(), kv_len.data_ptr(), q.shape[0], q.shape[1], kv_heads,
+        dim, page_size, scale, torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"native paged attention failed (code {rc})")
