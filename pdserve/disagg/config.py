@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass
 
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer
+BACKENDS = ("tcp", "shm", "sim")  # tcp, shm: pdserve.disagg.transfer; sim (no bytes, --simulate): pdserve.sim.transfer
 
 
 @dataclass

@@ -40,8 +40,10 @@ class Scheduler:
         max_running_requests: int,
         context_length: int,
         seed: int = 0,
+        sampler: Callable = sample,
     ) -> None:
         self.runner = runner
+        self.sample = sampler  # the sim runner's sampler reads no logits
         self.pool = pool
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode_tail = decode_tail
@@ -178,7 +180,7 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     def _process(self, batch: ForwardBatch, result) -> None:
         if batch.decodes:
-            tokens, infos = sample(result.decode_logits, batch.decodes, self.eos_token_ids)
+            tokens, infos = self.sample(result.decode_logits, batch.decodes, self.eos_token_ids)
             for req, token, info in zip(batch.decodes, tokens, infos):
                 req.num_computed += 1
                 self._emit_token(req, token, info, input_logprobs=None)
@@ -199,7 +201,7 @@ class Scheduler:
                 self._finish(req, {"type": "length", "length": 0}, [], None, input_lp)
                 continue
             logits = result.sample_logits[req.rid][None, :]
-            tokens, infos = sample(logits, [req], self.eos_token_ids)
+            tokens, infos = self.sample(logits, [req], self.eos_token_ids)
             req.state = ReqState.DECODING
             self._emit_token(req, tokens[0], infos[0], input_lp)
 

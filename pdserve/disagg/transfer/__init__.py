@@ -22,6 +22,10 @@ def create_sender(backend: str, pool: KVPool, on_done: Callable[[SendResult], No
         from pdserve.disagg.transfer.shm import ShmSender
 
         return ShmSender(pool, on_done, io_timeout)
+    if backend == "sim":
+        from pdserve.sim.transfer import SimSender
+
+        return SimSender(pool, on_done, io_timeout)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -38,6 +42,10 @@ def create_receiver(
         from pdserve.disagg.transfer.shm import ShmReceiver
 
         return ShmReceiver(pool, on_event, host, io_timeout)
+    if backend == "sim":
+        from pdserve.sim.transfer import SimReceiver
+
+        return SimReceiver(pool, on_event, host, io_timeout)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
