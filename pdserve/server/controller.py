@@ -125,6 +125,7 @@ class DPController:
         self._pull.bind(out_addr)
         threads = self.config.engine.torch_threads or max(1, len(os.sched_getaffinity(0)) // self.dp_size)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        specs = []
         for state in self.ranks:
             in_addr = f"ipc://{self._tmpdir}/in{state.rank}"
             sock = self._sync_ctx.socket(zmq.PUSH)
@@ -142,12 +143,20 @@ class DPController:
                 log_level=self.config.log_level,
                 disagg=disagg,
             )
-            state.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdserve.server.worker", msg.encode_spec(spec)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-            logger.info("started dp rank %d worker (pid %d, %d torch threads)", state.rank, state.proc.pid, threads)
+            specs.append(msg.encode_spec(spec))
+        if self.config.engine.simulate:  # sim ranks compute nothing: one process holds them all (pdserve.sim.host)
+            proc = subprocess.Popen([sys.executable, "-m", "pdserve.sim.host", *specs], env=env,
+                                    stdin=subprocess.DEVNULL)
+            for state in self.ranks:
+                state.proc = proc
+            logger.info("started %d simulated dp ranks as threads of pid %d", self.dp_size, proc.pid)
+        else:
+            for state, spec_json in zip(self.ranks, specs):
+                state.proc = subprocess.Popen(
+                    [sys.executable, "-m", "pdserve.server.worker", spec_json], env=env, stdin=subprocess.DEVNULL
+                )
+                logger.info("started dp rank %d worker (pid %d, %d torch threads)", state.rank, state.proc.pid,
+                            threads)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="pdserve-recv"),
             asyncio.create_task(self._watchdog(), name="pdserve-watchdog"),
