@@ -225,6 +225,7 @@ def test_both_arrival_orders_every_pair(fleet, first):
             meta = d.json()["meta_info"]
             assert (meta["prefill_dp_rank"], meta["decode_dp_rank"]) == (i, j)
             assert len(d.json()["output_ids"]) == 4 and p.json()["output_ids"] == d.json()["output_ids"][:1]
+            assert meta["kv_transfer_bytes"] == p.json()["meta_info"]["kv_transfer_bytes"] > 0  # modelled bytes
     assert wait_until(lambda: used_pages(fleet["prefill"], fleet["decode"]) == 0, 10)
 
 
