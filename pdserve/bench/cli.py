@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "serving": ("pdserve.bench.serving", "online load test of a running server: TTFT, TPOT, ITL, goodput"),
     "transfer": ("pdserve.bench.transfer", "KV transfer throughput between prefill and decode"),
     "engine": ("pdserve.bench.engine_throughput", "offline engine throughput vs transformers"),
+    "profile": ("pdserve.bench.profile", "time the real engine's steps; write a --simulate profile:FILE"),
 }
 
 

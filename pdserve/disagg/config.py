@@ -9,7 +9,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer
+BACKENDS = ("tcp", "shm", "sim")  # tcp, shm: pdserve.disagg.transfer; sim (no bytes, --simulate): pdserve.sim.transfer
 
 
 @dataclass

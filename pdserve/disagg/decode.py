@@ -414,7 +414,7 @@ class DecodeDisaggManager:
         elif isinstance(msg, m.Pages):
             r.acked_at = r.acked_at or now
             r.first_data_at = r.first_data_at or now
-            r.nbytes += len(msg.dst_pages) * len(self.pool.layers) * self.pool.page_bytes()
+            r.nbytes += len(msg.dst_pages) * self.pool.layout.num_layers * self.pool.page_bytes()
         elif isinstance(msg, m.Aux):
             r.aux = msg
         elif msg.ok:

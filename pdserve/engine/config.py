@@ -23,6 +23,11 @@ class EngineConfig:
     torch_threads: int | None = None  # None: leave torch's default
     engines_per_device: int = 1  # engines sharing one device's memory (DP ranks on one CPU); splits the KV budget
     num_reserved_decode_tokens: int = 16  # decode headroom kept per running request when admitting new ones
+    # simulated compute (pdserve.sim): no weights, the forward pass is a cost model's clock
+    simulate: str | None = None  # HARDWARE (roofline, e.g. H100-SXM) or profile:FILE
+    tp_size: int = 1  # sim only: tensor-parallel GPUs per rank
+    time_scale: float = 1.0  # sim only: every simulated duration is multiplied by this
+    inject_faults: str | None = None  # sim only: see pdserve.sim.faults
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -37,6 +42,12 @@ class EngineConfig:
             raise ValueError(f"num_reserved_decode_tokens must be >= 0, got {self.num_reserved_decode_tokens}")
         if self.engines_per_device < 1:
             raise ValueError(f"engines_per_device must be >= 1, got {self.engines_per_device}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if not 0 < self.time_scale < 1e6:
+            raise ValueError(f"time_scale must be in (0, 1e6), got {self.time_scale}")
+        if (self.tp_size != 1 or self.inject_faults) and not self.simulate:
+            raise ValueError("--tp-size and --inject-faults apply to simulated compute only (add --simulate)")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 
@@ -59,6 +70,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-reserved-decode-tokens", type=int, default=defaults.num_reserved_decode_tokens,
         help="decode headroom (tokens) kept free per running request when admitting new requests",
     )
+    sim = parser.add_argument_group("simulated compute (no weights; see docs/simulation.md)")
+    sim.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",
+                     help="replace the forward pass by a cost model: H100-SXM, H200, A100-80G or profile:FILE")
+    sim.add_argument("--tp-size", type=int, default=defaults.tp_size, help="sim: tensor-parallel GPUs per rank")
+    sim.add_argument("--time-scale", type=float, default=defaults.time_scale,
+                     help="sim: multiply every simulated duration (slows the clock uniformly)")
+    sim.add_argument("--inject-faults", default=None, metavar="SPEC",
+                     help="sim: e.g. 'prefill=0.1,transfer=0.1,decode=0.1,slow_rank=1:4,transfer_slowdown=3'")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

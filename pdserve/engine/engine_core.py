@@ -23,8 +23,11 @@ CPU_KV_BUDGET_CAP = 8 << 30  # on CPU, mem_fraction_static applies to at most th
 class EngineCore:
     """Model + KV pool + scheduler for one DP rank. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, rank: int = 0) -> None:
         config.validate()
+        if config.simulate:
+            self._init_simulated(config, rank)
+            return
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         if loaded is None:
@@ -66,6 +69,34 @@ class EngineCore:
             self.context_length,
             seed=config.random_seed,
             reserved_decode_tokens=config.num_reserved_decode_tokens,
+        )
+
+    def _init_simulated(self, config: EngineConfig, rank: int) -> None:
+        """Sim mode (pdserve.sim): no weights; the runner waits out a cost model's step time."""
+        from pdserve.sim.engine import SimModel
+
+        sim = SimModel.build(config, rank)
+        self.config = config
+        self.loaded = None
+        self.tokenizer = sim.tokenizer
+        self.model_path = sim.model_path
+        self.model_config = sim.shape
+        self.device = sim.runner.device
+        self.context_length = sim.context_length
+        self.vocab_size = sim.shape.vocab_size
+        self.kv_pool = sim.pool
+        self.max_total_tokens = sim.pool.num_pages * config.page_size
+        self.runner = sim.runner
+        self.scheduler = Scheduler(
+            self.runner,
+            self.kv_pool,
+            sim.eos_token_ids,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+            config.chunked_prefill_size,
+            config.max_running_requests,
+            self.context_length,
+            seed=config.random_seed,
+            sampler=sim.runner.sample,
         )
 
     # ------------------------------------------------------------------ validation

@@ -78,6 +78,7 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         shared_memory: bool = False,
+        storage: bool = True,
     ) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"KV pool needs at least one page of at least one token (got {num_pages} x {page_size})")
@@ -85,10 +86,13 @@ class KVPool:
         self.page_size = page_size
         self.layout = KVLayout(num_layers, num_kv_heads, head_dim, page_size, str(dtype).removeprefix("torch."))
         self.device = torch.device(device)
+        self.dtype = dtype
         self.shm_path: str | None = None
         self.shm_fd: int | None = None  # this process's descriptor of the segment
         self.shm_segment: str | None = None  # random id in the segment's name
-        if shared_memory:
+        if not storage:  # simulated compute: page accounting only
+            self.layers: list[torch.Tensor] = []
+        elif shared_memory:
             self.layers = self._shared_layers(num_layers, (num_pages, 2, page_size, num_kv_heads, head_dim), dtype)
         else:
             self.layers = [
@@ -172,7 +176,7 @@ class KVPool:
 
     def page_bytes(self) -> int:
         """Bytes of one page of one layer."""
-        return self.layout.page_numel * self.layers[0].element_size()
+        return self.layout.page_numel * self.dtype.itemsize
 
     def bytes_total(self) -> int:
         return self.page_bytes() * self.num_pages * len(self.layers)

@@ -52,8 +52,10 @@ class Scheduler:
         context_length: int,
         seed: int = 0,
         reserved_decode_tokens: int = 0,
+        sampler: Callable = sample,
     ) -> None:
         self.runner = runner
+        self.sample = sampler  # the sim runner's sampler reads no logits
         self.pool = pool
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode_tail = decode_tail
@@ -235,7 +237,7 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     def _process(self, batch: ForwardBatch, result) -> None:
         if batch.decodes:
-            tokens, infos = sample(result.decode_logits, batch.decodes, self.eos_token_ids)
+            tokens, infos = self.sample(result.decode_logits, batch.decodes, self.eos_token_ids)
             for req, token, info in zip(batch.decodes, tokens, infos):
                 if token == NON_FINITE:
                     self._non_finite(req)
@@ -260,7 +262,7 @@ class Scheduler:
                 self._finish(req, {"type": "length", "length": 0}, [], None, input_lp)
                 continue
             logits = result.sample_logits[req.rid][None, :]
-            tokens, infos = sample(logits, [req], self.eos_token_ids)
+            tokens, infos = self.sample(logits, [req], self.eos_token_ids)
             if tokens[0] == NON_FINITE:
                 self._non_finite(req)
                 continue

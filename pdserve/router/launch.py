@@ -107,6 +107,9 @@ class Launcher:
         n_ports = 2 * a.prefill + a.decode
         ports = [p for p in free_ports(n_ports + 1, host) if p != a.port][:n_ports]
         server_args = shlex.split(a.server_args or "")
+        transfer_backend = a.transfer_backend or ("sim" if a.simulate else "tcp")
+        if a.simulate:
+            server_args += ["--simulate", a.simulate]
         if "--torch-threads" not in server_args:  # each server alone would size threads for the whole host
             server_args += ["--torch-threads", str(threads_for(workers))]
         if a.model_path:
@@ -120,7 +123,7 @@ class Launcher:
             self.spawn(f"prefill-{i}", [
                 "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "prefill",
                 "--dp-size", str(a.prefill_dp_size), "--disaggregation-bootstrap-port", str(bootstrap),
-                "--disaggregation-transfer-backend", a.transfer_backend, *server_args,
+                "--disaggregation-transfer-backend", transfer_backend, *server_args,
             ], url)
             router_argv += ["--prefill", url, str(bootstrap)]
         for i in range(a.decode):
@@ -128,7 +131,7 @@ class Launcher:
             url = f"http://{host}:{port}"
             self.spawn(f"decode-{i}", [
                 "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "decode",
-                "--dp-size", str(a.decode_dp_size), "--disaggregation-transfer-backend", a.transfer_backend,
+                "--dp-size", str(a.decode_dp_size), "--disaggregation-transfer-backend", transfer_backend,
                 *server_args,
             ], url)
             router_argv += ["--decode", url]
@@ -219,7 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-dp-size", type=int, default=2, help="DP ranks per decode server")
     parser.add_argument("--host", default="127.0.0.1", help="address of the router and the servers")
     parser.add_argument("--port", type=int, default=8000, help="router port (0: a free one)")
-    parser.add_argument("--transfer-backend", choices=("tcp", "shm"), default="tcp", help="KV transfer backend")
+    parser.add_argument("--transfer-backend", choices=("tcp", "shm", "sim"), default=None,
+                        help="KV transfer backend (default: tcp, or sim with --simulate)")
+    parser.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",
+                        help="simulated compute on every server (see docs/simulation.md)")
     parser.add_argument("--policy", choices=POLICIES, default=None, help="router policy of both sides")
     parser.add_argument("--prefill-policy", choices=POLICIES, default=None)
     parser.add_argument("--decode-policy", choices=POLICIES, default=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.disagg.config import DisaggConfig, add_disagg_arguments, disagg_config_from_args
 from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
@@ -68,6 +68,13 @@ class ServerConfig:
                 "peers: set --disaggregation-secret, $PDSERVE_DISAGG_SECRET or --api-key (or pass "
                 "--disaggregation-allow-insecure on a network you trust)"
             )
+        if self.disagg.mode != "null" and bool(self.engine.simulate) != (self.disagg.transfer_backend == "sim"):
+            raise ValueError("the sim transfer backend goes with --simulate and only with it (sim servers move no "
+                             f"KV bytes); got --disaggregation-transfer-backend {self.disagg.transfer_backend}")
+        if self.engine.simulate:
+            from pdserve.sim.validate import check_config
+
+            check_config(self.engine)  # a bad --simulate/--model-path fails here, before any worker starts
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +121,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
     disagg = disagg_config_from_args(args)
     disagg.secret = resolve_secret(disagg.secret, args.api_key)
+    if getattr(args, "simulate", None) and disagg.transfer_backend == DisaggConfig.transfer_backend:
+        disagg = replace(disagg, transfer_backend="sim")
     method = args.load_balance_method
     if method is None:
         method = "follow_bootstrap_room" if disagg.mode == "prefill" else ServerConfig.load_balance_method

@@ -196,31 +196,42 @@ class DPController:
                 log_level=self.config.log_level,
                 disagg=disagg,
             )
-            self._spawn(state)
+        if self.config.engine.simulate:  # sim ranks compute nothing: one process holds them all (pdserve.sim.host)
+            self._spawn_process(self.ranks, "pdserve.sim.host")
+        else:
+            for state in self.ranks:
+                self._spawn(state)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="pdserve-recv"),
             asyncio.create_task(self._watchdog(), name="pdserve-watchdog"),
         ]
 
     def _spawn(self, state: RankState) -> None:
-        """Start (or restart) the worker process of one rank, on a fresh input socket."""
-        assert self._sync_ctx is not None and state.spec is not None
-        if state.sock is not None:
-            state.sock.close(0)  # messages queued for the dead worker must not reach its successor
-        state.generation += 1
-        in_addr = f"ipc://{self._tmpdir}/in{state.rank}.{state.generation}"
-        sock = self._sync_ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(in_addr)
-        state.sock = sock
-        state.spec = msgspec.structs.replace(state.spec, input_addr=in_addr)
-        state.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.server.worker", msg.encode_spec(state.spec)],
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-        )
-        logger.info("started dp rank %d worker (pid %d)", state.rank, state.proc.pid)
+        """Start (or restart) the worker process of one rank, on a fresh input socket (a restarted
+        simulated rank runs in a sim host process of its own)."""
+        self._spawn_process([state], "pdserve.sim.host" if self.config.engine.simulate else "pdserve.server.worker")
+
+    def _spawn_process(self, states: list[RankState], module: str) -> None:
+        """Start ``python -m module SPEC...`` serving ``states``, each on a fresh input socket."""
+        assert self._sync_ctx is not None
+        specs = []
+        for state in states:
+            assert state.spec is not None
+            if state.sock is not None:
+                state.sock.close(0)  # messages queued for the dead worker must not reach its successor
+            state.generation += 1
+            in_addr = f"ipc://{self._tmpdir}/in{state.rank}.{state.generation}"
+            sock = self._sync_ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(in_addr)
+            state.sock = sock
+            state.spec = msgspec.structs.replace(state.spec, input_addr=in_addr)
+            specs.append(msg.encode_spec(state.spec))
+        proc = subprocess.Popen([sys.executable, "-m", module, *specs], env=self._env, stdin=subprocess.DEVNULL)
+        for state in states:
+            state.proc = proc
+        logger.info("started dp rank(s) %s in %s (pid %d)", ",".join(str(s.rank) for s in states), module, proc.pid)
 
     async def shutdown(self) -> None:
         """Stop every worker (ask, then terminate, then kill), fail what is in flight, free the sockets."""

@@ -38,10 +38,10 @@ class ServerState:
         """Wait for the workers, then load the tokenizer they report; the server is healthy after."""
         await self.controller.ready_event.wait()
         info = self.controller.info
-        from pdserve.models.tokenizer import Tokenizer
+        from pdserve.sim.tokenizer import open_tokenizer
 
         try:
-            tokenizer = await asyncio.to_thread(Tokenizer, info.model_path)
+            tokenizer = await asyncio.to_thread(open_tokenizer, info.model_path, bool(self.config.engine.simulate))
         except Exception as e:
             self.startup_error = f"cannot load the tokenizer from {info.model_path}: {e}"
             logger.error("%s", self.startup_error)

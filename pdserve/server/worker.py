@@ -54,6 +54,7 @@ class Worker:
         self._step_due = False  # an abort was handled: step once so its output goes out
         self._stats_sent: tuple[float, object] = (0.0, None)
         self._load_sent: msg.RankLoad | None = None
+        self.faults = None  # pdserve.sim.faults.FaultInjector when --inject-faults is set
 
     def send(self, message: msg.FromWorker) -> None:
         self.outbox.send(msg.encode(message))
@@ -68,7 +69,7 @@ class Worker:
     def start_engine(self) -> None:
         from pdserve.engine.engine_core import EngineCore
 
-        self.engine = EngineCore(place_on_device(self.spec.engine, self.rank, self.spec.dp_size))
+        self.engine = EngineCore(place_on_device(self.spec.engine, self.rank, self.spec.dp_size), rank=self.rank)
         engine = self.engine
         self.start_disagg()
         pool = engine.kv_pool
@@ -102,6 +103,10 @@ class Worker:
             from pdserve.disagg.decode import DecodeDisaggManager
 
             self.disagg = DecodeDisaggManager(self.engine, cfg, self.rank)
+        if self.disagg is not None and self.spec.engine.inject_faults:
+            from pdserve.sim.faults import FaultInjector, FaultPlan
+
+            self.faults = FaultInjector(FaultPlan.parse(self.spec.engine.inject_faults), cfg.mode)
 
     def add_request(self, message: msg.GenerateReq, req) -> None:
         """Into the engine, or through the P/D manager when the request names a room."""
@@ -110,6 +115,8 @@ class Worker:
             self.engine.add_request(req)
         elif self.spec.disagg.mode == "prefill":
             self.disagg.add(req, room)
+            if self.faults is not None:
+                self.faults.after_add(self.disagg, req.rid)
         else:
             from pdserve.engine.request import RequestError
 
@@ -186,6 +193,8 @@ class Worker:
             meta = {}
             if disagg is not None:
                 outputs, meta = disagg.process(outputs)
+                if self.faults is not None:
+                    self.faults.after_step(disagg, outputs)
             if outputs:
                 self.send_outputs(outputs, meta)
         logger.warning("dp rank %d: parent process %d is gone, exiting", self.rank, self.spec.parent_pid)

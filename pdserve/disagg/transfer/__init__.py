@@ -33,6 +33,10 @@ def create_sender(
         from pdserve.disagg.transfer.shm import ShmSender
 
         return ShmSender(pool, on_done, io_timeout, auth)
+    if backend == "sim":
+        from pdserve.sim.transfer import SimSender
+
+        return SimSender(pool, on_done, io_timeout, auth)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -50,6 +54,10 @@ def create_receiver(
         from pdserve.disagg.transfer.shm import ShmReceiver
 
         return ShmReceiver(pool, on_event, host, io_timeout, guard)
+    if backend == "sim":
+        from pdserve.sim.transfer import SimReceiver
+
+        return SimReceiver(pool, on_event, host, io_timeout, guard)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
