@@ -65,6 +65,9 @@ class SimRunner:
         self._last_end = 0.0
         self.sleep = time.sleep
 
+    def wait_kv_written(self) -> None:
+        """Nothing to wait for: simulated steps write no KV (P/D calls this before shipping pages)."""
+
     def forward(self, batch):
         from pdserve.engine.model_runner import ForwardResult
 
