@@ -90,7 +90,8 @@ def test_health_info_and_models(server, client):
     assert models["object"] == "list" and models["data"][0]["id"] == info["served_model_name"]
     load = client.get("/get_load").json()
     assert [r["dp_rank"] for r in load] == [0, 1]
-    assert set(load[0]) >= {"num_reqs", "num_waiting_reqs", "num_tokens", "num_used_pages", "num_total_pages"}
+    assert set(load[0]) >= {"num_reqs", "num_waiting_reqs", "num_tokens", "num_used_pages", "num_total_pages",
+                            "num_retractions", "num_steps"}
     assert client.get("/health_generate").status_code == 200
     assert client.post("/flush_cache").status_code == 200
 
@@ -422,7 +423,7 @@ def test_metrics(server, client):
     for name in ("sglang:time_to_first_token_seconds_count", "sglang:inter_token_latency_seconds_count",
                  "sglang:e2e_request_latency_seconds_count", "sglang:prompt_tokens_total",
                  "sglang:generation_tokens_total", "sglang:num_running_reqs", "sglang:num_queue_reqs",
-                 "sglang:token_usage"):
+                 "sglang:token_usage", "pdserve:num_retractions", "pdserve:engine_steps"):
         assert name in text, name
     assert 'dp_rank="1"' in text
     ttft = [line for line in text.splitlines() if line.startswith("sglang:time_to_first_token_seconds_count")]

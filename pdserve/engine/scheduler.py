@@ -460,7 +460,11 @@ class Scheduler:
             req.state = ReqState.WAITING_KV
             self.awaiting_kv[req.rid] = req
             if self.on_pages_allocated is not None:
-                self.on_pages_allocated(req)
+                try:
+                    self.on_pages_allocated(req)
+                except Exception as e:  # fail this request, not the step's batch
+                    logger.exception("pages-allocated hook failed for %s", req.rid)
+                    self._fail_request(req, f"internal error after allocating its KV pages: {_describe(e)}", 500)
 
     def _retract(self, req: Req) -> None:
         """Free ``req``'s KV and put it at the front of the queue to be recomputed later."""
