@@ -160,9 +160,9 @@ def test_client_against_a_server_that_is_down():
     with pytest.raises(BootstrapError) as err:
         asyncio.run(main())
     sock.close()
-    assert 0.5 < time.monotonic() - start < 3
+    assert time.monotonic() - start < 0.5  # nothing listens: waiting for the deadline cannot help
     assert f"bootstrap service at 127.0.0.1:{port}" in str(err.value)
-    assert "Connect" in str(err.value) or "refused" in str(err.value).lower()
+    assert "connection refused" in str(err.value)
 
 
 def test_port_in_use_is_reported():

@@ -99,6 +99,7 @@ class RankState:
     streak: int = 0  # deaths in a row without serving RESTART_STREAK_RESET_S in between
     ready_at: float = 0.0
     generation: int = 0  # bumps at each restart: a fresh input socket per worker process
+    restart_pending: bool = False  # its death is handled; the next worker is not spawned yet
     load: msg.RankLoad = field(default_factory=msg.RankLoad)
     num_reqs: int = 0
     num_tokens: int = 0
@@ -600,8 +601,8 @@ class DPController:
     def _rank_died(self, state: RankState, reason: str) -> None:
         """A worker process is gone: fail its requests; at startup the server fails, later the rank
         is restarted after a backoff (or marked down once it died too often in a row)."""
-        if state.phase in (RankPhase.RESTARTING, RankPhase.DOWN):
-            return
+        if state.phase == RankPhase.DOWN or state.restart_pending:
+            return  # already handled (the watchdog and WorkerFailed both report a death)
         was_ready = state.phase == RankPhase.READY
         state.error = reason
         state.load = msg.RankLoad()
@@ -631,6 +632,7 @@ class DPController:
                          reason, state.streak, cfg.worker_max_restarts)
             return
         state.phase = RankPhase.RESTARTING
+        state.restart_pending = True
         delay = min(cfg.worker_restart_backoff_s * 2 ** (state.streak - 1), cfg.worker_restart_backoff_max_s)
         logger.error("%s; restarting it in %.2g s (restart %d of at most %d in a row)", reason, delay, state.streak,
                      cfg.worker_max_restarts)
@@ -646,6 +648,7 @@ class DPController:
             await asyncio.to_thread(state.proc.wait)
         state.restarts += 1
         self._spawn(state)
+        state.restart_pending = False  # a successor that dies before it is ready counts as a death in a row
 
     async def _watchdog(self) -> None:
         while True:
@@ -653,7 +656,7 @@ class DPController:
             if self._closing:
                 continue
             for state in self.ranks:
-                if state.phase not in (RankPhase.READY, RankPhase.STARTING) or state.proc is None:
+                if state.phase == RankPhase.DOWN or state.restart_pending or state.proc is None:
                     continue
                 code = state.proc.poll()
                 if code is not None:
