@@ -14,6 +14,8 @@ import time
 import httpx
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pdserve.disagg.messages import RankInfo
 from tests.server_harness import free_port, launch, wait_until
@@ -193,3 +195,52 @@ def test_half_sent_requests_are_cut(pair, target):
         waited = time.monotonic() - start
     assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:100]
     assert waited < limit + 5, waited
+
+
+FUZZ_EXAMPLES = 20  # per (role, route): 120 in all, bounded for CI
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+)
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                         st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+                     max_leaves=20)
+_fields = ["text", "input_ids", "sampling_params", "stream", "rid", "return_logprob", "top_logprobs_num",
+           "logprob_start_len", "data_parallel_rank", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+           "disagg_prefill_dp_rank", "prompt", "messages", "max_tokens", "stop", "temperature", "n", "logprobs"]
+_sampling = st.fixed_dictionaries({}, optional={k: _json for k in
+                                                ("max_new_tokens", "temperature", "stop", "stop_token_ids", "seed",
+                                                 "top_k", "top_p", "min_new_tokens")})
+_body = st.fixed_dictionaries(
+    {"text": st.one_of(st.text(min_size=1, max_size=30), _json)},
+    optional={**{k: _json for k in _fields if k != "text"}, "sampling_params": _sampling},
+)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_fuzzed_bodies_get_no_5xx_and_leave_no_pages(pair, role, path):
+    """Bounded hypothesis run of hostile JSON bodies: client errors are 4xx, never 5xx (P/D failures
+    such as a room whose other half never comes are 503 by design and excluded by short bounds)."""
+    server = pair[role]
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(_body)
+        def one(body):
+            if isinstance(body.setdefault("sampling_params", {}), dict):  # keep each accepted request short
+                body["sampling_params"]["max_new_tokens"] = 2
+            body["max_tokens"] = 2
+            body.pop("bootstrap_room", None) if role == "prefill" else None  # a lone prefill half waits 4 s
+            resp = client.post(path, json=body)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            assert resp.status_code < 500 or resp.status_code == 503 and "room" in resp.text, (body, resp.text[:300])
+
+        one()
+    print(f"fuzz {role} {path}: {statuses}")
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    assert all(server.worker_pids())
+    assert wait_until(lambda: used_pages(server) == 0, 15)
