@@ -320,3 +320,21 @@ def test_generate_batch_of_n(client):
                                                                          "temperature": 0}})
     assert len({o["text"] for o in r.json()}) == 1
     assert sum(x["num_used_pages"] for x in client.get("/get_load").json()) == 0
+
+
+# ---------------------------------------------------------------------- the first hour
+
+
+def test_rank_headers_fields_tokenize(client):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.headers["X-Decode-DP-Rank"] == "0" and r.json()["decode_dp_rank"] == 0
+    r = client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}, "stream": True})
+    assert r.headers["X-Decode-DP-Rank"] == "0"
+    ids = client.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] > 0
+    text = client.post("/detokenize", json={"tokens": ids["tokens"], "skip_special_tokens": True}).json()["prompt"]
+    assert text.strip() == "Hello world"
+    r = client.post("/detokenize", json={"tokens": [10 ** 9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["root"] and model["id"]

@@ -91,3 +91,26 @@ def test_structured_output_and_tools_through_router_pd(pair):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
 
     through_router(pair, scenario)
+
+
+def test_honor_client_ranks(pair):
+    specs = [WorkerSpec(pair[0].url, "prefill"), WorkerSpec(pair[1].url, "decode")]
+    body = {"text": "Hi", "sampling_params": {"max_new_tokens": 2}}
+
+    async def run() -> None:
+        async with router_client(specs, honor_client_ranks=True) as (c, _):
+            r = await c.post("/generate", json={**body, "data_parallel_rank": 0, "disagg_prefill_dp_rank": 0})
+            assert r.status_code == 200, r.text
+            meta = r.json()["meta_info"]
+            assert (meta["prefill_dp_rank"], meta["decode_dp_rank"]) == (0, 0)
+            r = await c.post("/generate", json={**body, "data_parallel_rank": 5})
+            assert r.status_code == 400 and "data_parallel_rank=5" in r.text
+            r = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "disagg_prefill_dp_rank": -1})
+            assert r.status_code == 400 and "disagg_prefill_dp_rank" in r.text
+            r = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert r.json()["decode_dp_rank"] == 0 and r.json()["prefill_dp_rank"] == 0
+        async with router_client(specs) as (c, _):  # default: the router replaces rank fields
+            r = await c.post("/generate", json={**body, "data_parallel_rank": 5})
+            assert r.status_code == 200, r.text
+
+    asyncio.run(run())

@@ -372,7 +372,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "--max-n"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     ("/v1/completions", {"prompt": [], "max_tokens": 3}, 400, "prompt"),

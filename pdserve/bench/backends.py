@@ -151,7 +151,9 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, backend: s
                         now = time.perf_counter()
                         if raw == b"[DONE]":
                             done = True
-                            break
+                            continue  # read the body to its end: closing early reads as a 499 upstream
+                        if done:
+                            continue
                         data = json.loads(raw)
                         if not isinstance(data, dict):
                             record.error = "unexpected stream chunk: not a JSON object"

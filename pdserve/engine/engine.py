@@ -10,7 +10,7 @@ from typing import Any
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.output_format import logprob_triples, merge_logprobs, top_logprob_triples, trim_stop
-from pdserve.engine.request import Req, RequestError, SamplingParams, TokenLogprobs
+from pdserve.engine.request import Req, RequestError, SamplingParams, TokenLogprobs, sample_rid
 
 
 class Engine:
@@ -35,7 +35,8 @@ class Engine:
         return_text_in_logprobs: bool = False,
         rid: str | list[str] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """Generate for one prompt or a batch; a batch (list input) returns a list of dicts."""
+        """Generate for one prompt or a batch; a batch (list input) or ``n`` > 1 in ``sampling_params``
+        returns a list of dicts (prompt i, sample j at ``i * n + j``)."""
         if (prompt is None) == (input_ids is None):
             raise RequestError("exactly one of prompt and input_ids must be given")
         batched = isinstance(prompt, list) or (isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list))
@@ -64,12 +65,14 @@ class Engine:
         for req in reqs:
             self.core.validate(req)
         results = self._run(reqs, return_text_in_logprobs)
-        return results if batched else results[0]
+        return results if batched or len(results) > 1 else results[0]
 
     def _run(self, reqs: list[Req], text_in_logprobs: bool) -> list[dict[str, Any]]:
         start = time.perf_counter()
+        # one entry per sample: a request with n > 1 also answers for its samples' rids
+        samples = [(req, sample_rid(req.rid, i) if i else req.rid) for req in reqs for i in range(req.params.n)]
         state: dict[str, dict[str, Any]] = {
-            r.rid: {"ids": [], "out_lp": None, "in_lp": None, "ttft": None, "reason": None} for r in reqs
+            rid: {"ids": [], "out_lp": None, "in_lp": None, "ttft": None, "reason": None} for _, rid in samples
         }
         try:
             for req in reqs:
@@ -90,17 +93,17 @@ class Engine:
                         s["cached"] = out.cached_tokens
                         pending.discard(out.rid)
         finally:
-            for req in reqs:
-                self.core.abort(req.rid)
+            for _, rid in samples:
+                self.core.abort(rid)
             self.core.step()  # drain abort notices of anything left unfinished
         detok = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)) if text_in_logprobs else None
         latency = time.perf_counter() - start
         results = []
-        for req in reqs:
-            s = state[req.rid]
+        for req, rid in samples:
+            s = state[rid]
             text = self.tokenizer.decode(s["ids"], skip_special_tokens=req.params.skip_special_tokens)
             meta: dict[str, Any] = {
-                "id": req.rid,
+                "id": rid,
                 "finish_reason": s["reason"],
                 "prompt_tokens": len(req.input_ids),
                 "completion_tokens": len(s["ids"]),

@@ -151,7 +151,10 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
     words = (vocab + 31) // 32
     bits = np.zeros((len(rows), words), dtype=np.int32)
     for k, row in enumerate(rows):
-        reqs[row].grammar.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
+        try:
+            reqs[row].grammar.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
+        except Exception:  # the row stays unmasked; advance_grammar then finishes the request
+            bits[k] = 0
     allowed = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool))
     for k, row in enumerate(rows):
         ok = allowed[k].to(logits.device)
@@ -171,7 +174,11 @@ def advance_grammar(req: Req, token: int) -> dict[str, Any] | None:
         return None
     if grammar.is_stopped():  # complete: the token is the EOS the mask allowed
         return {"type": "stop", "matched": token}
-    if not grammar.consume_token(token) or grammar.is_error():
+    try:
+        ok = grammar.consume_token(token) and not grammar.is_error()
+    except Exception as e:  # a matcher error must end this request, never the worker
+        return {"type": "abort", "message": f"grammar error: {e}"}
+    if not ok:
         return {"type": "abort", "message": f"grammar dead end: {grammar.get_error() or 'no token can follow'}"}
     if grammar.is_stopped():
         return {"type": "stop", "matched": None}

@@ -31,6 +31,7 @@ class RouterConfig:
     prefill_policy: str = "least_load"
     decode_policy: str = "least_load"
     dp_coupled: bool = False
+    honor_client_ranks: bool = False  # keep a client's data_parallel_rank / disagg_prefill_dp_rank
     # cache_aware
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 256
@@ -129,6 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-coupled", action="store_true",
         help="old behaviour for comparison: pick a decode rank r, then a prefill unit with rank r %% its dp_size",
     )
+    parser.add_argument(
+        "--honor-client-ranks", action="store_true",
+        help="P/D: serve a request on the DP ranks its body names (data_parallel_rank: decode; "
+        "disagg_prefill_dp_rank or prefill_data_parallel_rank: prefill), 400 when no healthy unit has that rank. "
+        "Default: the router picks both ranks and replaces any rank fields a client sent",
+    )
     parser.add_argument("--cache-threshold", type=float, default=d.cache_threshold,
                         help="cache_aware: least prefix match ratio that wins over load")
     parser.add_argument("--balance-abs-threshold", type=int, default=d.balance_abs_threshold,
@@ -172,6 +179,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         prefill_policy=args.prefill_policy or default_policy,
         decode_policy=args.decode_policy or default_policy,
         dp_coupled=args.dp_coupled,
+        honor_client_ranks=args.honor_client_ranks,
         cache_threshold=args.cache_threshold,
         balance_abs_threshold=args.balance_abs_threshold,
         balance_rel_threshold=args.balance_rel_threshold,

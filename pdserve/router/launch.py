@@ -114,6 +114,8 @@ class Launcher:
             server_args += ["--torch-threads", str(threads_for(workers))]
         if a.model_path:
             server_args += ["--model-path", a.model_path]
+        if a.served_model_name:
+            server_args += ["--served-model-name", a.served_model_name]
         if a.max_total_tokens:
             server_args += ["--max-total-tokens", str(a.max_total_tokens)]
         router_argv = ["router", "--pd-disaggregation", "--host", host, "--port", str(a.port)]
@@ -191,6 +193,10 @@ class Launcher:
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         code = 0
         try:
+            if not self.args.model_path:
+                self.say("[launch] no --model-path: serving the embedded tiny model (random weights, ~1M "
+                         "parameters, built once into the cache): its output is gibberish by design; it exists "
+                         "to exercise the serving stack. Pass --model-path FOLDER for a real HF checkpoint.")
             self.start_all()
             if not self.wait_healthy(self.args.startup_timeout):
                 code = 0 if self.stop_requested.is_set() else 1
@@ -216,6 +222,8 @@ class Launcher:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None, help="HF checkpoint folder (default: the embedded tiny model)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id on /v1/models and in responses (default: the model folder path)")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill servers (default: %(default)s)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode servers (default: %(default)s)")
     parser.add_argument("--prefill-dp-size", type=int, default=2, help="DP ranks per prefill server")
@@ -232,7 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV capacity of each DP rank")
     parser.add_argument("--server-args", default="", help="extra flags for every server, one shell-quoted string")
     parser.add_argument("--router-args", default="", help="extra flags for the router, one shell-quoted string")
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for health")
+    parser.add_argument("--startup-timeout", type=float, default=300.0,
+                        help="seconds to wait for health (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,4 +249,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("pdserve launch: --prefill, --decode and the DP sizes must be >= 1")
     if args.port == 0:
         args.port = free_ports(1, args.host)[0]
+    elif not port_free(args.host, args.port):
+        print(f"pdserve launch: port {args.port} on {args.host} is already in use (another server?); "
+              "stop it or pass --port N (0 picks a free one). Nothing was started.", file=sys.stderr)
+        return 1
     return Launcher(args).run()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (checked before any process starts)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

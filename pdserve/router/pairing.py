@@ -24,6 +24,36 @@ class NoWorkers(Exception):
         self.side = side
 
 
+class BadClientRank(Exception):
+    """A rank a client pinned that no healthy unit of that side has; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def client_rank(body: dict, *fields: str) -> tuple[str, int | None]:
+    """The first of ``fields`` the body sets, and its rank (BadClientRank unless a non-negative int)."""
+    for field in fields:
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BadClientRank(field, f"{field} must be a non-negative integer, got {value!r}")
+        return field, value
+    return fields[0], None
+
+
+def _pinned(units: list[Unit], rank: int | None, field: str) -> list[Unit]:
+    if rank is None:
+        return units
+    kept = [u for u in units if u.rank == rank]
+    if not kept:
+        sizes = sorted({u.worker.dp_size for u in units})
+        raise BadClientRank(field, f"{field}={rank}: no healthy unit has that DP rank (DP sizes here: {sizes})")
+    return kept
+
+
 class Pairing:
     def __init__(self, fleet: Fleet, prefill_policy: Policy, decode_policy: Policy, dp_coupled: bool = False) -> None:
         self.fleet = fleet
@@ -43,9 +73,12 @@ class Pairing:
                 return kept
         return units
 
-    def pick_pair(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset()) -> tuple[Unit, Unit]:
-        prefills = self.candidates("prefill", exclude)
-        decodes = self.candidates("decode", exclude)
+    def pick_pair(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset(),
+                  pins: tuple[int | None, int | None] = (None, None)) -> tuple[Unit, Unit]:
+        """A (prefill, decode) pair; ``pins`` (prefill rank, decode rank) restrict each side to units
+        of that DP rank (``--honor-client-ranks``)."""
+        prefills = _pinned(self.candidates("prefill", exclude), pins[0], "disagg_prefill_dp_rank")
+        decodes = _pinned(self.candidates("decode", exclude), pins[1], "data_parallel_rank")
         if not self.dp_coupled:
             return self.prefill_policy.select(prefills, info), self.decode_policy.select(decodes, info)
         decode = self.decode_policy.select(decodes, info)

@@ -29,10 +29,10 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pdserve.router.config import RouterConfig
-from pdserve.router.errors import error_body, error_response
+from pdserve.router.errors import RouterError, error_body, error_response
 from pdserve.router.fleet import Fleet
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pairing import Pairing
+from pdserve.router.pairing import BadClientRank, Pairing, client_rank
 from pdserve.router.request_info import RequestInfo
 from pdserve.router.upstream import ABORT_TIMEOUT_S, Reply, Stream, Upstream
 from pdserve.router.worker import Unit, Worker
@@ -136,6 +136,7 @@ class Proxy:
         exclude: set[Worker] = set()
         failure: Failure | None = None
         aborts: list[asyncio.Task] = []
+        pins = self._client_pins(body)
         for attempt in range(self.config.retry_max_retries):
             if attempt:
                 self.metrics.retries.labels(route).inc()
@@ -143,7 +144,10 @@ class Proxy:
                     await asyncio.wait(aborts, timeout=ABORT_TIMEOUT_S)
                     aborts.clear()
                 await asyncio.sleep(self._backoff(attempt))
-            prefill, decode = self.pairing.pick_pair(info, exclude)
+            try:
+                prefill, decode = self.pairing.pick_pair(info, exclude, pins)
+            except BadClientRank as e:
+                raise RouterError(400, str(e), "invalid_rank") from None
             self.metrics.selected("prefill", prefill)
             self.metrics.selected("decode", decode)
             rid = client_rid if client_rid is not None else uuid.uuid4().hex
@@ -158,6 +162,17 @@ class Proxy:
             exclude.add(_culprit(failure))
         assert failure is not None
         return self._failed(route, failure, started)
+
+    def _client_pins(self, body: dict[str, Any]) -> tuple[int | None, int | None]:
+        """(prefill rank, decode rank) the client pinned, with ``--honor-client-ranks``; else none."""
+        if not self.config.honor_client_ranks:
+            return None, None
+        try:
+            _, prefill = client_rank(body, "disagg_prefill_dp_rank", "prefill_data_parallel_rank")
+            _, decode = client_rank(body, "data_parallel_rank", "routed_dp_rank")
+        except BadClientRank as e:
+            raise RouterError(400, str(e), "invalid_rank") from None
+        return prefill, decode
 
     def _pd_bodies(self, body: dict[str, Any], prefill: Unit, decode: Unit, rid: Any,
                    info: RequestInfo) -> tuple[bytes, bytes]:

@@ -6,6 +6,7 @@ batch), streamed as SSE chunks carrying the cumulative text and ending with ``da
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from contextlib import aclosing
 from typing import Any
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pdserve import __version__
 from pdserve.engine.output_format import logprob_triples, top_logprob_triples
 from pdserve.engine.request import RequestError, SamplingParams
+from pdserve.server.access import log_access, rank_headers
 from pdserve.server.api_common import (
     SSE_DONE,
     SSEResponse,
@@ -65,6 +67,7 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     prefill_data_parallel_rank: int | None = None
     disagg_prefill_dp_rank: int | None = None
     model: str | None = None
+    no_logs: bool = False
 
 
 def _state(request: Request) -> ServerState:
@@ -184,6 +187,7 @@ async def generate(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateBody, state.config.max_request_bytes)
     check_fields("generate", request.state.json_body)
+    request.state.no_logs = bool(getattr(body, "no_logs", False))
     reqs, batch = await state.require_service().offload(build_requests, state, request, body)
     await state.require_service().check_grammars(reqs)
     gens = state.require_service().start_all(reqs)
@@ -193,7 +197,9 @@ async def generate(request: Request) -> Response:
         finally:
             close_all(gens)
         results = [response_item(g) for g in gens]
-        return JSONResponse(results if batch or len(gens) > 1 else results[0])
+        mode = state.config.disaggregation_mode
+        log_access(request, gens, mode)
+        return JSONResponse(results if batch or len(gens) > 1 else results[0], headers=rank_headers(gens, mode))
     try:
         await first_outputs(gens)
     except BaseException:
@@ -213,7 +219,15 @@ async def generate(request: Request) -> Response:
             yield sse(e.native_body())
         yield SSE_DONE
 
-    return SSEResponse(chunks(), lambda: close_all(gens))
+    mode = state.config.disaggregation_mode
+
+    def on_close() -> None:
+        close_all(gens)
+        log_access(request, gens, mode)
+
+    response = SSEResponse(chunks(), on_close)
+    response.headers.update(rank_headers(gens, mode))
+    return response
 
 
 @router.get("/health")
@@ -290,6 +304,47 @@ async def model_info(request: Request) -> Response:
             "context_length": info.context_length,
         }
     )
+
+
+class TokenizeBody(msgspec.Struct, kw_only=True):
+    prompt: str | None = None
+    text: str | None = None
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeBody(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    skip_special_tokens: bool = False
+    model: str | None = None
+
+
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(request: Request) -> Response:
+    """vLLM's shape: ``{"tokens", "count", "max_model_len"}`` for ``prompt`` (or ``text``)."""
+    state = _state(request)
+    body = await read_json(request, TokenizeBody, state.config.max_request_bytes)
+    text = body.prompt if body.prompt is not None else body.text
+    if text is None:
+        raise bad_request("prompt is required", "prompt")
+    service = state.require_service()
+    ids = await asyncio.to_thread(service.encode, text, body.add_special_tokens)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": service.context_length})
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(request: Request) -> Response:
+    """``{"prompt": text}`` for ``tokens`` (ids checked against the vocabulary)."""
+    state = _state(request)
+    body = await read_json(request, DetokenizeBody, state.config.max_request_bytes)
+    service = state.require_service()
+    for i, tok in enumerate(body.tokens):
+        if not 0 <= tok < service.vocab_size:
+            raise bad_request(f"tokens[{i}] = {tok} is outside the vocabulary [0, {service.vocab_size})", "tokens")
+    text = await asyncio.to_thread(service.tokenizer.decode, body.tokens, body.skip_special_tokens)
+    return JSONResponse({"prompt": text})
 
 
 @router.get("/version")

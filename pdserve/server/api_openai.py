@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
+from pdserve.server.access import log_access, rank_headers, served_ranks
 from pdserve.server.api_common import (
     SSE_DONE,
     SSEResponse,
@@ -323,6 +324,7 @@ async def completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, CompletionBody, state.config.max_request_bytes)
     check_fields("completions", request.state.json_body)
+    request.state.no_logs = bool(body.no_logs)
     state.require_service()
     _check_model(state, body.model)
     if body.echo:
@@ -358,9 +360,11 @@ async def completions(request: Request) -> Response:
             }
             for i, g in enumerate(gens)
         ]
+        log_access(request, gens, state.config.disaggregation_mode)
         return JSONResponse(
             {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-             "usage": _usage(gens)}
+             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode)},
+            headers=rank_headers(gens, state.config.disaggregation_mode),
         )
 
     try:
@@ -392,7 +396,7 @@ async def completions(request: Request) -> Response:
         return sse(data)
 
     head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-    return SSEResponse(_stream_chunks(gens, firsts, chunk, head, usage_mode), lambda: close_all(gens))
+    return _sse(request, state, gens, _stream_chunks(gens, firsts, chunk, head, usage_mode))
 
 
 async def _stream_chunks(
@@ -485,6 +489,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, ChatBody, state.config.max_request_bytes)
     check_fields("chat", request.state.json_body)
+    request.state.no_logs = bool(body.no_logs)
     service = state.require_service()
     _check_model(state, body.model)
     messages = _chat_messages(body.messages)
@@ -536,9 +541,11 @@ async def chat_completions(request: Request) -> Response:
                 "finish_reason": _chat_finish(gen, calls),
                 "matched_stop": _matched(gen),
             })
+        log_access(request, gens, state.config.disaggregation_mode)
         return JSONResponse(
             {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-             "usage": _usage(gens)}
+             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode)},
+            headers=rank_headers(gens, state.config.disaggregation_mode),
         )
 
     try:
@@ -571,7 +578,20 @@ async def chat_completions(request: Request) -> Response:
         return sse(data)
 
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    return SSEResponse(_stream_chunks(gens, firsts, chunk, head, usage_mode), lambda: close_all(gens))
+    return _sse(request, state, gens, _stream_chunks(gens, firsts, chunk, head, usage_mode))
+
+
+def _sse(request: Request, state: ServerState, gens: list[Generation], body: AsyncIterator[bytes]) -> SSEResponse:
+    """The streamed answer with the rank headers; on close: abort what runs, then the access log."""
+    mode = state.config.disaggregation_mode
+
+    def on_close() -> None:
+        close_all(gens)
+        log_access(request, gens, mode)
+
+    response = SSEResponse(body, on_close)
+    response.headers.update(rank_headers(gens, mode))
+    return response
 
 
 def _chat_finish(gen: Generation, calls: list[ToolCall]) -> str | None:

@@ -53,7 +53,7 @@ HONOURED: dict[str, frozenset[str]] = {
     | _RANKS_AND_ROOMS
     | _LOGGING_FLAGS,
     "completions": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
-    | frozenset({"prompt", "logprobs", "echo", "best_of"}),
+    | frozenset({"prompt", "logprobs", "best_of"}),
     "chat": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
     | frozenset(
         {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -82,6 +82,7 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
     },
     "completions": {
         "return_hidden_states": _FALSE,
+        "echo": _FALSE,
         "suffix": (None, ""),
         "logit_bias": (None, {}),
         "lora_path": _NULL,
