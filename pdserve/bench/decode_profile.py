@@ -46,19 +46,20 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, see
 
 
 class _Timers:
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.clock = clock
 
     @contextmanager
     def wrap(self, obj, attr: str, label: str):
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.totals[label] += time.perf_counter() - start
+                self.totals[label] += self.clock() - start
 
         setattr(obj, attr, timed)
         try:
@@ -68,7 +69,10 @@ class _Timers:
 
 
 def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torch.dtype,
-                   device: torch.device, page_size: int = 16) -> dict[str, float]:
+                   device: torch.device, page_size: int = 16, clock=time.perf_counter) -> dict[str, float]:
+    """Median step time and split over ``steps`` decode steps (after two warm-up steps).
+    ``clock=time.process_time`` counts the CPU time of all threads instead of wall time, which
+    other processes on a shared machine disturb less."""
     cfg = shape_config(shape, max_positions=context + steps + 16)
     model = random_model(cfg, dtype, device)
     pages_per_req = (context + steps + page_size) // page_size
@@ -86,7 +90,7 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
         req.num_computed = context - 1
         req.state = ReqState.DECODING
         reqs.append(req)
-    timers = _Timers()
+    timers = _Timers(clock)
     walls: list[float] = []
     split: list[dict[str, float]] = []
     with (timers.wrap(llama_mod, "paged_attention", "attention"),
@@ -95,10 +99,10 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
           timers.wrap(sampler_mod, "sample", "sampling")):
         for step in range(steps + 2):
             timers.totals.clear()
-            start = time.perf_counter()
+            start = clock()
             result = runner.forward(ForwardBatch(decodes=list(reqs)))
             tokens, _ = sampler_mod.sample(result.decode_logits, reqs, ())
-            wall = time.perf_counter() - start
+            wall = clock() - start
             for req, tok in zip(reqs, tokens):
                 req.output_ids.append(tok)
                 req.num_computed += 1
@@ -123,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: CPU time of all threads (less disturbed by other processes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     r = profile_decode(args.shape, args.batch, args.context, args.steps, getattr(torch, args.dtype),
-                       torch.device(args.device))
+                       torch.device(args.device), clock=clock)
     print(f"decode step, {args.shape} shape, batch {args.batch} x {args.context} context, {args.dtype}, "
-          f"{args.threads} threads: median {r['step_ms']:.1f} ms (min {r['step_ms_min']:.1f}, "
+          f"{args.threads} threads, {args.clock} clock: median {r['step_ms']:.1f} ms (min {r['step_ms_min']:.1f}, "
           f"max {r['step_ms_max']:.1f}) over {args.steps} steps")
     for key in ("attention", "gemm", "sampling", "other"):
         print(f"  {key:10s} {r[f'{key}_ms']:8.1f} ms  {100 * r[f'{key}_ms'] / r['step_ms']:5.1f} %")
