@@ -67,12 +67,12 @@ class GenerationService:
         self._token_text: dict[int, str] = {}
         self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
         self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
+        self._grammars: GrammarCompiler | None = None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
         request cannot stall other clients' streams or ``/health``."""
         return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
-        self._grammars: GrammarCompiler | None = None
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
