@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pdserve.disagg.config import BACKENDS
+from pdserve.disagg.config import ALL_BACKENDS, BACKENDS
 from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
 from pdserve.engine.kv_pool import KVPool
 
@@ -26,7 +26,7 @@ def create_sender(backend: str, pool: KVPool, on_done: Callable[[SendResult], No
         from pdserve.sim.transfer import SimSender
 
         return SimSender(pool, on_done, io_timeout)
-    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 
 def create_receiver(
@@ -46,7 +46,7 @@ def create_receiver(
         from pdserve.sim.transfer import SimReceiver
 
         return SimReceiver(pool, on_event, host, io_timeout)
-    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 
 def _check_pool(backend: str, pool: KVPool) -> None:
