@@ -9,7 +9,9 @@ import ipaddress
 from dataclasses import dataclass, field
 
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm", "sim")  # tcp, shm: pdserve.disagg.transfer; sim (no bytes, --simulate): pdserve.sim.transfer
+BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer (they move KV bytes)
+SIM_BACKEND = "sim"  # --simulate only: protocol frames, no bytes (pdserve.sim.transfer)
+ALL_BACKENDS = (*BACKENDS, SIM_BACKEND)
 
 
 @dataclass
@@ -53,9 +55,9 @@ class DisaggConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"disaggregation mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.transfer_backend not in BACKENDS:
+        if self.transfer_backend not in ALL_BACKENDS:
             raise ValueError(
-                f"disaggregation transfer backend must be one of {', '.join(BACKENDS)}, got {self.transfer_backend!r}"
+                f"disaggregation transfer backend must be one of {', '.join(ALL_BACKENDS)}, got {self.transfer_backend!r}"
             )
         if not 0 <= self.bootstrap_port < 65536:
             raise ValueError(f"disaggregation bootstrap port must be in [0, 65535], got {self.bootstrap_port}")
@@ -91,7 +93,7 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         "--disaggregation-bootstrap-port", type=int, default=d.bootstrap_port,
         help="prefill: port of its bootstrap service; decode: used when a request's bootstrap_port is null",
     )
-    parser.add_argument("--disaggregation-transfer-backend", default=d.transfer_backend, choices=BACKENDS)
+    parser.add_argument("--disaggregation-transfer-backend", default=d.transfer_backend, choices=ALL_BACKENDS)
     parser.add_argument(
         "--disaggregation-bootstrap-timeout", type=float, default=d.bootstrap_timeout,
         help="seconds to reach the prefill bootstrap service, resolve a rank and get the KV request acknowledged",

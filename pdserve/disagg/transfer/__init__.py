@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pdserve.disagg.auth import PlaneAuth
-from pdserve.disagg.config import BACKENDS
+from pdserve.disagg.config import ALL_BACKENDS, BACKENDS
 from pdserve.disagg.transfer.base import (
     KVReceiver,
     KVSender,
@@ -37,7 +37,7 @@ def create_sender(
         from pdserve.sim.transfer import SimSender
 
         return SimSender(pool, on_done, io_timeout, auth)
-    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 
 def create_receiver(
@@ -58,7 +58,7 @@ def create_receiver(
         from pdserve.sim.transfer import SimReceiver
 
         return SimReceiver(pool, on_event, host, io_timeout, guard)
-    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 
 def _check_pool(backend: str, pool: KVPool) -> None:
