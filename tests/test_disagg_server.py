@@ -24,7 +24,8 @@ import pytest
 from tests.server_harness import REPO_ROOT, free_port, launch, wait_until
 
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "4096", "--log-level", "warning"]
-PD_TIMEOUTS = ["--disaggregation-bootstrap-timeout", "3", "--disaggregation-waiting-timeout", "4",
+WAITING_S = 10  # short enough to test the bound, long enough for 64 queued pairs on 2 busy cores
+PD_TIMEOUTS = ["--disaggregation-bootstrap-timeout", "3", "--disaggregation-waiting-timeout", str(WAITING_S),
                "--disaggregation-transfer-timeout", "5"]
 GREEDY = {"max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0}
 PROMPTS = ["The history of the world in a few words", "Once upon a time, in a small village by the sea",
@@ -269,7 +270,7 @@ def test_decode_without_prefill_fails_with_prefill_reason(servers):
     start = time.monotonic()
     resp = post(servers["decode"], room_body(servers, "Nobody prefills me", 31337))
     message = pd_failure(resp)
-    assert time.monotonic() - start < 4 + 5
+    assert time.monotonic() - start < WAITING_S + 5
     assert "received no prefill request for bootstrap_room 31337" in message
     assert_pages_freed(servers)
 
