@@ -370,7 +370,7 @@ class Scheduler:
     def _fork_samples(self, req: Req) -> None:
         """``req``'s prompt KV is complete: start its samples 1..n-1 (rids :func:`sample_rid`).
 
-        Each sample gets a copy of the prompt's KV but for the last prompt token, which it recomputes
+        Each sample shares the prompt's KV (:meth:`_copy_prompt_kv`) but for the last prompt token, which it recomputes
         (one token) to sample its own first token with its own seed (``seed + i``). A sample that
         finds no free pages is queued to prefill on its own. The P/D prefill side never forks: its
         decode server does, after the KV arrived."""
@@ -399,18 +399,21 @@ class Scheduler:
                 self.waiting.append(child)
 
     def _copy_prompt_kv(self, parent: Req, child: Req) -> bool:
-        """Give ``child`` its own pages holding a copy of ``parent``'s prompt KV (all but the last
-        token counted as computed). The one place samples share a prompt: with reference-counted
-        pages this becomes sharing the full pages and copying only the last, partial one."""
+        """Give ``child`` ``parent``'s prompt KV (all but the last token counted as computed): the
+        full pages before the one holding the last prompt token are shared (one more reference
+        each; nobody writes them again), and that page, which the sample rewrites from the last
+        prompt token on, is copied into a page of the child's own."""
+        shared = (len(parent.input_ids) - 1) // self.pool.page_size
         need = self.pool.pages_for(len(parent.input_ids))
-        if need + 1 > self.pool.num_free:  # keep one page of decode headroom
+        if need - shared + 1 > self.pool.num_free:  # keep one page of decode headroom
             return False
-        pages = self.pool.alloc(need)
-        src = torch.tensor(parent.pages[:need], device=self.pool.device)
-        dst = torch.tensor(pages, device=self.pool.device)
+        own = self.pool.alloc(need - shared)
+        src = torch.tensor(parent.pages[shared:need], device=self.pool.device)
+        dst = torch.tensor(own, device=self.pool.device)
         for layer in self.pool.layers:
             layer[dst] = layer[src]
-        child.pages = pages
+        self.pool.ref(parent.pages[:shared])
+        child.pages = parent.pages[:shared] + own
         child.num_computed = len(parent.input_ids) - 1
         return True
 
