@@ -22,6 +22,7 @@ class EngineConfig:
     random_seed: int = 0
     torch_threads: int | None = None  # None: leave torch's default
     engines_per_device: int = 1  # engines sharing one device's memory (DP ranks on one CPU); splits the KV budget
+    disable_radix_cache: bool = False  # no prefix cache: every prompt is computed in full
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -52,6 +53,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--random-seed", type=int, default=defaults.random_seed)
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument(
+        "--disable-radix-cache", action="store_true", help="turn off the prefix cache (reuse of shared prompt KV)"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -5,6 +5,13 @@ prefill chunks fill the remaining ``chunked_prefill_size`` token budget. A reque
 pages for its whole prompt when admitted; decode grows it a page at a time, and when the pool runs
 dry the most recently admitted request is retracted (pages freed, re-queued for recompute).
 
+With a prefix cache (:class:`RadixCache`), the scheduler calls it at three points: admission
+(:meth:`Scheduler._match_prefix`: the request takes references to the cached pages of its
+longest cached prefix and computes from the first uncached token), after each computed chunk
+and when a request lets go of its pages (:meth:`Scheduler._cache_computed`: full computed pages
+enter the tree), and, through the pool, on demand: an allocation that finds too few free pages
+evicts unreferenced cached pages before anything is retracted (``KVPool.can_alloc`` counts them).
+
 Two entry/exit points exist for P/D disaggregation:
 - ``Req.stop_after_prefill``: after the first output token the request is *held* with its KV
   pages until :meth:`release` (the prefill server ships the pages, then releases them).
@@ -23,6 +30,7 @@ import torch
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
+from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs
 from pdserve.engine.sampler import new_generator, sample, token_logprobs
 
@@ -40,6 +48,7 @@ class Scheduler:
         max_running_requests: int,
         context_length: int,
         seed: int = 0,
+        cache: RadixCache | None = None,
     ) -> None:
         self.runner = runner
         self.pool = pool
@@ -48,6 +57,10 @@ class Scheduler:
         self.chunked_prefill_size = chunked_prefill_size
         self.max_running_requests = max_running_requests
         self.context_length = context_length
+        self.cache = cache
+        self.prompt_tokens_total = 0  # prompt tokens admitted (first admission of each request)
+        self.cached_tokens_total = 0  # of those, read from the prefix cache instead of computed
+        self.prefill_tokens_computed = 0  # tokens run through prefill chunks (recomputation included)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.awaiting_kv: dict[str, Req] = {}  # P/D decode: pages allocated, KV being filled remotely
@@ -135,7 +148,7 @@ class Scheduler:
             if req.state != ReqState.DECODING:  # retracted while making room for an earlier request
                 continue
             need = self.pool.pages_for(req.seq_len) - len(req.pages)
-            while need > self.pool.num_free:
+            while not self.pool.can_alloc(need):
                 victim = max(self.running, key=lambda r: r.arrival_order)
                 self._retract(victim)
                 if victim is req:
@@ -155,10 +168,14 @@ class Scheduler:
         headroom = len(batch.decodes)
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
+            self._match_prefix(req)
             need = self.pool.pages_for(req.fill_target) - len(req.pages)
-            if need + headroom > self.pool.num_free:
+            if not self.pool.can_alloc(need + headroom):
+                self._free(req, cache=False)
+                req.num_computed = 0
                 break
             self.waiting.popleft()
+            self._count_admission(req)
             req.pages.extend(self.pool.alloc(need))
             req.state = ReqState.PREFILLING
             self.running.append(req)
@@ -185,6 +202,8 @@ class Scheduler:
         for chunk in batch.extends:
             req = chunk.req
             req.num_computed += chunk.length
+            self.prefill_tokens_computed += chunk.length
+            self._cache_computed(req)
             if req.rid in result.input_logits:
                 self._accumulate_input_logprobs(req, *result.input_logits[req.rid])
             if req.num_computed < req.fill_target:
@@ -312,7 +331,7 @@ class Scheduler:
         while self.pending_alloc:
             req = self.pending_alloc[0]
             need = self.pool.pages_for(len(req.input_ids))
-            if need > self.pool.num_free:
+            if not self.pool.can_alloc(need):
                 return
             self.pending_alloc.popleft()
             req.pages = self.pool.alloc(need)
@@ -330,11 +349,40 @@ class Scheduler:
         req.state = ReqState.WAITING
         self.waiting.appendleft(req)
 
-    def _free(self, req: Req) -> None:
-        """Drop the request's references to its pages (a transfer or cache may still hold them)."""
+    def _free(self, req: Req, cache: bool = True) -> None:
+        """Drop the request's references to its pages (a transfer or cache may still hold them);
+        with ``cache``, its computed full pages enter the prefix cache first."""
         if req.pages:
+            if cache:
+                self._cache_computed(req)
             self.pool.unref(req.pages)
             req.pages = []
+
+    # ------------------------------------------------------------------ prefix cache
+    def _match_prefix(self, req: Req) -> None:
+        """Admission: give a request without pages references to its longest cached prefix; it
+        computes from the first uncached token. At least one token is always left to compute (its
+        logits sample the next token), and input logprobs need their positions computed."""
+        if self.cache is None or req.pages:
+            return
+        limit = req.fill_target - 1
+        if req.return_logprob and not req.output_ids:
+            limit = min(limit, max(req.logprob_start_len, 1) - 1)
+        pages = self.cache.match(req.all_ids, limit)
+        if pages:
+            self.pool.ref(pages)
+            req.pages = pages
+        req.num_computed = len(pages) * self.pool.page_size
+
+    def _count_admission(self, req: Req) -> None:
+        if not req.output_ids and req.num_retractions == 0:
+            req.cached_tokens = req.num_computed
+            self.prompt_tokens_total += len(req.input_ids)
+            self.cached_tokens_total += req.num_computed
+
+    def _cache_computed(self, req: Req) -> None:
+        if self.cache is not None and req.num_computed >= self.pool.page_size:
+            self.cache.insert(req.all_ids[: req.num_computed], req.pages)
 
     def _find(self, rid: str) -> Req | None:
         for req in itertools.chain(self.running, self.waiting, self.pending_alloc):
