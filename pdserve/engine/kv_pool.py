@@ -137,6 +137,10 @@ class KVPool:
     def refcount(self, page: int) -> int:
         return self._refs[page]
 
+    def is_cached(self, page: int) -> bool:
+        """Whether one of the page's references is the prefix cache's."""
+        return bool(self._cached[page])
+
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
 

@@ -166,7 +166,7 @@ class RadixCache:
                 f"prefix cache holds {len(pages)} pages, counts {self.num_pages}, pool says {self.pool.num_cached}"
             )
         for page in pages:
-            if not self.pool._cached[page] or self.pool.refcount(page) < 1:
+            if not self.pool.is_cached(page) or self.pool.refcount(page) < 1:
                 raise AssertionError(f"cached KV page {page} lacks the cache's reference")
 
     def _nodes(self) -> list[_Node]:

@@ -330,11 +330,14 @@ class Scheduler:
     def _allocate_pending(self) -> None:
         while self.pending_alloc:
             req = self.pending_alloc[0]
-            need = self.pool.pages_for(len(req.input_ids))
+            prefix = self._match_remote_prefix(req)
+            need = self.pool.pages_for(len(req.input_ids)) - len(prefix)
             if not self.pool.can_alloc(need):
+                self.pool.unref(prefix)
                 return
             self.pending_alloc.popleft()
-            req.pages = self.pool.alloc(need)
+            req.pages = prefix + self.pool.alloc(need)
+            req.decode_cached_tokens = len(prefix) * self.pool.page_size
             req.state = ReqState.WAITING_KV
             self.awaiting_kv[req.rid] = req
             if self.on_pages_allocated is not None:
@@ -373,6 +376,15 @@ class Scheduler:
             self.pool.ref(pages)
             req.pages = pages
         req.num_computed = len(pages) * self.pool.page_size
+
+    def _match_remote_prefix(self, req: Req) -> list[int]:
+        """P/D decode: referenced pages of the prompt's cached prefix, so only the rest is received
+        (the last prompt page always comes from prefill)."""
+        if self.cache is None:
+            return []
+        pages = self.cache.match(req.input_ids, len(req.input_ids) - 1)
+        self.pool.ref(pages)
+        return pages
 
     def _count_admission(self, req: Req) -> None:
         if not req.output_ids and req.num_retractions == 0:
