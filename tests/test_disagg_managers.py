@@ -416,3 +416,25 @@ def test_decode_reuses_its_cached_prefix_and_receives_only_suffix_pages(engines,
     c.run_until_pools_empty()
     for core in (*engines["prefill"][:1], *engines["decode"][:1]):
         core.prefix_cache.check_integrity()
+
+
+def test_prefill_refuses_a_decode_prefix_whose_page_hash_differs(engines, cluster_factory, monkeypatch):
+    """Decode claims a cached prefix with a hash that does not match the prompt (a lying or buggy
+    peer): prefill refuses the room naming the hash, nothing is decoded from unverified KV, and no
+    page stays referenced."""
+    import pdserve.disagg.decode as decode_module
+
+    c = cluster_factory("tcp", engines["prefill"][1:2], engines["decode"][2:3])
+    ids = prompt(900, 26)
+    c.decode[0].add(req("d1", ids), 5, "127.0.0.1", c.bootstrap.port, prefill_rank=0)
+    c.prefill[0].add(req("p1", ids), 5)
+    c.run_until_finished("d1", "p1")
+    real = decode_module.page_hashes
+    monkeypatch.setattr(decode_module, "page_hashes", lambda *a, **k: [h ^ 1 for h in real(*a, **k)])
+    second = ids + c.tokens("d1") + prompt(901, 5)
+    c.decode[0].add(req("d2", second), 6, "127.0.0.1", c.bootstrap.port, prefill_rank=0)
+    c.prefill[0].add(req("p2", second), 6)
+    c.run_until_finished("d2", "p2")
+    assert "page hash" in abort_message(c.finished("d2"))
+    assert "page hash" in abort_message(c.finished("p2"))
+    c.run_until_pools_empty()
