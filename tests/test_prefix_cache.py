@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pdserve.engine.engine import Engine
-from pdserve.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, page_hashes
 from pdserve.engine.kv_pool import KVPool, PageRefError
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req, SamplingParams
+from pdserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, page_hashes
 
 GREEDY = {"max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 

@@ -35,8 +35,8 @@ from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, create_receiver
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.kv_events import page_hashes
 from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
 

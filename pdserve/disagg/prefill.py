@@ -34,8 +34,8 @@ from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.kv_events import page_hashes
 from pdserve.engine.request import Req, ReqState, StepOutput
+from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.prefill")
 

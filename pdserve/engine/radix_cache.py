@@ -11,7 +11,7 @@ Eviction (asked by the pool when an allocation finds too few free pages) drops t
 reference to least-recently-used leaves that nobody else holds, then to their parents as they
 become such leaves; a page any request or transfer holds is never evicted.
 
-Every store and eviction is recorded as a KV event (:mod:`pdserve.engine.kv_events`) with the
+Every store and eviction is recorded as a KV event (:mod:`pdserve.kv_events`) with the
 page's chained hash, for schedulers outside the engine; :meth:`RadixCache.drain_events` hands
 them over.
 """
@@ -22,7 +22,8 @@ import heapq
 import itertools
 from collections.abc import Sequence
 
-from pdserve.engine.kv_events import (
+from pdserve.engine.kv_pool import KVPool
+from pdserve.kv_events import (
     ROOT_HASH,
     AllBlocksCleared,
     BlockRemoved,
@@ -30,7 +31,6 @@ from pdserve.engine.kv_events import (
     CacheEvent,
     page_hash,
 )
-from pdserve.engine.kv_pool import KVPool
 
 MAX_PENDING_EVENTS = 100_000  # events nobody drains are dropped oldest first beyond this
 

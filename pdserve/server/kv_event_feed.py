@@ -1,6 +1,6 @@
 """The server's prefix-cache event feed: ``GET /kv_events?after=SEQ&timeout=S`` (long poll).
 
-Every DP rank's radix cache records what it stores and evicts (:mod:`pdserve.engine.kv_events`:
+Every DP rank's radix cache records what it stores and evicts (:mod:`pdserve.kv_events`:
 ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` with chained page hashes); the worker
 ships them to the front after each step, and the front numbers them here, one batch per rank per
 step, with a server-wide ``seq``. A scheduler polls with the last ``seq`` it saw: the answer holds
@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections import deque
 
-from pdserve.engine.kv_events import CacheEvent, EventBatch
+from pdserve.kv_events import CacheEvent, EventBatch
 
 MAX_BATCHES = 10_000
 MAX_WAIT_S = 30.0

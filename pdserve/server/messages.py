@@ -16,8 +16,8 @@ import msgspec
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.stats import DisaggMeta, DisaggReport
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_events import CacheEvent
 from pdserve.engine.request import SamplingParams, StepOutput
+from pdserve.kv_events import CacheEvent
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):

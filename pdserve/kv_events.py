@@ -1,4 +1,5 @@
-"""Page hashes of token ids and the prefix-cache events built on them (torch-free: the router uses it).
+"""Page hashes of token ids and the prefix-cache events built on them (torch-free, shared by the
+engine, the server and the router, which must not import the engine).
 
 A page's hash chains over the whole prefix, as vLLM's block hashes do: ``hash(page i)`` digests
 ``hash(page i-1)`` and the page's token ids, so one hash names one exact prefix. The engine's
