@@ -161,7 +161,7 @@ def test_every_rank_pair_matches_colocated_in_either_order(engines, backend, clu
         assert c.tokens("p" + name) == expected[:1]
         meta = c.meta["d" + name]
         assert (meta.prefill_dp_rank, meta.decode_dp_rank, meta.bootstrap_room) == (j, i, room)
-        pages = -(-len(ids) // 4)
+        pages = -(-len(ids) // 4) - meta.decode_cached_tokens // 4  # pages decode's cache held are not sent
         assert meta.kv_transfer_bytes == pages * engines["ref"].core.kv_pool.page_bytes() * 4
         assert meta.kv_wait_ms >= meta.kv_transfer_ms >= 0
         assert c.meta["p" + name].kv_transfer_bytes == meta.kv_transfer_bytes
@@ -373,11 +373,11 @@ def test_retracted_request_keeps_its_pages_until_their_sends_are_done(engines, c
     p_req = prefill.rooms[86].req
     queued = p_req.pages[: prefill.rooms[86].pages_sent]
     prefill.core.scheduler._retract(p_req)
-    assert all(pool.refcount(page) == 1 for page in queued)  # the sends' references
+    assert all(pool.refcount(page) == 1 + pool.is_cached(page) for page in queued)  # the sends' (and cache's)
     others = pool.alloc(pool.num_free)
     assert not set(others) & set(queued)
     for layer in pool.layers:
-        layer[others] = float("nan")  # another request's KV
+        layer[others] = 1e4  # another request's KV (finite: masked slots of a partial page weigh 0 only then)
     pool.unref(others)
     prefill.core.add_request(req("local", prompt(22, 40)))
     gate.set()
@@ -386,4 +386,57 @@ def test_retracted_request_keeps_its_pages_until_their_sends_are_done(engines, c
     assert p_req.num_retractions == 1
     assert c.tokens("d") == expected
     assert c.tokens("local") == engines["ref"].generate(input_ids=prompt(22, 40), sampling_params=GREEDY)["output_ids"]
+    c.run_until_pools_empty()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_reuses_its_cached_prefix_and_receives_only_suffix_pages(engines, backend, cluster_factory):
+    """A two-turn conversation on one decode rank: turn 2 asks prefill only for the pages after
+    what turn 1 left in decode's prefix cache; prefill checks the page hash; output equals a
+    cache-less engine's."""
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
+    page_bytes = engines["ref"].core.kv_pool.page_bytes() * len(engines["ref"].core.kv_pool.layers)
+    plain = Engine(None, page_size=4, max_total_tokens=512, torch_threads=1, disable_radix_cache=True)
+    rng = random.Random(BACKENDS.index(backend))
+
+    def turn(name: str, ids: list[int]) -> list[int]:
+        room = rng.randrange(2**63)
+        c.decode[0].add(req("d" + name, ids), room, "127.0.0.1", c.bootstrap.port, prefill_rank=0)
+        c.prefill[0].add(req("p" + name, ids), room)
+        c.run_until_finished("d" + name, "p" + name)
+        assert c.tokens("d" + name) == plain.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+        return c.tokens("d" + name)
+
+    first = prompt(500 + BACKENDS.index(backend), 30)
+    answer = turn("1", first)
+    second = first + answer + prompt(7, 9)  # 47 tokens; decode's cache holds 36 (9 whole pages)
+    turn("2", second)
+    meta = c.meta["d2"]
+    assert meta.decode_cached_tokens == 36
+    assert meta.kv_transfer_bytes == (12 - 9) * page_bytes == c.meta["p2"].kv_transfer_bytes
+    assert c.finished("d2").cached_tokens == 28  # prefill reused turn 1's prompt pages
+    c.run_until_pools_empty()
+    for core in (*engines["prefill"][:1], *engines["decode"][:1]):
+        core.prefix_cache.check_integrity()
+
+
+def test_prefill_refuses_a_decode_prefix_whose_page_hash_differs(engines, cluster_factory, monkeypatch):
+    """Decode claims a cached prefix with a hash that does not match the prompt (a lying or buggy
+    peer): prefill refuses the room naming the hash, nothing is decoded from unverified KV, and no
+    page stays referenced."""
+    import pdserve.disagg.decode as decode_module
+
+    c = cluster_factory("tcp", engines["prefill"][1:2], engines["decode"][2:3])
+    ids = prompt(900, 26)
+    c.decode[0].add(req("d1", ids), 5, "127.0.0.1", c.bootstrap.port, prefill_rank=0)
+    c.prefill[0].add(req("p1", ids), 5)
+    c.run_until_finished("d1", "p1")
+    real = decode_module.page_hashes
+    monkeypatch.setattr(decode_module, "page_hashes", lambda *a, **k: [h ^ 1 for h in real(*a, **k)])
+    second = ids + c.tokens("d1") + prompt(901, 5)
+    c.decode[0].add(req("d2", second), 6, "127.0.0.1", c.bootstrap.port, prefill_rank=0)
+    c.prefill[0].add(req("p2", second), 6)
+    c.run_until_finished("d2", "p2")
+    assert "page hash" in abort_message(c.finished("d2"))
+    assert "page hash" in abort_message(c.finished("p2"))
     c.run_until_pools_empty()

@@ -123,6 +123,26 @@ def test_cache_aware_keeps_a_prefix_on_its_unit() -> None:
     assert len(others) > 1  # no match: goes by load and ties, not to one unit
 
 
+def test_cache_aware_matches_token_prompts_by_the_servers_page_hashes() -> None:
+    """Token-id prompts hash per KV page of each server (the engine's page hashes): a repeated
+    prefix goes to the unit that holds its pages; under a page of shared tokens matches nothing."""
+    from pdserve.kv_events import page_hashes
+
+    units = []
+    for url in ("http://a:1", "http://b:1"):
+        worker = Worker(url, "prefill")
+        worker.set_info({"dp_size": 2, "page_size": 16})
+        units += worker.units
+    policy = CacheAwarePolicy(threshold=0.3, abs_threshold=10_000, rng=random.Random(1))
+    system = tuple(range(100, 164))  # four pages
+    first = policy.select(units, RequestInfo(system + (1, 2, 3), 67, 16, None))
+    assert policy.trees[first].match(page_hashes(system, 16)) == 4
+    for tail in range(5):
+        assert policy.select(units, RequestInfo(system + (tail,) * 9, 73, 16, None)) is first
+    picks = {policy.select(units, RequestInfo(tuple(range(i * 50, i * 50 + 40)), 40, 16, None)) for i in range(12)}
+    assert len(picks) > 1
+
+
 def test_cache_aware_balances_when_imbalanced() -> None:
     units = units_of("http://a:1", 2)
     policy = CacheAwarePolicy(threshold=0.3, abs_threshold=64, rel_threshold=1.5, block_chars=8)

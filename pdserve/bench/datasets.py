@@ -4,6 +4,11 @@
 uniformly from ``[L * (1 - ratio), L * (1 + ratio)]``; prompts are words of the tokenizer's own
 vocabulary chosen so that the text re-encodes to exactly the same ids.
 
+``generated-shared-prefix`` (SGLang's name and ``--gsp-*`` flags): ``num_groups`` random system
+prompts of ``system_prompt_len`` tokens, each followed by ``prompts_per_group`` random questions
+of ``question_len`` tokens; requests of all groups are interleaved (seeded shuffle), so a prefix
+cache must keep every group's system prompt to win.
+
 ``sharegpt``: a JSON list of ``{"conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}, ...]}``; the first human turn is the prompt and the reply after it
 sets the output length (unless overridden), filtered like SGLang (too short: under 2 tokens; too
@@ -147,6 +152,30 @@ def sample_mixed(tokenizer: TextTokenizer, num_prompts: int, long_share: float, 
         text, ids = _round_trip(tokenizer, ids, n_in, pool, rng)
         requests.append(BenchRequest(prompt=text, prompt_ids=ids, output_len=n_out))
     return requests
+
+
+def sample_shared_prefix(tokenizer: TextTokenizer, num_groups: int, prompts_per_group: int, system_prompt_len: int,
+                         question_len: int, output_len: int, seed: int) -> list[BenchRequest]:
+    """The ``generated-shared-prefix`` workload (see module doc)."""
+    for name, value in (("--gsp-num-groups", num_groups), ("--gsp-prompts-per-group", prompts_per_group),
+                        ("--gsp-system-prompt-len", system_prompt_len), ("--gsp-question-len", question_len),
+                        ("--gsp-output-len", output_len)):
+        if value < 1:
+            raise DatasetError(f"{name} must be >= 1, got {value}")
+    rng = np.random.default_rng(seed)
+    pool = word_pool(tokenizer, seed)
+
+    def words(n: int) -> str:
+        return _round_trip(tokenizer, [pool[int(k)] for k in rng.integers(0, len(pool), size=n)], n, pool, rng)[0]
+
+    requests = []
+    for _ in range(num_groups):
+        system = words(system_prompt_len)
+        for _ in range(prompts_per_group):
+            text = system + words(question_len)
+            requests.append(BenchRequest(text, tokenizer.encode(text, add_special_tokens=False), output_len))
+    order = rng.permutation(len(requests))
+    return [requests[int(i)] for i in order]
 
 
 def _first_exchange(entry: Any) -> tuple[str, str] | None:

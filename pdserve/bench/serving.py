@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = ("pdserve", "sglang", "openai-completions", "openai-chat")
-DATASETS = ("random", "sharegpt")
+DATASETS = ("random", "sharegpt", "generated-shared-prefix")
 INFO_TIMEOUT_S = 10.0
 
 
@@ -45,6 +45,11 @@ class ServingConfig:
     random_output_len: int = 128
     random_range_ratio: float = 0.0
     sharegpt_output_len: int | None = None
+    gsp_num_groups: int = 8
+    gsp_prompts_per_group: int = 16
+    gsp_system_prompt_len: int = 1024
+    gsp_question_len: int = 64
+    gsp_output_len: int = 32
     goodput: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     model: str | None = None
@@ -119,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lengths uniform in [L*(1-ratio), L*(1+ratio)], per request")
     parser.add_argument("--sharegpt-output-len", type=int, default=None,
                         help="output tokens per ShareGPT request (default: the length of the reply)")
+    parser.add_argument("--gsp-num-groups", type=int, default=d.gsp_num_groups,
+                        help="generated-shared-prefix: distinct system prompts (num-prompts is groups x per group)")
+    parser.add_argument("--gsp-prompts-per-group", type=int, default=d.gsp_prompts_per_group)
+    parser.add_argument("--gsp-system-prompt-len", type=int, default=d.gsp_system_prompt_len)
+    parser.add_argument("--gsp-question-len", type=int, default=d.gsp_question_len)
+    parser.add_argument("--gsp-output-len", type=int, default=d.gsp_output_len)
     parser.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
                         help="SLO limits in ms for SLO attainment and goodput: ttft:MS tpot:MS e2el:MS")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -252,9 +263,13 @@ def _load_tokenizer(path: str | None, server_info: Any) -> tuple[Any, str]:
 
 
 def _build_requests(config: ServingConfig, tokenizer: Any) -> list[Any]:
-    from pdserve.bench.datasets import DatasetError, load_sharegpt, sample_random
+    from pdserve.bench.datasets import DatasetError, load_sharegpt, sample_random, sample_shared_prefix
 
     try:
+        if config.dataset == "generated-shared-prefix":
+            return sample_shared_prefix(tokenizer, config.gsp_num_groups, config.gsp_prompts_per_group,
+                                        config.gsp_system_prompt_len, config.gsp_question_len, config.gsp_output_len,
+                                        config.seed)
         if config.dataset == "sharegpt":
             return load_sharegpt(config.dataset_path, tokenizer, config.num_prompts, config.seed,
                                  config.sharegpt_output_len)

@@ -45,6 +45,7 @@ from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
 
@@ -391,12 +392,14 @@ class DecodeDisaggManager:
                        f"{diff}", m.Cause.LAYOUT_MISMATCH, tell_prefill=True)
             return
         ids = r.req.input_ids
-        r.receiving = list(r.req.pages)
+        cached = r.req.decode_cached_tokens
+        hashes = page_hashes(ids[:cached], self.pool.page_size)
+        r.receiving = r.req.pages[cached // self.pool.page_size :]
         self.pool.ref(r.receiving)
         self.receiver.open_room(r.room, r.receiving)
         request = m.KVRequest(
-            r.room, self.rank, info.rank, self.receiver_info, list(r.req.pages), len(ids), m.prompt_hash(ids),
-            self.pool.layout, self.model,
+            r.room, self.rank, info.rank, self.receiver_info, list(r.receiving), len(ids), m.prompt_hash(ids),
+            self.pool.layout, self.model, cached, hashes[-1] if hashes else 0,
         )
         r.kvreq_at = time.monotonic()
         self._send_control(r, request)
@@ -549,4 +552,5 @@ class DecodeDisaggManager:
             kv_transfer_bytes=r.nbytes,
             kv_transfer_ms=round(transfer_s * 1000, 3),
             kv_wait_ms=round(wait_s * 1000, 3),
+            decode_cached_tokens=r.req.decode_cached_tokens,
         )

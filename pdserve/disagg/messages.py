@@ -139,7 +139,8 @@ class ReceiverInfo(msgspec.Struct, frozen=True):
 
 
 class KVRequest(msgspec.Struct, tag="kv_request", frozen=True):
-    """Decode has reserved ``dst_pages`` for the room's prompt; prefill fills them."""
+    """Decode has reserved ``dst_pages`` for the room's prompt after its first ``cached_tokens``
+    (which its prefix cache holds); prefill fills them."""
 
     room: int
     decode_rank: int
@@ -150,6 +151,8 @@ class KVRequest(msgspec.Struct, tag="kv_request", frozen=True):
     prompt_hash: str
     layout: KVLayout
     model: str
+    cached_tokens: int = 0  # leading prompt tokens (whole pages) decode already holds: not sent
+    cached_hash: int = 0  # chained page hash of those tokens (kv_events.page_hashes), checked by prefill
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -36,6 +36,7 @@ from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.request import Req, ReqState, StepOutput
+from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.prefill")
 
@@ -61,7 +62,8 @@ class _Room:
     req: Req
     added_at: float
     kvreq: m.KVRequest | None = None
-    pages_sent: int = 0
+    pages_sent: int = 0  # prompt pages shipped or skipped (the first ``skip`` decode holds already)
+    skip: int = 0
     inflight: int = 0  # queued sends not yet reported done
     output: StepOutput | None = None  # the finished prefill output, held until the KV is sent
     finishing: bool = False  # last pages, Aux and Status are queued
@@ -311,8 +313,13 @@ class PrefillDisaggManager:
             return f"{who}: KV layout mismatch between prefill and decode: {diff}", m.Cause.LAYOUT_MISMATCH
         if any(not 0 <= p < k.receiver.num_pages for p in k.dst_pages):
             return f"{who}: destination pages outside the decode pool [0, {k.receiver.num_pages})", m.Cause.TRANSFER_ERROR
-        if len(k.dst_pages) != self.pool.pages_for(k.num_tokens):
-            return f"{who}: {len(k.dst_pages)} destination pages for a {k.num_tokens}-token prompt", m.Cause.PROMPT_MISMATCH
+        ps = self.pool.page_size
+        if not 0 <= k.cached_tokens < k.num_tokens or k.cached_tokens % ps:
+            return (f"{who}: decode claims {k.cached_tokens} cached tokens of a {k.num_tokens}-token prompt; "
+                    f"whole pages of {ps} below the prompt length are allowed"), m.Cause.PROMPT_MISMATCH
+        if len(k.dst_pages) != self.pool.pages_for(k.num_tokens) - k.cached_tokens // ps:
+            return (f"{who}: {len(k.dst_pages)} destination pages for a {k.num_tokens}-token prompt of which "
+                    f"decode holds {k.cached_tokens}"), m.Cause.PROMPT_MISMATCH
         other = r.kvreq if r is not None else self.early.get(k.room, (None,))[0]
         if other is not None:
             where = f"decode rank {other.decode_rank} at {other.receiver.address}"
@@ -326,6 +333,14 @@ class PrefillDisaggManager:
                        f"decode hold different prompts ({len(r.req.input_ids)} vs {k.num_tokens} tokens)",
                        m.Cause.PROMPT_MISMATCH)
             return
+        skip = k.cached_tokens // self.pool.page_size
+        hashes = page_hashes(r.req.input_ids, self.pool.page_size, skip)
+        if skip and hashes[-1] != k.cached_hash:
+            self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): the page hash of "
+                       f"the {k.cached_tokens} tokens decode says it holds does not match this prompt's",
+                       m.Cause.PROMPT_MISMATCH)
+            return
+        r.pages_sent = r.skip = skip
         if r.output is not None:
             self._finish(r)
         elif r.req.state == ReqState.PREFILLING:
@@ -340,7 +355,8 @@ class PrefillDisaggManager:
         upto = min(upto, len(r.req.pages))
         if upto > r.pages_sent:
             assert r.kvreq is not None
-            src, dst = r.req.pages[r.pages_sent : upto], r.kvreq.dst_pages[r.pages_sent : upto]
+            src = r.req.pages[r.pages_sent : upto]
+            dst = r.kvreq.dst_pages[r.pages_sent - r.skip : upto - r.skip]
             self.core.runner.wait_kv_written()
             self._count_send(r)
             self.pool.ref(src)

@@ -25,6 +25,7 @@ class DisaggMeta(msgspec.Struct):
     kv_transfer_bytes: int = 0
     kv_transfer_ms: float = 0.0
     kv_wait_ms: float | None = None
+    decode_cached_tokens: int | None = None  # leading prompt tokens decode reused instead of receiving
 
 
 class DisaggReport(msgspec.Struct):

@@ -28,6 +28,7 @@ class EngineConfig:
     tp_size: int = 1  # sim only: tensor-parallel GPUs per rank
     time_scale: float = 1.0  # sim only: every simulated duration is multiplied by this
     inject_faults: str | None = None  # sim only: see pdserve.sim.faults
+    disable_radix_cache: bool = False  # no prefix cache: every prompt is computed in full
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -78,6 +79,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                      help="sim: multiply every simulated duration (slows the clock uniformly)")
     sim.add_argument("--inject-faults", default=None, metavar="SPEC",
                      help="sim: e.g. 'prefill=0.1,transfer=0.1,decode=0.1,slow_rank=1:4,transfer_slowdown=3'")
+    parser.add_argument(
+        "--disable-radix-cache", action="store_true", help="turn off the prefix cache (reuse of shared prompt KV)"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -10,6 +10,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.grammar import GrammarCompiler, grammar_field
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req, RequestError, StepOutput
 from pdserve.engine.scheduler import Scheduler
 
@@ -59,6 +60,7 @@ class EngineCore:
         self.max_total_tokens = num_pages * config.page_size
         self.runner = ModelRunner(loaded.model, self.kv_pool, self.device)
         self._grammars = None  # GrammarCompiler, built by the first constrained request
+        self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(
             self.runner,
             self.kv_pool,
@@ -69,6 +71,7 @@ class EngineCore:
             self.context_length,
             seed=config.random_seed,
             reserved_decode_tokens=config.num_reserved_decode_tokens,
+            cache=self.prefix_cache,
         )
 
     def _init_simulated(self, config: EngineConfig, rank: int) -> None:
@@ -87,6 +90,8 @@ class EngineCore:
         self.kv_pool = sim.pool
         self.max_total_tokens = sim.pool.num_pages * config.page_size
         self.runner = sim.runner
+        self._grammars = None
+        self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(
             self.runner,
             self.kv_pool,
@@ -97,6 +102,8 @@ class EngineCore:
             self.context_length,
             seed=config.random_seed,
             sampler=sim.runner.sample,
+            reserved_decode_tokens=config.num_reserved_decode_tokens,
+            cache=self.prefix_cache,
         )
 
     # ------------------------------------------------------------------ validation
@@ -164,21 +171,36 @@ class EngineCore:
         """False while everything queued waits for pages that no step of this engine can free."""
         return self.scheduler.runnable()
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, int | float]:
+        """Load and prefix-cache counters of this rank (``num_used_pages`` excludes pages only the
+        cache holds; those are ``num_evictable_pages``)."""
         s = self.scheduler
+        pool = self.kv_pool
         return {
             "num_reqs": s.num_requests(),
             "num_waiting_reqs": len(s.waiting) + len(s.pending_alloc),
             "num_tokens": s.num_tokens(),
-            "num_used_pages": self.kv_pool.num_used,
-            "num_total_pages": self.kv_pool.num_pages,
+            "num_used_pages": pool.num_used,
+            "num_total_pages": pool.num_pages,
+            "num_cached_pages": self.prefix_cache.num_pages if self.prefix_cache is not None else 0,
+            "num_evictable_pages": pool.num_evictable,
+            "prompt_tokens_total": s.prompt_tokens_total,
+            "cached_tokens_total": s.cached_tokens_total,
+            "prefill_tokens_computed": s.prefill_tokens_computed,
+            "cache_hit_rate": round(s.cached_tokens_total / s.prompt_tokens_total, 6) if s.prompt_tokens_total else 0.0,
             "num_retractions": s.num_retractions,
             "num_steps": s.num_steps,
         }
 
-    def flush_cache(self) -> bool:
-        """No prefix cache is kept, so there is nothing to flush; True when idle (as SGLang answers)."""
-        return not self.has_work()
+    def flush_cache(self) -> str | None:
+        """Empty the prefix cache; refused (the reason returned) while requests are in the engine,
+        as SGLang refuses, since their pages could not be dropped anyway."""
+        n = self.scheduler.num_requests()
+        if n:
+            return f"cannot flush the cache while {n} requests are in the engine; retry when idle"
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+        return None
 
 
 def _kv_budget_bytes(device: torch.device) -> int:

@@ -1,11 +1,17 @@
 """Paged KV cache pool: storage plus reference-counted page ownership.
 
 Page ownership is one mechanism: every holder of a page (a request in the scheduler, a KV send
-or receive in flight, later the prefix cache) holds one *reference* to it. :meth:`KVPool.alloc`
+or receive in flight, the prefix cache) holds one *reference* to it. :meth:`KVPool.alloc`
 hands out free pages with one reference each, :meth:`KVPool.ref` adds a holder to pages already
 held, :meth:`KVPool.unref` drops one, and a page returns to the free list only when its last
 reference is dropped. So a request retracted or aborted while a transfer still reads or writes
 its pages leaves them allocated until the transfer lets go of them.
+
+The prefix cache (:mod:`pdserve.engine.radix_cache`) is one more holder: it takes and drops its
+reference with ``ref(pages, cache=True)`` / ``unref(pages, cache=True)``, which also marks the
+page as cached, so the pool can tell pages only the cache holds (*evictable*) from pages in use
+(:attr:`KVPool.num_used`). When an allocation finds too few free pages, the pool asks the cache
+(its :class:`Reclaimer`) to evict least-recently-used cache-only pages first.
 
 Storage is one tensor per layer shaped ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` so
 page ``p`` of layer ``l`` (its K then V) is the contiguous buffer ``layers[l][p]``; the P/D
@@ -25,6 +31,7 @@ import os
 import uuid
 import weakref
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,6 +46,16 @@ class OutOfPagesError(RuntimeError):
 
 class PageRefError(RuntimeError):
     """A reference was added to a free page or dropped from a page nobody holds (an ownership bug)."""
+
+
+class Reclaimer(Protocol):
+    """What the pool needs from a cache that holds pages nobody else uses."""
+
+    def reclaimable(self) -> int:
+        """Pages the cache could give back right now."""
+
+    def reclaim(self, count: int) -> int:
+        """Drop the cache's reference to up to ``count`` pages that only it holds; returns how many."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,10 @@ class KVPool:
             ]
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._refs: list[int] = [0] * num_pages  # holders per page; 0 exactly for the pages in _free
-        self._num_used = 0
+        self._cached = bytearray(num_pages)  # 1: one of the page's references is the prefix cache's
+        self._num_referenced = 0
+        self._num_cache_only = 0  # cached pages whose only reference is the cache's
+        self.reclaimer: Reclaimer | None = None
 
     @property
     def num_free(self) -> int:
@@ -109,50 +129,103 @@ class KVPool:
 
     @property
     def num_used(self) -> int:
-        """Pages with at least one reference."""
-        return self._num_used
+        """Pages in use: referenced by a request or transfer (pages only the cache holds excluded)."""
+        return self._num_referenced - self._num_cache_only
+
+    @property
+    def num_cached(self) -> int:
+        """Pages the prefix cache holds (in use or not)."""
+        return sum(self._cached)
+
+    @property
+    def num_evictable(self) -> int:
+        """Pages only the prefix cache holds."""
+        return self._num_cache_only
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
 
+    def is_cached(self, page: int) -> bool:
+        """Whether one of the page's references is the prefix cache's."""
+        return bool(self._cached[page])
+
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
 
+    def can_alloc(self, count: int) -> bool:
+        """Whether ``alloc(count)`` would succeed, counting pages the cache would evict for it."""
+        if count <= len(self._free):
+            return True
+        if self.reclaimer is None or count > len(self._free) + self._num_cache_only:
+            return False
+        return count <= len(self._free) + self.reclaimer.reclaimable()
+
     def alloc(self, count: int) -> list[int]:
-        """Take ``count`` free pages, each with one reference: the caller's."""
+        """Take ``count`` free pages, each with one reference: the caller's. Pages only the prefix
+        cache holds are evicted first when too few are free."""
+        if count > len(self._free) and self.reclaimer is not None:
+            self.reclaimer.reclaim(count - len(self._free))
         if count > len(self._free):
-            raise OutOfPagesError(f"asked for {count} KV pages, {len(self._free)} free of {self.num_pages}")
+            raise OutOfPagesError(
+                f"asked for {count} KV pages, {len(self._free)} free of {self.num_pages} "
+                f"({self._num_cache_only} held only by the prefix cache)"
+            )
         pages = [self._free.pop() for _ in range(count)]
         for page in pages:
             self._refs[page] = 1
-        self._num_used += count
+        self._num_referenced += count
         return pages
 
-    def ref(self, pages: list[int]) -> None:
-        """Add one holder to each of ``pages``; they must already be held (allocated)."""
-        refs = self._refs
+    def ref(self, pages: list[int], cache: bool = False) -> None:
+        """Add one holder to each of ``pages``; they must already be held (allocated). With ``cache``
+        the holder is the prefix cache (at most one cache reference per page)."""
+        refs, cached = self._refs, self._cached
         for i, page in enumerate(pages):
-            if refs[page] <= 0:
-                for done in pages[:i]:
-                    refs[done] -= 1
-                raise PageRefError(f"reference to KV page {page}, which is free")
+            if refs[page] <= 0 or (cache and cached[page]):
+                self._rollback_ref(pages[:i], cache)
+                why = "which is free" if refs[page] <= 0 else "which the cache already holds"
+                raise PageRefError(f"reference to KV page {page}, {why}")
+            if refs[page] == 1 and cached[page]:
+                self._num_cache_only -= 1
             refs[page] += 1
+            if cache:
+                cached[page] = 1
 
-    def unref(self, pages: list[int]) -> None:
-        """Drop one holder from each of ``pages``; a page nobody holds any more becomes free."""
-        refs = self._refs
+    def _rollback_ref(self, pages: list[int], cache: bool) -> None:
+        for page in pages:
+            self._refs[page] -= 1
+            if cache:
+                self._cached[page] = 0
+            elif self._refs[page] == 1 and self._cached[page]:
+                self._num_cache_only += 1
+
+    def unref(self, pages: list[int], cache: bool = False) -> None:
+        """Drop one holder from each of ``pages``; a page nobody holds any more becomes free. With
+        ``cache`` the holder dropping out is the prefix cache."""
+        refs, cached = self._refs, self._cached
         for page in pages:
             if refs[page] <= 0:
                 raise PageRefError(f"KV page {page} released more often than it was referenced (double free)")
+            if cache:
+                if not cached[page]:
+                    raise PageRefError(f"KV page {page} released by the cache, which does not hold it")
+                cached[page] = 0
+                if refs[page] == 1:
+                    self._num_cache_only -= 1
+            elif cached[page] and refs[page] == 1:
+                raise PageRefError(f"KV page {page} released by a request while only the cache holds it")
             refs[page] -= 1
             if refs[page] == 0:
                 self._free.append(page)
-                self._num_used -= 1
+                self._num_referenced -= 1
+            elif refs[page] == 1 and cached[page]:
+                self._num_cache_only += 1
 
     def check_integrity(self, expect_used: int | None = None) -> None:
         """Assert the reference counts are consistent (for tests and debugging): no negative count,
-        every page either free (count 0, on the free list once) or referenced, never both; with
-        ``expect_used``, that exactly that many pages are referenced."""
+        every page either free (count 0, on the free list once) or referenced, never both, every
+        cached page referenced; with ``expect_used``, that exactly that many pages are in use
+        (referenced by a holder other than the cache: cached, unreferenced pages are fine)."""
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("KV free list holds a page twice")
@@ -165,10 +238,19 @@ class KVPool:
         if len(free) + len(referenced) != self.num_pages:
             lost = sorted(set(range(self.num_pages)) - free - referenced)
             raise AssertionError(f"KV pages lost (neither free nor referenced): {lost[:8]}")
-        if len(referenced) != self._num_used:
-            raise AssertionError(f"KV used-page counter says {self._num_used}, {len(referenced)} are referenced")
-        if expect_used is not None and len(referenced) != expect_used:
-            raise AssertionError(f"expected {expect_used} referenced KV pages, found {len(referenced)}")
+        if len(referenced) != self._num_referenced:
+            raise AssertionError(f"KV used-page counter says {self._num_referenced}, {len(referenced)} are referenced")
+        cached = {p for p, flag in enumerate(self._cached) if flag}
+        if cached - referenced:
+            raise AssertionError(f"KV pages cached but free: {sorted(cached - referenced)[:8]}")
+        cache_only = {p for p in cached if self._refs[p] == 1}
+        if len(cache_only) != self._num_cache_only:
+            raise AssertionError(f"KV cache-only counter says {self._num_cache_only}, {len(cache_only)} are")
+        in_use = len(referenced) - len(cache_only)
+        if expect_used is not None and in_use != expect_used:
+            raise AssertionError(
+                f"expected {expect_used} referenced KV pages, found {in_use} (plus {len(cache_only)} only cached)"
+            )
 
     def page_view(self, layer: int, page: int) -> torch.Tensor:
         """The contiguous ``[2, page_size, heads, dim]`` block of one page of one layer."""

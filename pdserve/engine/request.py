@@ -219,6 +219,7 @@ class Req:
     arrival_order: int = 0
     num_retractions: int = 0
     cached_tokens: int = 0
+    decode_cached_tokens: int = 0  # P/D decode: leading prompt tokens whose KV this rank's cache held
     input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks
     grammar: Any = None  # llguidance matcher when the output is constrained (engine/grammar.py)
 

@@ -11,6 +11,13 @@ pages) is admitted only if the pool keeps ``reserved_decode_tokens`` of decode h
 running request, and not while a retracted request (one that already has output) waits: those are
 re-admitted first, so a request that has its first token cannot starve behind new arrivals.
 
+With a prefix cache (:class:`RadixCache`), the scheduler calls it at three points: admission
+(:meth:`Scheduler._match_prefix`: the request takes references to the cached pages of its
+longest cached prefix and computes from the first uncached token), after each computed chunk
+and when a request lets go of its pages (:meth:`Scheduler._cache_computed`: full computed pages
+enter the tree), and, through the pool, on demand: an allocation that finds too few free pages
+evicts unreferenced cached pages before anything is retracted (``KVPool.can_alloc`` counts them).
+
 Two entry/exit points exist for P/D disaggregation:
 - ``Req.stop_after_prefill``: after the first output token the request is *held* with its KV
   pages until :meth:`release` (the prefill server ships the pages, then releases them).
@@ -32,6 +39,7 @@ from pdserve.engine.grammar import advance_grammar
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
+from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs, sample_rid
 from pdserve.engine.sampler import NON_FINITE, new_generator, sample, token_logprobs
 
@@ -53,6 +61,7 @@ class Scheduler:
         seed: int = 0,
         reserved_decode_tokens: int = 0,
         sampler: Callable = sample,
+        cache: RadixCache | None = None,
     ) -> None:
         self.runner = runner
         self.sample = sampler  # the sim runner's sampler reads no logits
@@ -63,6 +72,10 @@ class Scheduler:
         self.max_running_requests = max_running_requests
         self.context_length = context_length
         self.reserved_decode_tokens = reserved_decode_tokens
+        self.cache = cache
+        self.prompt_tokens_total = 0  # prompt tokens admitted (first admission of each request)
+        self.cached_tokens_total = 0  # of those, read from the prefix cache instead of computed
+        self.prefill_tokens_computed = 0  # tokens run through prefill chunks (recomputation included)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.awaiting_kv: dict[str, Req] = {}  # P/D decode: pages allocated, KV being filled remotely
@@ -137,7 +150,7 @@ class Scheduler:
         return self.has_work() and self._stalled_at != self._state()
 
     def _state(self) -> tuple[int, ...]:
-        return (self.pool.num_free, len(self.waiting), len(self.pending_alloc), len(self.running), len(self._outputs))
+        return (self.pool.num_free, self.pool.num_evictable, len(self.waiting), len(self.pending_alloc), len(self.running), len(self._outputs))
 
     def num_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.awaiting_kv) + len(self.pending_alloc) + len(self.held)
@@ -192,7 +205,7 @@ class Scheduler:
             if req.state != ReqState.DECODING:  # retracted while making room for an earlier request
                 continue
             need = self.pool.pages_for(req.seq_len) - len(req.pages)
-            while need > self.pool.num_free:
+            while not self.pool.can_alloc(need):
                 victim = max(self.running, key=lambda r: r.arrival_order)
                 self._retract(victim)
                 if victim is req:
@@ -212,12 +225,16 @@ class Scheduler:
         reserve = self._decode_reserve()
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
+            self._match_prefix(req)
             need = self.pool.pages_for(req.fill_target) - len(req.pages)
             own = self._reserve_pages(req, req.fill_target + 1)
-            if need > self.pool.num_free or (self.running and need + reserve + own > self.pool.num_free):
+            if not self.pool.can_alloc(need) or (self.running and not self.pool.can_alloc(need + reserve + own)):
+                self._free(req, cache=False)
+                req.num_computed = 0
                 break
             reserve += own
             self.waiting.popleft()
+            self._count_admission(req)
             req.pages.extend(self.pool.alloc(need))
             req.state = ReqState.PREFILLING
             self.running.append(req)
@@ -247,6 +264,8 @@ class Scheduler:
         for chunk in batch.extends:
             req = chunk.req
             req.num_computed += chunk.length
+            self.prefill_tokens_computed += chunk.length
+            self._cache_computed(req)
             if req.rid in result.input_logits:
                 self._accumulate_input_logprobs(req, *result.input_logits[req.rid])
             if req.num_computed < req.fill_target:
@@ -405,7 +424,7 @@ class Scheduler:
         prompt token on, is copied into a page of the child's own."""
         shared = (len(parent.input_ids) - 1) // self.pool.page_size
         need = self.pool.pages_for(len(parent.input_ids))
-        if need - shared + 1 > self.pool.num_free:  # keep one page of decode headroom
+        if not self.pool.can_alloc(need - shared + 1):  # keep one page of decode headroom
             return False
         own = self.pool.alloc(need - shared)
         src = torch.tensor(parent.pages[shared:need], device=self.pool.device)
@@ -452,14 +471,17 @@ class Scheduler:
         reserve = self._decode_reserve() if self.pending_alloc else 0
         while self.pending_alloc:
             req = self.pending_alloc[0]
-            need = self.pool.pages_for(len(req.input_ids))
+            prefix = self._match_remote_prefix(req)
+            need = self.pool.pages_for(len(req.input_ids)) - len(prefix)
             own = self._reserve_pages(req, len(req.input_ids) + 1)
             busy = self.running or self.awaiting_kv
-            if need > self.pool.num_free or (busy and need + reserve + own > self.pool.num_free):
+            if not self.pool.can_alloc(need) or (busy and not self.pool.can_alloc(need + reserve + own)):
+                self.pool.unref(prefix)
                 return
             reserve += own
             self.pending_alloc.popleft()
-            req.pages = self.pool.alloc(need)
+            req.pages = prefix + self.pool.alloc(need)
+            req.decode_cached_tokens = len(prefix) * self.pool.page_size
             req.state = ReqState.WAITING_KV
             self.awaiting_kv[req.rid] = req
             if self.on_pages_allocated is not None:
@@ -479,11 +501,49 @@ class Scheduler:
         req.state = ReqState.WAITING
         self.waiting.appendleft(req)
 
-    def _free(self, req: Req) -> None:
-        """Drop the request's references to its pages (a transfer or cache may still hold them)."""
+    def _free(self, req: Req, cache: bool = True) -> None:
+        """Drop the request's references to its pages (a transfer or cache may still hold them);
+        with ``cache``, its computed full pages enter the prefix cache first."""
         if req.pages:
+            if cache:
+                self._cache_computed(req)
             self.pool.unref(req.pages)
             req.pages = []
+
+    # ------------------------------------------------------------------ prefix cache
+    def _match_prefix(self, req: Req) -> None:
+        """Admission: give a request without pages references to its longest cached prefix; it
+        computes from the first uncached token. At least one token is always left to compute (its
+        logits sample the next token), and input logprobs need their positions computed."""
+        if self.cache is None or req.pages:
+            return
+        limit = req.fill_target - 1
+        if req.return_logprob and not req.output_ids:
+            limit = min(limit, max(req.logprob_start_len, 1) - 1)
+        pages = self.cache.match(req.all_ids, limit)
+        if pages:
+            self.pool.ref(pages)
+            req.pages = pages
+        req.num_computed = len(pages) * self.pool.page_size
+
+    def _match_remote_prefix(self, req: Req) -> list[int]:
+        """P/D decode: referenced pages of the prompt's cached prefix, so only the rest is received
+        (the last prompt page always comes from prefill)."""
+        if self.cache is None:
+            return []
+        pages = self.cache.match(req.input_ids, len(req.input_ids) - 1)
+        self.pool.ref(pages)
+        return pages
+
+    def _count_admission(self, req: Req) -> None:
+        if not req.output_ids and req.num_retractions == 0:
+            req.cached_tokens = req.num_computed
+            self.prompt_tokens_total += len(req.input_ids)
+            self.cached_tokens_total += req.num_computed
+
+    def _cache_computed(self, req: Req) -> None:
+        if self.cache is not None and req.num_computed >= self.pool.page_size:
+            self.cache.insert(req.all_ids[: req.num_computed], req.pages)
 
     def _find(self, rid: str) -> Req | None:
         for req in itertools.chain(self.running, self.waiting, self.pending_alloc):

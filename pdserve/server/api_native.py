@@ -40,6 +40,7 @@ from pdserve.server.generation import (
     interleave,
     run_to_end,
 )
+from pdserve.server.kv_event_feed import MAX_WAIT_S
 from pdserve.server.state import ServerState
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -357,15 +358,39 @@ async def get_load(request: Request) -> Response:
     return JSONResponse(_state(request).controller.loads())
 
 
+@router.get("/kv_events")
+async def kv_events(request: Request) -> Response:
+    """Prefix-cache events of every rank after ``after`` (long poll up to ``timeout`` s; see
+    :mod:`pdserve.server.kv_event_feed`)."""
+    feed = _state(request).controller.kv_events
+    after = _query_number(request, "after", 0, int, 0, 2**63 - 1)
+    timeout = _query_number(request, "timeout", 0.0, float, 0.0, MAX_WAIT_S)
+    batches, lost = await feed.poll(after, timeout)
+    body = {"last_seq": feed.last_seq, "lost": lost, "batches": msgspec.to_builtins(batches)}
+    return JSONResponse(body)
+
+
+def _query_number(request: Request, name: str, default, kind, low, high):
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be a number in [{low}, {high}], got {raw[:40]!r}", name) from None
+    if not low <= value <= high:  # NaN fails too
+        raise bad_request(f"{name} must be in [{low}, {high}], got {raw[:40]!r}", name)
+    return value
+
+
 @router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(request: Request) -> Response:
     state = _state(request)
     state.require_service()
-    if await state.controller.flush_cache():
+    refusal = await state.controller.flush_cache()
+    if refusal is None:
         return PlainTextResponse("Cache flushed.\n")
-    return PlainTextResponse(
-        "Cache not flushed: requests are running or a rank did not answer; retry when idle.\n", status_code=400
-    )
+    return PlainTextResponse(f"Cache not flushed: {refusal}.\n", status_code=400)
 
 
 class AbortBody(msgspec.Struct, kw_only=True):

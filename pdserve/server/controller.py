@@ -42,6 +42,7 @@ from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
 from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy
 from pdserve.server.errors import ServerError
+from pdserve.server.kv_event_feed import KVEventFeed
 from pdserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class DPController:
         self._async_ctx: zmq.asyncio.Context | None = None
         self._pull: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
-        self._flush_waiters: dict[tuple[int, int], asyncio.Future[bool]] = {}
+        self._flush_waiters: dict[tuple[int, int], asyncio.Future[msg.FlushCacheDone]] = {}
         self._next_flush_id = 0
         self._env: dict[str, str] = {}
         self._plane_auth: PlaneAuth | None = None
@@ -145,6 +146,7 @@ class DPController:
         self._prefill_clients: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self._refused_rooms: OrderedDict[int, tuple[RoomRefusal, float]] = OrderedDict()  # P/D prefill
+        self.kv_events = KVEventFeed()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -467,26 +469,28 @@ class DPController:
         while not handle.queue.empty():
             handle.queue.get_nowait()
 
-    async def flush_cache(self) -> bool:
+    async def flush_cache(self) -> str | None:
+        """Empty every rank's prefix cache; None on success, else why not (naming the ranks)."""
         self._next_flush_id += 1
         flush_id = self._next_flush_id
         loop = asyncio.get_running_loop()
         waiters = []
         for state in self.ranks:
             if state.phase != RankPhase.READY:
-                return False
-            fut: asyncio.Future[bool] = loop.create_future()
+                return f"dp rank {state.rank} is {state.phase}"
+            fut: asyncio.Future[msg.FlushCacheDone] = loop.create_future()
             self._flush_waiters[(flush_id, state.rank)] = fut
             waiters.append(fut)
             self._send(state, msg.FlushCacheReq(flush_id))
         try:
             results = await asyncio.wait_for(asyncio.gather(*waiters), FLUSH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return False
+            return f"a rank did not answer within {FLUSH_TIMEOUT_S:g} s"
         finally:
             for state in self.ranks:
                 self._flush_waiters.pop((flush_id, state.rank), None)
-        return all(results)
+        refusals = [f"dp rank {r.dp_rank}: {r.message}" for r in results if not r.success]
+        return "; ".join(refusals) or None
 
     def loads(self) -> list[dict[str, int]]:
         """The load each rank reported with its latest outputs (SGLang's /get_load shape)."""
@@ -524,6 +528,8 @@ class DPController:
                 self._on_output(state, out, now)
             if state.phase == RankPhase.READY:  # not a dead worker's last batch
                 self._set_load(state, message.load)
+        elif isinstance(message, msg.CacheEvents):
+            self.kv_events.publish(message.dp_rank, message.events)
         elif isinstance(message, msg.DisaggStats):
             self.disagg_reports[message.dp_rank] = message.report
             if self.metrics is not None:
@@ -537,7 +543,7 @@ class DPController:
         elif isinstance(message, msg.FlushCacheDone):
             fut = self._flush_waiters.get((message.req_id, message.dp_rank))
             if fut is not None and not fut.done():
-                fut.set_result(message.success)
+                fut.set_result(message)
         elif isinstance(message, msg.WorkerReady):
             self._on_ready(message)
         elif isinstance(message, msg.WorkerFailed):

@@ -17,6 +17,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.stats import DisaggMeta, DisaggReport
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.request import SamplingParams, StepOutput
+from pdserve.kv_events import CacheEvent
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -87,10 +88,16 @@ class RankLoad(msgspec.Struct):
     num_reqs: int = 0
     num_waiting_reqs: int = 0
     num_tokens: int = 0
-    num_used_pages: int = 0
+    num_used_pages: int = 0  # held by requests or transfers (pages only the prefix cache holds excluded)
     num_total_pages: int = 0
     num_retractions: int = 0  # requests retracted (KV dropped for recompute) since the rank started
     num_steps: int = 0  # engine steps since the rank started
+    num_cached_pages: int = 0  # held by the prefix cache (some may also be in use)
+    num_evictable_pages: int = 0  # held only by the prefix cache: evicted when room is needed
+    prompt_tokens_total: int = 0
+    cached_tokens_total: int = 0  # prompt tokens read from the prefix cache instead of computed
+    prefill_tokens_computed: int = 0
+    cache_hit_rate: float = 0.0  # cached_tokens_total / prompt_tokens_total
 
 
 class WorkerReady(msgspec.Struct, tag="ready"):
@@ -129,6 +136,7 @@ class FlushCacheDone(msgspec.Struct, tag="flush_cache_done"):
     dp_rank: int
     req_id: int
     success: bool
+    message: str = ""  # why the rank refused
 
 
 class DisaggStats(msgspec.Struct, tag="disagg_stats"):
@@ -138,6 +146,13 @@ class DisaggStats(msgspec.Struct, tag="disagg_stats"):
     report: DisaggReport
 
 
+class CacheEvents(msgspec.Struct, tag="cache_events"):
+    """What the rank's prefix cache stored and evicted since the last such message."""
+
+    dp_rank: int
+    events: list[CacheEvent]
+
+
 class WorkerFailed(msgspec.Struct, tag="failed"):
     """The worker hit an unrecoverable error and is about to exit."""
 
@@ -145,7 +160,7 @@ class WorkerFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-FromWorker = WorkerReady | OutputBatch | ReqRejected | FlushCacheDone | DisaggStats | WorkerFailed
+FromWorker = WorkerReady | OutputBatch | ReqRejected | FlushCacheDone | DisaggStats | CacheEvents | WorkerFailed
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -58,6 +58,21 @@ class ServerMetrics:
         self.steps = Gauge(
             "pdserve:engine_steps", "Engine steps since the rank started", rank_labels, registry=self.registry
         )
+        self.cached_pages = Gauge(
+            "pdserve:prefix_cache_pages", "KV pages the prefix cache holds", rank_labels, registry=self.registry
+        )
+        self.cache_hit_rate = Gauge(
+            "sglang:cache_hit_rate", "Share of admitted prompt tokens read from the prefix cache", rank_labels,
+            registry=self.registry,
+        )
+        self.cached_tokens = Gauge(
+            "pdserve:prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache since start", rank_labels,
+            registry=self.registry,
+        )
+        self.prefill_computed = Gauge(
+            "pdserve:prefill_tokens_computed", "Tokens run through prefill since start (recomputation included)",
+            rank_labels, registry=self.registry,
+        )
         self.ttft = Histogram(
             "sglang:time_to_first_token_seconds", "Arrival to first output token", ["model_name"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -88,10 +103,13 @@ class ServerMetrics:
         if name == self.model_name:
             return
         self.model_name = name
-        gauges = (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages,
-                  self.retractions, self.steps)
-        for gauge in gauges:
+        for gauge in self._rank_gauges():
             gauge.clear()
+
+    def _rank_gauges(self) -> tuple[Gauge, ...]:
+        return (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages,
+                self.cached_pages, self.cache_hit_rate, self.cached_tokens, self.prefill_computed, self.retractions,
+                self.steps)
 
     def set_load(self, rank: int, load: RankLoad) -> None:
         labels = (self.model_name, str(rank))
@@ -103,6 +121,10 @@ class ServerMetrics:
         self.token_usage.labels(*labels).set(load.num_used_pages / max(1, load.num_total_pages))
         self.retractions.labels(*labels).set(load.num_retractions)
         self.steps.labels(*labels).set(load.num_steps)
+        self.cached_pages.labels(*labels).set(load.num_cached_pages)
+        self.cache_hit_rate.labels(*labels).set(load.cache_hit_rate)
+        self.cached_tokens.labels(*labels).set(load.cached_tokens_total)
+        self.prefill_computed.labels(*labels).set(load.prefill_tokens_computed)
 
     def on_tokens(self, num_new: int, first: bool, arrival: float, last_token_at: float | None, now: float) -> None:
         """New output tokens of one request: TTFT for the first, otherwise one ITL sample per token."""

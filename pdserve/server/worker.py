@@ -155,7 +155,10 @@ class Worker:
                 self.disagg.reject_room(message.room, message.reason, message.status,
                                         message.cause or "prefill_rejected")
         elif isinstance(message, msg.FlushCacheReq):
-            self.send(msg.FlushCacheDone(self.rank, message.req_id, bool(self.engine.flush_cache())))
+            refusal = self.engine.flush_cache()
+            self.send_cache_events()
+            self.send_outputs([], {})  # the load changed without outputs to carry it
+            self.send(msg.FlushCacheDone(self.rank, message.req_id, refusal is None, refusal or ""))
         elif isinstance(message, msg.ShutdownReq):
             return False
         return True
@@ -195,6 +198,7 @@ class Worker:
                 outputs, meta = disagg.process(outputs)
                 if self.faults is not None:
                     self.faults.after_step(disagg, outputs)
+            self.send_cache_events()
             if outputs:
                 self.send_outputs(outputs, meta)
         logger.warning("dp rank %d: parent process %d is gone, exiting", self.rank, self.spec.parent_pid)
@@ -214,6 +218,11 @@ class Worker:
         self._stats_sent = (now, report)
         if self.load() != self._load_sent:
             self.send_outputs([], {})
+
+    def send_cache_events(self) -> None:
+        cache = self.engine.prefix_cache
+        if cache is not None and cache.events:
+            self.send(msg.CacheEvents(self.rank, cache.drain_events()))
 
     def send_outputs(self, outputs: list, meta: dict) -> None:
         load = self.load()

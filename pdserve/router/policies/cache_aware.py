@@ -1,7 +1,10 @@
 """``cache_aware``: send a prompt where its prefix went before, unless the units are out of balance.
 
-Each unit keeps an approximate prefix tree: the chained hashes of the prompt's leading blocks
-(``block`` characters of text, or ``block / 4`` token ids), least recently used evicted first.
+Each unit keeps an approximate prefix tree: the chained hashes of the prompt's leading blocks,
+least recently used evicted first. A prompt given as token ids is hashed per KV page of the unit's
+server (``page_size`` from its ``/server_info``) with the engine's own page hashes
+(:func:`pdserve.kv_events.page_hashes`, the hashes of the servers' ``/kv_events``), so a
+match means whole cached pages; text is hashed per ``block`` characters.
 Rules as in sglang-router: when ``max_load - min_load > abs_threshold`` and
 ``max_load > min_load * rel_threshold`` the least loaded unit wins; otherwise the unit with the
 longest matched prefix wins if it covers more than ``threshold`` of the prompt, else the least loaded.
@@ -13,6 +16,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from pdserve.kv_events import page_hashes
 from pdserve.router.policies.base import Policy
 from pdserve.router.request_info import CHARS_PER_TOKEN, RequestInfo
 from pdserve.router.worker import Unit
@@ -85,20 +89,37 @@ class CacheAwarePolicy(Policy):
         lo, hi = min(loads), max(loads)
         return hi - lo > self.abs_threshold and hi > lo * self.rel_threshold
 
+    def hashes_for(self, unit: Unit, key: str | tuple[int, ...]) -> tuple[list[int], int]:
+        """The prefix hashes of ``key`` as ``unit`` caches them, and the block length in key items."""
+        page_size = unit.worker.info.get("page_size")
+        if isinstance(key, tuple) and isinstance(page_size, int) and page_size > 0:
+            return page_hashes(key, page_size), page_size
+        return prefix_hashes(key, self.block_chars)
+
     def select(self, units: Sequence[Unit], info: RequestInfo) -> Unit:
-        hashes, block = prefix_hashes(info.key, self.block_chars)
+        per_block: dict[object, tuple[list[int], int]] = {}
+
+        def hashes_of(u: Unit) -> tuple[list[int], int]:
+            size = u.worker.info.get("page_size")
+            size = size if isinstance(size, int) and not isinstance(size, bool) else None
+            if size not in per_block:
+                per_block[size] = self.hashes_for(u, info.key)
+            return per_block[size]
+
         unit = None
-        if hashes and not self.imbalanced(units):
-            best, best_match = None, 0
+        if info.key and not self.imbalanced(units):
+            best, best_match, best_block = None, 0, 1
             for u in units:
                 tree = self.trees.get(u)
-                m = tree.match(hashes) if tree is not None else 0
+                hashes, block = hashes_of(u)
+                m = tree.match(hashes) if tree is not None and hashes else 0
                 if m > best_match or (m == best_match and best is not None and u.load < best.load):
-                    best, best_match = u, m
-            if best is not None and best_match * block / len(info.key) > self.threshold:
+                    best, best_match, best_block = u, m, block
+            if best is not None and best_match * best_block / len(info.key) > self.threshold:
                 unit = best
         if unit is None:
             unit = self.least_loaded(units)
+        hashes, _ = hashes_of(unit) if info.key else ([], 1)
         if hashes:
             tree = self.trees.get(unit)
             if tree is None:
