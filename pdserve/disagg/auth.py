@@ -22,14 +22,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import struct
 import threading
 import time
 from collections import OrderedDict
 
-SECRET_ENV = "PDSERVE_DISAGG_SECRET"
 MAGIC = b"PDA1"
 NONCE_BYTES = 16
 MAC_BYTES = 32
@@ -41,26 +39,6 @@ MAX_NONCES = 1 << 20
 
 class AuthError(ValueError):
     """A message, answer or connection failed authentication."""
-
-
-def derive_secret(api_key: str) -> str:
-    """The plane secret implied by ``--api-key`` (never the key itself, so one does not reveal the other)."""
-    return hashlib.sha256(b"pdserve-disaggregation-secret\0" + api_key.encode()).hexdigest()
-
-
-def generate_secret() -> str:
-    """A fresh random secret (``pdserve launch`` makes one per launch)."""
-    return secrets.token_hex(32)
-
-
-def resolve_secret(secret: str | None, api_key: str | None) -> str | None:
-    """The secret a server uses: the flag, else the environment variable, else derived from the API key."""
-    if secret:
-        return secret
-    env = os.environ.get(SECRET_ENV)
-    if env:
-        return env
-    return derive_secret(api_key) if api_key else None
 
 
 def is_loopback(host: str) -> bool:

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from pdserve.disagg.auth import SECRET_ENV, generate_secret
+from pdserve.plane_secret import SECRET_ENV, generate_secret
 from pdserve.router.config import POLICIES
 
 STOP_GRACE_S = 15.0

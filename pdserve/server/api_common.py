@@ -148,7 +148,7 @@ def request_peers(request: Request, default_port: int) -> list[tuple[str, int, i
         return []
     try:
         fields = msgspec.json.decode(raw, type=_RoomFields)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # deep nesting: no readable room
         return []
     rooms = fields.bootstrap_room if isinstance(fields.bootstrap_room, list) else [fields.bootstrap_room]
     peers = []
@@ -175,7 +175,7 @@ def request_rooms(request: Request, dp_size: int) -> tuple[list[int], int | None
         return [], None
     try:
         fields = msgspec.json.decode(raw, type=_RoomFields)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # deep nesting: no readable room
         return [], None
     values = fields.bootstrap_room if isinstance(fields.bootstrap_room, list) else [fields.bootstrap_room]
     rooms = []

@@ -117,7 +117,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    from pdserve.disagg.auth import resolve_secret
+    from pdserve.plane_secret import resolve_secret
 
     disagg = disagg_config_from_args(args)
     disagg.secret = resolve_secret(disagg.secret, args.api_key)

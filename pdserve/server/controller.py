@@ -35,9 +35,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pdserve.disagg.auth import SECRET_ENV, PlaneAuth
+from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput, sample_rid
+from pdserve.plane_secret import SECRET_ENV
 from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
 from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy

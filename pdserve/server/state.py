@@ -98,7 +98,12 @@ class ServerState:
             return
         if self.config.disagg.mode == "decode":
             status = error.status if error.status < 500 else 503
-            for host, port, room in request_peers(request, self.config.disagg.bootstrap_port)[:MAX_PEERS_TOLD]:
+            try:
+                peers = request_peers(request, self.config.disagg.bootstrap_port)[:MAX_PEERS_TOLD]
+            except Exception:  # an unreadable body names no peer; the error answer must still go out
+                logger.debug("no peer readable in a refused request", exc_info=True)
+                return
+            for host, port, room in peers:
                 if not self.config.disagg.bootstrap_allowed(host):
                     continue  # never contact an address the outbound allow-list refuses
                 reason = (f"the decode server refused the request for bootstrap_room {room} with HTTP {error.status}: "

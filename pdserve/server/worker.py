@@ -91,7 +91,7 @@ class Worker:
         """Create this rank's P/D manager; a prefill rank registers at its front's bootstrap service."""
         from dataclasses import replace
 
-        from pdserve.disagg.auth import SECRET_ENV
+        from pdserve.plane_secret import SECRET_ENV
 
         cfg = replace(self.spec.disagg, secret=os.environ.get(SECRET_ENV) or None)  # the front passes it by env
         if cfg.mode == "prefill":
