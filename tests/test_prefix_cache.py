@@ -117,8 +117,9 @@ def test_eviction_never_touches_referenced_pages_under_random_stress():
 # ------------------------------------------------------------------ engine: cache on vs off
 @pytest.fixture(scope="module")
 def engines():
-    """Same tiny model twice: page size 5 (divides no prefix below), small chunks, a small pool."""
-    opts = dict(page_size=5, max_total_tokens=250, chunked_prefill_size=12)
+    """Same tiny model twice: page size 5 (divides no prefix below), small chunks, a small pool with
+    no decode reserve (so the pool runs dry and retraction happens)."""
+    opts = dict(page_size=5, max_total_tokens=250, chunked_prefill_size=12, num_reserved_decode_tokens=0)
     on, off = Engine(None, **opts), Engine(None, disable_radix_cache=True, **opts)
     yield on, off
     on.shutdown()
