@@ -10,6 +10,7 @@ and a mixed server as the reference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -188,7 +189,12 @@ async def _soak(servers, n: int, concurrency: int, seed: int) -> dict:
         p_body, d_body = pd_halves(servers, ids, params, seed * 1_000_000 + i, rng.randrange(2), rng.randrange(2))
         d_body["stream"] = True
         abort_after = rng.uniform(0.0, 0.5) if rng.random() < SOAK_ABORT_SHARE else None
-        async with sem:
+        async with sem, contextlib.AsyncExitStack() as stack:
+            if abort_after is not None:
+                # a client that gives up cancels its requests mid-flight; httpcore's pool is not safe
+                # against cancellation (encode/httpcore#1093), so it gets connections of its own and
+                # the shared pool only ever sees requests that run to their end
+                client = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(120.0)))
             start = time.monotonic()
             p_task = asyncio.create_task(client.post(prefill.url + "/generate", json=p_body))
 

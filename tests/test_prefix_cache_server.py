@@ -75,7 +75,7 @@ def test_kv_events_long_poll_and_bad_parameters(client):
 
 
 def test_flush_cache_refuses_while_a_request_runs_then_empties(client):
-    started = threading.Event()
+    started, answered = threading.Event(), threading.Event()
 
     def long_request() -> None:
         with httpx.Client(base_url=client.base_url, timeout=60) as c, c.stream(
@@ -84,14 +84,18 @@ def test_flush_cache_refuses_while_a_request_runs_then_empties(client):
         ) as resp:
             for _ in resp.iter_lines():
                 started.set()
-                break  # leave: the server aborts the request
+                answered.wait(60)  # stay in the engine until the flush has been answered
+                break  # then leave: the server aborts the request
 
     last = events_since(client, 0)["last_seq"]
     worker = threading.Thread(target=long_request)
     worker.start()
     assert started.wait(60)
-    refused = client.post("/flush_cache")
-    worker.join(60)
+    try:
+        refused = client.post("/flush_cache")
+    finally:
+        answered.set()
+        worker.join(60)
     assert refused.status_code == 400 and "requests are in the engine" in refused.text
     assert wait_until(lambda: client.post("/flush_cache").status_code == 200, 30)
     (load,) = client.get("/get_load").json()

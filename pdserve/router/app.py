@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -273,6 +273,10 @@ def create_app(config: RouterConfig) -> Starlette:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        state.metrics.answered(request.url.path, 499, 0.0)
+        return Response(status_code=499)  # the client left while sending its body: nobody reads this
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(request.url.path, 500, f"internal router error: {type(exc).__name__}: {exc}")
@@ -292,6 +296,7 @@ def create_app(config: RouterConfig) -> Starlette:
             RouterError: on_router_error,
             NoWorkers: on_no_workers,
             HTTPException: on_http_error,
+            ClientDisconnect: on_client_gone,
             Exception: on_unexpected,
         },
     )

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from pdserve import __version__
 from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware
@@ -68,6 +69,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
         state.refused(request, exc)
         return _render(request, exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client left while sending its body: nobody reads the answer, nothing went wrong here
+        error = ServerError(499, "client disconnected while sending the request body")
+        state.refused(request, error)
+        return _render(request, error)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
