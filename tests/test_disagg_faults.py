@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -143,6 +145,26 @@ def test_decode_abort_while_resolving_reaches_prefill(pd, pool):
     resp, took = timed(pd["prefill"], half(pd, room))
     message = error(resp, 503)
     assert f"room {room}" in message and "aborted" in message and took < FAST_S
+    assert_pages_freed(pd)
+
+
+def test_streaming_client_leaving_before_its_kv_frees_decode_at_once(pd):
+    """A streaming decode half whose prefill half never comes, and whose client then leaves: decode
+    notices the disconnect while still waiting for the KV, frees its pages, and tells prefill, so
+    the late prefill half fails at once (not after the 60 s waiting timeout)."""
+    room = 4500
+    body = json.dumps(half(pd, room, stream=True, disagg_prefill_dp_rank=0)).encode()
+    host, port = pd["decode"].url.removeprefix("http://").split(":")
+    # a raw socket: the response headers only come with the first token, which never comes
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: used_pages(pd["decode"]) > 0, 10)
+    left = time.monotonic()
+    assert wait_until(lambda: used_pages(pd["decode"]) == 0, 10)
+    assert time.monotonic() - left < FAST_S + 1.0  # the disconnect poll is 0.5 s
+    resp, took = timed(pd["prefill"], half(pd, room, data_parallel_rank=0))
+    assert f"bootstrap_room {room}" in error(resp, 499) and took < FAST_S
     assert_pages_freed(pd)
 
 

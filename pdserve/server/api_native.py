@@ -202,7 +202,7 @@ async def generate(request: Request) -> Response:
         log_access(request, gens, mode)
         return JSONResponse(results if batch or len(gens) > 1 else results[0], headers=rank_headers(gens, mode))
     try:
-        await first_outputs(gens)
+        await unless_disconnected(request, first_outputs(gens))
     except BaseException:
         close_all(gens)
         raise

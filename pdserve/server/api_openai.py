@@ -368,7 +368,7 @@ async def completions(request: Request) -> Response:
         )
 
     try:
-        firsts = await first_outputs(gens)
+        firsts = await unless_disconnected(request, first_outputs(gens))
     except BaseException:
         close_all(gens)
         raise
@@ -549,7 +549,7 @@ async def chat_completions(request: Request) -> Response:
         )
 
     try:
-        firsts = await first_outputs(gens)
+        firsts = await unless_disconnected(request, first_outputs(gens))
     except BaseException:
         close_all(gens)
         raise
