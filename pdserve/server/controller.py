@@ -526,6 +526,8 @@ class DPController:
                 meta = message.disagg_meta.get(out.rid)
                 if meta is not None and (handle := self.requests.get(out.rid)) is not None:
                     handle.disagg_meta = meta
+                    for sample in filter(None, map(self.requests.get, handle.samples)):
+                        sample.disagg_meta = meta  # forked from the same prefilled prompt: same room and ranks
                 self._on_output(state, out, now)
             if state.phase == RankPhase.READY:  # not a dead worker's last batch
                 self._set_load(state, message.load)
