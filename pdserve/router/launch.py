@@ -235,8 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",
                         help="simulated compute on every server (see docs/simulation.md)")
     parser.add_argument("--policy", choices=POLICIES, default=None, help="router policy of both sides")
-    parser.add_argument("--prefill-policy", choices=POLICIES, default=None)
-    parser.add_argument("--decode-policy", choices=POLICIES, default=None)
+    parser.add_argument("--prefill-policy", choices=POLICIES, default=None,
+                        help="router policy of the prefill side (default: --policy's)")
+    parser.add_argument("--decode-policy", choices=POLICIES, default=None,
+                        help="router policy of the decode side (default: --policy's)")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV capacity of each DP rank")
     parser.add_argument("--server-args", default="", help="extra flags for every server, one shell-quoted string")
     parser.add_argument("--router-args", default="", help="extra flags for the router, one shell-quoted string")
