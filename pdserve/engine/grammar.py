@@ -32,7 +32,6 @@ from pdserve.engine.request import Req, RequestError, SamplingParams
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 CACHE_SIZE = 128
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of whitespace from a weak model
-BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -155,18 +154,22 @@ def _allows_any(matcher: llguidance.LLMatcher, vocab: int) -> bool:
     return bool(bits.any()) and not matcher.is_error()
 
 
-def fill_masks(matchers: Sequence[llguidance.LLMatcher], words: int) -> torch.Tensor:
+def fill_masks(matchers: Sequence[llguidance.LLMatcher], words: int) -> np.ndarray:
     """The next-token bitmasks [len(matchers), words] (int32, bit ``t % 32`` of word ``t // 32``:
-    token ``t`` allowed), all in one batched llguidance call; a matcher that fails gets an empty mask."""
-    bits = torch.zeros((len(matchers), words), dtype=torch.int32)
+    token ``t`` allowed), all in one batched llguidance call (one matcher: its own call, no pool
+    hand-off); a matcher that fails gets an empty mask."""
+    bits = np.zeros((len(matchers), words), dtype=np.int32)
     try:
-        executor().unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bits.data_ptr(), words * 4,
-                                           len(matchers))
+        if len(matchers) == 1:
+            matchers[0].unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
+        else:
+            executor().unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bits.ctypes.data,
+                                               words * 4, len(matchers))
     except Exception:  # find the failing matcher(s): row by row, each failure an empty mask
-        bits.zero_()
+        bits[:] = 0
         for k, matcher in enumerate(matchers):
             try:
-                matcher.unsafe_compute_mask_ptr(bits[k].data_ptr(), words * 4)
+                matcher.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
             except Exception:
                 bits[k] = 0
     return bits
@@ -183,14 +186,23 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
     if not rows:
         return
     vocab = logits.shape[-1]
-    bits = fill_masks([reqs[i].grammar for i in rows], (vocab + 31) // 32).to(logits.device)
-    allowed = ((bits[:, :, None] >> BIT_SHIFTS.to(logits.device)) & 1).bool().flatten(1)[:, :vocab]
-    index = torch.tensor(rows, device=logits.device)
-    current = logits.index_select(0, index)
+    bits = fill_masks([reqs[i].grammar for i in rows], (vocab + 31) // 32)
+    unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    allowed = torch.from_numpy(unpacked.view(np.bool_)).to(logits.device)
+    every_row = len(rows) == logits.shape[0]
+    index = None if every_row else torch.tensor(rows, device=logits.device)
+    current = logits if index is None else logits.index_select(0, index)
     masked = current.masked_fill(~allowed, float("-inf"))
-    uniform = torch.zeros_like(current).masked_fill(~allowed, float("-inf"))
-    masked = torch.where(torch.isinf(masked).all(dim=1, keepdim=True), uniform, masked)
-    logits.index_copy_(0, index, torch.where(allowed.any(dim=1, keepdim=True), masked, current))
+    banned = torch.isinf(masked).all(dim=1, keepdim=True)
+    if bool(banned.any()):
+        masked = torch.where(banned, torch.zeros_like(current).masked_fill(~allowed, float("-inf")), masked)
+    empty = ~allowed.any(dim=1, keepdim=True)
+    if bool(empty.any()):
+        masked = torch.where(empty, current, masked)
+    if index is None:
+        logits.copy_(masked)
+    else:
+        logits.index_copy_(0, index, masked)
 
 
 def advance_grammar(req: Req, token: int) -> dict[str, Any] | None:
