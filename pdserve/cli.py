@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from pdserve import __version__
+from pdserve.cli_help import HelpFormatter
 
 # subcommand -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -18,16 +19,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    """The ``pdserve`` parser with the flags of subcommand ``chosen`` (``"*"``: of every one)."""
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:  # only the chosen subcommand's module is imported
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if chosen in (name, "*"):  # only the chosen subcommand's module is imported
             importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)

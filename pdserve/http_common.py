@@ -17,6 +17,9 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+PREFILL_RANK_HEADER = "X-Prefill-DP-Rank"  # which DP ranks served a request (servers set them, the router relays)
+DECODE_RANK_HEADER = "X-Decode-DP-Rank"
+RANK_HEADERS = (PREFILL_RANK_HEADER, DECODE_RANK_HEADER)
 API_KEY_MESSAGE = "missing or invalid API key: send 'Authorization: Bearer <key>'"
 
 

@@ -114,3 +114,88 @@ def test_honor_client_ranks(pair):
             assert r.status_code == 200, r.text
 
     asyncio.run(run())
+
+
+RANKS = ("x-prefill-dp-rank", "x-decode-dp-rank")
+
+
+def served_by(headers) -> tuple[int, int]:
+    return int(headers["x-prefill-dp-rank"]), int(headers["x-decode-dp-rank"])
+
+
+def test_rank_headers_and_per_sample_meta_through_router_pd(pair):
+    """Every route, streamed or not, answers with the ranks that served it (as headers, which the
+    router relays, and as fields); with n > 1 every sample carries its own P/D meta_info."""
+    specs = [WorkerSpec(pair[0].url, "prefill"), WorkerSpec(pair[1].url, "decode")]
+
+    async def run() -> None:
+        async with router_client(specs, honor_client_ranks=True) as (c, _):
+            oai = openai.AsyncOpenAI(base_url=str(c.base_url) + "/v1", api_key="none", max_retries=0, timeout=120)
+            model = (await oai.models.list()).data[0].id
+            pin = {"data_parallel_rank": 0, "disagg_prefill_dp_rank": 0}
+            raw = await oai.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2, seed=3,
+                extra_body=pin)
+            assert served_by(raw.headers) == (0, 0)
+            chat = raw.parse()
+            for choice in chat.choices:
+                meta = choice.model_extra["meta_info"]
+                assert (meta["prefill_dp_rank"], meta["decode_dp_rank"]) == (0, 0)
+                assert meta["bootstrap_room"] == chat.model_extra["bootstrap_room"]
+                assert meta["kv_transfer_bytes"] > 0 and meta["kv_wait_ms"] is not None
+            async with oai.completions.with_streaming_response.create(
+                    model=model, prompt="Hello", max_tokens=4, n=3, seed=3, stream=True) as resp:
+                assert served_by(resp.headers) == (0, 0)
+                metas = {}
+                async for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        for ch in json.loads(line[6:])["choices"]:
+                            if "meta_info" in ch:
+                                metas[ch["index"]] = ch["meta_info"]
+            assert sorted(metas) == [0, 1, 2]
+            assert len({m["bootstrap_room"] for m in metas.values()}) == 1
+            assert all(m["decode_dp_rank"] == 0 and m["kv_transfer_bytes"] > 0 for m in metas.values())
+            body = {"text": "Hi", "sampling_params": {"max_new_tokens": 3, "n": 3, "temperature": 1.0}}
+            r = await c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            assert served_by(r.headers) == tuple(int(r.headers[h]) for h in RANKS)
+            metas = [item["meta_info"] for item in r.json()]
+            assert len(metas) == 3 and len({m["bootstrap_room"] for m in metas}) == 1
+            for m in metas:
+                assert (m["prefill_dp_rank"], m["decode_dp_rank"]) == served_by(r.headers)
+                assert m["kv_transfer_bytes"] > 0 and m["kv_wait_ms"] is not None and "cached_tokens" in m
+            async with c.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+                assert resp.status_code == 200 and all(h in resp.headers for h in RANKS)
+                await resp.aread()
+
+    asyncio.run(run())
+    assert wait_until(lambda: idle(pair), 20)
+
+
+def test_rank_headers_through_router_mixed(tmp_path):
+    server = serve(["--dp-size", "2"], tmp_path, "mixed")
+    try:
+        server.wait_healthy()
+
+        async def run() -> None:
+            async with router_client([WorkerSpec(server.url, "mixed")]) as (c, state):
+                oai = openai.AsyncOpenAI(base_url=str(c.base_url) + "/v1", api_key="none", max_retries=0,
+                                         timeout=120)
+                model = (await oai.models.list()).data[0].id
+                seen = set()
+                for _ in range(4):
+                    raw = await oai.completions.with_raw_response.create(model=model, prompt="Hi", max_tokens=2)
+                    assert "x-prefill-dp-rank" not in raw.headers
+                    rank = int(raw.headers["x-decode-dp-rank"])
+                    assert raw.parse().model_extra["decode_dp_rank"] == rank
+                    seen.add(rank)
+                    async with c.stream("POST", "/v1/chat/completions", json={
+                            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                            "stream": True}) as resp:
+                        assert resp.status_code == 200 and int(resp.headers["x-decode-dp-rank"]) in (0, 1)
+                        await resp.aread()
+                assert seen <= {0, 1}
+
+        asyncio.run(run())
+    finally:
+        server.stop()

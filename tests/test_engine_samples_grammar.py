@@ -62,3 +62,45 @@ def test_bad_grammar_raises_naming_field(engine, params):
     with pytest.raises(GrammarError) as err:
         engine.generate("Hi", sampling_params=params)
     assert err.value.field in params
+
+
+def test_batched_masks_match_each_matchers_own_mask():
+    """One batched llguidance call + one vectorized op gives each row exactly its own matcher's mask
+    (a dead matcher's too); unconstrained rows are untouched; a row whose allowed tokens were all
+    banned before gets them back, equally likely."""
+    import torch
+
+    from pdserve.engine.grammar import GrammarCompiler, apply_grammar_masks
+    from pdserve.engine.request import Req, SamplingParams
+    from pdserve.models import tiny
+    from pdserve.models.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny.default_model_path())
+    vocab = tiny.VOCAB_SIZE
+    compiler = GrammarCompiler(tok.to_json(), vocab, [tok.eos_token_id or 0])
+    params = [SamplingParams(regex="[0-9]{2}:[0-9]{2}"), SamplingParams(),
+              SamplingParams(json_schema=json.dumps({"type": "array", "items": {"type": "integer"}})),
+              SamplingParams(regex="(ab)+"), SamplingParams(regex="x[0-9]")]
+    reqs = [Req(rid=str(i), input_ids=[1], params=p, grammar=compiler.matcher(p)) for i, p in enumerate(params)]
+    assert not reqs[4].grammar.consume_token(own_mask(reqs[4].grammar, vocab).index(False))  # a dead matcher
+    masks = {row: torch.tensor(own_mask(reqs[row].grammar, vocab)) for row in (0, 2, 3, 4)}
+    logits = torch.randn(len(reqs), vocab, generator=torch.Generator().manual_seed(0))
+    logits[3] = float("-inf")  # every token banned before the grammar: the grammar's tokens come back
+    before = logits.clone()
+    apply_grammar_masks(logits, reqs)
+    for row, allowed in masks.items():
+        assert allowed.any() and not allowed.all()
+        assert torch.isinf(logits[row][~allowed]).all()
+        want = torch.zeros(vocab)[allowed] if row == 3 else before[row][allowed]
+        assert torch.equal(logits[row][allowed], want), row
+    assert torch.equal(logits[1], before[1])
+
+
+def own_mask(matcher, vocab: int) -> list[bool]:
+    """The matcher's mask computed on its own (row by row, llguidance's single-matcher call)."""
+    import numpy as np
+
+    words = (vocab + 31) // 32
+    bits = np.zeros(words, dtype=np.int32)
+    matcher.unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
+    return [bool(b) for b in np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab]]

@@ -340,6 +340,9 @@ def test_launch_serves_and_stops_on_sigint(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=60,
                        json={"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
         assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4
+        meta = r.json()["meta_info"]  # the router process relays the ranks that served it as headers
+        assert (int(r.headers["X-Prefill-DP-Rank"]), int(r.headers["X-Decode-DP-Rank"])) == (
+            meta["prefill_dp_rank"], meta["decode_dp_rank"])
         tree = descendants(proc.pid)
         assert len(tree) >= 7  # 2 server fronts, 2 + 2 DP workers, the router
         proc.send_signal(signal.SIGINT)

@@ -1,13 +1,15 @@
 """``pdserve bench BENCHMARK ...``: one benchmark per module, imported only when chosen.
 
-A benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (or, like
-``engine_throughput``, ``main(argv) -> int``). Add one by registering it in :data:`BENCHMARKS`.
+A benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Add one by
+registering it in :data:`BENCHMARKS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from pdserve.cli_help import HelpFormatter
 
 # benchmark -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -20,7 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = "\n".join(f"  {name:10s} {text}" for name, (_, text) in BENCHMARKS.items())
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.usage = "%(prog)s [-h] BENCHMARK [flags...]"
     parser.epilog = f"benchmarks:\n{listing}\n\n'pdserve bench BENCHMARK --help' shows a benchmark's flags."
     parser.add_argument("benchmark", choices=list(BENCHMARKS), metavar="BENCHMARK",
@@ -45,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve bench {args.benchmark}: not available in this installation "
               f"(module {BENCHMARKS[args.benchmark][0]} is missing)")
         return 2
-    if not hasattr(module, "add_arguments") and hasattr(module, "main"):
-        return int(module.main(args.bench_args) or 0)
-    parser = argparse.ArgumentParser(prog=f"pdserve bench {args.benchmark}",
-                                     description=BENCHMARKS[args.benchmark][1])
-    module.add_arguments(parser)
+    parser = benchmark_parser(args.benchmark, module)
     return int(module.run(parser.parse_args(args.bench_args)) or 0)
+
+
+def benchmark_parser(name: str, module=None) -> argparse.ArgumentParser:
+    """The parser of ``pdserve bench NAME``."""
+    module = module or importlib.import_module(BENCHMARKS[name][0])
+    parser = argparse.ArgumentParser(prog=f"pdserve bench {name}", description=BENCHMARKS[name][1],
+                                     formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    return parser

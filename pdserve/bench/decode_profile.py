@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from pdserve.cli_help import HelpFormatter
 from pdserve.engine import model_runner as runner_mod
 from pdserve.engine import sampler as sampler_mod
 from pdserve.engine.kv_pool import KVPool
@@ -119,14 +120,14 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="135m", choices=list(SHAPES))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--shape", default="135m", choices=list(SHAPES), help="model shape (random weights)")
+    parser.add_argument("--batch", type=int, default=32, help="requests decoded together")
+    parser.add_argument("--context", type=int, default=1024, help="KV tokens per request")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps timed")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV dtype")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: CPU time of all threads (less disturbed by other processes)")
     args = parser.parse_args(argv)

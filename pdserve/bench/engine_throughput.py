@@ -144,21 +144,33 @@ def run_hf_continuous(model, prompts, outputs) -> float | None:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pdserve bench engine", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "100m"], choices=list(MODELS))
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, nargs=2, default=(128, 512))
-    parser.add_argument("--output-len", type=int, nargs=2, default=(64, 128))
-    parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--threads", type=int, default=2)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=["tiny", "100m"], choices=list(MODELS),
+                        help="model shapes to build (random weights) and run")
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests per model")
+    parser.add_argument("--input-len", type=int, nargs=2, default=(128, 512), metavar=("MIN", "MAX"),
+                        help="prompt length range, uniform")
+    parser.add_argument("--output-len", type=int, nargs=2, default=(64, 128), metavar=("MIN", "MAX"),
+                        help="output length range, uniform")
+    parser.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[16, 64],
+                        help="batch sizes of the static transformers generate() runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--no-continuous", action="store_true", help="skip transformers generate_batch")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="both engines' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--output-file", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.cli_help import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="pdserve bench engine", description=__doc__, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from pdserve.models.loader import load_model
 

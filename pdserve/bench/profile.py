@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated concurrent requests per round")
     parser.add_argument("--prompt-len", default="16,400", help="min,max prompt tokens (uniform)")
     parser.add_argument("--output-len", type=int, default=24, help="tokens generated per request")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per batch size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
 
 
 def profile(config: EngineConfig, batch_sizes: list[int], prompt_len: tuple[int, int], output_len: int,

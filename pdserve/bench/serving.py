@@ -112,27 +112,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:30000")
     parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
                         help="pdserve/sglang: POST /generate; openai-*: /v1/completions or /v1/chat/completions")
-    parser.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    parser.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                        help="prompt source: random token ids, a ShareGPT file or generated shared prefixes")
     parser.add_argument("--dataset-path", default=None, help="local ShareGPT JSON file (never downloaded)")
-    parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    parser.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests to send")
     parser.add_argument("--request-rate", type=float, default=d.request_rate,
                         help="mean requests per second, Poisson arrivals; inf sends all at once (default)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
-    parser.add_argument("--random-input-len", type=int, default=d.random_input_len)
-    parser.add_argument("--random-output-len", type=int, default=d.random_output_len)
+    parser.add_argument("--random-input-len", type=int, default=d.random_input_len,
+                        help="random dataset: prompt tokens")
+    parser.add_argument("--random-output-len", type=int, default=d.random_output_len,
+                        help="random dataset: output tokens")
     parser.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio,
                         help="lengths uniform in [L*(1-ratio), L*(1+ratio)], per request")
     parser.add_argument("--sharegpt-output-len", type=int, default=None,
                         help="output tokens per ShareGPT request (default: the length of the reply)")
     parser.add_argument("--gsp-num-groups", type=int, default=d.gsp_num_groups,
                         help="generated-shared-prefix: distinct system prompts (num-prompts is groups x per group)")
-    parser.add_argument("--gsp-prompts-per-group", type=int, default=d.gsp_prompts_per_group)
-    parser.add_argument("--gsp-system-prompt-len", type=int, default=d.gsp_system_prompt_len)
-    parser.add_argument("--gsp-question-len", type=int, default=d.gsp_question_len)
-    parser.add_argument("--gsp-output-len", type=int, default=d.gsp_output_len)
+    parser.add_argument("--gsp-prompts-per-group", type=int, default=d.gsp_prompts_per_group,
+                        help="generated-shared-prefix: prompts per system prompt")
+    parser.add_argument("--gsp-system-prompt-len", type=int, default=d.gsp_system_prompt_len,
+                        help="generated-shared-prefix: system prompt tokens")
+    parser.add_argument("--gsp-question-len", type=int, default=d.gsp_question_len,
+                        help="generated-shared-prefix: question tokens after the system prompt")
+    parser.add_argument("--gsp-output-len", type=int, default=d.gsp_output_len,
+                        help="generated-shared-prefix: output tokens")
     parser.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
                         help="SLO limits in ms for SLO attainment and goodput: ttft:MS tpot:MS e2el:MS")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the dataset and the arrival times")
     parser.add_argument("--model", default=None, help="model name to send (default: first id of GET /v1/models)")
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer folder (default: the server's model_path if local, else the tiny model)")

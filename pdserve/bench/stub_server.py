@@ -15,6 +15,8 @@ import json
 
 from aiohttp import web
 
+from pdserve.cli_help import HelpFormatter
+
 REPLY = {"text": "a", "output_ids": [5],
          "meta_info": {"id": "stub", "finish_reason": {"type": "length", "length": 1}, "prompt_tokens": 4,
                        "completion_tokens": 1, "cached_tokens": 0, "e2e_latency": 0.0}}
@@ -58,10 +60,10 @@ def make_app(mode: str, bootstrap_port: int | None, model_path: str) -> web.Appl
 def main(argv: list[str] | None = None) -> int:
     from pdserve.models.tiny import default_model_path
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", choices=("prefill", "decode", "null"), default="null")
-    p.add_argument("--bootstrap-port", type=int, default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--port", type=int, required=True, help="port to listen on")
+    p.add_argument("--mode", choices=("prefill", "decode", "null"), default="null", help="server role it plays")
+    p.add_argument("--bootstrap-port", type=int, default=None, help="bootstrap port it reports (prefill)")
     args = p.parse_args(argv)
     mode = None if args.mode == "null" else args.mode
     web.run_app(make_app(mode, args.bootstrap_port, default_model_path()), host="127.0.0.1", port=args.port,

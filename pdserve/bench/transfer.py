@@ -24,13 +24,15 @@ TARGETS = {"tcp": 0.70, "shm": 0.50}  # share of the ceiling each backend should
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["tcp", "shm", "all"], default="all")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--pages", type=int, default=512)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--backend", choices=["tcp", "shm", "all"], default="all",
+                        help="transfer backend to measure (all: each in turn)")
+    parser.add_argument("--layers", type=int, default=8, help="model layers of the KV sent")
+    parser.add_argument("--pages", type=int, default=512, help="pages sent per transfer")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per page")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads per layer")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                        help="KV dtype")
     parser.add_argument("--chunk-pages", type=int, default=32, help="pages per send job")
     parser.add_argument("--shuffle", action="store_true", help="scatter into random destination pages")
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is reported")

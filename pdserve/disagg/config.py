@@ -93,7 +93,8 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         "--disaggregation-bootstrap-port", type=int, default=d.bootstrap_port,
         help="prefill: port of its bootstrap service; decode: used when a request's bootstrap_port is null",
     )
-    parser.add_argument("--disaggregation-transfer-backend", default=d.transfer_backend, choices=ALL_BACKENDS)
+    parser.add_argument("--disaggregation-transfer-backend", default=d.transfer_backend, choices=ALL_BACKENDS,
+                        help="how KV pages travel from prefill to decode (sim: bytes not sent, for --simulate)")
     parser.add_argument(
         "--disaggregation-bootstrap-timeout", type=float, default=d.bootstrap_timeout,
         help="seconds to reach the prefill bootstrap service, resolve a rank and get the KV request acknowledged",

@@ -10,11 +10,13 @@ from pdserve.engine.config import add_engine_arguments, engine_config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: keep the smallest set of tokens whose probability reaches P")
+    parser.add_argument("--top-k", type=int, default=-1, help="keep the K most likely tokens (-1: all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: none, the engine's --random-seed stream)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     parser.add_argument("--json", action="store_true", help="print the full SGLang-shaped result as JSON")
     add_engine_arguments(parser)

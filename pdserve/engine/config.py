@@ -57,16 +57,23 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI flags for every :class:`EngineConfig` field (``--model-path``, ``--page-size`` ...)."""
     defaults = EngineConfig()
     parser.add_argument("--model-path", default=None, help="HF checkpoint folder (default: embedded tiny model)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                        help="weights and KV dtype; auto: the checkpoint's (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--page-size", type=int, default=defaults.page_size)
+    parser.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per KV page")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    parser.add_argument("--mem-fraction-static", type=float, default=defaults.mem_fraction_static)
-    parser.add_argument("--chunked-prefill-size", type=int, default=defaults.chunked_prefill_size)
-    parser.add_argument("--max-running-requests", type=int, default=defaults.max_running_requests)
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--random-seed", type=int, default=defaults.random_seed)
-    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--mem-fraction-static", type=float, default=defaults.mem_fraction_static,
+                        help="share of free device memory (CPU: of 4 GiB) given to the KV cache without --max-total-tokens")
+    parser.add_argument("--chunked-prefill-size", type=int, default=defaults.chunked_prefill_size,
+                        help="most prompt tokens computed in one step (longer prompts are split)")
+    parser.add_argument("--max-running-requests", type=int, default=defaults.max_running_requests,
+                        help="most requests running at once per DP rank")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--random-seed", type=int, default=defaults.random_seed,
+                        help="seed of sampling without a request seed")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch CPU threads per worker (default: torch's own choice)")
     parser.add_argument(
         "--num-reserved-decode-tokens", type=int, default=defaults.num_reserved_decode_tokens,
         help="decode headroom (tokens) kept free per running request when admitting new requests",

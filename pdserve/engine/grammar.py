@@ -4,8 +4,10 @@ A request constrains its output with one of SGLang's sampling parameters ``json_
 text), ``regex`` or ``ebnf`` (GBNF, as SGLang/xgrammar read it). :class:`GrammarCompiler` turns
 one into an llguidance grammar, checks it against the tokenizer (a :class:`GrammarError` names the
 field) and keeps compiled matchers in an LRU cache; each request gets its own copy
-(``Req.grammar``). Every sampling step, :func:`apply_grammar_masks` sets the logits of tokens the
-grammar forbids to ``-inf``, and :func:`advance_grammar` feeds the chosen token to the matcher.
+(``Req.grammar``). Every sampling step, :func:`apply_grammar_masks` computes the masks of all
+constrained rows in one call to llguidance's :class:`LLExecutor` (its thread pool, without the GIL)
+and sets the logits of tokens the grammars forbid to ``-inf`` in one vectorized operation;
+:func:`advance_grammar` feeds the chosen token to the matcher.
 
 llguidance rather than xgrammar: llguidance is MIT, has no Python dependencies (xgrammar pulls an
 unpinned torch, triton and transformers) and computes masks on the CPU in tens of microseconds.
@@ -14,6 +16,7 @@ unpinned torch, triton and transformers) and computes masks on the CPU in tens o
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,6 +32,19 @@ from pdserve.engine.request import Req, RequestError, SamplingParams
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 CACHE_SIZE = 128
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of whitespace from a weak model
+_executor: llguidance.LLExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor() -> llguidance.LLExecutor:
+    """This process's llguidance thread pool for batched masks: as many threads as torch may use
+    (a worker's CPU share), set by ``PDSERVE_GRAMMAR_THREADS`` when given."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            threads = int(os.environ.get("PDSERVE_GRAMMAR_THREADS", "0")) or torch.get_num_threads()
+            _executor = llguidance.LLExecutor(num_threads=max(1, threads))
+        return _executor
 
 
 class GrammarError(RequestError):
@@ -138,8 +154,30 @@ def _allows_any(matcher: llguidance.LLMatcher, vocab: int) -> bool:
     return bool(bits.any()) and not matcher.is_error()
 
 
+def fill_masks(matchers: Sequence[llguidance.LLMatcher], words: int) -> np.ndarray:
+    """The next-token bitmasks [len(matchers), words] (int32, bit ``t % 32`` of word ``t // 32``:
+    token ``t`` allowed), all in one batched llguidance call (one matcher: its own call, no pool
+    hand-off); a matcher that fails gets an empty mask."""
+    bits = np.zeros((len(matchers), words), dtype=np.int32)
+    try:
+        if len(matchers) == 1:
+            matchers[0].unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
+        else:
+            executor().unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bits.ctypes.data,
+                                               words * 4, len(matchers))
+    except Exception:  # find the failing matcher(s): row by row, each failure an empty mask
+        bits[:] = 0
+        for k, matcher in enumerate(matchers):
+            try:
+                matcher.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
+            except Exception:
+                bits[k] = 0
+    return bits
+
+
 def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
-    """In place: ``-inf`` for every token the grammar of row ``i``'s request forbids next.
+    """In place: ``-inf`` for every token the grammar of row ``i``'s request forbids next, for all
+    constrained rows at once.
 
     Run after penalties: if they banned every token the grammar allows (``min_new_tokens`` on a
     complete grammar), the grammar wins and its tokens are made equally likely. A grammar that
@@ -148,22 +186,23 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
     if not rows:
         return
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bits = np.zeros((len(rows), words), dtype=np.int32)
-    for k, row in enumerate(rows):
-        try:
-            reqs[row].grammar.unsafe_compute_mask_ptr(bits[k].ctypes.data, words * 4)
-        except Exception:  # the row stays unmasked; advance_grammar then finishes the request
-            bits[k] = 0
-    allowed = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool))
-    for k, row in enumerate(rows):
-        ok = allowed[k].to(logits.device)
-        if not bool(ok.any()):
-            continue
-        masked = logits[row].masked_fill(~ok, float("-inf"))
-        if bool(torch.isinf(masked).all()):
-            masked = torch.zeros_like(masked).masked_fill(~ok, float("-inf"))
-        logits[row] = masked
+    bits = fill_masks([reqs[i].grammar for i in rows], (vocab + 31) // 32)
+    unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    allowed = torch.from_numpy(unpacked.view(np.bool_)).to(logits.device)
+    every_row = len(rows) == logits.shape[0]
+    index = None if every_row else torch.tensor(rows, device=logits.device)
+    current = logits if index is None else logits.index_select(0, index)
+    masked = current.masked_fill(~allowed, float("-inf"))
+    banned = torch.isinf(masked).all(dim=1, keepdim=True)
+    if bool(banned.any()):
+        masked = torch.where(banned, torch.zeros_like(current).masked_fill(~allowed, float("-inf")), masked)
+    empty = ~allowed.any(dim=1, keepdim=True)
+    if bool(empty.any()):
+        masked = torch.where(empty, current, masked)
+    if index is None:
+        logits.copy_(masked)
+    else:
+        logits.index_copy_(0, index, masked)
 
 
 def advance_grammar(req: Req, token: int) -> dict[str, Any] | None:

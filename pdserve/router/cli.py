@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
+from pdserve.ports import PortInUse, listen_socket
 from pdserve.router.config import add_arguments as _add_arguments
 from pdserve.router.config import router_config_from_args
 
@@ -19,16 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pdserve.router.app import create_app
-
     try:
         config = router_config_from_args(args)
         config.validate()
         limits = http_limits_from_args(args)
+        sock = listen_socket(config.host, config.port)
     except ValueError as e:
         raise SystemExit(f"pdserve router: {e}") from None
+    except PortInUse as e:
+        raise SystemExit(f"pdserve router: {e}; stop it or choose another --port") from None
+    import uvicorn
+
+    from pdserve.router.app import create_app
+
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s [router] %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
@@ -37,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
             app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
             lifespan="on", timeout_graceful_shutdown=5, **limits.uvicorn_options(),
         )
-    ).run()
+    ).run(sockets=[sock])
     return 0

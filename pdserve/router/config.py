@@ -115,7 +115,7 @@ def parse_prefill(values: list[str]) -> WorkerSpec:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = RouterConfig()
     parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
     parser.add_argument("--worker-urls", nargs="*", default=[], metavar="URL", help="mixed-mode servers")
     parser.add_argument("--pd-disaggregation", action="store_true", help="route to prefill and decode servers")
     parser.add_argument(
@@ -124,8 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--decode", action="append", default=[], metavar="URL", help="decode server URL; repeatable")
     parser.add_argument("--policy", choices=POLICIES, default=None, help="policy of both sides (default: least_load)")
-    parser.add_argument("--prefill-policy", choices=POLICIES, default=None)
-    parser.add_argument("--decode-policy", choices=POLICIES, default=None)
+    parser.add_argument("--prefill-policy", choices=POLICIES, default=None,
+                        help="policy choosing the prefill unit (default: --policy's)")
+    parser.add_argument("--decode-policy", choices=POLICIES, default=None,
+                        help="policy choosing the decode unit (default: --policy's)")
     parser.add_argument(
         "--dp-coupled", action="store_true",
         help="old behaviour for comparison: pick a decode rank r, then a prefill unit with rank r %% its dp_size",
@@ -140,29 +142,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cache_aware: least prefix match ratio that wins over load")
     parser.add_argument("--balance-abs-threshold", type=int, default=d.balance_abs_threshold,
                         help="cache_aware: load gap (tokens) beyond which it balances instead")
-    parser.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold)
+    parser.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold,
+                        help="cache_aware: load ratio (most / least loaded) beyond which it balances instead")
     parser.add_argument("--max-tree-size", type=int, default=d.max_tree_size,
                         help="cache_aware: prefix blocks remembered per unit")
-    parser.add_argument("--health-check-interval-secs", type=float, default=d.health_check_interval_secs)
-    parser.add_argument("--health-check-timeout-secs", type=float, default=d.health_check_timeout_secs)
-    parser.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
-    parser.add_argument("--health-success-threshold", type=int, default=d.health_success_threshold)
-    parser.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
+    parser.add_argument("--health-check-interval-secs", type=float, default=d.health_check_interval_secs,
+                        help="seconds between health checks of an admitted worker")
+    parser.add_argument("--health-check-timeout-secs", type=float, default=d.health_check_timeout_secs,
+                        help="seconds one health check may take")
+    parser.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold,
+                        help="failed checks in a row that take a worker out")
+    parser.add_argument("--health-success-threshold", type=int, default=d.health_success_threshold,
+                        help="passed checks in a row that admit a worker (again)")
+    parser.add_argument("--health-check-endpoint", default=d.health_check_endpoint,
+                        help="path of the health check")
     parser.add_argument("--worker-startup-check-interval", type=float, default=d.worker_startup_check_interval,
                         help="seconds between checks of a worker not (or no longer) admitted")
     parser.add_argument("--load-poll-interval-secs", type=float, default=d.load_poll_interval_secs,
                         help="seconds between GET /get_load polls (load-based policies)")
-    parser.add_argument("--request-timeout-secs", type=float, default=d.request_timeout_secs)
+    parser.add_argument("--request-timeout-secs", type=float, default=d.request_timeout_secs,
+                        help="seconds one upstream request may take, streaming included")
     parser.add_argument("--retry-max-retries", type=int, default=d.retry_max_retries, help="tries per request")
-    parser.add_argument("--retry-initial-backoff-ms", type=float, default=d.retry_initial_backoff_ms)
-    parser.add_argument("--retry-max-backoff-ms", type=float, default=d.retry_max_backoff_ms)
-    parser.add_argument("--retry-backoff-multiplier", type=float, default=d.retry_backoff_multiplier)
-    parser.add_argument("--retry-jitter-factor", type=float, default=d.retry_jitter_factor)
-    parser.add_argument("--disable-retries", action="store_true")
+    parser.add_argument("--retry-initial-backoff-ms", type=float, default=d.retry_initial_backoff_ms,
+                        help="wait before the first retry")
+    parser.add_argument("--retry-max-backoff-ms", type=float, default=d.retry_max_backoff_ms,
+                        help="longest wait between retries")
+    parser.add_argument("--retry-backoff-multiplier", type=float, default=d.retry_backoff_multiplier,
+                        help="each retry waits this many times longer")
+    parser.add_argument("--retry-jitter-factor", type=float, default=d.retry_jitter_factor,
+                        help="random +- share of each wait")
+    parser.add_argument("--disable-retries", action="store_true",
+                        help="one try per request (same as --retry-max-retries 1)")
     parser.add_argument("--max-payload-size", type=int, default=d.max_payload_size, help="largest request body (bytes)")
     parser.add_argument("--api-key", default=None,
                         help="clients must send 'Authorization: Bearer KEY'; the router sends it to the workers")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level)
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="router log level")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:

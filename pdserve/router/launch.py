@@ -1,9 +1,12 @@
 """``pdserve launch``: prefill servers, decode servers and a router as child processes.
 
 Each child runs in its own process group with its output prefixed by its name
-(``[prefill-0] ...``). The launcher waits (bounded) until every server and the router answer
-``GET /health``, prints the endpoint and an example request, and on Ctrl-C or SIGTERM (or when a
-child dies) stops them all: SIGTERM to each group, a bounded wait, then SIGKILL to what is left.
+(``[prefill-0] ...``). A busy router port fails before anything starts, naming who holds it (each
+server and the router also bind their port before starting anything else). The launcher waits
+(bounded) until every server and the router answer ``GET /health``, prints the endpoint and an
+example request, and on Ctrl-C or SIGTERM (or when a child dies) starts nothing more and stops
+them all: SIGTERM to each group, a bounded wait (a second Ctrl-C cuts it short), then SIGKILL to
+what is left. The exit code is 1 when a child failed or startup timed out, 0 after a requested stop.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.plane_secret import SECRET_ENV, generate_secret
+from pdserve.ports import PortInUse, check_free
 from pdserve.router.config import POLICIES
 
 STOP_GRACE_S = 15.0
@@ -35,6 +40,11 @@ class Child:
     proc: subprocess.Popen
     url: str | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
+    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=3))  # why it died, if it did
+
+    def exit_summary(self) -> str:
+        tail = " | ".join(line.strip() for line in self.last_lines if line.strip())
+        return f"{self.name} exited with code {self.proc.returncode}" + (f": {tail}" if tail else "")
 
 
 def free_ports(count: int, host: str) -> list[int]:
@@ -71,6 +81,7 @@ class Launcher:
         self.children: list[Child] = []
         self.print_lock = threading.Lock()
         self.stop_requested = threading.Event()
+        self.kill_now = threading.Event()  # a second signal: no more grace
         # one secret per launch authenticates the P/D plane between the servers it starts (by env, not argv)
         self.secret = os.environ.get(SECRET_ENV) or generate_secret()
 
@@ -84,7 +95,9 @@ class Launcher:
         assert child.proc.stdout is not None
         prefix = f"[{child.name}] "
         for raw in child.proc.stdout:
-            self.say(prefix + raw.decode(errors="replace").rstrip("\n"))
+            line = raw.decode(errors="replace").rstrip("\n")
+            child.last_lines.append(line)
+            self.say(prefix + line)
 
     # ------------------------------------------------------------------ children
     def spawn(self, name: str, argv: list[str], url: str | None) -> Child:
@@ -100,7 +113,9 @@ class Launcher:
         self.children.append(child)
         return child
 
-    def start_all(self) -> None:
+    def start_all(self) -> bool:
+        """Start the servers, then the router; False (starting no more) once a stop is requested or a
+        child already died."""
         a = self.args
         host = a.host
         workers = a.prefill * a.prefill_dp_size + a.decode * a.decode_dp_size
@@ -122,6 +137,8 @@ class Launcher:
         for i in range(a.prefill):
             port, bootstrap = ports.pop(), ports.pop()
             url = f"http://{host}:{port}"
+            if self.must_stop():
+                return False
             self.spawn(f"prefill-{i}", [
                 "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "prefill",
                 "--dp-size", str(a.prefill_dp_size), "--disaggregation-bootstrap-port", str(bootstrap),
@@ -131,6 +148,8 @@ class Launcher:
         for i in range(a.decode):
             port = ports.pop()
             url = f"http://{host}:{port}"
+            if self.must_stop():
+                return False
             self.spawn(f"decode-{i}", [
                 "serve", "--host", host, "--port", str(port), "--disaggregation-mode", "decode",
                 "--dp-size", str(a.decode_dp_size), "--disaggregation-transfer-backend", transfer_backend,
@@ -142,10 +161,28 @@ class Launcher:
             if value:
                 router_argv += ["--" + flag.replace("_", "-"), value]
         router_argv += shlex.split(a.router_args or "")
+        if self.must_stop():
+            return False
         self.spawn("router", router_argv, f"http://{host}:{a.port}")
+        return True
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def must_stop(self) -> bool:
+        """A stop was requested or a child died: start nothing more (and say why once)."""
+        if self.stop_requested.is_set():
+            return True
+        dead = self.dead_child()
+        if dead is not None:
+            self.report_dead(dead, "during startup")
+            return True
+        return False
+
+    def report_dead(self, child: Child, when: str) -> None:
+        if child.pump is not None:
+            child.pump.join(timeout=1.0)  # its last lines say why
+        self.say(f"[launch] {child.exit_summary()} ({when})")
 
     def wait_healthy(self, timeout: float) -> bool:
         """True once every child answers /health; False on timeout, a dead child or a stop request."""
@@ -156,7 +193,7 @@ class Launcher:
                 return False
             dead = self.dead_child()
             if dead is not None:
-                self.say(f"[launch] {dead.name} exited with code {dead.proc.returncode} during startup")
+                self.report_dead(dead, "during startup")
                 return False
             if time.monotonic() > deadline:
                 self.say(f"[launch] not healthy within {timeout:.0f} s: {', '.join(c.name for c in pending)}")
@@ -173,12 +210,14 @@ class Launcher:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and not self.kill_now.is_set():
+            if all(child.proc.poll() is not None for child in self.children):
+                break
+            self.kill_now.wait(0.05)
         for child in self.children:
             if child.proc.poll() is None:
-                self.say(f"[launch] {child.name} did not stop within {STOP_GRACE_S:.0f} s: killing it")
+                why = "asked to stop at once" if self.kill_now.is_set() else f"did not stop within {STOP_GRACE_S:.0f} s"
+                self.say(f"[launch] {child.name} {why}: killing it")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)  # also any of its processes left in the group
             child.proc.wait()
@@ -188,6 +227,8 @@ class Launcher:
     # ------------------------------------------------------------------ main
     def run(self) -> int:
         def on_signal(signum: int, _frame: object) -> None:
+            if self.stop_requested.is_set():
+                self.kill_now.set()
             self.stop_requested.set()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -197,9 +238,8 @@ class Launcher:
                 self.say("[launch] no --model-path: serving the embedded tiny model (random weights, ~1M "
                          "parameters, built once into the cache): its output is gibberish by design; it exists "
                          "to exercise the serving stack. Pass --model-path FOLDER for a real HF checkpoint.")
-            self.start_all()
-            if not self.wait_healthy(self.args.startup_timeout):
-                code = 0 if self.stop_requested.is_set() else 1
+            if not self.start_all() or not self.wait_healthy(self.args.startup_timeout):
+                code = 0 if self.stop_requested.is_set() and self.dead_child() is None else 1
                 return code
             url = f"http://{self.args.host}:{self.args.port}"
             self.say(f"[launch] ready: {url}  (Ctrl-C stops everything)")
@@ -208,7 +248,7 @@ class Launcher:
             while not self.stop_requested.wait(POLL_S):
                 dead = self.dead_child()
                 if dead is not None:
-                    self.say(f"[launch] {dead.name} exited with code {dead.proc.returncode}: stopping everything")
+                    self.report_dead(dead, "stopping everything")
                     code = 1
                     break
             return code
@@ -235,8 +275,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",
                         help="simulated compute on every server (see docs/simulation.md)")
     parser.add_argument("--policy", choices=POLICIES, default=None, help="router policy of both sides")
-    parser.add_argument("--prefill-policy", choices=POLICIES, default=None)
-    parser.add_argument("--decode-policy", choices=POLICIES, default=None)
+    parser.add_argument("--prefill-policy", choices=POLICIES, default=None,
+                        help="router policy of the prefill side (default: --policy's)")
+    parser.add_argument("--decode-policy", choices=POLICIES, default=None,
+                        help="router policy of the decode side (default: --policy's)")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV capacity of each DP rank")
     parser.add_argument("--server-args", default="", help="extra flags for every server, one shell-quoted string")
     parser.add_argument("--router-args", default="", help="extra flags for the router, one shell-quoted string")
@@ -249,18 +291,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("pdserve launch: --prefill, --decode and the DP sizes must be >= 1")
     if args.port == 0:
         args.port = free_ports(1, args.host)[0]
-    elif not port_free(args.host, args.port):
-        print(f"pdserve launch: port {args.port} on {args.host} is already in use (another server?); "
-              "stop it or pass --port N (0 picks a free one). Nothing was started.", file=sys.stderr)
+    try:
+        check_free(args.host, args.port)
+    except PortInUse as e:
+        print(f"pdserve launch: router {e}; stop it or pass --port N (0 picks a free one). Nothing was started.",
+              file=sys.stderr)
         return 1
     return Launcher(args).run()
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound now (checked before any process starts)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

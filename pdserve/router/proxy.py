@@ -9,7 +9,9 @@ the client, unless the server marked the failure as the request's own (``X-Pdser
 false``); a server that did not answer is left out of the retries, an answering server only loses
 the failed unit. A client ``rid`` already in flight through this router is refused with 400.
 A streamed reply is decode's stream relayed chunk by chunk once its first chunk is in; the client
-going away cancels both halves. Mixed mode is the same with one unit and no pairing.
+going away cancels both halves. Mixed mode is the same with one unit and no pairing. Every answer
+that a server produced carries the rank headers (``X-Prefill-DP-Rank`` / ``X-Decode-DP-Rank``): the
+server's, or else the ranks this router picked.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import msgspec
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pdserve.http_common import DECODE_RANK_HEADER, PREFILL_RANK_HEADER
 from pdserve.router.config import RouterConfig
 from pdserve.router.errors import RouterError, error_body, error_response
 from pdserve.router.fleet import Fleet
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import BadClientRank, Pairing, client_rank
 from pdserve.router.request_info import RequestInfo
-from pdserve.router.upstream import ABORT_TIMEOUT_S, Reply, Stream, Upstream
+from pdserve.router.upstream import ABORT_TIMEOUT_S, Reply, Stream, Upstream, rank_headers
 from pdserve.router.worker import Unit, Worker
 
 logger = logging.getLogger("pdserve.router")
@@ -51,8 +54,9 @@ Failure = tuple[str, Unit, Reply]
 class RelayResponse(StreamingResponse):
     """A streamed reply that runs ``on_close`` however it ends (done, client gone, never sent)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None], media_type: str) -> None:
-        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None], media_type: str,
+                 headers: dict[str, str]) -> None:
+        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache", **headers})
         self.on_close = [on_close]
 
     def also_on_close(self, callback: Callable[[], None]) -> None:
@@ -68,6 +72,14 @@ class RelayResponse(StreamingResponse):
 
 def _rids(rid: Any) -> list[str]:
     return [r for r in rid if isinstance(r, str)] if isinstance(rid, list) else [rid]
+
+
+def served_headers(server: dict[str, str], prefill_rank: int | None, decode_rank: int) -> dict[str, str]:
+    """The rank headers of an answer: the server's, completed with the ranks this router picked."""
+    headers = {DECODE_RANK_HEADER: str(decode_rank)}
+    if prefill_rank is not None:
+        headers[PREFILL_RANK_HEADER] = str(prefill_rank)
+    return {**headers, **server}
 
 
 def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
@@ -228,10 +240,11 @@ class Proxy:
                 if isinstance(d, Stream):
                     handed_off = True
                     return self._relay(route, d, started, prefill.worker, decode.worker, rid, headers,
-                                       p_task, release_decode)
+                                       p_task, release_decode, served_headers({}, prefill.rank, decode.rank))
                 if d is not None and p is not None:
                     release_decode()
-                    return self._reply(route, body, p, d, started)
+                    return self._reply(route, body, p, d, started, served_headers(d.ranks, prefill.rank,
+                                                                                  decode.rank))
                 if p is not None and not p.ok:
                     aborts += self._drop(d_task, decode.worker, rid, headers, by_rid=p.retryable)
                     release_decode()
@@ -242,12 +255,13 @@ class Proxy:
                 self._drop(d_task, decode.worker, rid, headers)
                 release_decode()
 
-    def _reply(self, route: str, body: dict[str, Any], p: Reply, d: Reply, started: float) -> Response:
+    def _reply(self, route: str, body: dict[str, Any], p: Reply, d: Reply, started: float,
+               ranks: dict[str, str]) -> Response:
         content = d.body
         if route == "/generate" and p.ok and body.get("return_logprob"):
             content = merge_input_logprobs(p.body, d.body)
         self.metrics.answered(route, d.status, time.perf_counter() - started)
-        return Response(content, status_code=d.status, media_type=d.content_type)
+        return Response(content, status_code=d.status, media_type=d.content_type, headers=ranks)
 
     def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str],
               by_rid: bool = True) -> list[asyncio.Task]:
@@ -290,7 +304,7 @@ class Proxy:
                     raise
                 if isinstance(reply, Stream):
                     return self._relay(route, reply, started, None, unit.worker, None, headers, None,
-                                       functools.partial(unit.end, tokens))
+                                       functools.partial(unit.end, tokens), served_headers({}, None, unit.rank))
                 unit.end(tokens)
             else:
                 try:
@@ -299,7 +313,8 @@ class Proxy:
                     unit.end(tokens)
                 if reply.ok:
                     self.metrics.answered(route, reply.status, time.perf_counter() - started)
-                    return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+                    return Response(reply.body, status_code=reply.status, media_type=reply.content_type,
+                                    headers=served_headers(reply.ranks, None, unit.rank))
             failure = self._note_failure("mixed", unit, reply)
             if not reply.retryable:
                 break
@@ -310,8 +325,9 @@ class Proxy:
     # ------------------------------------------------------------------ shared
     def _relay(self, route: str, start: Stream, started: float, prefill: Worker | None, decode: Worker,
                rid: Any, headers: dict[str, str], p_task: asyncio.Task | None,
-               release: Callable[[], None]) -> RelayResponse:
-        """Decode's (or the mixed server's) stream, chunk by chunk, as the client's reply."""
+               release: Callable[[], None], ranks: dict[str, str]) -> RelayResponse:
+        """Decode's (or the mixed server's) stream, chunk by chunk, as the client's reply, with the rank
+        headers (``ranks``, the router's pick, overridden by the server's own)."""
         finished = False
         side = "decode" if prefill is not None else "mixed"
 
@@ -342,7 +358,8 @@ class Proxy:
                         self._spawn(self.upstream.abort(decode.url, r, headers))
             self.metrics.answered(route, 200 if finished else 499, time.perf_counter() - started)
 
-        return RelayResponse(chunks(), on_close, start.resp.headers.get("Content-Type", "text/event-stream"))
+        return RelayResponse(chunks(), on_close, start.resp.headers.get("Content-Type", "text/event-stream"),
+                             {**ranks, **rank_headers(start.resp)})
 
     async def _settle(self, p_task: asyncio.Task, prefill: Worker) -> None:
         """Let a prefill half whose decode already finished answer (bounded); only count its failure."""
@@ -375,7 +392,7 @@ class Proxy:
         status = reply.status or 502
         self.metrics.answered(route, status, time.perf_counter() - started)
         if reply.status:
-            return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+            return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.ranks)
         message = f"{side} server {worker.url} failed ({reply.reason}): {reply.body.decode(errors='replace')}"
         return error_response(route, 502, message, f"{side}_unreachable")
 

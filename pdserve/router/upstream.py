@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import msgspec
+
+from pdserve.http_common import RANK_HEADERS
 
 JSON = {"Content-Type": "application/json"}
 RETRY_STATUSES = frozenset({408, 429})
@@ -29,6 +31,7 @@ class Reply:
     content_type: str = "application/json"
     reason: str = ""  # failures: "connect", "timeout", "disconnected", "status", "empty_stream"
     verdict: bool | None = None  # the server's RETRYABLE_HEADER, when it sent one
+    ranks: dict[str, str] = field(default_factory=dict)  # the server's rank headers (RANK_HEADERS)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +67,11 @@ def _verdict(resp: aiohttp.ClientResponse) -> bool | None:
     return {"true": True, "false": False}.get(value)
 
 
+def rank_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The rank headers (``RANK_HEADERS``) a server's answer carries."""
+    return {name: resp.headers[name] for name in RANK_HEADERS if name in resp.headers}
+
+
 def _failure(e: BaseException) -> Reply:
     if isinstance(e, aiohttp.ClientConnectorError):
         reason = "connect"
@@ -85,7 +93,7 @@ class Upstream:
             async with self.session.post(url, data=body, headers=headers, timeout=self.timeout) as resp:
                 data = await resp.read()
                 return Reply(resp.status, data, resp.headers.get("Content-Type", "application/json"),
-                             "" if 200 <= resp.status < 300 else "status", _verdict(resp))
+                             "" if 200 <= resp.status < 300 else "status", _verdict(resp), rank_headers(resp))
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return _failure(e)
 

@@ -2,7 +2,8 @@
 
 Headers ``X-Prefill-DP-Rank`` / ``X-Decode-DP-Rank`` (a mixed server reports its rank as the decode
 rank), the same values as SGLang-style extra fields of OpenAI responses (``prefill_dp_rank``,
-``decode_dp_rank``, ``bootstrap_room``), and a ``pdserve.access`` log line with the room, ranks,
+``decode_dp_rank``, ``bootstrap_room``; every choice also carries its own sample's ``meta_info``:
+ranks, room, KV transfer, cached tokens and timings), and a ``pdserve.access`` log line with the room, ranks,
 token counts and timings once the request is done (``no_logs: true`` suppresses it).
 """
 
@@ -12,8 +13,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from fastapi import Request
 
+from pdserve.http_common import DECODE_RANK_HEADER, PREFILL_RANK_HEADER
 from pdserve.server.generation import Generation
 
 logger = logging.getLogger("pdserve.access")
@@ -31,6 +34,17 @@ def served_ranks(gen: Generation, mode: str) -> dict[str, Any]:
     return {"prefill_dp_rank": prefill, "decode_dp_rank": decode, "bootstrap_room": gen.req.bootstrap_room}
 
 
+def sample_meta(gen: Generation, mode: str) -> dict[str, Any]:
+    """One sample's served-by fields for an OpenAI choice: ranks, room, the P/D transfer fields its
+    worker reported, cached tokens and timings (each sample of ``n`` > 1 has its own)."""
+    meta = served_ranks(gen, mode)
+    disagg = gen.handle.disagg_meta
+    if disagg is not None:
+        meta.update({k: v for k, v in msgspec.structs.asdict(disagg).items() if v is not None})
+    meta.update(cached_tokens=gen.cached_tokens, ttft=gen.ttft, e2e_latency=gen.e2e_latency)
+    return meta
+
+
 def rank_headers(gens: Sequence[Generation], mode: str) -> dict[str, str]:
     """Response headers naming the ranks that served the first generation."""
     if not gens:
@@ -38,9 +52,9 @@ def rank_headers(gens: Sequence[Generation], mode: str) -> dict[str, str]:
     ranks = served_ranks(gens[0], mode)
     headers = {}
     if ranks["prefill_dp_rank"] is not None:
-        headers["X-Prefill-DP-Rank"] = str(ranks["prefill_dp_rank"])
+        headers[PREFILL_RANK_HEADER] = str(ranks["prefill_dp_rank"])
     if ranks["decode_dp_rank"] is not None:
-        headers["X-Decode-DP-Rank"] = str(ranks["decode_dp_rank"])
+        headers[DECODE_RANK_HEADER] = str(ranks["decode_dp_rank"])
     return headers
 
 

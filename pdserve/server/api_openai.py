@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
-from pdserve.server.access import log_access, rank_headers, served_ranks
+from pdserve.server.access import log_access, rank_headers, sample_meta, served_ranks
 from pdserve.server.api_common import (
     SSE_DONE,
     SSEResponse,
@@ -357,6 +357,7 @@ async def completions(request: Request) -> Response:
                 "logprobs": _completion_logprobs(g, 0, g.num_output_logprobs, 0) if want_logprobs else None,
                 "finish_reason": _finish(g),
                 "matched_stop": _matched(g),
+                "meta_info": sample_meta(g, state.config.disaggregation_mode),
             }
             for i, g in enumerate(gens)
         ]
@@ -391,6 +392,8 @@ async def completions(request: Request) -> Response:
             "choices": [{"index": i, "text": delta, "logprobs": logprobs, "finish_reason": _finish(gen),
                          "matched_stop": _matched(gen)}],
         }
+        if gen.finished:
+            data["choices"][0]["meta_info"] = sample_meta(gen, state.config.disaggregation_mode)
         if usage_mode == "last" and all(g.finished for g in gens):
             data["usage"] = _usage(gens)
         return sse(data)
@@ -540,6 +543,7 @@ async def chat_completions(request: Request) -> Response:
                 "logprobs": _chat_logprobs(gen, 0, gen.num_output_logprobs) if body.logprobs else None,
                 "finish_reason": _chat_finish(gen, calls),
                 "matched_stop": _matched(gen),
+                "meta_info": sample_meta(gen, state.config.disaggregation_mode),
             })
         log_access(request, gens, state.config.disaggregation_mode)
         return JSONResponse(
@@ -573,6 +577,8 @@ async def chat_completions(request: Request) -> Response:
                          "finish_reason": _chat_finish(gen, part.calls) if gen.finished else None,
                          "matched_stop": _matched(gen)}],
         }
+        if gen.finished:
+            data["choices"][0]["meta_info"] = sample_meta(gen, state.config.disaggregation_mode)
         if usage_mode == "last" and all(g.finished for g in gens):
             data["usage"] = _usage(gens)
         return sse(data)

@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
+from pdserve.ports import PortInUse, check_free, listen_socket
 from pdserve.server.config import add_arguments as _add_arguments
 from pdserve.server.config import server_config_from_args
 
@@ -20,16 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pdserve.server.app import create_app
-
     config = server_config_from_args(args)
     try:
         config.validate()
         limits = http_limits_from_args(args)
     except ValueError as e:
         raise SystemExit(f"pdserve serve: {e}") from None
+    try:  # before any worker starts: a busy port fails here, naming who holds it
+        sock = listen_socket(config.host, config.port)
+        if config.disagg.mode == "prefill" and config.disagg.bootstrap_port:
+            check_free(config.host, config.disagg.bootstrap_port)
+    except PortInUse as e:
+        raise SystemExit(f"pdserve serve: {e}; stop it or choose another "
+                         f"{'--port' if e.port == config.port else '--disaggregation-bootstrap-port'}") from None
+    import uvicorn
+
+    from pdserve.server.app import create_app
+
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s [front] %(levelname)s %(name)s: %(message)s"
     )
@@ -55,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.controller.on_fatal = on_fatal
-    server.run()
+    server.run(sockets=[sock])
     return 1 if fatal else 0

@@ -79,8 +79,8 @@ class ServerConfig:
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--host", default=defaults.host, help="address to bind")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port to listen on")
     parser.add_argument("--dp-size", type=int, default=defaults.dp_size, help="data-parallel ranks (processes)")
     parser.add_argument(
         "--load-balance-method", default=None, choices=LOAD_BALANCE_METHODS,

@@ -241,8 +241,12 @@ class DPController:
         """Stop every worker (ask, then terminate, then kill), fail what is in flight, free the sockets."""
         self._closing = True
         for state in self.ranks:
-            if state.alive and state.proc is not None and state.proc.poll() is None:
+            if state.proc is None or state.proc.poll() is not None:
+                continue
+            if state.alive and state.phase == RankPhase.READY:
                 self._send(state, msg.ShutdownReq())
+            else:  # still loading: it holds no request and may not read its socket yet, so stop it now
+                state.proc.terminate()
         deadline = time.monotonic() + SHUTDOWN_JOIN_S
         for state in self.ranks:
             proc = state.proc
@@ -526,6 +530,8 @@ class DPController:
                 meta = message.disagg_meta.get(out.rid)
                 if meta is not None and (handle := self.requests.get(out.rid)) is not None:
                     handle.disagg_meta = meta
+                    for sample in filter(None, map(self.requests.get, handle.samples)):
+                        sample.disagg_meta = meta  # forked from the same prefilled prompt: same room and ranks
                 self._on_output(state, out, now)
             if state.phase == RankPhase.READY:  # not a dead worker's last batch
                 self._set_load(state, message.load)
