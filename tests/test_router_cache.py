@@ -160,3 +160,29 @@ def test_bad_prompts_pass_through_cache_routing_to_the_servers_answer(pd):
 
     asyncio.run(run())
     assert_idle(pd)
+
+
+def test_multi_turn_bench_sends_turns_in_order_through_the_prefix_policy(pd):
+    from pdserve.bench.serving import ServingConfig, benchmark_async
+
+    async def run() -> None:
+        async with router_client(specs(pd), prefill_policy="cache_aware", decode_policy="prefix") as (c, _):
+            config = ServingConfig(base_url=str(c.base_url), dataset="multi-turn", mt_num_conversations=3,
+                                   mt_turns_min=2, mt_turns_max=3, mt_system_prompt_len=40, mt_question_len=8,
+                                   mt_output_len=4, warmup_requests=0, disable_tqdm=True)
+            result = await benchmark_async(config)
+            assert result.metrics["completed"] == len(result.records) >= 6
+            from pdserve.bench.serving import _build_requests
+
+            requests = _build_requests(config, Tokenizer(state_model_path(pd)))
+            for conv in {r.conversation for r in requests}:
+                turns = [result.records[i] for i, r in enumerate(requests) if r.conversation == conv]
+                for prev, cur in zip(turns, turns[1:]):
+                    assert cur.start >= prev.start + prev.latency - 1e-3
+
+    asyncio.run(run())
+    assert_idle(pd)
+
+
+def state_model_path(pd) -> str:
+    return httpx.get(pd[0].url + "/server_info", timeout=10).json()["model_path"]
