@@ -34,7 +34,7 @@ class RouterConfig:
     honor_client_ranks: bool = False  # keep a client's data_parallel_rank / disagg_prefill_dp_rank
     # cache_aware and prefix
     cache_threshold: float = 0.3
-    balance_abs_threshold: int = 256
+    balance_abs_threshold: int = 4096  # tokens (sglang-router counts requests: 64)
     balance_rel_threshold: float = 1.5
     max_tree_size: int = 1 << 20
     cache_block_chars: int = 16

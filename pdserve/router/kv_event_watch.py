@@ -7,13 +7,14 @@ empties it. A feed that reports ``lost`` (the router fell behind) or a ``last_se
 already seen (the server restarted) empties the worker's units: its cache is unknown until new
 events come. A worker without the endpoint (404: not a pdserve server) is not polled again; other
 errors are retried after :data:`RETRY_S`. Every poll is bounded by the long-poll timeout plus the
-health-check timeout.
+health-check timeout, and its answer by :data:`MAX_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import Any
 
@@ -26,6 +27,8 @@ logger = logging.getLogger("pdserve.router")
 
 POLL_S = 10.0
 RETRY_S = 2.0
+MAX_ANSWER_BYTES = 64 << 20  # a larger answer is not read: the server's units are reset instead
+SKIP_AFTER = 2**63 - 1  # asks only for the feed's last_seq
 
 
 def apply_batches(index: CacheIndex, worker: Worker, batches: Any) -> int:
@@ -96,11 +99,13 @@ class KVEventWatcher:
 
     async def _follow(self, session: aiohttp.ClientSession, worker: Worker) -> None:
         after = 0
+        skip = False  # the last answer was too large: skip to the feed's end (cache state unknown)
         url = worker.url + "/kv_events"
         while True:
+            params = {"after": str(SKIP_AFTER), "timeout": "0"} if skip else {"after": str(after),
+                                                                               "timeout": str(POLL_S)}
             try:
-                async with session.get(url, params={"after": str(after), "timeout": str(POLL_S)},
-                                       headers=self.headers, timeout=self.timeout) as resp:
+                async with session.get(url, params=params, headers=self.headers, timeout=self.timeout) as resp:
                     if resp.status == 404:
                         logger.info("%s has no /kv_events feed: its cache is tracked by predictions only",
                                     worker.url)
@@ -108,17 +113,27 @@ class KVEventWatcher:
                         self.index.live_feeds.discard(worker)
                         return
                     resp.raise_for_status()
-                    body = await resp.json(content_type=None)
+                    raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                if len(raw) > MAX_ANSWER_BYTES:
+                    logger.warning("GET /kv_events of %s answered over %d bytes: its cache is reset in the "
+                                   "router's view", worker.url, MAX_ANSWER_BYTES)
+                    self._reset(worker)
+                    skip = True
+                    continue
+                body = json.loads(raw)
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
                 logger.debug("GET /kv_events of %s failed: %r", worker.url, e)
-                self.index.live_feeds.discard(worker)
+                self.index.live_feeds.discard(worker)  # the feed keeps its batches: the next poll catches up
                 await asyncio.sleep(RETRY_S)
                 continue
             last = body.get("last_seq") if isinstance(body, dict) else None
-            if not isinstance(last, int):
+            if not isinstance(last, int) or last < 0:
                 await asyncio.sleep(RETRY_S)
                 continue
             self.index.live_feeds.add(worker)
+            if skip:
+                skip, after = False, last
+                continue
             if body.get("lost") is True or last < after:
                 self._reset(worker)
                 if last < after:  # the server restarted: its numbering began again

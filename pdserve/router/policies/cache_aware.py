@@ -29,7 +29,7 @@ class CacheAwarePolicy(Policy):
         self,
         index: CacheIndex | None = None,
         threshold: float = 0.3,
-        abs_threshold: int = 256,
+        abs_threshold: int = 4096,
         rel_threshold: float = 1.5,
         rng: random.Random | None = None,
     ) -> None:

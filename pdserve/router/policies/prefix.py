@@ -30,7 +30,7 @@ class PrefixPolicy(Policy):
     def __init__(
         self,
         index: CacheIndex | None = None,
-        abs_threshold: int = 256,
+        abs_threshold: int = 4096,
         rel_threshold: float = 1.5,
         rng: random.Random | None = None,
     ) -> None:
