@@ -176,3 +176,75 @@ def test_cache_flags_parse() -> None:
     assert isinstance(make_policy(config.decode_policy, config), PrefixPolicy)
     with pytest.raises(SystemExit):
         parser.parse_args(["--decode-policy", "nope"])
+
+
+def test_event_watcher_follows_restarts_and_survives_lying_feeds() -> None:
+    """A scripted peer: a normal batch, then its numbering restarts (the router resets that server's
+    units and starts over), then garbage, then a stored page again; a peer without the endpoint is
+    left to predictions. No answer stalls or kills the watcher."""
+    import aiohttp
+    from aiohttp import web
+
+    from pdserve.router.kv_event_watch import KVEventWatcher
+    from tests.router_harness import free_port, wait_for
+
+    def stored(rank: int, hashes: list[int]) -> dict:
+        return {"seq": 1, "ts": 0.0, "dp_rank": rank, "events": [{"type": "BlockStored", "block_hashes": hashes,
+                                                                   "parent_block_hash": None, "token_ids": [],
+                                                                   "block_size": 4}]}
+
+    script = [
+        {"last_seq": 5, "lost": False, "batches": [stored(0, [11, 12]), stored(1, [21])]},
+        {"last_seq": 1, "lost": False, "batches": []},  # restarted: below 5
+        "not json at all",
+        {"last_seq": "x"},
+        {"last_seq": 2, "lost": False, "batches": [stored(1, [31]), {"dp_rank": 9, "events": [{}]}]},
+    ]
+    seen: list[str] = []
+
+    async def kv_events(request: web.Request) -> web.StreamResponse:
+        seen.append(request.query["after"])
+        step = len(seen) - 1
+        if step >= len(script):
+            await asyncio.sleep(float(request.query["timeout"]) / 20)
+            return web.json_response({"last_seq": 2, "lost": False, "batches": []})
+        answer = script[step]
+        return web.Response(text=answer) if isinstance(answer, str) else web.json_response(answer)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/kv_events", kv_events)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        worker, absent = Worker(f"http://127.0.0.1:{port}", "prefill"), Worker(f"http://127.0.0.1:{port}0", "decode")
+        absent.url = f"http://127.0.0.1:{port}/nothing"  # answers 404
+        for w in (worker, absent):
+            w.set_info({"dp_size": 2})
+            w.healthy = True
+        index = CacheIndex()
+        import pdserve.router.kv_event_watch as watch
+
+        old_retry = watch.RETRY_S
+        watch.RETRY_S = 0.01
+        watcher = KVEventWatcher(index, {}, 1.0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                watcher.sync(session, [worker, absent])
+                assert await wait_for(lambda: len(seen) >= 2)
+                assert await wait_for(lambda: len(seen) >= 6)
+                caches = [index.cache(u).pages for u in worker.units]
+                assert list(caches[0]) == [] and list(caches[1]) == [31]  # reset at the restart, then rebuilt
+                assert seen[:3] == ["0", "5", "0"] and worker in index.live_feeds
+                assert absent in watcher.unsupported and watcher.tasks[absent].done()
+                assert not watcher.tasks[worker].done()
+                worker.healthy = False
+                watcher.sync(session, [worker, absent])
+                assert not watcher.tasks and worker not in index.live_feeds  # the 404 one is not polled again
+                await watcher.stop()
+        finally:
+            watch.RETRY_S = old_retry
+            await runner.cleanup()
+
+    asyncio.run(run())
