@@ -129,6 +129,7 @@ def multi_turn(c: Cluster, args: argparse.Namespace) -> list[dict]:
                 "requests": result.metrics["completed"],
                 "prompt_tokens": result.metrics["total_input_tokens"],
                 "median_ttft_ms": result.metrics["median_ttft_ms"],
+                "errors": sorted({r.error for r in result.records if not r.success})[:5],
             }
             print("multi-turn", run, policy, json.dumps(setups[policy]), flush=True)
         for other in ("round_robin", "no_decode_cache"):
@@ -164,7 +165,8 @@ def routing(c: Cluster, args: argparse.Namespace) -> list[dict]:
                                   request_rate=args.request_rate, gsp_num_groups=args.groups,
                                   gsp_prompts_per_group=args.per_group, gsp_system_prompt_len=args.system_len,
                                   gsp_question_len=32, gsp_output_len=8, goodput={"ttft": args.ttft_slo_ms})
-            metrics = benchmark(config).metrics
+            result = benchmark(config)
+            metrics = result.metrics
             after = prefill_counters(prefills)
             computed, prompt = after[0] - before[0], after[1] - before[1]
             setups[policy] = {
@@ -175,6 +177,7 @@ def routing(c: Cluster, args: argparse.Namespace) -> list[dict]:
                 "completed": metrics["completed"],
                 "prefill_tokens_computed": computed,
                 "cache_hit_rate": round(1 - computed / max(1, prompt), 3),
+                "errors": sorted({r.error for r in result.records if not r.success})[:5],
             }
             print("routing", run, policy, json.dumps(setups[policy]), flush=True)
         runs.append(setups)

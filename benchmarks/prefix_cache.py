@@ -65,7 +65,8 @@ def run_setup(proc: Proc, requests, args) -> dict:
     before = load(proc)
     config = ServingConfig(base_url=proc.url, request_rate=args.request_rate, seed=args.seed, disable_tqdm=True,
                            warmup_requests=0)
-    metrics = benchmark(config, requests).metrics
+    result = benchmark(config, requests)
+    metrics = result.metrics
     after = load(proc)
     computed = after["prefill_tokens_computed"] - before["prefill_tokens_computed"]
     prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
@@ -76,6 +77,7 @@ def run_setup(proc: Proc, requests, args) -> dict:
         "prefill_tokens_computed": computed,
         "prompt_tokens": prompt,
         "cache_hit_rate": round(1 - computed / max(1, prompt), 3),  # of this run (the server's is cumulative)
+        "errors": sorted({r.error for r in result.records if not r.success})[:5],
     }
 
 
