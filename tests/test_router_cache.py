@@ -132,6 +132,11 @@ def test_prefix_decode_policy_keeps_a_conversation_on_its_decode_rank(pd):
                         assert decode_cached == 0
                     chat.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
             assert all(len(r) == 1 for r in ranks.values()), ranks
+            chats[0].append({"role": "user", "content": "And streamed?"})
+            stream = await oai.chat.completions.create(model=model, messages=chats[0], max_tokens=4, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True})
+            usage = [chunk.usage async for chunk in stream if chunk.usage is not None][-1]
+            assert usage.prompt_tokens_details.model_extra["decode_cached_tokens"] >= 2 * PAGE
             await oai.close()
 
     asyncio.run(run())
