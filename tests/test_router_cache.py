@@ -78,6 +78,8 @@ def test_cache_aware_routes_a_repeated_text_prefix_to_one_unit(pd):
                     if question:
                         assert meta["cached_tokens"] >= 2 * PAGE, meta  # prefill reused the system prompt
             assert all(len(p) == 1 for p in placements.values()), placements
+            loads = (await c.get("/get_loads")).json()["units"]
+            assert sum(u["cached_pages_known"] for u in loads) >= 3 * 4  # 3 system prompts of 4+ pages
             assert state.prompt_tokenizer is not None
             model_path = state.fleet.workers[pd[0].url].info["model_path"]
             tokenizer = state.prompt_tokenizer.tokenizers[model_path]

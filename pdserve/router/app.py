@@ -57,8 +57,9 @@ class RouterState:
         self.prefill_policy = make_policy(config.prefill_policy, config, self.cache_index)
         self.decode_policy = make_policy(config.decode_policy, config, self.cache_index)
         self.fleet.poll_load = self.prefill_policy.uses_load or self.decode_policy.uses_load
-        uses_cache = self.prefill_policy.uses_cache or (config.pd_disaggregation and self.decode_policy.uses_cache)
-        self.prompt_tokenizer = PromptTokenizer() if uses_cache and config.tokenize_prompts else None
+        # mixed mode uses the prefill policy only
+        self.uses_cache = self.prefill_policy.uses_cache or (config.pd_disaggregation and self.decode_policy.uses_cache)
+        self.prompt_tokenizer = PromptTokenizer() if self.uses_cache and config.tokenize_prompts else None
         self.kv_events: KVEventWatcher | None = None
         self._feed_task: asyncio.Task | None = None
         for policy in (self.prefill_policy, self.decode_policy):
@@ -78,8 +79,7 @@ class RouterState:
         upstream = Upstream(self.session, self.config.request_timeout_secs, self.config.connect_timeout_secs)
         self.proxy = Proxy(self.config, self.fleet, self.pairing, upstream, self.metrics)
         self.fleet.start(self.session)
-        uses_cache = self.prefill_policy.uses_cache or self.decode_policy.uses_cache
-        if uses_cache and self.config.kv_events:
+        if self.uses_cache and self.config.kv_events:
             self.kv_events = KVEventWatcher(self.cache_index, self.worker_headers,
                                             self.config.health_check_timeout_secs)
             self._feed_task = asyncio.create_task(self._follow_feeds(), name="router-kv-feeds")
@@ -202,6 +202,7 @@ def create_app(config: RouterConfig) -> Starlette:
                     "worker": w.url, "type": w.role, "dp_rank": u.rank, "healthy": w.healthy, "load": u.load,
                     "router_inflight_tokens": u.inflight_tokens, "router_inflight_requests": u.inflight_requests,
                     "external_tokens": u.external_tokens,
+                    "cached_pages_known": state.cache_index.pages_of(u) if state.uses_cache else None,
                     "reported": u.reported,
                 })
         return JSONResponse({"units": units})
