@@ -9,6 +9,15 @@ prompts of ``system_prompt_len`` tokens, each followed by ``prompts_per_group`` 
 of ``question_len`` tokens; requests of all groups are interleaved (seeded shuffle), so a prefix
 cache must keep every group's system prompt to win.
 
+``multi-turn``: ``num_conversations`` chats of ``turns_min``-``turns_max`` turns (seeded). Each starts
+with a random system prompt of ``system_prompt_len`` tokens; turn ``k``'s prompt is turn ``k - 1``'s
+prompt, an answer of ``output_len`` tokens and a new question of ``question_len`` tokens, so every
+turn extends the previous one (token ids by concatenation). The answers in the history are
+random words, not what the server generated (prompts are fixed before the run, so every backend
+and setup sees the same ones): a cache can reuse the previous turns' prompt, not the previous
+answer's KV. The driver sends the turns of one conversation one after the other and the
+conversations concurrently (``conversation`` / ``turn`` of each request).
+
 ``sharegpt``: a JSON list of ``{"conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}, ...]}``; the first human turn is the prompt and the reply after it
 sets the output length (unless overridden), filtered like SGLang (too short: under 2 tokens; too
@@ -61,6 +70,8 @@ class BenchRequest:
     prompt: str
     prompt_ids: list[int]
     output_len: int
+    conversation: int | None = None  # multi-turn: turns of one conversation are sent in order
+    turn: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -176,6 +187,35 @@ def sample_shared_prefix(tokenizer: TextTokenizer, num_groups: int, prompts_per_
             requests.append(BenchRequest(text, tokenizer.encode(text, add_special_tokens=False), output_len))
     order = rng.permutation(len(requests))
     return [requests[int(i)] for i in order]
+
+
+def sample_multi_turn(tokenizer: TextTokenizer, num_conversations: int, turns_min: int, turns_max: int,
+                      system_prompt_len: int, question_len: int, output_len: int, seed: int) -> list[BenchRequest]:
+    """The ``multi-turn`` workload (see module doc): every turn of every conversation, in order."""
+    for name, value in (("--mt-num-conversations", num_conversations), ("--mt-turns-min", turns_min),
+                        ("--mt-system-prompt-len", system_prompt_len), ("--mt-question-len", question_len),
+                        ("--mt-output-len", output_len)):
+        if value < 1:
+            raise DatasetError(f"{name} must be >= 1, got {value}")
+    if turns_max < turns_min:
+        raise DatasetError(f"--mt-turns-max must be >= --mt-turns-min ({turns_min}), got {turns_max}")
+    rng = np.random.default_rng(seed)
+    pool = word_pool(tokenizer, seed)
+
+    def words(n: int) -> tuple[str, list[int]]:
+        return _round_trip(tokenizer, [pool[int(k)] for k in rng.integers(0, len(pool), size=n)], n, pool, rng)
+
+    requests = []
+    for c in range(num_conversations):
+        text, ids = words(system_prompt_len)
+        for turn in range(int(rng.integers(turns_min, turns_max + 1))):
+            if turn:
+                answer_text, answer_ids = words(output_len)
+                text, ids = text + answer_text, ids + answer_ids
+            question_text, question_ids = words(question_len)
+            text, ids = text + question_text, ids + question_ids
+            requests.append(BenchRequest(text, list(ids), output_len, conversation=c, turn=turn))
+    return requests
 
 
 def _first_exchange(entry: Any) -> tuple[str, str] | None:

@@ -2,6 +2,8 @@
 
 Requests from a dataset arrive as a Poisson process (``--request-rate``, ``inf`` sends them all at
 once), optionally capped at ``--max-concurrency`` in flight, each streamed and timed per token.
+With ``--dataset multi-turn`` the arrivals are conversation starts: a conversation's turns follow
+one another (each sent when the previous one has answered), the conversations run concurrently.
 Prints a result table and optionally writes every metric, the arguments and per-request records
 as JSON. :func:`run_benchmark` is the same benchmark as a Python function.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = ("pdserve", "sglang", "openai-completions", "openai-chat")
-DATASETS = ("random", "sharegpt", "generated-shared-prefix")
+DATASETS = ("random", "sharegpt", "generated-shared-prefix", "multi-turn")
 INFO_TIMEOUT_S = 10.0
 
 
@@ -50,6 +52,12 @@ class ServingConfig:
     gsp_system_prompt_len: int = 1024
     gsp_question_len: int = 64
     gsp_output_len: int = 32
+    mt_num_conversations: int = 16
+    mt_turns_min: int = 4
+    mt_turns_max: int = 8
+    mt_system_prompt_len: int = 256
+    mt_question_len: int = 32
+    mt_output_len: int = 32
     goodput: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     model: str | None = None
@@ -137,6 +145,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generated-shared-prefix: question tokens after the system prompt")
     parser.add_argument("--gsp-output-len", type=int, default=d.gsp_output_len,
                         help="generated-shared-prefix: output tokens")
+    parser.add_argument("--mt-num-conversations", type=int, default=d.mt_num_conversations,
+                        help="multi-turn: conversations, started at --request-rate and run concurrently "
+                        "(default: %(default)s)")
+    parser.add_argument("--mt-turns-min", type=int, default=d.mt_turns_min,
+                        help="multi-turn: fewest turns of a conversation (default: %(default)s)")
+    parser.add_argument("--mt-turns-max", type=int, default=d.mt_turns_max,
+                        help="multi-turn: most turns of a conversation (default: %(default)s)")
+    parser.add_argument("--mt-system-prompt-len", type=int, default=d.mt_system_prompt_len,
+                        help="multi-turn: tokens of each conversation's system prompt (default: %(default)s)")
+    parser.add_argument("--mt-question-len", type=int, default=d.mt_question_len,
+                        help="multi-turn: tokens of each turn's new question (default: %(default)s)")
+    parser.add_argument("--mt-output-len", type=int, default=d.mt_output_len,
+                        help="multi-turn: tokens generated per turn, and of each answer in the history "
+                        "(default: %(default)s)")
     parser.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
                         help="SLO limits in ms for SLO attainment and goodput: ttft:MS tpot:MS e2el:MS")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the dataset and the arrival times")
@@ -270,9 +292,19 @@ def _load_tokenizer(path: str | None, server_info: Any) -> tuple[Any, str]:
 
 
 def _build_requests(config: ServingConfig, tokenizer: Any) -> list[Any]:
-    from pdserve.bench.datasets import DatasetError, load_sharegpt, sample_random, sample_shared_prefix
+    from pdserve.bench.datasets import (
+        DatasetError,
+        load_sharegpt,
+        sample_multi_turn,
+        sample_random,
+        sample_shared_prefix,
+    )
 
     try:
+        if config.dataset == "multi-turn":
+            return sample_multi_turn(tokenizer, config.mt_num_conversations, config.mt_turns_min,
+                                     config.mt_turns_max, config.mt_system_prompt_len, config.mt_question_len,
+                                     config.mt_output_len, config.seed)
         if config.dataset == "generated-shared-prefix":
             return sample_shared_prefix(tokenizer, config.gsp_num_groups, config.gsp_prompts_per_group,
                                         config.gsp_system_prompt_len, config.gsp_question_len, config.gsp_output_len,
@@ -304,7 +336,6 @@ async def _run_requests(config: ServingConfig, requests: list[Any], model: str |
         return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
     payloads = [build_payload(config.backend, r, model, config.extra_body) for r in requests]
-    offsets = arrival_offsets(len(requests), config.request_rate, config.seed)
     limit = config.max_concurrency or len(requests)
     gate = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     connector = aiohttp.TCPConnector(limit=limit)
@@ -337,13 +368,32 @@ async def _run_requests(config: ServingConfig, requests: list[Any], model: str |
             bar.update(1)
             return record
 
+        async def in_turn(indices: list[int]) -> list[RequestRecord]:
+            return [await one(i) for i in indices]
+
+        chains = _chains(requests)
+        offsets = arrival_offsets(len(chains), config.request_rate, config.seed)
         tasks = []
-        for i, offset in enumerate(offsets):
+        for chain, offset in zip(chains, offsets):
             delay = start + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        records = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(in_turn(chain)))
+        done = [r for chain_records in await asyncio.gather(*tasks) for r in chain_records]
+        records = sorted(done, key=lambda r: r.index)
         duration = time.perf_counter() - start
         bar.close()
     return list(records), duration
+
+
+def _chains(requests: list[Any]) -> list[list[int]]:
+    """Indices of the requests to send one after the other: a conversation's turns in order, every
+    other request alone; chains ordered by their first request."""
+    chains: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        conversation = getattr(r, "conversation", None)
+        chains.setdefault(("c", conversation) if conversation is not None else ("r", i), []).append(i)
+    ordered = sorted(chains.values(), key=lambda c: c[0])
+    for chain in ordered:
+        chain.sort(key=lambda i: getattr(requests[i], "turn", 0))
+    return ordered

@@ -24,11 +24,14 @@ from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware, read_body
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
+from pdserve.router.kv_event_watch import KVEventWatcher
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import NoWorkers, Pairing
 from pdserve.router.policies import make_policy
+from pdserve.router.prefix_index import CacheIndex
+from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import Proxy
-from pdserve.router.request_info import request_info
+from pdserve.router.request_info import RequestInfo, request_info
 from pdserve.router.upstream import Upstream
 
 logger = logging.getLogger("pdserve.router")
@@ -36,6 +39,7 @@ logger = logging.getLogger("pdserve.router")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 ROLE_ALIASES = {"prefill": "prefill", "decode": "decode", "mixed": "mixed", "regular": "mixed"}
+FEED_SYNC_S = 1.0  # how often the set of followed /kv_events feeds is matched to the healthy workers
 
 
 def _reject_api_key(path: str) -> ASGIApp:
@@ -49,9 +53,15 @@ class RouterState:
         self.config = config
         self.metrics = RouterMetrics()
         self.fleet = Fleet(config, self.metrics)
-        self.prefill_policy = make_policy(config.prefill_policy, config)
-        self.decode_policy = make_policy(config.decode_policy, config)
+        self.cache_index = CacheIndex(config.max_tree_size, config.cache_block_chars)
+        self.prefill_policy = make_policy(config.prefill_policy, config, self.cache_index)
+        self.decode_policy = make_policy(config.decode_policy, config, self.cache_index)
         self.fleet.poll_load = self.prefill_policy.uses_load or self.decode_policy.uses_load
+        # mixed mode uses the prefill policy only
+        self.uses_cache = self.prefill_policy.uses_cache or (config.pd_disaggregation and self.decode_policy.uses_cache)
+        self.prompt_tokenizer = PromptTokenizer() if self.uses_cache and config.tokenize_prompts else None
+        self.kv_events: KVEventWatcher | None = None
+        self._feed_task: asyncio.Task | None = None
         for policy in (self.prefill_policy, self.decode_policy):
             self.fleet.on_units_dropped.append(policy.forget)
         self.pairing = Pairing(self.fleet, self.prefill_policy, self.decode_policy, config.dp_coupled)
@@ -69,8 +79,32 @@ class RouterState:
         upstream = Upstream(self.session, self.config.request_timeout_secs, self.config.connect_timeout_secs)
         self.proxy = Proxy(self.config, self.fleet, self.pairing, upstream, self.metrics)
         self.fleet.start(self.session)
+        if self.uses_cache and self.config.kv_events:
+            self.kv_events = KVEventWatcher(self.cache_index, self.worker_headers,
+                                            self.config.health_check_timeout_secs)
+            self._feed_task = asyncio.create_task(self._follow_feeds(), name="router-kv-feeds")
+
+    async def _follow_feeds(self) -> None:
+        assert self.kv_events is not None and self.session is not None
+        while True:
+            self.kv_events.sync(self.session, list(self.fleet.workers.values()))
+            await asyncio.sleep(FEED_SYNC_S)
+
+    async def with_tokens(self, route: str, body: dict[str, Any], info: RequestInfo) -> RequestInfo:
+        """``info`` with the prompt's token ids, when a cache-based policy will use them."""
+        if self.prompt_tokenizer is None:
+            return info
+        path = next((w.info["model_path"] for w in self.fleet.workers.values()
+                     if w.healthy and isinstance(w.info.get("model_path"), str)), None)
+        return await self.prompt_tokenizer.annotate(route, body, info, path)
 
     async def stop(self) -> None:
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed_task
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         await self.fleet.stop()
         if self.proxy is not None:
             await self.proxy.close()
@@ -133,7 +167,7 @@ def create_app(config: RouterConfig) -> Starlette:
         route = request.url.path
         assert state.proxy is not None
         body = await read_json(request, config.max_payload_size)
-        info = request_info(route, body)
+        info = await state.with_tokens(route, body, request_info(route, body))
         state.metrics.inflight.inc()
         try:
             return await until_disconnected(
@@ -168,6 +202,7 @@ def create_app(config: RouterConfig) -> Starlette:
                     "worker": w.url, "type": w.role, "dp_rank": u.rank, "healthy": w.healthy, "load": u.load,
                     "router_inflight_tokens": u.inflight_tokens, "router_inflight_requests": u.inflight_requests,
                     "external_tokens": u.external_tokens,
+                    "cached_pages_known": state.cache_index.pages_of(u) if state.uses_cache else None,
                     "reported": u.reported,
                 })
         return JSONResponse({"units": units})

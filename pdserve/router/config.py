@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-POLICIES = ("random", "round_robin", "least_load", "power_of_two", "cache_aware")
+POLICIES = ("random", "round_robin", "least_load", "power_of_two", "cache_aware", "prefix")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 
@@ -32,12 +32,14 @@ class RouterConfig:
     decode_policy: str = "least_load"
     dp_coupled: bool = False
     honor_client_ranks: bool = False  # keep a client's data_parallel_rank / disagg_prefill_dp_rank
-    # cache_aware
+    # cache_aware and prefix
     cache_threshold: float = 0.3
-    balance_abs_threshold: int = 256
+    balance_abs_threshold: int = 4096  # tokens (sglang-router counts requests: 64)
     balance_rel_threshold: float = 1.5
     max_tree_size: int = 1 << 20
     cache_block_chars: int = 16
+    kv_events: bool = True  # follow the servers' /kv_events feeds (cache-based policies only)
+    tokenize_prompts: bool = True  # tokenize text prompts with the servers' tokenizer (cache-based policies)
     # fleet
     health_check_interval_secs: float = 10.0
     health_check_timeout_secs: float = 5.0
@@ -85,6 +87,12 @@ class RouterConfig:
             raise ValueError("health thresholds must be >= 1")
         if self.max_payload_size < 1:
             raise ValueError(f"max_payload_size must be >= 1, got {self.max_payload_size}")
+        if not (self.balance_abs_threshold >= 0 and isinstance(self.balance_abs_threshold, int)):
+            raise ValueError(f"balance_abs_threshold must be an integer >= 0, got {self.balance_abs_threshold}")
+        if not 1.0 <= self.balance_rel_threshold < float("inf"):
+            raise ValueError(f"balance_rel_threshold must be a finite number >= 1, got {self.balance_rel_threshold}")
+        if self.max_tree_size < 1:
+            raise ValueError(f"max_tree_size must be >= 1, got {self.max_tree_size}")
         if self.cache_block_chars < 1:
             raise ValueError(f"cache_block_chars must be >= 1, got {self.cache_block_chars}")
 
@@ -139,13 +147,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Default: the router picks both ranks and replaces any rank fields a client sent",
     )
     parser.add_argument("--cache-threshold", type=float, default=d.cache_threshold,
-                        help="cache_aware: least prefix match ratio that wins over load")
+                        help="cache_aware: least share of the prompt a unit's cached prefix must cover to win "
+                        "over load, in [0, 1] (default: %(default)s)")
     parser.add_argument("--balance-abs-threshold", type=int, default=d.balance_abs_threshold,
-                        help="cache_aware: load gap (tokens) beyond which it balances instead")
+                        help="cache_aware and prefix: load gap in tokens beyond which (with "
+                        "--balance-rel-threshold) they balance load instead of following the cache "
+                        "(default: %(default)s)")
     parser.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold,
-                        help="cache_aware: load ratio (most / least loaded) beyond which it balances instead")
+                        help="cache_aware and prefix: load ratio (>= 1) beyond which (with "
+                        "--balance-abs-threshold) they balance load instead (default: %(default)s)")
     parser.add_argument("--max-tree-size", type=int, default=d.max_tree_size,
-                        help="cache_aware: prefix blocks remembered per unit")
+                        help="cache_aware and prefix: page hashes remembered per unit (default: %(default)s)")
+    parser.add_argument("--disable-kv-events", action="store_true",
+                        help="cache_aware and prefix: do not follow the servers' GET /kv_events feeds; the "
+                        "router's own predictions are then its only view of their caches (default: follow them)")
+    parser.add_argument("--disable-prompt-tokenization", action="store_true",
+                        help="cache_aware and prefix: do not tokenize text prompts with the tokenizer at the "
+                        "servers' model_path; match text by character blocks instead (default: tokenize)")
     parser.add_argument("--health-check-interval-secs", type=float, default=d.health_check_interval_secs,
                         help="seconds between health checks of an admitted worker")
     parser.add_argument("--health-check-timeout-secs", type=float, default=d.health_check_timeout_secs,
@@ -198,6 +216,8 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         balance_abs_threshold=args.balance_abs_threshold,
         balance_rel_threshold=args.balance_rel_threshold,
         max_tree_size=args.max_tree_size,
+        kv_events=not args.disable_kv_events,
+        tokenize_prompts=not args.disable_prompt_tokenization,
         health_check_interval_secs=args.health_check_interval_secs,
         health_check_timeout_secs=args.health_check_timeout_secs,
         health_failure_threshold=args.health_failure_threshold,

@@ -1,8 +1,9 @@
-"""What policies need from a request body, read without tokenizing: a prefix key and token estimates."""
+"""What policies need from a request body: a prefix key and token estimates, read without
+tokenizing; :mod:`pdserve.router.prompt_tokens` adds the exact token ids where it can."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 CHARS_PER_TOKEN = 4
@@ -11,12 +12,29 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 @dataclass(frozen=True)
 class RequestInfo:
-    """``key``: the prompt as text or token ids (prefix affinity); token counts for load accounting."""
+    """``key``: the prompt as text or token ids (prefix affinity); token counts for load accounting;
+    ``token_ids``: the text prompt as the servers will tokenize it, by the tokenizer at
+    ``tokenizer_path`` (None when the router did not tokenize it)."""
 
     key: str | tuple[int, ...]
     prompt_tokens: int
     max_new_tokens: int
     batch_size: int | None  # None: a single prompt
+    token_ids: tuple[int, ...] | None = None
+    tokenizer_path: str | None = None
+
+    def token_ids_for(self, model_path: object) -> tuple[int, ...] | None:
+        """The prompt's token ids as a server loading ``model_path`` sees them, if known."""
+        if isinstance(self.key, tuple):
+            return self.key
+        if self.token_ids is not None and model_path == self.tokenizer_path:
+            return self.token_ids
+        return None
+
+    def with_tokens(self, token_ids: tuple[int, ...], tokenizer_path: str) -> RequestInfo:
+        """This info with the prompt's token ids (and the exact prompt length for load accounting)."""
+        prompt_tokens = self.prompt_tokens if self.batch_size is not None else max(1, len(token_ids))
+        return replace(self, token_ids=token_ids, tokenizer_path=tokenizer_path, prompt_tokens=prompt_tokens)
 
     @property
     def decode_tokens(self) -> int:

@@ -235,14 +235,32 @@ def _matched(gen: Generation) -> Any:
 
 
 def _usage(gens: list[Generation]) -> dict[str, Any]:
-    prompt = sum(g.prompt_tokens for g in gens if g.is_first_sample)
+    """OpenAI usage. ``cached_tokens``: per prompt, the leading tokens whose KV came from a prefix
+    cache; on a P/D decode server that is the larger of prefill's reuse (not computed) and decode's
+    own (not transferred), each also given as ``prefill_cached_tokens`` / ``decode_cached_tokens``."""
+    firsts = [g for g in gens if g.is_first_sample]
+    prompt = sum(g.prompt_tokens for g in firsts)
     completion = sum(g.completion_tokens for g in gens)
+    details: dict[str, int] = {"cached_tokens": sum(g.cached_tokens for g in firsts)}
+    decode_cached = [_decode_cached_tokens(g) for g in firsts]
+    if any(d is not None for d in decode_cached):
+        details = {
+            "cached_tokens": sum(max(g.cached_tokens, d or 0) for g, d in zip(firsts, decode_cached)),
+            "prefill_cached_tokens": details["cached_tokens"],
+            "decode_cached_tokens": sum(d or 0 for d in decode_cached),
+        }
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens if g.is_first_sample)},
+        "prompt_tokens_details": details,
     }
+
+
+def _decode_cached_tokens(gen: Generation) -> int | None:
+    """Leading prompt tokens a P/D decode rank reused from its own cache (None off decode)."""
+    meta = gen.handle.disagg_meta
+    return None if meta is None else meta.decode_cached_tokens
 
 
 def _usage_mode(body: _CommonBody) -> str:

@@ -16,6 +16,7 @@ class Policy(ABC):
 
     name: ClassVar[str]
     uses_load: ClassVar[bool] = False  # whether the router must poll /get_load for it
+    uses_cache: ClassVar[bool] = False  # whether it reads the cache index (tokenized prompts, /kv_events)
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self.rng = rng or _random.Random()
