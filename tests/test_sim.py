@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
@@ -232,6 +233,15 @@ def test_every_rank_pair_answers_through_pdserve_router(fleet):
             break
     assert pairs == {(i, j) for i in range(2) for j in range(3)}
     assert wait_until(lambda: used_pages(fleet["prefill"], fleet["decode"]) == 0, 10)
+
+
+def test_sim_fronts_never_load_torch(fleet):
+    """A sim server's front (HTTP, validation, P/D bootstrap service) stays torch-free while serving:
+    torch costs ~3 s of CPU and ~200 MB per process, the bulk of a large sim fleet's start-up."""
+    post_json(fleet["router"].url + "/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}})
+    for name in ("prefill", "decode"):
+        maps = Path(f"/proc/{fleet[name].pid}/maps").read_text()
+        assert "libtorch" not in maps, f"the {name} front loaded torch"
 
 
 def test_sglang_router_drives_the_sim_fleet(fleet):
