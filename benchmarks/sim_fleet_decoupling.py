@@ -32,28 +32,31 @@ KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "reque
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b", help="folder under benchmarks/sim_models")
-    p.add_argument("--hardware", default="H100-SXM")
-    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--model", default="llama-3.1-8b", help="folder under benchmarks/sim_models (default: llama-3.1-8b)")
+    p.add_argument("--hardware", default="H100-SXM", help="--simulate value of every server (default: H100-SXM)")
+    p.add_argument("--tp-size", type=int, default=1, help="simulated tensor parallelism per rank (default: 1)")
     p.add_argument("--topologies", nargs="+", default=["2x4:2x8", "2x8:2x4"],
-                   help="PREFILL_SERVERSxDP:DECODE_SERVERSxDP")
-    p.add_argument("--time-scale", type=float, default=20.0)
-    p.add_argument("--rates", type=float, nargs="+", default=[40, 80, 120], help="requests/s at GPU timing")
-    p.add_argument("--num-prompts", type=int, default=80)
-    p.add_argument("--long-share", type=float, default=0.2)
-    p.add_argument("--long-input", type=int, nargs=2, default=(3000, 6000))
-    p.add_argument("--short-input", type=int, nargs=2, default=(100, 600))
-    p.add_argument("--output-len", type=int, nargs=2, default=(32, 128))
-    p.add_argument("--slo-ttft-ms", type=float, default=400.0, help="at GPU timing")
-    p.add_argument("--slo-tpot-ms", type=float, default=40.0, help="at GPU timing")
-    p.add_argument("--policies", nargs="+", default=["least_load"])
-    p.add_argument("--sglang", action="store_true", help="also run sglang-router 0.3.2 (its default policy)")
-    p.add_argument("--burst", action="store_true", help="also one burst (all requests at once) per mode")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", default=None)
-    p.add_argument("--output-file", default="benchmarks/results/sim_fleet_decoupling.json")
-    p.add_argument("--plot", default="benchmarks/results/sim_fleet_decoupling.png")
+                   help="PREFILL_SERVERSxDP:DECODE_SERVERSxDP (default: 2x4:2x8 2x8:2x4)")
+    p.add_argument("--time-scale", type=float, default=20.0, help="slow the simulated clock this much (default: 20)")
+    p.add_argument("--rates", type=float, nargs="+", default=[40, 80, 120], help="requests/s at GPU timing (default: 40 80 120)")
+    p.add_argument("--num-prompts", type=int, default=80, help="requests per run (default: 80)")
+    p.add_argument("--long-share", type=float, default=0.2, help="share of long prompts (default: 0.2)")
+    p.add_argument("--long-input", type=int, nargs=2, default=(3000, 6000), help="long prompt tokens, min max (default: 3000 6000)")
+    p.add_argument("--short-input", type=int, nargs=2, default=(100, 600), help="short prompt tokens, min max (default: 100 600)")
+    p.add_argument("--output-len", type=int, nargs=2, default=(32, 128), help="output tokens, min max (default: 32 128)")
+    p.add_argument("--slo-ttft-ms", type=float, default=400.0, help="TTFT SLO in ms at GPU timing (default: 400)")
+    p.add_argument("--slo-tpot-ms", type=float, default=40.0, help="TPOT SLO in ms at GPU timing (default: 40)")
+    p.add_argument("--policies", nargs="+", default=["least_load"], help="router policies, each decoupled and coupled (default: least_load)")
+    p.add_argument("--sglang", action="store_true", help="also run sglang-router 0.3.2 (its default policy; default: off)")
+    p.add_argument("--burst", action="store_true", help="also one burst (all requests at once) per mode (default: off)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="keep the servers' prefix cache (default: off, --disable-radix-cache: every mode and repeat "
+                        "serves the same prompts, so a cache would turn later runs into cache hits)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode and rate, interleaved (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--log-dir", default=None, help="server and router logs (default: a new temporary folder)")
+    p.add_argument("--output-file", default="benchmarks/results/sim_fleet_decoupling.json", help="JSON result (default: %(default)s)")
+    p.add_argument("--plot", default="benchmarks/results/sim_fleet_decoupling.png", help="PNG plot (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"benchmark": "sim_fleet_decoupling", "machine": machine_info(), "argv": sys.argv[1:],
                  "args": vars(args), "topologies": []}
     sim = ["--simulate", args.hardware, "--tp-size", str(args.tp_size), "--time-scale", str(args.time_scale),
-           "--model-path", model]
+           "--model-path", model, *([] if args.prefix_cache else ["--disable-radix-cache"])]
     print(f"{args.model} on {args.hardware} TP{args.tp_size}, time scale {args.time_scale:g}; {len(requests)} requests, "
           f"{args.long_share:.0%} prompts {args.long_input}, rest {args.short_input}, outputs {args.output_len}; "
           f"SLO TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms (GPU timing); logs {log_dir}",
