@@ -15,6 +15,7 @@ interleaved. Writes JSON and a PNG of goodput vs rate per dispatch mode.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the servers' prefix cache (default: off, --disable-radix-cache: every mode and repeat "
                         "serves the same prompts, so a cache would turn later runs into cache hits)")
     p.add_argument("--repeats", type=int, default=2, help="runs per mode and rate, interleaved (default: 2)")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only draw --plot from a result file of an earlier run (default: run the benchmark)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     p.add_argument("--log-dir", default=None, help="server and router logs (default: a new temporary folder)")
     p.add_argument("--output-file", default="benchmarks/results/sim_fleet_decoupling.json", help="JSON result (default: %(default)s)")
@@ -101,6 +104,10 @@ def fmt(x) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args)
+        print(f"wrote {args.plot}")
+        return 0
     requests = workload(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-sim-bench-"))
     model = str(MODELS / args.model)
@@ -166,29 +173,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(out: dict, args: argparse.Namespace) -> None:
+    """Per topology: goodput (top) and median TTFT (bottom) per mode at each rate (the burst last);
+    bars span the runs' min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     topos = out["topologies"]
-    fig, axes = plt.subplots(1, len(topos), figsize=(6 * len(topos), 4.5), squeeze=False)
-    for ax, topo in zip(axes[0], topos):
-        for name, by_rate in topo["summary"].items():
-            rates = [r for r in by_rate if r != "burst"]
-            xs = [float(r) for r in rates]
-            ys = [by_rate[r]["goodput_mean"] for r in rates]
-            lo = [by_rate[r]["goodput_mean"] - by_rate[r]["goodput_spread"][0] for r in rates]
-            hi = [by_rate[r]["goodput_spread"][1] - by_rate[r]["goodput_mean"] for r in rates]
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
-        ax.set_title(f"{args.model} {args.hardware} TP{args.tp_size}, P:D = {topo['topology']}")
-        ax.set_xlabel("request rate (req/s, GPU timing)")
-        ax.set_ylabel(f"goodput (req/s, TTFT<={args.slo_ttft_ms:g} ms, TPOT<={args.slo_tpot_ms:g} ms)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(topos), figsize=(7 * len(topos), 8), squeeze=False)
+    for col, topo in enumerate(topos):
+        rates = sorted({r for by_rate in topo["runs"].values() for r in by_rate},
+                       key=lambda r: (r == "burst", float(r) if r != "burst" else 0.0))
+        policies = sorted({name.split("/")[-1] for name in topo["runs"]})
+        for name, by_rate in topo["runs"].items():
+            style = {"linestyle": "--" if name.startswith("coupled") else "-", "marker": "o", "capsize": 3,
+                     "color": f"C{policies.index(name.split('/')[-1])}"}  # a policy's two modes share a colour
+            for row, key in ((0, "goodput"), (1, "median_ttft_ms")):
+                xs, ys, lo, hi = [], [], [], []
+                for i, rate in enumerate(rates):
+                    vals = [r[key] or 0.0 for r in by_rate.get(rate, [])]
+                    if vals:
+                        mean = statistics.mean(vals)
+                        xs.append(i)
+                        ys.append(mean)
+                        lo.append(mean - min(vals))
+                        hi.append(max(vals) - mean)
+                axes[row][col].errorbar(xs, ys, yerr=[lo, hi], label=name, **style)
+        a = out["args"]
+        title = f"{a['model']} {a['hardware']} TP{a['tp_size']}, P:D = {topo['topology']}"
+        for row, label in ((0, f"goodput (req/s, TTFT<={a['slo_ttft_ms']:g} ms, TPOT<={a['slo_tpot_ms']:g} ms)"),
+                           (1, "TTFT p50 (ms)")):
+            ax = axes[row][col]
+            ax.set_xticks(range(len(rates)), [r if r == "burst" else f"{float(r):g}" for r in rates])
+            ax.set_xlabel("request rate (req/s, GPU timing)")
+            ax.set_ylabel(label)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(args.plot, dpi=100)
 
 
 if __name__ == "__main__":
