@@ -15,6 +15,7 @@ interleaved. Writes JSON and a PNG of goodput vs rate per dispatch mode.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -32,28 +33,33 @@ KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "reque
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b", help="folder under benchmarks/sim_models")
-    p.add_argument("--hardware", default="H100-SXM")
-    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--model", default="llama-3.1-8b", help="folder under benchmarks/sim_models (default: llama-3.1-8b)")
+    p.add_argument("--hardware", default="H100-SXM", help="--simulate value of every server (default: H100-SXM)")
+    p.add_argument("--tp-size", type=int, default=1, help="simulated tensor parallelism per rank (default: 1)")
     p.add_argument("--topologies", nargs="+", default=["2x4:2x8", "2x8:2x4"],
-                   help="PREFILL_SERVERSxDP:DECODE_SERVERSxDP")
-    p.add_argument("--time-scale", type=float, default=20.0)
-    p.add_argument("--rates", type=float, nargs="+", default=[40, 80, 120], help="requests/s at GPU timing")
-    p.add_argument("--num-prompts", type=int, default=80)
-    p.add_argument("--long-share", type=float, default=0.2)
-    p.add_argument("--long-input", type=int, nargs=2, default=(3000, 6000))
-    p.add_argument("--short-input", type=int, nargs=2, default=(100, 600))
-    p.add_argument("--output-len", type=int, nargs=2, default=(32, 128))
-    p.add_argument("--slo-ttft-ms", type=float, default=400.0, help="at GPU timing")
-    p.add_argument("--slo-tpot-ms", type=float, default=40.0, help="at GPU timing")
-    p.add_argument("--policies", nargs="+", default=["least_load"])
-    p.add_argument("--sglang", action="store_true", help="also run sglang-router 0.3.2 (its default policy)")
-    p.add_argument("--burst", action="store_true", help="also one burst (all requests at once) per mode")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", default=None)
-    p.add_argument("--output-file", default="benchmarks/results/sim_fleet_decoupling.json")
-    p.add_argument("--plot", default="benchmarks/results/sim_fleet_decoupling.png")
+                   help="PREFILL_SERVERSxDP:DECODE_SERVERSxDP (default: 2x4:2x8 2x8:2x4)")
+    p.add_argument("--time-scale", type=float, default=20.0, help="slow the simulated clock this much (default: 20)")
+    p.add_argument("--rates", type=float, nargs="+", default=[40, 80, 120], help="requests/s at GPU timing (default: 40 80 120)")
+    p.add_argument("--num-prompts", type=int, default=80, help="requests per run (default: 80)")
+    p.add_argument("--long-share", type=float, default=0.2, help="share of long prompts (default: 0.2)")
+    p.add_argument("--long-input", type=int, nargs=2, default=(3000, 6000), help="long prompt tokens, min max (default: 3000 6000)")
+    p.add_argument("--short-input", type=int, nargs=2, default=(100, 600), help="short prompt tokens, min max (default: 100 600)")
+    p.add_argument("--output-len", type=int, nargs=2, default=(32, 128), help="output tokens, min max (default: 32 128)")
+    p.add_argument("--slo-ttft-ms", type=float, default=400.0, help="TTFT SLO in ms at GPU timing (default: 400)")
+    p.add_argument("--slo-tpot-ms", type=float, default=40.0, help="TPOT SLO in ms at GPU timing (default: 40)")
+    p.add_argument("--policies", nargs="+", default=["least_load"], help="router policies, each decoupled and coupled (default: least_load)")
+    p.add_argument("--sglang", action="store_true", help="also run sglang-router 0.3.2 (its default policy; default: off)")
+    p.add_argument("--burst", action="store_true", help="also one burst (all requests at once) per mode (default: off)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="keep the servers' prefix cache (default: off, --disable-radix-cache: every mode and repeat "
+                        "serves the same prompts, so a cache would turn later runs into cache hits)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode and rate, interleaved (default: 2)")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only draw --plot from a result file of an earlier run (default: run the benchmark)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--log-dir", default=None, help="server and router logs (default: a new temporary folder)")
+    p.add_argument("--output-file", default="benchmarks/results/sim_fleet_decoupling.json", help="JSON result (default: %(default)s)")
+    p.add_argument("--plot", default="benchmarks/results/sim_fleet_decoupling.png", help="PNG plot (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -98,13 +104,17 @@ def fmt(x) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args)
+        print(f"wrote {args.plot}")
+        return 0
     requests = workload(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-sim-bench-"))
     model = str(MODELS / args.model)
     out: dict = {"benchmark": "sim_fleet_decoupling", "machine": machine_info(), "argv": sys.argv[1:],
                  "args": vars(args), "topologies": []}
     sim = ["--simulate", args.hardware, "--tp-size", str(args.tp_size), "--time-scale", str(args.time_scale),
-           "--model-path", model]
+           "--model-path", model, *([] if args.prefix_cache else ["--disable-radix-cache"])]
     print(f"{args.model} on {args.hardware} TP{args.tp_size}, time scale {args.time_scale:g}; {len(requests)} requests, "
           f"{args.long_share:.0%} prompts {args.long_input}, rest {args.short_input}, outputs {args.output_len}; "
           f"SLO TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms (GPU timing); logs {log_dir}",
@@ -163,29 +173,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(out: dict, args: argparse.Namespace) -> None:
+    """Per topology: goodput (top) and median TTFT (bottom) per mode at each rate (the burst last);
+    bars span the runs' min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     topos = out["topologies"]
-    fig, axes = plt.subplots(1, len(topos), figsize=(6 * len(topos), 4.5), squeeze=False)
-    for ax, topo in zip(axes[0], topos):
-        for name, by_rate in topo["summary"].items():
-            rates = [r for r in by_rate if r != "burst"]
-            xs = [float(r) for r in rates]
-            ys = [by_rate[r]["goodput_mean"] for r in rates]
-            lo = [by_rate[r]["goodput_mean"] - by_rate[r]["goodput_spread"][0] for r in rates]
-            hi = [by_rate[r]["goodput_spread"][1] - by_rate[r]["goodput_mean"] for r in rates]
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
-        ax.set_title(f"{args.model} {args.hardware} TP{args.tp_size}, P:D = {topo['topology']}")
-        ax.set_xlabel("request rate (req/s, GPU timing)")
-        ax.set_ylabel(f"goodput (req/s, TTFT<={args.slo_ttft_ms:g} ms, TPOT<={args.slo_tpot_ms:g} ms)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(topos), figsize=(7 * len(topos), 8), squeeze=False)
+    for col, topo in enumerate(topos):
+        rates = sorted({r for by_rate in topo["runs"].values() for r in by_rate},
+                       key=lambda r: (r == "burst", float(r) if r != "burst" else 0.0))
+        policies = sorted({name.split("/")[-1] for name in topo["runs"]})
+        for name, by_rate in topo["runs"].items():
+            style = {"linestyle": "--" if name.startswith("coupled") else "-", "marker": "o", "capsize": 3,
+                     "color": f"C{policies.index(name.split('/')[-1])}"}  # a policy's two modes share a colour
+            for row, key in ((0, "goodput"), (1, "median_ttft_ms")):
+                xs, ys, lo, hi = [], [], [], []
+                for i, rate in enumerate(rates):
+                    vals = [r[key] or 0.0 for r in by_rate.get(rate, [])]
+                    if vals:
+                        mean = statistics.mean(vals)
+                        xs.append(i)
+                        ys.append(mean)
+                        lo.append(mean - min(vals))
+                        hi.append(max(vals) - mean)
+                axes[row][col].errorbar(xs, ys, yerr=[lo, hi], label=name, **style)
+        a = out["args"]
+        title = f"{a['model']} {a['hardware']} TP{a['tp_size']}, P:D = {topo['topology']}"
+        for row, label in ((0, f"goodput (req/s, TTFT<={a['slo_ttft_ms']:g} ms, TPOT<={a['slo_tpot_ms']:g} ms)"),
+                           (1, "TTFT p50 (ms)")):
+            ax = axes[row][col]
+            ax.set_xticks(range(len(rates)), [r if r == "burst" else f"{float(r):g}" for r in rates])
+            ax.set_xlabel("request rate (req/s, GPU timing)")
+            ax.set_ylabel(label)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(args.plot, dpi=100)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -41,12 +42,12 @@ def rss_bytes(pids: list[int]) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--servers", type=int, default=4, help="prefill servers (and as many decode servers)")
-    p.add_argument("--dp-size", type=int, default=8)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--output-file", default="benchmarks/results/sim_scale.json")
+    p.add_argument("--servers", type=int, default=4, help="prefill servers, and as many decode servers (default: 4)")
+    p.add_argument("--dp-size", type=int, default=8, help="DP ranks per server (default: 8)")
+    p.add_argument("--requests", type=int, default=128, help="requests served after start-up (default: 128)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per request (default: 64)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="--time-scale of the servers (default: 1)")
+    p.add_argument("--output-file", default="benchmarks/results/sim_scale.json", help="JSON result (default: %(default)s)")
     args = p.parse_args(argv)
     model = MODELS / "llama-3.1-8b"
     sim = ["--simulate", "H100-SXM", "--model-path", str(model), "--time-scale", str(args.time_scale)]
@@ -59,9 +60,17 @@ def main(argv=None) -> int:
         c.wait_healthy(timeout=600)
         startup = time.monotonic() - start
         rss = rss_bytes([pid for s in servers for pid in s.group_pids()])
+        front_pids = [s.pid for s in servers]
+        host_pids = [pid for s in servers for pid in s.group_pids() if pid != s.pid]
+        split = {"front_cpu_s": sum(s.cpu_seconds() for s in servers),
+                 "host_cpu_s": sum(s.cpu_seconds(whole_group=True) - s.cpu_seconds() for s in servers),
+                 "front_rss_gib": rss_bytes(front_pids) / 2**30, "host_rss_gib": rss_bytes(host_pids) / 2**30,
+                 "load_average": os.getloadavg()}
         ranks = 2 * args.servers * args.dp_size
-        print(f"{ranks} sim ranks in {len(servers)} servers: healthy in {startup:.1f} s, RSS {rss / 2**30:.2f} GiB",
-              flush=True)
+        print(f"{ranks} sim ranks in {len(servers)} servers: healthy in {startup:.1f} s, RSS {rss / 2**30:.2f} GiB "
+              f"(fronts {split['front_rss_gib']:.2f}, sim hosts {split['host_rss_gib']:.2f}); start-up CPU: fronts "
+              f"{split['front_cpu_s']:.1f} s, sim hosts {split['host_cpu_s']:.1f} s; load average "
+              f"{split['load_average'][0]:.1f}", flush=True)
         router = c.pdserve_router("r", servers[:args.servers], servers[args.servers:], args=["--policy", "round_robin"])
         c.wait_healthy([router])
         time.sleep(3)
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
         modelled = cost.step_seconds(StepShape([512 + args.output_len // 2] * max(1, round(per_rank)))) * args.time_scale
         steps = len(ok) * args.output_len
         result = {"machine": machine_info(), "args": vars(args), "ranks": ranks, "startup_s": startup,
-                  "rss_gib": rss / 2**30, "ok": len(ok), "wall_s": wall, "server_cpu_s": cpu,
+                  "rss_gib": rss / 2**30, **split, "ok": len(ok), "wall_s": wall, "server_cpu_s": cpu,
                   "tpot_ms_median": statistics.median(tpot) * 1e3, "tpot_ms_modelled": modelled * 1e3,
                   "drift": statistics.median(tpot) / modelled - 1,
                   "server_cpu_ms_per_token": cpu / steps * 1e3}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import subprocess
@@ -24,19 +25,21 @@ from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.serving import ServingConfig, benchmark
 
 KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
+# no prefix cache: every repeat serves the same prompts, and the profile is fitted without cache hits
 ENGINE = ["--torch-threads", "1", "--max-total-tokens", "8192", "--chunked-prefill-size", "512"]
+SERVER = [*ENGINE, "--disable-radix-cache"]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=30)
-    p.add_argument("--request-rate", type=float, default=1.0)
-    p.add_argument("--input-len", type=int, nargs=2, default=(32, 400))
-    p.add_argument("--output-len", type=int, nargs=2, default=(16, 48))
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default=None, help="reuse this profile instead of measuring one")
-    p.add_argument("--output-file", default="benchmarks/results/sim_validation.json")
+    p.add_argument("--num-prompts", type=int, default=30, help="requests per run (default: 30)")
+    p.add_argument("--request-rate", type=float, default=1.0, help="Poisson arrivals, requests/s (default: 1)")
+    p.add_argument("--input-len", type=int, nargs=2, default=(32, 400), help="prompt tokens, min max (default: 32 400)")
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 48), help="output tokens, min max (default: 16 48)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each side, interleaved (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--profile", default=None, help="reuse this profile instead of measuring one (default: measure)")
+    p.add_argument("--output-file", default="benchmarks/results/sim_validation.json", help="JSON result (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -55,8 +58,8 @@ def main(argv=None) -> int:
     with Cluster(work / "logs") as c:
         fleets = {}
         for name, extra, backend in (("real", [], "tcp"), ("sim", ["--simulate", f"profile:{profile}"], "sim")):
-            p = c.server(f"{name}-p", "prefill", 1, transfer_backend=backend, extra=[*ENGINE, *extra])
-            d = c.server(f"{name}-d", "decode", 1, transfer_backend=backend, extra=[*ENGINE, *extra])
+            p = c.server(f"{name}-p", "prefill", 1, transfer_backend=backend, extra=[*SERVER, *extra])
+            d = c.server(f"{name}-d", "decode", 1, transfer_backend=backend, extra=[*SERVER, *extra])
             fleets[name] = (p, d)
         c.wait_healthy(timeout=300)
         for name, (p, d) in fleets.items():
@@ -72,14 +75,22 @@ def main(argv=None) -> int:
                                        request_rate=args.request_rate, seed=args.seed + rep, warmup_requests=0,
                                        disable_tqdm=True)
                 m = benchmark(config, requests).metrics
-                row = {k: m[k] for k in KEYS} | {"completed": m["completed"], "failed": m["failed"]}
+                row = {k: m[k] for k in KEYS} | {"completed": m["completed"], "failed": m["failed"],
+                                                 "load_average": os.getloadavg()[0]}
                 results[name].append(row)
-                print(f"{name:4s} run {rep + 1}: " + ", ".join(f"{k} {row[k]:.1f}" for k in KEYS), flush=True)
+                print(f"{name:4s} run {rep + 1}: " + ", ".join(f"{k} {row[k]:.1f}" for k in KEYS)
+                      + f" (load average {row['load_average']:.1f})", flush=True)
     ratios = {k: statistics.mean(r[k] for r in results["sim"]) / statistics.mean(r[k] for r in results["real"])
               for k in KEYS}
+    # the real engine's own repeat-to-repeat spread, to read the sim error against
+    spread = {k: (max(r[k] for r in results["real"]) - min(r[k] for r in results["real"]))
+              / statistics.mean(r[k] for r in results["real"]) for k in KEYS}
     print("sim / real (means over runs): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("real engine's own spread, (max - min) / mean over its runs: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in spread.items()))
     write_result(args.output_file, {"benchmark": "sim_validation", "machine": machine_info(), "args": vars(args),
-                                    "profile": Path(profile).read_text(), "runs": results, "ratio_sim_over_real": ratios})
+                                    "profile": Path(profile).read_text(), "runs": results, "ratio_sim_over_real": ratios,
+                                    "real_spread": spread})
     return 0
 
 

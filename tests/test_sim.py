@@ -13,17 +13,19 @@ import random
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
 
 from pdserve.bench.cluster import Cluster, post_json
+from pdserve.disagg.messages import Pages
 from pdserve.sim.cost_model import StepShape
 from pdserve.sim.faults import FaultPlan
 from pdserve.sim.hardware import SimConfigError, get_hardware
 from pdserve.sim.model_shape import ModelShape
 from pdserve.sim.roofline import RooflineCost
-from pdserve.sim.transfer import SharedLink
+from pdserve.sim.transfer import LinkSpec, SharedLink, SimReceiver, SimSender, register_link
 from tests.server_harness import REPO_ROOT, wait_until
 
 MODELS = REPO_ROOT / "benchmarks" / "sim_models"
@@ -110,6 +112,62 @@ def test_shared_link_splits_bandwidth_between_concurrent_transfers():
     assert 0.045 < alone < 0.09 and 0.095 < both < 0.16, (alone, both)
 
 
+LINK_BPS = 1e9  # every simulated NIC in the transfer tests: 1 GB/s, no setup latency
+PAGES, PAGE_TOKENS = 10, 16
+PAGE_BYTES = 312_500  # per token: a job of 10 pages of 16 tokens is 50 MB, 50 ms alone on one link
+
+
+def sim_pool():
+    import torch
+
+    from pdserve.engine.kv_pool import KVPool
+
+    pool = KVPool(64, PAGE_TOKENS, 1, 1, 1, torch.float32, "cpu", storage=False)
+    register_link(pool, LinkSpec(LINK_BPS, 0.0, PAGE_BYTES))
+    return pool
+
+
+def transfer_times(pairs: list[tuple[int, int]]) -> list[float]:
+    """Start one 50 MB job per (prefill rank, decode rank) pair at once, over real sockets between
+    real sim senders and receivers; the seconds until each job's pages are written and its sender
+    is done (what the decode side waits for before the room's Status)."""
+    senders_n = max(p for p, _ in pairs) + 1
+    receivers_n = max(d for _, d in pairs) + 1
+    written: dict[int, float] = {}
+    sent: dict[int, float] = {}
+
+    def on_event(event: object) -> None:
+        if isinstance(event, Pages):
+            written.setdefault(event.room, time.monotonic())
+
+    receivers = [SimReceiver(sim_pool(), on_event, "127.0.0.1", 5.0) for _ in range(receivers_n)]
+    senders = [SimSender(sim_pool(), lambda r: sent.setdefault(r.room, r.done_at), 5.0) for _ in range(senders_n)]
+    try:
+        for room, (_, d) in enumerate(pairs):
+            receivers[d].open_room(room, list(range(PAGES * room, PAGES * (room + 1))))
+        start = time.monotonic()
+        for room, (p, d) in enumerate(pairs):
+            pages = list(range(PAGES * room, PAGES * (room + 1)))
+            senders[p].send_pages(receivers[d].info(), room, pages[:], pages)
+        wait_until(lambda: len(written) == len(sent) == len(pairs), timeout=5)
+        return [max(written[room], sent[room]) - start for room in range(len(pairs))]
+    finally:
+        for x in senders + receivers:
+            x.close()
+
+
+@pytest.mark.parametrize("pairs, expected", [
+    ([(0, 0)], 0.05),  # alone: 50 MB / 1 GB/s
+    ([(0, 0), (1, 1)], 0.05),  # disjoint links: no contention
+    ([(0, 0), (0, 1)], 0.10),  # one prefill rank feeding two decode ranks: its NIC is split in two
+    ([(0, 0), (1, 0)], 0.10),  # two prefill ranks into one decode rank: the decode NIC is split in two
+    ([(0, 0), (1, 0), (2, 0)], 0.15),  # three into one: a third each
+])
+def test_transfer_contention_on_prefill_and_decode_links(pairs, expected):
+    times = transfer_times(pairs)
+    assert all(expected * 0.9 < t < expected + 0.06 for t in times), (expected, times)
+
+
 def test_fault_plan_parsing_and_selection():
     plan = FaultPlan.parse("prefill=0.5,slow_rank=2:4,transfer_slowdown=3")
     assert plan.rank_slowdown(2) == 4 and plan.rank_slowdown(0) == 1 and plan.transfer_slowdown == 3
@@ -175,6 +233,15 @@ def test_every_rank_pair_answers_through_pdserve_router(fleet):
             break
     assert pairs == {(i, j) for i in range(2) for j in range(3)}
     assert wait_until(lambda: used_pages(fleet["prefill"], fleet["decode"]) == 0, 10)
+
+
+def test_sim_fronts_never_load_torch(fleet):
+    """A sim server's front (HTTP, validation, P/D bootstrap service) stays torch-free while serving:
+    torch costs ~3 s of CPU and ~200 MB per process, the bulk of a large sim fleet's start-up."""
+    post_json(fleet["router"].url + "/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}})
+    for name in ("prefill", "decode"):
+        maps = Path(f"/proc/{fleet[name].pid}/maps").read_text()
+        assert "libtorch" not in maps, f"the {name} front loaded torch"
 
 
 def test_sglang_router_drives_the_sim_fleet(fleet):

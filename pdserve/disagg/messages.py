@@ -25,7 +25,7 @@ from array import array
 import msgspec
 
 from pdserve.disagg.auth import PlaneAuth
-from pdserve.engine.kv_pool import KVLayout
+from pdserve.engine.kv_layout import KVLayout
 from pdserve.engine.request import TokenLogprobs
 
 

@@ -20,14 +20,16 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
-import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from pdserve.engine.request import Req, RequestError, SamplingParams
+
+if TYPE_CHECKING:  # the front compiles grammars and never masks logits: it imports no torch
+    import torch
 
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 CACHE_SIZE = 128
@@ -185,6 +187,8 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
     if not rows:
         return
+    import torch
+
     vocab = logits.shape[-1]
     bits = fill_masks([reqs[i].grammar for i in rows], (vocab + 31) // 32)
     unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]

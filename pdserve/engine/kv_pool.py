@@ -30,10 +30,11 @@ import mmap
 import os
 import uuid
 import weakref
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from pdserve.engine.kv_layout import KVLayout
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdserve-kv-"
@@ -56,29 +57,6 @@ class Reclaimer(Protocol):
 
     def reclaim(self, count: int) -> int:
         """Drop the cache's reference to up to ``count`` pages that only it holds; returns how many."""
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What a peer must agree on before pages can be copied between two pools."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    dtype: str
-
-    @property
-    def page_numel(self) -> int:
-        return 2 * self.page_size * self.num_kv_heads * self.head_dim
-
-    def mismatch(self, other: KVLayout) -> str | None:
-        """Human-readable description of the first difference, or None when compatible."""
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "dtype"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return f"{name} differs: {mine} vs {theirs}"
-        return None
 
 
 class KVPool:

@@ -13,13 +13,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+
+if TYPE_CHECKING:  # torch only to build the weights: finding the cached model (a sim front) imports none
+    import torch
 
 TINY_MODEL_NAME = "tiny-llama-v1"
 DEFAULT_SEED = 1234
@@ -228,6 +229,8 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
 
 def _init_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """Random float32 weights with HF parameter names; std 0.08 (0.3 for lm_head) keeps logits peaked."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = hidden // config["num_attention_heads"]
@@ -308,5 +311,7 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = DEFAULT_SEED) -> Path
     })
     _write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS})
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    from safetensors.torch import save_file
+
     save_file(_init_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -1,12 +1,17 @@
 """``sim`` KV transfer backend: the real stream protocol (Pages, Aux, Status frames over TCP), no
 page bytes.
 
-A ``Pages`` frame is sent with ``nbytes = 0`` once the modelled transfer time has passed on the
-sender's link: ``setup + bytes / share`` where ``bytes = pages * page_size * kv_bytes_per_token``
-and ``share`` is the link bandwidth divided fairly between the transfers active on it at each
-moment (processor sharing, recomputed whenever a transfer starts or ends). The link is the
-prefill rank's NIC; all of a rank's destinations share it, so a hot prefill rank shows
-contention. The receiver checks the room and pages as the ``tcp`` backend does.
+A job of ``bytes = pages * page_size * kv_bytes_per_token`` crosses two links, each a
+:class:`SharedLink` whose bandwidth is divided fairly between the transfers active on it at each
+moment (processor sharing, recomputed whenever a transfer starts or ends): the prefill rank's NIC
+(all of its destinations share it) and the decode rank's NIC (all of its sources share it). After
+the setup latency the sender sends the ``Pages`` frame (``nbytes = 0``) and waits out the bytes on
+its link; the receiver, on that frame, waits out the same bytes on its own link before it writes
+the pages. Both waits run at once and the stream is ordered, so the room's ``Status`` is handled
+when both have ended: ``setup + max(bytes / prefill share, bytes / decode share)`` — a hot
+prefill rank and a decode rank fed by many prefill ranks both show contention. (Each link shares
+its bandwidth evenly without knowing that a flow is held back by the other link: no max-min
+redistribution, so under two-sided contention the model is slightly pessimistic.)
 """
 
 from __future__ import annotations
@@ -108,14 +113,22 @@ class SimSender(StreamSender):
         nbytes = len(job.src_pages) * self.page_tokens * spec.kv_bytes_per_token
         scale = spec.time_scale * spec.faults.transfer_slowdown
         time.sleep(spec.setup_s * scale)
+        send_buffers(dest.connect(), frame(m.Pages(job.room, job.dst_pages, 0)))  # the receiver's link starts now
         self.link.transfer(nbytes, scale)
-        send_buffers(dest.connect(), frame(m.Pages(job.room, job.dst_pages, 0)))
         return nbytes
 
 
 class SimReceiver(StreamReceiver):
     backend = "sim"
     close_stops_writes = True
+
+    def __init__(self, pool: KVPool, *args, **kwargs) -> None:
+        spec = _LINKS.get(pool)
+        if spec is None:
+            raise ValueError("the sim transfer backend needs a simulated engine (--simulate)")
+        self.spec = spec
+        self.link = SharedLink(spec.bandwidth)  # this decode rank's NIC, shared by every prefill rank sending to it
+        super().__init__(pool, *args, **kwargs)
 
     def info(self) -> m.ReceiverInfo:
         return m.ReceiverInfo("sim", self.host, self.port, self.pool.num_pages)
@@ -125,6 +138,9 @@ class SimReceiver(StreamReceiver):
             raise ConnectionError(f"room {msg.room}: a sim frame carries no payload, {msg.nbytes} bytes announced")
         if any(not 0 <= p < self.pool.num_pages for p in msg.dst_pages):
             return f"destination page outside [0, {self.pool.num_pages})"
+        spec = self.spec
+        self.link.transfer(len(msg.dst_pages) * self.pool.page_size * spec.kv_bytes_per_token,
+                           spec.time_scale * spec.faults.transfer_slowdown)
         slot, error = self.begin_write(msg.room, msg.dst_pages, sock)
         if slot is not None:
             self.end_write(slot)
