@@ -55,6 +55,19 @@ static inline float kv_at(const void *kv, int dtype, int64_t offset) {
     return dtype == 0 ? ((const float *)kv)[offset] : bf16_to_float(((const uint16_t *)kv)[offset]);
 }
 
+/* a[0, 8 * chunks) += sum over positions jj < end of w[jj] * vrow[jj][off + ...]; inlined with a
+ * constant chunk count the accumulators stay in registers */
+static inline __attribute__((always_inline)) void accumulate_values(float *a, const float *w, const float *const *vrow,
+                                                                    int64_t off, int64_t end, int64_t chunks) {
+    v8 sum[8];
+    for (int64_t c = 0; c < chunks; c++) sum[c] = load8(a + 8 * c);
+    for (int64_t jj = 0; jj < end; jj++) {
+        const float wj = w[jj], *vh = vrow[jj] + off;
+        for (int64_t c = 0; c < chunks; c++) sum[c] += wj * load8(vh + 8 * c);
+    }
+    for (int64_t c = 0; c < chunks; c++) store8(a + 8 * c, sum[c]);
+}
+
 /* Tasks are tiles of up to QUERY_TILE consecutive tokens of the same block-table row (a prefill chunk
  * is one row; each decode token is its own row, so its tile is one token). A tile reads every K and V
  * position of its row once, front to back, for all its queries (each over its own causal length).
@@ -92,15 +105,40 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         float *acc = (float *)calloc((size_t)(n * width), sizeof(float));
         float *block = (float *)malloc(sizeof(float) * (size_t)(VBLOCK * row_stride));
         float *scores = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads * (len8 > 0 ? len8 : 1)));
-        if (qf == NULL || acc == NULL || block == NULL || scores == NULL) {
+        int64_t *kbase = (int64_t *)malloc(sizeof(int64_t) * (size_t)(len > 0 ? len : 1));
+        if (qf == NULL || acc == NULL || block == NULL || scores == NULL || kbase == NULL) {
 #pragma omp atomic write
             failed = 1;
-            free(qf), free(acc), free(block), free(scores);
+            free(qf), free(acc), free(block), free(scores), free(kbase);
             continue;
+        }
+        /* offset of position j's K row (its V row is half_stride further), without a division per use */
+        for (int64_t j = 0, page = 0, slot = 0; j < len; j++) {
+            kbase[j] = (int64_t)pages[page] * 2 * half_stride + slot * row_stride;
+            if (++slot == page_size) slot = 0, page++;
         }
         load_row(q, dtype, t0 * width, n * width, qf);
         for (int64_t i = 0; i < n * width; i++) qf[i] *= scale;
-        for (int64_t j0 = 0; j0 < len; j0 += KBLOCK) {
+        if (n == 1) { /* a decode token: too few queries to pay for the transposition, dot each K row */
+            for (int64_t j = 0; j < len; j++) {
+                const int64_t base = kbase[j];
+                const float *k;
+                if (dtype == 0) {
+                    k = (const float *)kv + base;
+                } else {
+                    load_row(kv, dtype, base, row_stride, block);
+                    k = block;
+                }
+                for (int64_t hq = 0; hq < num_q_heads; hq++) {
+                    const float *kh = k + (hq / group) * head_dim, *qh = qf + hq * head_dim;
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];
+                    scores[hq * len8 + j] = s;
+                }
+            }
+        }
+        for (int64_t j0 = 0; n > 1 && j0 < len; j0 += KBLOCK) {
             const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
             for (int64_t h = 0; h < num_kv_heads; h++) {
                 float *kt = block; /* [head_dim][KBLOCK] */
@@ -110,8 +148,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                         continue;
                     }
                     const int64_t j = j0 + jj;
-                    const int64_t base =
-                        (int64_t)pages[j / page_size] * 2 * half_stride + (j % page_size) * row_stride + h * head_dim;
+                    const int64_t base = kbase[j] + h * head_dim;
                     for (int64_t d = 0; d < head_dim; d++) kt[d * KBLOCK + jj] = kv_at(kv, dtype, base + d);
                 }
                 /* the query heads of this KV head in the tile's live tokens, four at a time */
@@ -161,8 +198,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
             const float *vrow[VBLOCK];
             for (int64_t jj = 0; jj < vb; jj++) {
                 const int64_t j = j0 + jj;
-                const int64_t base =
-                    (int64_t)pages[j / page_size] * 2 * half_stride + half_stride + (j % page_size) * row_stride;
+                const int64_t base = kbase[j] + half_stride;
                 if (dtype == 0) {
                     vrow[jj] = (const float *)kv + base;
                 } else {
@@ -180,13 +216,12 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                     float *a = acc + m * head_dim;
                     for (int64_t d0 = 0; d0 < head_dim; d0 += 64) { /* up to 8 accumulators in registers */
                         const int64_t chunks = (head_dim - d0 < 64 ? head_dim - d0 : 64) / 8;
-                        v8 sum[8];
-                        for (int64_t c = 0; c < chunks; c++) sum[c] = load8(a + d0 + 8 * c);
-                        for (int64_t jj = 0; jj < end; jj++) {
-                            const float wj = w[jj], *vh = vrow[jj] + off + d0;
-                            for (int64_t c = 0; c < chunks; c++) sum[c] += wj * load8(vh + 8 * c);
-                        }
-                        for (int64_t c = 0; c < chunks; c++) store8(a + d0 + 8 * c, sum[c]);
+                        if (chunks == 8)
+                            accumulate_values(a + d0, w, vrow, off + d0, end, 8);
+                        else if (chunks == 4)
+                            accumulate_values(a + d0, w, vrow, off + d0, end, 4);
+                        else
+                            accumulate_values(a + d0, w, vrow, off + d0, end, chunks);
                     }
                 }
             }
@@ -197,7 +232,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
             uint16_t *dst = (uint16_t *)out + t0 * width;
             for (int64_t i = 0; i < n * width; i++) dst[i] = float_to_bf16(acc[i]);
         }
-        free(qf), free(acc), free(block), free(scores);
+        free(qf), free(acc), free(block), free(scores), free(kbase);
     }
     free(tile_start);
     return failed ? 2 : 0;
