@@ -1,12 +1,14 @@
-"""The native CPU decode kernel reads K/V in place from scattered pages and matches the PyTorch
-gather path (SDPA over padded groups) for float32 and bfloat16, GQA and non-GQA, ragged lengths."""
+"""The native CPU kernel reads K/V in place from scattered pages and matches the PyTorch paths (SDPA
+over gathered, padded groups for decode; SDPA per chunk for prefill) for float32 and bfloat16, GQA and
+non-GQA, ragged lengths, and a mixed batch of decode rows and prefill chunks with and without a
+cached prefix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pdserve.models import native
+from pdserve.models import attention, native
 from pdserve.models.attention import AttentionMetadata, _decode_group
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: native kernel unavailable")
@@ -25,7 +27,7 @@ def test_native_decode_matches_gather_path(dtype, heads, kv_heads):
     q = torch.randn(len(lens), heads, dim).to(dtype)
     assert native.supports(q, kv)
     ours, reference = torch.empty_like(q), torch.empty_like(q)
-    table, rows, kv_lens = meta.decode_tables
+    table, rows, kv_lens = meta.native_tables
     native.paged_attention(q, kv, table, rows, kv_lens, dim**-0.5, ours)
     for group in meta.decode_groups:
         _decode_group(q, kv, group, meta.workspace, dim**-0.5, reference)
@@ -37,3 +39,33 @@ def test_unsupported_inputs_fall_back():
     q = torch.randn(2, 4, 64, dtype=torch.float16)
     kv = torch.randn(4, 2, 16, 2, 64, dtype=torch.float16)
     assert not native.supports(q, kv)  # float16 goes to the gather path
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,dim", [(torch.float32, 9, 3, 64), (torch.float32, 8, 4, 32),
+                                                      (torch.bfloat16, 8, 2, 64)])
+def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_heads, dim):
+    """Decode rows plus prefill chunks (no prefix; a prefix ending mid-page; a long chunk over a long
+    prefix), attended in one native call, equal the SDPA paths; the K/V written are the same."""
+    torch.manual_seed(1)
+    page_size, num_pages = 16, 200
+    order = torch.randperm(num_pages).tolist()
+
+    def take(n: int) -> list[int]:
+        return [order.pop() for _ in range((n + page_size - 1) // page_size)]
+
+    decode_lens = [3, 40, 257]
+    extends = [(0, 37, take(37)), (21, 11, take(32)), (300, 140, take(440)), (0, 1, take(1))]
+    decode_pages = [take(n) for n in decode_lens]
+    meta = AttentionMetadata.build(page_size, decode_pages, decode_lens, extends, torch.device("cpu"))
+    tokens = len(decode_lens) + sum(n for _, n, _ in extends)
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(dtype)
+    q = torch.randn(tokens, heads, dim).to(dtype)
+    k = torch.randn(tokens, kv_heads, dim).to(dtype)
+    v = torch.randn(tokens, kv_heads, dim).to(dtype)
+    kv_native, kv_torch = kv.clone(), kv.clone()
+    ours = attention.paged_attention(q, k, v, kv_native, meta, dim**-0.5)
+    monkeypatch.setattr(native, "supports", lambda *_: False)
+    reference = attention.paged_attention(q, k, v, kv_torch, meta, dim**-0.5)
+    assert torch.equal(kv_native, kv_torch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol)

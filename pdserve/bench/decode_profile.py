@@ -1,7 +1,11 @@
 """Decode step time and its split: one batch of decode rows at a fixed context length, on a
 random-weight model of a named shape (default: SmolLM2-135M's). Prints the median step time and how
 it divides into attention, GEMMs (projections and LM head), sampling and the rest (norms, RoPE,
-activations, metadata, Python), each timed by wrapping the calls in the same steps."""
+activations, metadata, Python), each timed by wrapping the calls in the same steps.
+
+``--workload`` instead runs ``pdserve bench engine``'s throughput workload through the offline
+``Engine`` and splits its whole wall time: steps with prefill chunks vs decode-only steps, each
+into attention, GEMMs and the rest of the forward, plus sampling and the scheduler around it."""
 
 from __future__ import annotations
 
@@ -119,6 +123,71 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
     return out
 
 
+def profile_workload(model: str, num_prompts: int, threads: int, clock=time.perf_counter) -> dict[str, float]:
+    """Run the throughput workload of ``pdserve bench engine`` on ``model`` and split its time."""
+    import tempfile
+    from pathlib import Path
+
+    from pdserve.bench import engine_throughput as bench
+    from pdserve.engine.engine import Engine
+    from pdserve.models.loader import load_model
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = bench.build_model(model, Path(tmp))
+        cfg = load_model(path, device="cpu").config
+        prompts, outputs = bench.workload(num_prompts, cfg.vocab_size, 0, (128, 512), (64, 128))
+        engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype="float32",
+                        device="cpu", max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
+        params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
+        engine.generate(input_ids=prompts[:2], sampling_params=params[:2])
+        timers = _Timers(clock)
+        totals: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        original_forward = runner_mod.ModelRunner.forward
+
+        def forward(self, batch):
+            kind = "prefill" if batch.extends else "decode"
+            before = dict(timers.totals)
+            start = clock()
+            try:
+                return original_forward(self, batch)
+            finally:
+                totals[f"{kind}_forward"] += clock() - start
+                counts[kind] += 1
+                for key in ("attention", "gemm"):
+                    totals[f"{kind}_{key}"] += timers.totals[key] - before.get(key, 0.0)
+
+        runner_mod.ModelRunner.forward = forward
+        try:
+            with (timers.wrap(llama_mod, "paged_attention", "attention"),
+                  timers.wrap(torch.nn.Linear, "forward", "gemm"),
+                  timers.wrap(sampler_mod, "sample", "sampling")):
+                start = clock()
+                engine.generate(input_ids=prompts, sampling_params=params)
+                totals["total"] = clock() - start
+        finally:
+            runner_mod.ModelRunner.forward = original_forward
+            engine.shutdown()
+    totals["sampling"] = timers.totals["sampling"]
+    totals["prefill_steps"], totals["decode_steps"] = counts["prefill"], counts["decode"]
+    return dict(totals)
+
+
+def _print_workload(r: dict[str, float]) -> None:
+    total = r["total"]
+    print(f"workload total {total:.2f} s; {int(r['prefill_steps'])} steps with prefill chunks, "
+          f"{int(r['decode_steps'])} decode-only steps")
+    for kind in ("prefill", "decode"):
+        fwd = r.get(f"{kind}_forward", 0.0)
+        att, gemm = r.get(f"{kind}_attention", 0.0), r.get(f"{kind}_gemm", 0.0)
+        print(f"  {kind:8s} forward {fwd:7.2f} s ({100 * fwd / total:4.1f} %): attention {att:6.2f} s, "
+              f"GEMMs {gemm:6.2f} s, rest {fwd - att - gemm:6.2f} s")
+    rest = total - r.get("prefill_forward", 0.0) - r.get("decode_forward", 0.0)
+    print(f"  sampling {r['sampling']:.2f} s; scheduler and everything outside forward and sampling "
+          f"{rest - r['sampling']:.2f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--shape", default="135m", choices=list(SHAPES), help="model shape (random weights)")
@@ -130,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: CPU time of all threads (less disturbed by other processes)")
+    parser.add_argument("--workload", default=None, choices=["tiny", "135m"],
+                        help="profile bench engine's throughput workload on this model instead (default: off)")
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests in --workload (default: 64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.workload:
+        _print_workload(profile_workload(args.workload, args.num_prompts, args.threads, clock))
+        return 0
     r = profile_decode(args.shape, args.batch, args.context, args.steps, getattr(torch, args.dtype),
                        torch.device(args.device), clock=clock)
     print(f"decode step, {args.shape} shape, batch {args.batch} x {args.context} context, {args.dtype}, "

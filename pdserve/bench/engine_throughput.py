@@ -1,15 +1,21 @@
 """Offline throughput: pdserve's engine vs transformers ``generate`` (static batches) and, where the
 installed transformers has it, ``generate_batch`` (its continuous batching), on the same prompts,
 thread count and machine, in one run. Prints absolute numbers and ratios, and the engine's model
-FLOPs utilisation: the workload's model FLOPs / engine wall time / the GEMM peak measured in the run."""
+FLOPs utilisation: the workload's model FLOPs / engine wall time / the GEMM peak measured in the run.
+
+``--clock cpu`` times every system (and the GEMM peak) by the process's CPU time instead of wall time:
+on a machine shared with other work, CPU time is far less disturbed (use it with ``--threads 1``,
+where no thread waits for a descheduled sibling)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,9 @@ def workload_flops(cfg, prompts, outputs) -> float:
             + 4 * q * d * cfg.num_layers * context)
 
 
+CLOCK: Callable[[], float] = time.perf_counter  # set by --clock
+
+
 def gemm_peak(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 8) -> float:
     """Best FLOP/s of a square matmul over several tries (the machine's GEMM peak for this dtype)."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -81,11 +90,11 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, size: int = 1024, repeat
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = CLOCK()
         torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, CLOCK() - start)
     return 2 * size**3 / best
 
 
@@ -96,9 +105,9 @@ def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: s
                     device=device, max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
     params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
     engine.generate(input_ids=prompts[:2], sampling_params=params[:2])  # warm-up
-    start = time.perf_counter()
+    start = CLOCK()
     results = engine.generate(input_ids=prompts, sampling_params=params)
-    secs = time.perf_counter() - start
+    secs = CLOCK() - start
     engine.shutdown()
     return secs, [r["output_ids"] for r in results]
 
@@ -106,7 +115,7 @@ def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: s
 def run_hf_static(model, prompts, outputs, batch_size: int) -> tuple[float, list[list[int]]]:
     device = model.device
     generated: list[list[int]] = []
-    start = time.perf_counter()
+    start = CLOCK()
     for s in range(0, len(prompts), batch_size):
         chunk, outs = prompts[s : s + batch_size], outputs[s : s + batch_size]
         width = max(len(p) for p in chunk)
@@ -117,7 +126,7 @@ def run_hf_static(model, prompts, outputs, batch_size: int) -> tuple[float, list
         generated.extend(row[width : width + n] for row, n in zip(out.tolist(), outs))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, generated
+    return CLOCK() - start, generated
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, float]:
@@ -139,9 +148,9 @@ def run_hf_continuous(model, prompts, outputs) -> float | None:
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None, pad_token_id=0)
-    start = time.perf_counter()
+    start = CLOCK()
     model.generate_batch(inputs=prompts, generation_config=cfg)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="both engines' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall time, or the process's CPU time (shared machines)")
     parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
 
 
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     from pdserve.models.loader import load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -189,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
             del loaded
             useful = sum(outputs)
             result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful,
-                                      "dtype": dtype_name, "device": device.type, "threads": args.threads}
+                                      "dtype": dtype_name, "device": device.type, "threads": args.threads,
+                                      "clock": args.clock, "load_average": os.getloadavg()}
             result["model_flops"] = workload_flops(cfg, prompts, outputs)
             result["gemm_peak_flops"] = gemm_peak(dtype, device)
             result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device))
@@ -222,7 +236,8 @@ def _print_row(r: dict[str, Any], batch_sizes: list[int]) -> None:
     tok = r["output_tokens"]
     ours = tok / r["pdserve_s"]
     print(f"\n== model {r['model']}: {r['num_prompts']} requests, {tok} output tokens (useful)")
-    print(f"  pdserve engine            {ours:8.1f} tok/s  ({r['pdserve_s']:.1f} s)  {r['dtype']} on {r['device']}")
+    print(f"  pdserve engine            {ours:8.1f} tok/s  ({r['pdserve_s']:.1f} s)  {r['dtype']} on {r['device']}, "
+          f"{r['threads']} threads, {r['clock']} clock, load average {r['load_average'][0]:.1f}")
     print(f"  model FLOPs {r['model_flops'] / 1e12:.2f} T; GEMM peak {r['gemm_peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(measured in this run); MFU {100 * r['mfu']:.1f} %")
     peers = [(f"transformers generate b{bs}", r[f"hf_generate_b{bs}_s"]) for bs in batch_sizes]

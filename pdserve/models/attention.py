@@ -5,9 +5,11 @@ page ``p`` of a layer (its K and V) is the contiguous block ``kv[p]``, which is 
 transfer backends move. One forward step mixes decode rows (one new token each) and extend rows
 (a prefill chunk each, attended one request at a time with a causal mask offset by the cached prefix).
 
-Decode rows on CPU are attended by the native kernel (:mod:`pdserve.models.native`), which reads K/V
-in place from the pages through an int32 block table. Elsewhere (CUDA, other dtypes, no compiler)
-they are gathered into padded groups of similar length and attended with SDPA.
+On CPU every row, decode token or prefill chunk (with or without a cached prefix), is attended by one
+call of the native kernel (:mod:`pdserve.models.native`), which reads K/V in place from the pages
+through an int32 block table: no gather copy of the prefix, one call per layer for the whole batch.
+Elsewhere (CUDA, float16, no compiler) decode rows are gathered into padded groups of similar length
+and prefill chunks are attended one at a time with SDPA.
 """
 
 from __future__ import annotations
@@ -21,15 +23,27 @@ import torch.nn.functional as F
 from pdserve.models import native
 
 
-@dataclass
 class ExtendSpan:
-    """One request's prefill chunk inside the flat token batch."""
+    """One request's prefill chunk inside the flat token batch (page tensor and mask built on first use)."""
 
-    start: int  # first row of this chunk in the flat batch
-    length: int  # number of new tokens in the chunk
-    prefix_len: int  # tokens of this request already in the KV cache before the chunk
-    pages: torch.Tensor  # LongTensor of the request's pages covering prefix + chunk
-    mask: torch.Tensor | None  # bool [length, prefix+length] (True = attend); None when prefix is 0
+    def __init__(self, start: int, length: int, prefix_len: int, page_list: list[int], device: torch.device) -> None:
+        self.start = start  # first row of this chunk in the flat batch
+        self.length = length  # number of new tokens in the chunk
+        self.prefix_len = prefix_len  # tokens of this request already in the KV cache before the chunk
+        self.page_list = page_list  # the request's pages covering prefix + chunk
+        self.device = device
+
+    @cached_property
+    def pages(self) -> torch.Tensor:
+        return torch.tensor(self.page_list, device=self.device)
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """bool [length, prefix+length] (True = attend); None when the prefix is empty."""
+        if not self.prefix_len:
+            return None
+        q_pos = torch.arange(self.prefix_len, self.prefix_len + self.length)[:, None]
+        return (torch.arange(self.prefix_len + self.length)[None, :] <= q_pos).to(self.device)
 
 
 @dataclass
@@ -71,6 +85,8 @@ class AttentionMetadata:
     page_size: int
     slot_pages: torch.Tensor  # LongTensor [T]: page receiving each new token's K/V
     slot_offsets: torch.Tensor  # LongTensor [T]: offset inside that page
+    k_slots: torch.Tensor  # LongTensor [T]: row of each new token's K in the layer viewed as [-1, Hkv, D]
+    v_slots: torch.Tensor  # the same for V (one half-page further)
     num_decode: int
     decode_pages: list[list[int]]
     decode_kv_lens: list[int]
@@ -108,19 +124,18 @@ class AttentionMetadata:
             for pos in range(prefix_len, prefix_len + length):
                 slot_pages.append(pages[pos // page_size])
                 slot_offsets.append(pos % page_size)
-            span_mask = None
-            if prefix_len:
-                q_pos = torch.arange(prefix_len, prefix_len + length)[:, None]
-                span_mask = (torch.arange(prefix_len + length)[None, :] <= q_pos).to(device)
             used = (prefix_len + length + page_size - 1) // page_size
-            extends.append(
-                ExtendSpan(start, length, prefix_len, torch.tensor(pages[:used], device=device), span_mask)
-            )
+            extends.append(ExtendSpan(start, length, prefix_len, pages[:used], device))
             start += length
+        slot_pages_t = torch.tensor(slot_pages, dtype=torch.long)
+        slot_offsets_t = torch.tensor(slot_offsets, dtype=torch.long)
+        k_slots = slot_pages_t * (2 * page_size) + slot_offsets_t
         return cls(
             page_size=page_size,
-            slot_pages=torch.tensor(slot_pages, dtype=torch.long, device=device),
-            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
+            slot_pages=slot_pages_t.to(device),
+            slot_offsets=slot_offsets_t.to(device),
+            k_slots=k_slots.to(device),
+            v_slots=(k_slots + page_size).to(device),
             num_decode=num_decode,
             decode_pages=decode_pages,
             decode_kv_lens=decode_kv_lens,
@@ -128,6 +143,21 @@ class AttentionMetadata:
             workspace=workspace or Workspace(),
             device=device,
         )
+
+    @cached_property
+    def native_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the native kernel, over the whole batch: int32 block table (one row per decode token,
+        then one per prefill chunk), the row of each token and each token's causal context length."""
+        tables = [*self.decode_pages, *(span.page_list for span in self.extends)]
+        width = max(len(p) for p in tables)
+        flat = [p for pages in tables for p in (*pages, *(0,) * (width - len(pages)))]
+        rows = list(range(self.num_decode))
+        lens = list(self.decode_kv_lens)
+        for index, span in enumerate(self.extends, start=self.num_decode):
+            rows.extend([index] * span.length)
+            lens.extend(range(span.prefix_len + 1, span.prefix_len + span.length + 1))
+        return (torch.tensor(flat, dtype=torch.int32).view(len(tables), width),
+                torch.tensor(rows, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32))
 
     @cached_property
     def decode_groups(self) -> list[DecodeGroup]:
@@ -145,16 +175,6 @@ class AttentionMetadata:
                 DecodeGroup(start, len(rows), width, torch.tensor(ids, device=self.device), mask.to(self.device))
             )
         return groups
-
-    @cached_property
-    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the native kernel: int32 block table [B, max pages], row of each token and context lengths."""
-        width = max(len(p) for p in self.decode_pages)
-        table = torch.zeros(self.num_decode, width, dtype=torch.int32)
-        for row, pages in enumerate(self.decode_pages):
-            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        rows = torch.arange(self.num_decode, dtype=torch.int32)
-        return table, rows, torch.tensor(self.decode_kv_lens, dtype=torch.int32)
 
 
 def _gather_into(kv_layer: torch.Tensor, pages: torch.Tensor, which: int, out: torch.Tensor) -> torch.Tensor:
@@ -175,17 +195,21 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the pool, then attend. ``q``: [T, Hq, D]; ``k``/``v``: [T, Hkv, D]."""
-    kv_layer[meta.slot_pages, 0, meta.slot_offsets] = k.to(kv_layer.dtype)
-    kv_layer[meta.slot_pages, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
+    if kv_layer.is_contiguous():
+        flat = kv_layer.view(-1, *kv_layer.shape[3:])  # K of page p: rows [2p, 2p + 1) * page_size, then V
+        flat.index_copy_(0, meta.k_slots, k.to(kv_layer.dtype))
+        flat.index_copy_(0, meta.v_slots, v.to(kv_layer.dtype))
+    else:
+        kv_layer[meta.slot_pages, 0, meta.slot_offsets] = k.to(kv_layer.dtype)
+        kv_layer[meta.slot_pages, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
     out = torch.empty_like(q)
+    if native.supports(q, kv_layer):
+        table, row_of_token, kv_len = meta.native_tables
+        native.paged_attention(q.contiguous(), kv_layer, table, row_of_token, kv_len, scale, out)
+        return out
     gqa = q.shape[1] != k.shape[1]
-    if meta.num_decode:
-        if native.supports(q, kv_layer):
-            table, rows, lens = meta.decode_tables
-            native.paged_attention(q[: meta.num_decode].contiguous(), kv_layer, table, rows, lens, scale, out)
-        else:
-            for group in meta.decode_groups:
-                _decode_group(q, kv_layer, group, meta.workspace, scale, out)
+    for group in meta.decode_groups:
+        _decode_group(q, kv_layer, group, meta.workspace, scale, out)
     for span in meta.extends:
         rows = slice(span.start, span.start + span.length)
         query = q[rows].transpose(0, 1)  # [Hq, L, D]

@@ -13,7 +13,7 @@ from torch import nn
 
 from pdserve.models.attention import AttentionMetadata, paged_attention
 from pdserve.models.config import ModelConfig
-from pdserve.models.rope import RotaryEmbedding
+from pdserve.models.rope import RotaryEmbedding, rotate
 
 
 class RMSNorm(nn.Module):
@@ -53,24 +53,31 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """``rope``: the step's cos/sin tables (:meth:`RotaryEmbedding.tables`)."""
         t = x.shape[0]
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        cos, sin = rope
+        nq, nkv = self.num_heads, self.num_kv_heads
+        if self.qkv_proj is not None and not self.qk_norm:
+            qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
+            qk = rotate(qkv[:, : nq + nkv], cos, sin)  # q and k heads rotated in one pass
+            q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.reshape(t, nq, self.head_dim)
+            k = k.reshape(t, nkv, self.head_dim)
+            v = v.reshape(t, nkv, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         o = paged_attention(q, k, v, kv_layer, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(t, nq * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -102,8 +109,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, kv_layer, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, meta)
+    def forward(self, x, rope, kv_layer, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -145,8 +152,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for flat tokens ``input_ids`` [T]."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)
         for layer, kv_layer in zip(self.model.layers, kv_cache, strict=True):
-            x = layer(x, positions, self.rotary, kv_layer, meta)
+            x = layer(x, rope, kv_layer, meta)
         return self.model.norm(x)
 
     @torch.inference_mode()

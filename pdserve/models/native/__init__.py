@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_attention.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
 _tried = False
@@ -97,13 +97,14 @@ def kernels() -> ctypes.CDLL | None:
 
 NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_DIM = 256  # as in paged_attention.c
+MAX_GROUP = 64
 
 
 def supports(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
     """Whether the native kernel can run this attention (CPU, float32/bfloat16, small enough heads)."""
     heads, kv_heads, dim = q.shape[1], kv_layer.shape[3], kv_layer.shape[4]
     return (q.device.type == "cpu" and q.dtype == kv_layer.dtype and q.dtype in NATIVE_DTYPES
-            and heads % kv_heads == 0 and dim <= MAX_DIM
+            and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and dim <= MAX_DIM and dim % 8 == 0
             and kv_layer.is_contiguous() and kernels() is not None)
 
 

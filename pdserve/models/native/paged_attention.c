@@ -1,4 +1,4 @@
-/* Paged attention for one query token per (token, KV head), reading K/V straight from the pages.
+/* Paged attention for decode tokens and causal prefill chunks, reading K/V straight from the pages.
  *
  * KV layer layout: [num_pages, 2, page_size, num_kv_heads, head_dim] (K then V of a page back to
  * back). Token t attends to the first kv_len[t] positions of block-table row row_of_token[t].
@@ -35,86 +35,205 @@ static inline void load_row(const void *base, int dtype, int64_t offset, int64_t
 }
 
 #define MAX_DIM 256
+#define MAX_GROUP 64  /* query heads per KV head */
 
-/* One task per token: all KV heads of a position are one contiguous row, read once, front to back. */
+#define QUERY_TILE 16
+#define KBLOCK 8   /* positions whose scores one vector holds */
+#define VBLOCK 32  /* positions accumulated per pass over V */
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+static inline float kv_at(const void *kv, int dtype, int64_t offset) {
+    return dtype == 0 ? ((const float *)kv)[offset] : bf16_to_float(((const uint16_t *)kv)[offset]);
+}
+
+/* a[0, 8 * chunks) += sum over positions jj < end of w[jj] * vrow[jj][off + ...]; inlined with a
+ * constant chunk count the accumulators stay in registers */
+static inline __attribute__((always_inline)) void accumulate_values(float *a, const float *w, const float *const *vrow,
+                                                                    int64_t off, int64_t end, int64_t chunks) {
+    v8 sum[8];
+    for (int64_t c = 0; c < chunks; c++) sum[c] = load8(a + 8 * c);
+    for (int64_t jj = 0; jj < end; jj++) {
+        const float wj = w[jj], *vh = vrow[jj] + off;
+        for (int64_t c = 0; c < chunks; c++) sum[c] += wj * load8(vh + 8 * c);
+    }
+    for (int64_t c = 0; c < chunks; c++) store8(a + 8 * c, sum[c]);
+}
+
+/* Tasks are tiles of up to QUERY_TILE consecutive tokens of the same block-table row (a prefill chunk
+ * is one row; each decode token is its own row, so its tile is one token). A tile reads every K and V
+ * position of its row once, front to back, for all its queries (each over its own causal length).
+ * Scores: KBLOCK positions of one KV head are transposed into a [head_dim][KBLOCK] block, so every
+ * query head of the tile gets KBLOCK scores with head_dim vector FMAs and no horizontal sums.
+ * Values: each query head's output stays in vector registers over VBLOCK positions.
+ * Requires head_dim % 8 == 0. */
 int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, const int32_t *block_table,
                        int64_t table_stride, const int32_t *row_of_token, const int32_t *kv_len, int64_t num_tokens,
                        int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t page_size, float scale,
                        int num_threads) {
     const int64_t group = num_q_heads / num_kv_heads;
-    if (group < 1 || head_dim > MAX_DIM || num_q_heads % num_kv_heads) return 1;
+    if (group < 1 || group > MAX_GROUP || head_dim > MAX_DIM || head_dim % 8 || num_q_heads % num_kv_heads) return 1;
+    if (num_tokens <= 0) return 0;
     const int64_t row_stride = num_kv_heads * head_dim;   /* one position of one page, all heads */
     const int64_t half_stride = page_size * row_stride;   /* K (or V) of one page */
+    const int64_t width = num_q_heads * head_dim;         /* one token's queries */
+    int64_t *tile_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_tokens + 1));
+    if (tile_start == NULL) return 2;
+    int64_t num_tiles = 0;
+    for (int64_t t = 0; t < num_tokens; t++) {
+        if (num_tiles == 0 || row_of_token[t] != row_of_token[t - 1] || t - tile_start[num_tiles - 1] >= QUERY_TILE)
+            tile_start[num_tiles++] = t;
+    }
+    tile_start[num_tiles] = num_tokens;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t t = 0; t < num_tokens; t++) {
-        const int64_t len = kv_len[t];
-        const int32_t *pages = block_table + (int64_t)row_of_token[t] * table_stride;
-        float *qf = (float *)malloc(sizeof(float) * (size_t)(num_q_heads * head_dim));
-        float *acc = (float *)calloc((size_t)(num_q_heads * head_dim), sizeof(float));
-        float *row = (float *)malloc(sizeof(float) * (size_t)row_stride);
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(num_q_heads * (len > 0 ? len : 1)));
-        if (qf == NULL || acc == NULL || row == NULL || scores == NULL) {
+    for (int64_t tile = 0; tile < num_tiles; tile++) {
+        const int64_t t0 = tile_start[tile], n = tile_start[tile + 1] - t0;
+        int64_t len = 0;
+        for (int64_t i = 0; i < n; i++) len = kv_len[t0 + i] > len ? kv_len[t0 + i] : len;
+        const int64_t len8 = (len + KBLOCK - 1) / KBLOCK * KBLOCK;
+        const int32_t *pages = block_table + (int64_t)row_of_token[t0] * table_stride;
+        float *qf = (float *)malloc(sizeof(float) * (size_t)(n * width));
+        float *acc = (float *)calloc((size_t)(n * width), sizeof(float));
+        float *block = (float *)malloc(sizeof(float) * (size_t)(VBLOCK * row_stride));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads * (len8 > 0 ? len8 : 1)));
+        int64_t *kbase = (int64_t *)malloc(sizeof(int64_t) * (size_t)(len > 0 ? len : 1));
+        if (qf == NULL || acc == NULL || block == NULL || scores == NULL || kbase == NULL) {
+#pragma omp atomic write
             failed = 1;
-            free(qf), free(acc), free(row), free(scores);
+            free(qf), free(acc), free(block), free(scores), free(kbase);
             continue;
         }
-        load_row(q, dtype, t * num_q_heads * head_dim, num_q_heads * head_dim, qf);
-        for (int64_t i = 0; i < num_q_heads * head_dim; i++) qf[i] *= scale;
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t base = (int64_t)pages[j / page_size] * 2 * half_stride + (j % page_size) * row_stride;
-            const float *k;
-            if (dtype == 0) {
-                k = (const float *)kv + base;
-            } else {
-                load_row(kv, dtype, base, row_stride, row);
-                k = row;
-            }
-            for (int64_t hq = 0; hq < num_q_heads; hq++) {
-                const float *kh = k + (hq / group) * head_dim, *qh = qf + hq * head_dim;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];
-                scores[hq * len + j] = s;
-            }
+        /* offset of position j's K row (its V row is half_stride further), without a division per use */
+        for (int64_t j = 0, page = 0, slot = 0; j < len; j++) {
+            kbase[j] = (int64_t)pages[page] * 2 * half_stride + slot * row_stride;
+            if (++slot == page_size) slot = 0, page++;
         }
-        for (int64_t hq = 0; hq < num_q_heads; hq++) {
-            float *sg = scores + hq * len;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
-            float sum = 0.f;
+        load_row(q, dtype, t0 * width, n * width, qf);
+        for (int64_t i = 0; i < n * width; i++) qf[i] *= scale;
+        if (n == 1) { /* a decode token: too few queries to pay for the transposition, dot each K row */
             for (int64_t j = 0; j < len; j++) {
-                sg[j] = expf(sg[j] - mx);
-                sum += sg[j];
+                const int64_t base = kbase[j];
+                const float *k;
+                if (dtype == 0) {
+                    k = (const float *)kv + base;
+                } else {
+                    load_row(kv, dtype, base, row_stride, block);
+                    k = block;
+                }
+                for (int64_t hq = 0; hq < num_q_heads; hq++) {
+                    const float *kh = k + (hq / group) * head_dim, *qh = qf + hq * head_dim;
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];
+                    scores[hq * len8 + j] = s;
+                }
             }
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            for (int64_t j = 0; j < len; j++) sg[j] *= inv;
         }
-        for (int64_t j = 0; j < len; j++) {
-            const int64_t base =
-                (int64_t)pages[j / page_size] * 2 * half_stride + half_stride + (j % page_size) * row_stride;
-            const float *v;
-            if (dtype == 0) {
-                v = (const float *)kv + base;
-            } else {
-                load_row(kv, dtype, base, row_stride, row);
-                v = row;
+        for (int64_t j0 = 0; n > 1 && j0 < len; j0 += KBLOCK) {
+            const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                float *kt = block; /* [head_dim][KBLOCK] */
+                for (int64_t jj = 0; jj < KBLOCK; jj++) {
+                    if (jj >= kb) {
+                        for (int64_t d = 0; d < head_dim; d++) kt[d * KBLOCK + jj] = 0.f;
+                        continue;
+                    }
+                    const int64_t j = j0 + jj;
+                    const int64_t base = kbase[j] + h * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) kt[d * KBLOCK + jj] = kv_at(kv, dtype, base + d);
+                }
+                /* the query heads of this KV head in the tile's live tokens, four at a time */
+                int64_t ms[QUERY_TILE * MAX_GROUP];
+                int64_t count = 0;
+                for (int64_t i = 0; i < n; i++)
+                    if (j0 < kv_len[t0 + i])
+                        for (int64_t g = 0; g < group; g++) ms[count++] = i * num_q_heads + h * group + g;
+                for (int64_t c = 0; c < count; c += 4) {
+                    const int64_t r = count - c < 4 ? count - c : 4;
+                    const float *q0 = qf + ms[c] * head_dim;
+                    const float *q1 = qf + ms[c + (r > 1)] * head_dim;
+                    const float *q2 = qf + ms[c + (r > 2 ? 2 : 0)] * head_dim;
+                    const float *q3 = qf + ms[c + (r > 3 ? 3 : 0)] * head_dim;
+                    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+                    for (int64_t d = 0; d < head_dim; d++) {
+                        const v8 k = load8(kt + d * KBLOCK);
+                        s0 += q0[d] * k;
+                        s1 += q1[d] * k;
+                        s2 += q2[d] * k;
+                        s3 += q3[d] * k;
+                    }
+                    store8(scores + ms[c] * len8 + j0, s0);
+                    if (r > 1) store8(scores + ms[c + 1] * len8 + j0, s1);
+                    if (r > 2) store8(scores + ms[c + 2] * len8 + j0, s2);
+                    if (r > 3) store8(scores + ms[c + 3] * len8 + j0, s3);
+                }
             }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t li = kv_len[t0 + i];
             for (int64_t hq = 0; hq < num_q_heads; hq++) {
-                const float w = scores[hq * len + j], *vh = v + (hq / group) * head_dim;
-                float *a = acc + hq * head_dim;
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; d++) a[d] += w * vh[d];
+                float *sg = scores + (i * num_q_heads + hq) * len8;
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < li; j++) mx = sg[j] > mx ? sg[j] : mx;
+                float sum = 0.f;
+                for (int64_t j = 0; j < li; j++) {
+                    sg[j] = expf(sg[j] - mx);
+                    sum += sg[j];
+                }
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                for (int64_t j = 0; j < li; j++) sg[j] *= inv;
             }
         }
-        const int64_t o = t * num_q_heads * head_dim;
-        if (dtype == 0) {
-            memcpy((float *)out + o, acc, sizeof(float) * (size_t)(num_q_heads * head_dim));
-        } else {
-            uint16_t *dst = (uint16_t *)out + o;
-            for (int64_t i = 0; i < num_q_heads * head_dim; i++) dst[i] = float_to_bf16(acc[i]);
+        for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
+            const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;
+            const float *vrow[VBLOCK];
+            for (int64_t jj = 0; jj < vb; jj++) {
+                const int64_t j = j0 + jj;
+                const int64_t base = kbase[j] + half_stride;
+                if (dtype == 0) {
+                    vrow[jj] = (const float *)kv + base;
+                } else {
+                    load_row(kv, dtype, base, row_stride, block + jj * row_stride);
+                    vrow[jj] = block + jj * row_stride;
+                }
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t li = kv_len[t0 + i];
+                if (j0 >= li) continue;
+                const int64_t end = li - j0 < vb ? li - j0 : vb;
+                for (int64_t hq = 0; hq < num_q_heads; hq++) {
+                    const int64_t m = i * num_q_heads + hq, off = (hq / group) * head_dim;
+                    const float *w = scores + m * len8 + j0;
+                    float *a = acc + m * head_dim;
+                    for (int64_t d0 = 0; d0 < head_dim; d0 += 64) { /* up to 8 accumulators in registers */
+                        const int64_t chunks = (head_dim - d0 < 64 ? head_dim - d0 : 64) / 8;
+                        if (chunks == 8)
+                            accumulate_values(a + d0, w, vrow, off + d0, end, 8);
+                        else if (chunks == 4)
+                            accumulate_values(a + d0, w, vrow, off + d0, end, 4);
+                        else
+                            accumulate_values(a + d0, w, vrow, off + d0, end, chunks);
+                    }
+                }
+            }
         }
-        free(qf), free(acc), free(row), free(scores);
+        if (dtype == 0) {
+            memcpy((float *)out + t0 * width, acc, sizeof(float) * (size_t)(n * width));
+        } else {
+            uint16_t *dst = (uint16_t *)out + t0 * width;
+            for (int64_t i = 0; i < n * width; i++) dst[i] = float_to_bf16(acc[i]);
+        }
+        free(qf), free(acc), free(block), free(scores), free(kbase);
     }
+    free(tile_start);
     return failed ? 2 : 0;
 }
