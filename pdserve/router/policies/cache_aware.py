@@ -20,6 +20,16 @@ from pdserve.router.request_info import RequestInfo
 from pdserve.router.worker import Unit
 
 
+def longest_match(units: Sequence[Unit], matcher: PromptMatcher) -> tuple[Unit | None, int]:
+    """The unit holding the most of the prompt's leading pages (ties: the less loaded), and how many."""
+    best, best_items = None, 0
+    for u in units:
+        items = matcher.matched_items(u)
+        if items > best_items or (items == best_items and best is not None and u.load < best.load):
+            best, best_items = u, items
+    return best, best_items
+
+
 class CacheAwarePolicy(Policy):
     name = "cache_aware"
     uses_load = True
@@ -47,11 +57,7 @@ class CacheAwarePolicy(Policy):
     def best_match(self, units: Sequence[Unit], matcher: PromptMatcher) -> tuple[Unit | None, float]:
         """The unit with the longest matched prefix (ties: the less loaded) and the share of the
         prompt it matched; (None, 0) when no unit matches a page."""
-        best, best_items = None, 0
-        for u in units:
-            items = matcher.matched_items(u)
-            if items > best_items or (items == best_items and best is not None and u.load < best.load):
-                best, best_items = u, items
+        best, best_items = longest_match(units, matcher)
         if best is None or not best_items:
             return None, 0.0
         length = len(self.info_items(matcher, best))

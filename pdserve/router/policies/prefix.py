@@ -17,6 +17,7 @@ import random
 from collections.abc import Sequence
 
 from pdserve.router.policies.base import Policy
+from pdserve.router.policies.cache_aware import longest_match
 from pdserve.router.prefix_index import CacheIndex, PromptMatcher
 from pdserve.router.request_info import RequestInfo
 from pdserve.router.worker import Unit
@@ -48,11 +49,7 @@ class PrefixPolicy(Policy):
         least = self.least_loaded(units)
         unit = least
         if info.key:
-            best, best_items = None, 0
-            for u in units:
-                items = matcher.matched_items(u)
-                if items > best_items or (items == best_items and best is not None and u.load < best.load):
-                    best, best_items = u, items
+            best, best_items = longest_match(units, matcher)
             if best is not None and best_items and not self.overloaded(best, least):
                 unit = best
             matcher.record(unit)
