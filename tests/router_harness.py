@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class EchoUpstream:
     aborted: list[str] = field(default_factory=list)
     active: int = 0
     cancelled: int = 0
+    chunk_sent_at: list[float] = field(default_factory=list)  # perf_counter() of each streamed chunk's write
     port: int = 0
     runner: web.AppRunner | None = None
 
@@ -170,6 +172,7 @@ class EchoUpstream:
             for i in range(self.chunks):
                 if i:
                     await asyncio.sleep(self.chunk_delay_s)
+                self.chunk_sent_at.append(time.perf_counter())
                 await resp.write(f"data: {json.dumps({'text': str(i), 'meta_info': meta})}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
