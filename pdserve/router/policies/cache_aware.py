@@ -14,26 +14,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from pdserve.router.policies.base import Policy
+from pdserve.router.policies.cache_matching import CacheMatchingPolicy
 from pdserve.router.prefix_index import CacheIndex, PromptMatcher
 from pdserve.router.request_info import RequestInfo
 from pdserve.router.worker import Unit
 
 
-def longest_match(units: Sequence[Unit], matcher: PromptMatcher) -> tuple[Unit | None, int]:
-    """The unit holding the most of the prompt's leading pages (ties: the less loaded), and how many."""
-    best, best_items = None, 0
-    for u in units:
-        items = matcher.matched_items(u)
-        if items > best_items or (items == best_items and best is not None and u.load < best.load):
-            best, best_items = u, items
-    return best, best_items
-
-
-class CacheAwarePolicy(Policy):
+class CacheAwarePolicy(CacheMatchingPolicy):
     name = "cache_aware"
-    uses_load = True
-    uses_cache = True
 
     def __init__(
         self,
@@ -43,21 +31,17 @@ class CacheAwarePolicy(Policy):
         rel_threshold: float = 1.5,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__(rng)
-        self.index = index if index is not None else CacheIndex()
+        super().__init__(index, abs_threshold, rel_threshold, rng)
         self.threshold = threshold
-        self.abs_threshold = abs_threshold
-        self.rel_threshold = rel_threshold
 
     def imbalanced(self, units: Sequence[Unit]) -> bool:
         loads = [u.load for u in units]
-        lo, hi = min(loads), max(loads)
-        return hi - lo > self.abs_threshold and hi > lo * self.rel_threshold
+        return self.out_of_balance(max(loads), min(loads))
 
     def best_match(self, units: Sequence[Unit], matcher: PromptMatcher) -> tuple[Unit | None, float]:
         """The unit with the longest matched prefix (ties: the less loaded) and the share of the
         prompt it matched; (None, 0) when no unit matches a page."""
-        best, best_items = longest_match(units, matcher)
+        best, best_items = self.longest_match(units, matcher)
         if best is None or not best_items:
             return None, 0.0
         length = len(self.info_items(matcher, best))
@@ -81,6 +65,3 @@ class CacheAwarePolicy(Policy):
         if info.key:
             matcher.record(unit)
         return unit
-
-    def forget(self, unit: Unit) -> None:
-        self.index.forget(unit)

@@ -13,47 +13,27 @@ more than ``rel_threshold`` times; so a popular conversation cannot pile onto on
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
-from pdserve.router.policies.base import Policy
-from pdserve.router.policies.cache_aware import longest_match
-from pdserve.router.prefix_index import CacheIndex, PromptMatcher
+from pdserve.router.policies.cache_matching import CacheMatchingPolicy
+from pdserve.router.prefix_index import PromptMatcher
 from pdserve.router.request_info import RequestInfo
 from pdserve.router.worker import Unit
 
 
-class PrefixPolicy(Policy):
+class PrefixPolicy(CacheMatchingPolicy):
     name = "prefix"
-    uses_load = True
-    uses_cache = True
-
-    def __init__(
-        self,
-        index: CacheIndex | None = None,
-        abs_threshold: int = 4096,
-        rel_threshold: float = 1.5,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(rng)
-        self.index = index if index is not None else CacheIndex()
-        self.abs_threshold = abs_threshold
-        self.rel_threshold = rel_threshold
 
     def overloaded(self, unit: Unit, least: Unit) -> bool:
-        gap = unit.load - least.load
-        return gap > self.abs_threshold and unit.load > least.load * self.rel_threshold
+        return self.out_of_balance(unit.load, least.load)
 
     def select(self, units: Sequence[Unit], info: RequestInfo) -> Unit:
         matcher = PromptMatcher(self.index, info)
         least = self.least_loaded(units)
         unit = least
         if info.key:
-            best, best_items = longest_match(units, matcher)
+            best, best_items = self.longest_match(units, matcher)
             if best is not None and best_items and not self.overloaded(best, least):
                 unit = best
             matcher.record(unit)
         return unit
-
-    def forget(self, unit: Unit) -> None:
-        self.index.forget(unit)
