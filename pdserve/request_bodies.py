@@ -10,9 +10,33 @@ publishes the same schemas for the bodies it forwards.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# What the route handlers accept beyond the decoded type (they check it and answer 400 naming the
+# field), stated for the published schemas: ``json_schema`` only documents, it does not validate.
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_TOKEN_ID_BATCH = {"type": "array", "minItems": 1, "items": _TOKEN_IDS}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CHAT_MESSAGE = {
+    "type": "object", "required": ["role"],
+    "properties": {"role": {"type": "string", "minLength": 1},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}},
+}
+
+
+def json_schema(schema: dict[str, Any]) -> msgspec.Meta:
+    return msgspec.Meta(extra_json_schema=schema)
+
+
+Text = Annotated[str, json_schema({"minLength": 1})]
+TokenIds = Annotated[list[Any], json_schema({"anyOf": [_TOKEN_IDS, _TOKEN_ID_BATCH]})]
+Prompts = Annotated[list[Any], json_schema(
+    {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}, _TOKEN_IDS,
+               _TOKEN_ID_BATCH]})]
+ChatMessages = Annotated[list[Any], json_schema({"minItems": 1, "items": _CHAT_MESSAGE})]
 
 _RANKS_AND_ROOMS = frozenset(
     {
@@ -113,8 +137,8 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
 class GenerateBody(msgspec.Struct, kw_only=True):
     """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
 
-    text: str | list[str] | None = None
-    input_ids: list[Any] | None = None
+    text: Text | list[Text] | None = None
+    input_ids: TokenIds | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
@@ -185,14 +209,14 @@ class CommonBody(msgspec.Struct, kw_only=True):
 
 
 class CompletionBody(CommonBody, kw_only=True):
-    prompt: str | list[Any] | None = None
+    prompt: Text | Prompts | None = None
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
 
 
 class ChatBody(CommonBody, kw_only=True):
-    messages: list[Any] | None = None
+    messages: ChatMessages | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -204,6 +228,7 @@ class ChatBody(CommonBody, kw_only=True):
 
 BODIES: dict[str, type[msgspec.Struct]] = {"generate": GenerateBody, "completions": CompletionBody, "chat": ChatBody}
 ROUTE_PATHS = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
+PROMPT_FIELDS = {"generate": ("text", "input_ids"), "completions": ("prompt",), "chat": ("messages",)}  # one required
 
 
 def struct_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
@@ -224,7 +249,8 @@ def struct_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
 
 def request_schema(route: str) -> dict[str, Any]:
     """The JSON schema of a ``route`` body (``generate``, ``completions`` or ``chat``): the Struct's
-    fields, each off-only key as an ``enum`` of its "off" values, and no other key."""
+    fields, each off-only key as an ``enum`` of its "off" values, no other key, and a prompt field
+    (:data:`PROMPT_FIELDS`) that is not null."""
     struct = BODIES[route]
     schema = struct_schema(struct)
     properties = schema["properties"]
@@ -241,6 +267,8 @@ def request_schema(route: str) -> dict[str, Any]:
     missing = HONOURED[route] - properties.keys()
     assert not missing, f"honoured on {route} but not in {BODIES[route].__name__}: {sorted(missing)}"
     schema["additionalProperties"] = False
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in PROMPT_FIELDS[route]]
     return schema
 
 
