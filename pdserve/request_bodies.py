@@ -232,14 +232,16 @@ PROMPT_FIELDS = {"generate": ("text", "input_ids"), "completions": ("prompt",), 
 
 
 def struct_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
-    """``struct``'s JSON schema with every ``$ref`` inlined (OpenAPI operations cannot carry ``$defs``)."""
+    """``struct``'s JSON schema with every ``$ref`` inlined (OpenAPI operations cannot carry ``$defs``) and no
+    null defaults."""
     (schema,), defs = msgspec.json.schema_components([struct], ref_template="{name}")
 
     def inline(node: Any) -> Any:
         if isinstance(node, dict):
             if "$ref" in node:
                 return inline(copy.deepcopy(defs[node["$ref"]]))
-            return {key: inline(value) for key, value in node.items()}
+            # a null default says nothing (and FastAPI drops it, so the published schemas would differ)
+            return {key: inline(value) for key, value in node.items() if not (key == "default" and value is None)}
         if isinstance(node, list):
             return [inline(item) for item in node]
         return node

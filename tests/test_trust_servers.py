@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 import httpx
+import jsonschema
 import msgspec
 import pytest
 import schemathesis
@@ -26,11 +27,12 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from pdserve.disagg.messages import RankInfo
+from pdserve.request_bodies import ROUTE_PATHS, request_schema
 from tests.server_harness import REPO_ROOT, ServerProcess, free_port, launch, wait_until
 
 API_KEY = "trust-test-key"
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "4096", "--log-level", "warning",
-          "--http-header-timeout", "1"]
+          "--http-header-timeout", "1", "--http-body-idle-timeout", "1"]
 PD = ["--disaggregation-bootstrap-timeout", "3", "--disaggregation-waiting-timeout", "4",
       "--disaggregation-transfer-timeout", "4"]
 GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}
@@ -215,12 +217,16 @@ def test_a_30_mib_prompt_does_not_stall_another_stream_or_health(pair, tmp_path)
     assert health_s and max(health_s) < 1.0, health_s
 
 
-@pytest.mark.parametrize("target", ["server", "bootstrap"])
+@pytest.mark.parametrize("target", ["server", "server-body", "bootstrap"])
 def test_half_sent_requests_are_cut(pair, target):
-    port = pair["decode"].port if target == "server" else pair["bootstrap_port"]
-    limit = 1.0 if target == "server" else 16.0  # server: --http-header-timeout 1; bootstrap: its keep-alive bound
+    port = pair["bootstrap_port"] if target == "bootstrap" else pair["decode"].port
+    limit = 16.0 if target == "bootstrap" else 1.0  # server: --http-header/body-idle-timeout 1; bootstrap: keep-alive
+    sent = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-"
+    if target == "server-body":
+        sent = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": ").encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-")
+        s.sendall(sent)
         s.settimeout(limit + 10)
         start = time.monotonic()
         try:
@@ -453,3 +459,30 @@ def test_schemathesis_finds_no_5xx(pair, router, role):
         assert httpx.get(target.url + "/health", timeout=5).status_code == 200
         assert all(target.worker_pids())
         assert wait_until(lambda t=target: used_pages(t) == 0, 15)
+
+
+def test_published_schemas_are_the_request_types(pair, router):
+    """Servers and router publish the same request schemas, generated from ``request_bodies``; bodies
+    the real clients send validate, and a key the servers refuse does not."""
+    specs = [httpx.get(server.url + "/openapi.json", headers=AUTH, timeout=5).json()
+             for server in (pair["prefill"], pair["decode"], router)]
+    for path, route in ROUTE_PATHS.items():
+        schemas = [spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                   for spec in specs]
+        assert schemas[0] == schemas[1] == schemas[2] == request_schema(route), path
+    valid = {
+        "/generate": [{"text": "hi", "sampling_params": {"max_new_tokens": 2}}, {"input_ids": [[1, 2], [3]]}],
+        "/v1/completions": [{"prompt": ["a", "b"], "max_tokens": 2, "stream": True,
+                             "stream_options": {"include_usage": True}, "echo": False}],
+        "/v1/chat/completions": [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                  "max_completion_tokens": 2, "modalities": ["text"]}],
+    }
+    invalid = [{"text": "hi", "unknown_key": 1}, {"text": ""}, {"sampling_params": {}}, {"text": "hi", "echo": True}]
+    for path, bodies in valid.items():
+        schema = request_schema(ROUTE_PATHS[path])
+        for body in bodies:
+            jsonschema.validate(body, schema)
+            assert post(router, {**body, "stream": False}, path=path).status_code == 200, (path, body)
+    for body in invalid:
+        assert not jsonschema.Draft202012Validator(request_schema("generate")).is_valid(body), body
+        assert post(pair["decode"], body).status_code == 400, body
