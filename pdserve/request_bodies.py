@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import msgspec
 
 # What the route handlers accept beyond the decoded type (they check it and answer 400 naming the
-# field), stated for the published schemas: ``json_schema`` only documents, it does not validate.
+# field), stated for the published schemas: :func:`_documents` only documents, it does not validate.
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 _TOKEN_ID_BATCH = {"type": "array", "minItems": 1, "items": _TOKEN_IDS}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
@@ -27,16 +27,17 @@ _CHAT_MESSAGE = {
 }
 
 
-def json_schema(schema: dict[str, Any]) -> msgspec.Meta:
+def _documents(schema: dict[str, Any]) -> msgspec.Meta:
+    """Annotation adding ``schema`` to a field's published JSON schema (msgspec does not check it)."""
     return msgspec.Meta(extra_json_schema=schema)
 
 
-Text = Annotated[str, json_schema({"minLength": 1})]
-TokenIds = Annotated[list[Any], json_schema({"anyOf": [_TOKEN_IDS, _TOKEN_ID_BATCH]})]
-Prompts = Annotated[list[Any], json_schema(
+Text = Annotated[str, _documents({"minLength": 1})]
+TokenIds = Annotated[list[Any], _documents({"anyOf": [_TOKEN_IDS, _TOKEN_ID_BATCH]})]
+Prompts = Annotated[list[Any], _documents(
     {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}, _TOKEN_IDS,
                _TOKEN_ID_BATCH]})]
-ChatMessages = Annotated[list[Any], json_schema({"minItems": 1, "items": _CHAT_MESSAGE})]
+ChatMessages = Annotated[list[Any], _documents({"minItems": 1, "items": _CHAT_MESSAGE})]
 
 _RANKS_AND_ROOMS = frozenset(
     {
@@ -267,7 +268,8 @@ def request_schema(route: str) -> dict[str, Any]:
                 option["properties"][child] = decodable
                 option["additionalProperties"] = False
     missing = HONOURED[route] - properties.keys()
-    assert not missing, f"honoured on {route} but not in {BODIES[route].__name__}: {sorted(missing)}"
+    if missing:  # every honoured key is a typed field
+        raise TypeError(f"honoured on {route} but not in {struct.__name__}: {sorted(missing)}")
     schema["additionalProperties"] = False
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
                        for name in PROMPT_FIELDS[route]]
