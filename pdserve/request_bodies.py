@@ -250,10 +250,11 @@ def struct_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     return inline(schema)
 
 
-def request_schema(route: str) -> dict[str, Any]:
+def request_schema(route: str, replaced: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The JSON schema of a ``route`` body (``generate``, ``completions`` or ``chat``): the Struct's
     fields, each off-only key as an ``enum`` of its "off" values, no other key, and a prompt field
-    (:data:`PROMPT_FIELDS`) that is not null."""
+    (:data:`PROMPT_FIELDS`) that is not null. ``replaced``: fields a proxy (the router) sets itself,
+    whatever the client sent (any value)."""
     struct = BODIES[route]
     schema = struct_schema(struct)
     properties = schema["properties"]
@@ -270,6 +271,8 @@ def request_schema(route: str) -> dict[str, Any]:
     missing = HONOURED[route] - properties.keys()
     if missing:  # every honoured key is a typed field
         raise TypeError(f"honoured on {route} but not in {struct.__name__}: {sorted(missing)}")
+    for name in replaced:
+        properties[name] = {"description": "set by the router: any value sent is replaced"}
     schema["additionalProperties"] = False
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
                        for name in PROMPT_FIELDS[route]]

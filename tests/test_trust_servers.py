@@ -28,6 +28,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from pdserve.disagg.messages import RankInfo
 from pdserve.request_bodies import ROUTE_PATHS, request_schema
+from pdserve.router.proxy import PD_SET_FIELDS
 from tests.server_harness import REPO_ROOT, ServerProcess, free_port, launch, wait_until
 
 API_KEY = "trust-test-key"
@@ -462,14 +463,15 @@ def test_schemathesis_finds_no_5xx(pair, router, role):
 
 
 def test_published_schemas_are_the_request_types(pair, router):
-    """Servers and router publish the same request schemas, generated from ``request_bodies``; bodies
+    """Servers and router publish the request schemas generated from ``request_bodies``; bodies
     the real clients send validate, and a key the servers refuse does not."""
     specs = [httpx.get(server.url + "/openapi.json", headers=AUTH, timeout=5).json()
              for server in (pair["prefill"], pair["decode"], router)]
     for path, route in ROUTE_PATHS.items():
         schemas = [spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
                    for spec in specs]
-        assert schemas[0] == schemas[1] == schemas[2] == request_schema(route), path
+        assert schemas[0] == schemas[1] == request_schema(route), path
+        assert schemas[2] == request_schema(route, PD_SET_FIELDS), path  # the router sets ranks and rooms
     valid = {
         "/generate": [{"text": "hi", "sampling_params": {"max_new_tokens": 2}}, {"input_ids": [[1, 2], [3]]}],
         "/v1/completions": [{"prompt": ["a", "b"], "max_tokens": 2, "stream": True,

@@ -31,7 +31,7 @@ from pdserve.router.pairing import NoWorkers, Pairing
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import CacheIndex
 from pdserve.router.prompt_tokens import PromptTokenizer
-from pdserve.router.proxy import Proxy
+from pdserve.router.proxy import MIXED_SET_FIELDS, PD_SET_FIELDS, Proxy
 from pdserve.router.request_info import RequestInfo, request_info
 from pdserve.router.upstream import Upstream
 
@@ -294,7 +294,7 @@ def create_app(config: RouterConfig) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    spec = openapi_document(routes)
+    spec = openapi_document(routes, PD_SET_FIELDS if config.pd_disaggregation else MIXED_SET_FIELDS)
 
     async def on_router_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RouterError)

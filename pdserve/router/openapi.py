@@ -1,5 +1,6 @@
 """The router's OpenAPI document, built from its routes: the forwarded bodies carry the servers'
-request schemas (``pdserve/request_bodies.py``), the admin routes their query parameters."""
+request schemas (``pdserve/request_bodies.py``) less the fields the router sets itself, the admin
+routes their query parameters."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ QUERY_PARAMETERS: dict[str, list[tuple[str, bool]]] = {  # path -> (name, requir
 RESPONSES = {"default": {"description": "JSON; an error is {\"error\": {\"message\", \"code\"}} naming the cause"}}
 
 
-def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
-    """OpenAPI 3.1 for ``routes`` (Starlette routes; ``/openapi.json`` itself is left out)."""
+def openapi_document(routes: list[BaseRoute], replaced: frozenset[str]) -> dict[str, Any]:
+    """OpenAPI 3.1 for ``routes`` (Starlette routes; ``/openapi.json`` itself is left out); ``replaced``:
+    the body fields this router sets itself."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route) or route.path == "/openapi.json":
@@ -27,7 +29,7 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
             operation: dict[str, Any] = {"operationId": f"{method.lower()}{route.path.replace('/', '_')}",
                                          "responses": RESPONSES}
             if route.path in ROUTE_PATHS:
-                operation.update(openapi_request_body(request_schema(ROUTE_PATHS[route.path])))
+                operation.update(openapi_request_body(request_schema(ROUTE_PATHS[route.path], replaced)))
             if route.path in QUERY_PARAMETERS:
                 operation["parameters"] = [{"name": name, "in": "query", "required": required,
                                             "schema": {"type": "string"}}
