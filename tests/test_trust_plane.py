@@ -235,6 +235,30 @@ def test_idle_authenticated_connections_are_closed_and_senders_reconnect():
         receiver.close()
 
 
+def test_a_sender_reopens_a_connection_idle_half_the_receivers_bound():
+    """The sender does not reuse a connection idle for half the idle bound: the receiver could be
+    closing it at that moment, and a frame written into a closing connection is lost."""
+    pool, src = filled_pool(1, "float32"), filled_pool(2, "float32")
+    events = Collector()
+    receiver = create_receiver("tcp", pool, events, HOST, 5.0, guard=ReceiverGuard(PlaneAuth(SECRET), Refusals()))
+    done: list[SendResult] = []
+    sender = create_sender("tcp", src, done.append, 5.0, auth=PlaneAuth(SECRET), idle_timeout=2.0)
+    try:
+        socks = []
+        for i, room in enumerate((1, 2, 3)):
+            receiver.open_room(room, [room])
+            sender.send_pages(receiver.info(), room, [room + 3], [room])
+            assert all(r.error is None for r in _wait_done(done, i + 1))
+            socks.append(sender._dests[receiver.info().address].sock)
+            if room == 2:
+                time.sleep(1.2)  # past half the bound (1 s)
+        assert socks[0] is socks[1] and socks[2] is not socks[1]
+        assert all(torch.equal(d[r], s[r + 3]) for d, s in zip(pool.layers, src.layers) for r in (1, 2, 3))
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def _closed(s: socket.socket) -> bool:
     try:
         while True:
