@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -29,7 +27,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 from pdserve.disagg.messages import RankInfo
 from pdserve.request_bodies import ROUTE_PATHS, request_schema
 from pdserve.router.proxy import PD_SET_FIELDS
-from tests.server_harness import REPO_ROOT, ServerProcess, free_port, launch, wait_until
+from tests.server_harness import free_port, launch, wait_until
 
 API_KEY = "trust-test-key"
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "4096", "--log-level", "warning",
@@ -63,19 +61,12 @@ ROUTER_MAX_HEADER_BYTES = 4096
 @pytest.fixture(scope="module")
 def router(pair, tmp_path_factory):
     """``pdserve router`` (P/D, same API key) in front of the pair, with small HTTP caps."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("trust-router") / "router.log"
-    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
-           "--pd-disaggregation", "--prefill", pair["prefill"].url, str(pair["bootstrap_port"]),
-           "--decode", pair["decode"].url, "--api-key", API_KEY, "--log-level", "warning",
-           "--http-header-timeout", "1", "--http-body-idle-timeout", "1",
-           "--http-max-connections", str(ROUTER_MAX_CONNECTIONS),
-           "--http-max-header-bytes", str(ROUTER_MAX_HEADER_BYTES)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=REPO_ROOT, start_new_session=True)
-    server = ServerProcess(proc, port, log_path, API_KEY)
+    args = ["--pd-disaggregation", "--prefill", pair["prefill"].url, str(pair["bootstrap_port"]),
+            "--decode", pair["decode"].url, "--log-level", "warning",
+            "--http-header-timeout", "1", "--http-body-idle-timeout", "1",
+            "--http-max-connections", str(ROUTER_MAX_CONNECTIONS),
+            "--http-max-header-bytes", str(ROUTER_MAX_HEADER_BYTES)]
+    server = launch(args, tmp_path_factory.mktemp("trust-router"), api_key=API_KEY, command="router")
     try:
         server.wait_healthy(60)
         yield server
