@@ -82,15 +82,18 @@ class HttpLimits:
     keep_alive: float = 5.0  # idle kept-alive connections close after this
     max_connections: int = 1024  # beyond: new requests get 503 (uvicorn's limit_concurrency)
     max_header_bytes: int = 64 << 10  # request line and headers (h11's max incomplete event size)
+    body_idle_timeout: float = 10.0  # a request body that stops arriving for this long is cut
 
     def validate(self) -> None:
-        if not (self.header_timeout > 0 and self.keep_alive > 0):
-            raise ValueError("--http-header-timeout and --http-keep-alive must be > 0 seconds")
+        if not (self.header_timeout > 0 and self.keep_alive > 0 and self.body_idle_timeout > 0):
+            raise ValueError("--http-header-timeout, --http-body-idle-timeout and --http-keep-alive must be > 0 seconds")
         if self.max_connections < 1 or self.max_header_bytes < 1024:
             raise ValueError("--http-max-connections must be >= 1 and --http-max-header-bytes >= 1024")
 
     def uvicorn_options(self) -> dict[str, Any]:
-        protocol = type("GuardedH11", (GuardedH11Protocol,), {"header_timeout": self.header_timeout})
+        protocol = type("GuardedH11", (GuardedH11Protocol,), {"header_timeout": self.header_timeout,
+                                                              "body_idle_timeout": self.body_idle_timeout,
+                                                              "max_header_bytes": self.max_header_bytes})
         return {
             "http": protocol,
             "timeout_keep_alive": max(1, round(self.keep_alive)),
@@ -109,32 +112,65 @@ def add_http_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent connections and requests; beyond, requests are answered 503")
     parser.add_argument("--http-max-header-bytes", type=int, default=d.max_header_bytes,
                         help="largest request line plus headers (431/400 beyond)")
+    parser.add_argument("--http-body-idle-timeout", type=float, default=d.body_idle_timeout,
+                        help="seconds a request body may stop arriving before the connection is closed")
 
 
 def http_limits_from_args(args: argparse.Namespace) -> HttpLimits:
     limits = HttpLimits(args.http_header_timeout, args.http_keep_alive, args.http_max_connections,
-                        args.http_max_header_bytes)
+                        args.http_max_header_bytes, args.http_body_idle_timeout)
     limits.validate()
     return limits
 
 
+HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                     b"content-length: 40\r\nconnection: close\r\n\r\nrequest line and headers are too large\r\n")
+
+
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus a header-read deadline: a connection whose client has not sent a
-    complete request line and headers within :attr:`header_timeout` of connecting (or of the first
-    byte of its next request) is closed. uvicorn alone waits forever for half-sent headers."""
+    """uvicorn's h11 protocol plus read deadlines (uvicorn alone waits forever for a half-sent request):
+    a connection whose client has not sent a complete request line and headers within
+    :attr:`header_timeout` of connecting (or of the first byte of its next request) is closed, and so
+    is one whose request body stops arriving for :attr:`body_idle_timeout` (while the app is reading
+    it: a paused read is the server's wait, not the client's). The app then sees a disconnect. A
+    request line plus headers over :attr:`max_header_bytes` is answered 431 and closed, however it
+    arrives (h11's own limit only counts an incomplete head, so a head sent at once passed it)."""
 
     header_timeout = 10.0
+    body_idle_timeout = 10.0
+    max_header_bytes = 64 << 10
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._arm_header_timer()
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._head_tail = b""
+        self._arm_timers()
 
     def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers() and self._head_too_large(data):
+            record_http_refusal("header_bytes", f"request line and headers over {self.max_header_bytes} bytes")
+            self.transport.write(HEADERS_TOO_LARGE)
+            self.transport.close()
+            return
         super().data_received(data)
-        self._arm_header_timer()
+        self._arm_timers()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Count ``data`` towards the current request's head (up to its blank line)."""
+        seen = self._head_tail + data
+        end = seen.find(b"\r\n\r\n")
+        self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+        too_large = self._head_bytes > self.max_header_bytes
+        if end < 0:
+            self._head_tail = seen[-3:]
+        else:
+            self._head_bytes, self._head_tail = 0, b""
+        return too_large
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_body_timer()
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -143,16 +179,34 @@ class GuardedH11Protocol(H11Protocol):
     def _awaiting_headers(self) -> bool:
         return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
-    def _arm_header_timer(self) -> None:
+    def _arm_timers(self) -> None:
         if self._awaiting_headers():
             if self._header_timer is None and not self.transport.is_closing():
                 self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
         elif self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        self._cancel_body_timer()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self._body_timer = self.loop.call_later(self.body_idle_timeout, self._body_deadline)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _header_deadline(self) -> None:
         self._header_timer = None
         if self._awaiting_headers() and not self.transport.is_closing():
             record_http_refusal("header_timeout", f"no complete request headers within {self.header_timeout:g} s")
             self.transport.close()
+
+    def _body_deadline(self) -> None:
+        self._body_timer = None
+        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the app has not read what came: wait for it, not for the client
+            self._body_timer = self.loop.call_later(self.body_idle_timeout, self._body_deadline)
+            return
+        record_http_refusal("body_timeout", f"request body stalled for {self.body_idle_timeout:g} s")
+        self.transport.close()

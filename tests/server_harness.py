@@ -125,12 +125,14 @@ class ServerProcess:
             self.proc.wait(timeout=10)
 
 
-def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start ``pdserve serve`` with ``args`` (and extra environment variables ``env``)."""
+def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict[str, str] | None = None,
+           command: str = "serve") -> ServerProcess:
+    """Start ``pdserve serve`` (or ``pdserve router`` with ``command="router"``) with ``args`` (and
+    extra environment variables ``env``)."""
     port = free_port()
-    log_path = log_dir / f"server-{port}.log"
+    log_path = log_dir / f"{'server' if command == 'serve' else command}-{port}.log"
     env = dict(os.environ, **(env or {}), PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "pdserve.cli", command, "--host", "127.0.0.1", "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
     with open(log_path, "wb") as log:

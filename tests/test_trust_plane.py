@@ -23,7 +23,7 @@ from pdserve.disagg import messages as m
 from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError, BootstrapServer
 from pdserve.disagg.stats import Refusals
-from pdserve.disagg.transfer import ReceiverGuard, SendResult, create_receiver, create_sender
+from pdserve.disagg.transfer import PeerLost, ReceiverGuard, SendResult, create_receiver, create_sender
 from pdserve.disagg.transfer.shm import open_segment
 from pdserve.disagg.transfer.stream import HEADER, STREAM_PURPOSE
 from pdserve.engine.kv_pool import SHM_TRAILER_BYTES
@@ -175,6 +175,88 @@ def test_idle_connections_and_oversized_frames_are_cut_at_the_caps(guarded_recei
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 << 10  # KiB: far below 16 x 60 MiB
     assert guard.refusals.snapshot()[f"KV receiver {receiver.port}:oversized_frame"] == 16
     assert events.events == []
+
+
+def _authenticate(s: socket.socket) -> None:
+    challenge = s.recv(32)
+    s.sendall(PlaneAuth(SECRET).respond(STREAM_PURPOSE, challenge))
+    assert s.recv(1) == b"\x01"
+
+
+def _wait_done(done: list[SendResult], n: int) -> list[SendResult]:
+    deadline = time.monotonic() + 5
+    while len(done) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(done) >= n, done
+    return done[:n]
+
+
+def test_idle_authenticated_connections_are_closed_and_senders_reconnect():
+    """An authenticated peer that sends nothing holds the receiver's only slot until the idle bound
+    (--disaggregation-idle-timeout) cuts it; a sender whose kept connection the receiver closed
+    between rooms reconnects for the next room without failing it."""
+    pool = filled_pool(1, "float32")
+    events = Collector()
+    idle = 0.5
+    guard = ReceiverGuard(PlaneAuth(SECRET), Refusals(), max_connections=1, handshake_timeout=0.5, idle_timeout=idle)
+    receiver = create_receiver("tcp", pool, events, HOST, 5.0, guard=guard)
+    src = filled_pool(2, "float32")
+    done: list[SendResult] = []
+    # the sender thinks receivers allow 60 s, so only seeing the receiver's close makes it reconnect
+    sender = create_sender("tcp", src, done.append, 5.0, auth=PlaneAuth(SECRET), idle_timeout=60.0)
+    key = f"KV receiver {receiver.port}:idle_timeout"
+    try:
+        with socket.create_connection((HOST, receiver.port)) as squatter:
+            squatter.settimeout(5)
+            _authenticate(squatter)
+            start = time.monotonic()
+            receiver.open_room(1, [1])
+            sender.send_pages(receiver.info(), 1, [4], [1])
+            assert "connection cap" in (_wait_done(done, 1)[0].error or "")  # the squatter holds the slot
+            assert _closed(squatter)
+            assert idle * 0.8 < time.monotonic() - start < idle + 3
+        assert guard.refusals.snapshot()[key] == 1
+        for i, room in enumerate((1, 2)):
+            receiver.open_room(room, [room])
+            sender.send_pages(receiver.info(), room, [room + 3], [room])
+            sender.send_message(receiver.info(), m.Status(room, True))
+            assert all(r.error is None for r in _wait_done(done, 3 + 2 * i)[1:])
+            events.wait_for(lambda ev, r=room: any(isinstance(e, m.Status) and e.room == r for e in ev), f"room {room}")
+            assert all(torch.equal(dst[room], s[room + 3]) for dst, s in zip(pool.layers, src.layers))
+            receiver.close_room(room)
+            if room == 1:  # idle between rooms: the receiver closes the kept connection
+                deadline = time.monotonic() + idle + 5
+                while guard.refusals.snapshot()[key] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert guard.refusals.snapshot()[key] == 2
+        assert all(not isinstance(e, PeerLost) for e in events.events)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_sender_reopens_a_connection_idle_half_the_receivers_bound():
+    """The sender does not reuse a connection idle for half the idle bound: the receiver could be
+    closing it at that moment, and a frame written into a closing connection is lost."""
+    pool, src = filled_pool(1, "float32"), filled_pool(2, "float32")
+    events = Collector()
+    receiver = create_receiver("tcp", pool, events, HOST, 5.0, guard=ReceiverGuard(PlaneAuth(SECRET), Refusals()))
+    done: list[SendResult] = []
+    sender = create_sender("tcp", src, done.append, 5.0, auth=PlaneAuth(SECRET), idle_timeout=2.0)
+    try:
+        socks = []
+        for i, room in enumerate((1, 2, 3)):
+            receiver.open_room(room, [room])
+            sender.send_pages(receiver.info(), room, [room + 3], [room])
+            assert all(r.error is None for r in _wait_done(done, i + 1))
+            socks.append(sender._dests[receiver.info().address].sock)
+            if room == 2:
+                time.sleep(1.2)  # past half the bound (1 s)
+        assert socks[0] is socks[1] and socks[2] is not socks[1]
+        assert all(torch.equal(d[r], s[r + 3]) for d, s in zip(pool.layers, src.layers) for r in (1, 2, 3))
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def _closed(s: socket.socket) -> bool:

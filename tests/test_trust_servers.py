@@ -1,6 +1,7 @@
 """Trust boundaries on real servers (issue 10): a P/D pair sharing a secret derived from
-``--api-key``; hijack attempts, SSRF, client errors that used to be 500, a 30 MiB prompt beside a
-live stream, and half-sent requests."""
+``--api-key`` and a ``pdserve router`` in front of it; hijack attempts, SSRF, client errors that used
+to be 500, a 30 MiB prompt beside a live stream, half-sent requests, the router's HTTP caps, and
+fuzz runs (hypothesis over hostile bodies, schemathesis against the published OpenAPI specs)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,27 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import httpx
+import jsonschema
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from pdserve.disagg.messages import RankInfo
+from pdserve.request_bodies import ROUTE_PATHS, request_schema
+from pdserve.router.proxy import PD_SET_FIELDS
 from tests.server_harness import free_port, launch, wait_until
 
 API_KEY = "trust-test-key"
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "4096", "--log-level", "warning",
-          "--http-header-timeout", "1"]
+          "--http-header-timeout", "1", "--http-body-idle-timeout", "1"]
 PD = ["--disaggregation-bootstrap-timeout", "3", "--disaggregation-waiting-timeout", "4",
       "--disaggregation-transfer-timeout", "4"]
 GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}
@@ -43,6 +52,26 @@ def pair(tmp_path_factory):
     finally:
         for server in (prefill, decode):
             server.stop()
+
+
+ROUTER_MAX_CONNECTIONS = 8
+ROUTER_MAX_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def router(pair, tmp_path_factory):
+    """``pdserve router`` (P/D, same API key) in front of the pair, with small HTTP caps."""
+    args = ["--pd-disaggregation", "--prefill", pair["prefill"].url, str(pair["bootstrap_port"]),
+            "--decode", pair["decode"].url, "--log-level", "warning",
+            "--http-header-timeout", "1", "--http-body-idle-timeout", "1",
+            "--http-max-connections", str(ROUTER_MAX_CONNECTIONS),
+            "--http-max-header-bytes", str(ROUTER_MAX_HEADER_BYTES)]
+    server = launch(args, tmp_path_factory.mktemp("trust-router"), api_key=API_KEY, command="router")
+    try:
+        server.wait_healthy(60)
+        yield server
+    finally:
+        server.stop()
 
 
 def post(server, body, headers=None, path="/generate", timeout=30.0) -> httpx.Response:
@@ -105,7 +134,7 @@ CLIENT_ERRORS = [
     ("bootstrap_room", {"text": "hi", "bootstrap_room": 2**64, "bootstrap_host": "127.0.0.1"}, {}),
     ("bootstrap_port", {"text": "hi", "bootstrap_port": 2**64}, {}),
     ("data_parallel_rank", {"text": "hi", "data_parallel_rank": 2**64}, {}),
-    ("X-Data-Parallel-Rank", {"text": "hi"}, {"X-Data-Parallel-Rank": "9" * 5000}),
+    ("X-Data-Parallel-Rank", {"text": "hi"}, {"X-Data-Parallel-Rank": "9" * 3000}),
     ("input_ids", {"input_ids": [1, 2, 2**64]}, {}),
     ("nesting", json.loads("[" * 900 + "]" * 900), {}),
     ("text", {"text": ["hi"] * 5000}, {}),
@@ -180,12 +209,16 @@ def test_a_30_mib_prompt_does_not_stall_another_stream_or_health(pair, tmp_path)
     assert health_s and max(health_s) < 1.0, health_s
 
 
-@pytest.mark.parametrize("target", ["server", "bootstrap"])
+@pytest.mark.parametrize("target", ["server", "server-body", "bootstrap"])
 def test_half_sent_requests_are_cut(pair, target):
-    port = pair["decode"].port if target == "server" else pair["bootstrap_port"]
-    limit = 1.0 if target == "server" else 16.0  # server: --http-header-timeout 1; bootstrap: its keep-alive bound
+    port = pair["bootstrap_port"] if target == "bootstrap" else pair["decode"].port
+    limit = 16.0 if target == "bootstrap" else 1.0  # server: --http-header/body-idle-timeout 1; bootstrap: keep-alive
+    sent = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-"
+    if target == "server-body":
+        sent = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": ").encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-")
+        s.sendall(sent)
         s.settimeout(limit + 10)
         start = time.monotonic()
         try:
@@ -244,3 +277,205 @@ def test_fuzzed_bodies_get_no_5xx_and_leave_no_pages(pair, role, path):
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200
     assert all(server.worker_pids())
     assert wait_until(lambda: used_pages(server) == 0, 15)
+
+
+# ---------------------------------------------------------------------- the router's HTTP caps
+
+
+def raw_exchange(port: int, data: bytes, wait: float) -> tuple[bytes, float]:
+    """Send ``data`` on a fresh connection; what comes back until the server closes (or ``wait`` passes),
+    and how long that took."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(data)
+        s.settimeout(wait)
+        start = time.monotonic()
+        received = b""
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return received, time.monotonic() - start
+
+
+def test_router_cuts_half_sent_headers_and_bodies(router):
+    """Slowloris on the router: headers that never finish, and a body that stops half-way, are cut
+    within the 1 s bounds (``--http-header-timeout``, ``--http-body-idle-timeout``)."""
+    head = f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n".encode()
+    received, waited = raw_exchange(router.port, head + b"Content-", 15)
+    assert received == b"" or received.startswith(b"HTTP/1.1 4"), received[:100]
+    assert waited < 5, waited
+    body = b'{"text": "hi", "sampling_params": {"max_new_'
+    received, waited = raw_exchange(
+        router.port, head + b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n" + body, 15)
+    assert b" 5" not in received.split(b"\r\n", 1)[0], received[:200]
+    assert waited < 5, waited
+    metrics = httpx.get(router.url + "/metrics", timeout=5).text
+    assert "header_timeout" in metrics and "body_timeout" in metrics
+    assert httpx.get(router.url + "/health", timeout=5).status_code == 200
+
+
+def test_router_refuses_oversized_headers_and_connections_beyond_the_cap(router):
+    big = b"X-Filler: " + b"a" * (ROUTER_MAX_HEADER_BYTES + 100) + b"\r\n"
+    received, _ = raw_exchange(router.port, b"GET /liveness HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n", 10)
+    assert received == b"" or received.startswith(b"HTTP/1.1 431"), received[:100]
+    assert 'reason="header_bytes"' in httpx.get(router.url + "/metrics", timeout=5).text
+    idle = [socket.create_connection(("127.0.0.1", router.port)) for _ in range(ROUTER_MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.1)
+        assert httpx.get(router.url + "/liveness", timeout=5).status_code == 503  # beyond the cap
+    finally:
+        for s in idle:
+            s.close()
+    assert wait_until(lambda: httpx.get(router.url + "/liveness", timeout=5).status_code == 200, 5)
+    assert httpx.get(router.url + "/health", timeout=5).status_code == 200
+
+
+ROUTER_CLIENT_ERRORS = [  # (the field the 400 names, raw body, headers)
+    ("nested", '{"text": "hi", "rid": ' + "[" * 5000 + "]" * 5000 + "}", {}),
+    ("rid", '{"text": "hi", "rid": ' + "[" * 200 + "]" * 200 + "}", {}),
+    ("sampling_params", json.dumps({"text": "hi", "sampling_params": {"max_new_tokens": 2**64}}), {}),
+    ("sampling_params", json.dumps({"text": "hi", "sampling_params": {"seed": 10**40}}), {}),
+    ("input_ids", json.dumps({"input_ids": [1, 2, 2**64]}), {}),
+    ("stream", json.dumps({"text": "hi", "stream": 2**64}), {}),
+    ("JSON", '{"text": "hi"', {}),
+]
+
+
+def test_router_client_errors_are_400_naming_the_field_and_keep_the_connection(pair, router):
+    """Deep JSON, integers beyond 64 bits and absurd rank headers through the router: a 400 naming the
+    field (the router's own, or the server's relayed), never a 5xx; the kept-alive connection then
+    serves a normal request."""
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=30)
+    try:
+        for name, raw, headers in ROUTER_CLIENT_ERRORS:
+            conn.request("POST", "/generate", raw, {"Content-Type": "application/json", **AUTH, **headers})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            assert resp.status == 400, (name, resp.status, text[:300])
+            assert name.lower() in text.lower(), (name, text[:300])
+            assert resp.getheader("Connection") != "close"
+        sock = conn.sock
+        # the router picks ranks itself: an absurd client rank header is not read, let alone a 500
+        conn.request("POST", "/generate", json.dumps({"text": "still here", "sampling_params": GREEDY}),
+                     {"Content-Type": "application/json", **AUTH, "X-Data-Parallel-Rank": "9" * 3000})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and conn.sock is sock, resp.status
+    finally:
+        conn.close()
+    for server in (pair["prefill"], pair["decode"]):
+        assert all(server.worker_pids())
+        assert wait_until(lambda s=server: used_pages(s) == 0, 10)
+
+
+# ---------------------------------------------------------------------- schemathesis against the OpenAPI specs
+
+OPENAPI_EXAMPLES = 10  # per operation and generation mode (positive: schema-valid, negative: schema-invalid)
+LONG_POLLS = {"/kv_events"}
+ADMIN = {"/add_worker", "/remove_worker"}  # they change the router's fleet (and add_worker probes the URL given)
+
+
+def short_request(case, role: str) -> None:
+    """Keep accepted cases short: at most 2 new tokens, no lone P/D half waiting for its peer, no long poll."""
+    body = case.body
+    if isinstance(body, dict):
+        if case.operation.path == "/generate":
+            params = body.get("sampling_params")
+            if isinstance(params, dict):
+                params["max_new_tokens"] = 2
+            elif params is None:
+                body["sampling_params"] = {"max_new_tokens": 2}
+        elif case.operation.path in ("/v1/completions", "/v1/chat/completions"):
+            body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = 2
+        if role in ("prefill", "decode"):
+            body.pop("bootstrap_room", None)  # a lone half waits out --disaggregation-waiting-timeout (503)
+    if case.operation.path in LONG_POLLS and isinstance(case.query, dict):
+        case.query["timeout"] = "0"
+
+
+def invalid_body_rejected(ctx, response, case) -> bool | None:
+    """schemathesis' ``negative_data_rejection`` for cases whose body breaks the schema. Unknown query
+    parameters are ignored by design (as FastAPI does), so a case negated only there is not checked."""
+    body = case.meta.components.get(ParameterLocation.BODY)
+    if body is not None and body.mode.is_negative:
+        return negative_data_rejection(ctx, response, case)
+    return None
+
+
+def fuzz_operation(url: str, role: str, operation, mode, counts: Counter) -> None:
+    """A bounded run of ``mode`` cases of one operation: no 5xx; a schema-invalid body is refused."""
+    checks = [not_a_server_error]
+    if mode is schemathesis.GenerationMode.NEGATIVE:
+        checks.append(invalid_body_rejected)
+
+    @settings(max_examples=OPENAPI_EXAMPLES, deadline=None, derandomize=True, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(operation.as_strategy(generation_mode=mode))
+    def one(case) -> None:
+        short_request(case, role)
+        response = case.call(base_url=url, headers=AUTH, timeout=30)
+        counts[(f"{case.method} {case.path}", response.status_code)] += 1
+        case.validate_response(response, checks=checks, headers=AUTH)
+
+    one()
+
+
+def fuzz_openapi(url: str, role: str) -> Counter:
+    """Every operation of ``url``'s ``/openapi.json``, positive and negative cases. Returns
+    (operation, status) counts."""
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", headers=AUTH, timeout=10)
+    counts: Counter = Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path in ADMIN:
+            continue
+        fuzz_operation(url, role, operation, schemathesis.GenerationMode.POSITIVE, counts)
+        if operation.body or list(operation.iter_parameters()):  # else nothing to make invalid
+            fuzz_operation(url, role, operation, schemathesis.GenerationMode.NEGATIVE, counts)
+    return counts
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "router"])
+def test_schemathesis_finds_no_5xx(pair, router, role):
+    server = router if role == "router" else pair[role]
+    started = time.monotonic()
+    counts = fuzz_openapi(server.url, role)
+    by_status = Counter()
+    for (_, status), n in counts.items():
+        by_status[status] += n
+    print(f"schemathesis {role}: {sum(counts.values())} requests over {len({op for op, _ in counts})} operations "
+          f"in {time.monotonic() - started:.1f} s: {dict(sorted(by_status.items()))}")
+    assert sum(counts.values()) >= 3 * OPENAPI_EXAMPLES
+    for target in (pair["prefill"], pair["decode"]):
+        assert httpx.get(target.url + "/health", timeout=5).status_code == 200
+        assert all(target.worker_pids())
+        assert wait_until(lambda t=target: used_pages(t) == 0, 15)
+
+
+def test_published_schemas_are_the_request_types(pair, router):
+    """Servers and router publish the request schemas generated from ``request_bodies``; bodies
+    the real clients send validate, and a key the servers refuse does not."""
+    specs = [httpx.get(server.url + "/openapi.json", headers=AUTH, timeout=5).json()
+             for server in (pair["prefill"], pair["decode"], router)]
+    for path, route in ROUTE_PATHS.items():
+        schemas = [spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                   for spec in specs]
+        assert schemas[0] == schemas[1] == request_schema(route), path
+        assert schemas[2] == request_schema(route, PD_SET_FIELDS), path  # the router sets ranks and rooms
+    valid = {
+        "/generate": [{"text": "hi", "sampling_params": {"max_new_tokens": 2}}, {"input_ids": [[1, 2], [3]]}],
+        "/v1/completions": [{"prompt": ["a", "b"], "max_tokens": 2, "stream": True,
+                             "stream_options": {"include_usage": True}, "echo": False}],
+        "/v1/chat/completions": [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                  "max_completion_tokens": 2, "modalities": ["text"]}],
+    }
+    invalid = [{"text": "hi", "unknown_key": 1}, {"text": ""}, {"sampling_params": {}}, {"text": "hi", "echo": True}]
+    for path, bodies in valid.items():
+        schema = request_schema(ROUTE_PATHS[path])
+        for body in bodies:
+            jsonschema.validate(body, schema)
+            assert post(router, {**body, "stream": False}, path=path).status_code == 200, (path, body)
+    for body in invalid:
+        assert not jsonschema.Draft202012Validator(request_schema("generate")).is_valid(body), body
+        assert post(pair["decode"], body).status_code == 400, body

@@ -30,6 +30,7 @@ class DisaggConfig:
     allowed_bootstrap: list[str] = field(default_factory=list)  # decode: hosts/CIDRs it may contact; [] = default
     max_connections: int = 256  # decode: concurrent transfer connections accepted (beyond: closed at once)
     handshake_timeout: float = 5.0  # a transfer connection must authenticate within this
+    idle_timeout: float = 60.0  # decode closes a transfer connection idle this long; prefill reconnects before
 
     def allowed_networks(self) -> list[str]:
         """The outbound allow-list in force: the flag's entries, else loopback when serving on
@@ -66,7 +67,7 @@ class DisaggConfig:
                 raise ValueError(f"--disaggregation-allowed-bootstrap entry {entry!r} is not a host, address or CIDR")
         if self.max_connections < 1:
             raise ValueError(f"disaggregation max connections must be >= 1, got {self.max_connections}")
-        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "handshake_timeout"):
+        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "handshake_timeout", "idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"disaggregation {name.replace('_', ' ')} must be > 0 seconds, got {getattr(self, name)}")
 
@@ -130,6 +131,11 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         "--disaggregation-handshake-timeout", type=float, default=d.handshake_timeout,
         help="seconds a KV transfer connection has to authenticate before it is closed",
     )
+    parser.add_argument(
+        "--disaggregation-idle-timeout", type=float, default=d.idle_timeout,
+        help="decode: seconds an authenticated KV transfer connection may carry no frame (with no room of its "
+        "own open) before it is closed; prefill: drops its connections idle half as long and reconnects",
+    )
 
 
 def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
@@ -146,4 +152,5 @@ def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
         allowed_bootstrap=[e.strip() for e in args.disaggregation_allowed_bootstrap.split(",") if e.strip()],
         max_connections=args.disaggregation_max_connections,
         handshake_timeout=args.disaggregation_handshake_timeout,
+        idle_timeout=args.disaggregation_idle_timeout,
     )

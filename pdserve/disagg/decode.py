@@ -128,7 +128,8 @@ class DecodeDisaggManager:
         self.receiver = create_receiver(
             config.transfer_backend, self.pool, lambda e: self.inbox.put(_Arrived(time.monotonic(), e)), config.host,
             config.transfer_timeout,
-            guard=ReceiverGuard(self.auth, self.stats.refusals, config.max_connections, config.handshake_timeout),
+            guard=ReceiverGuard(self.auth, self.stats.refusals, config.max_connections, config.handshake_timeout,
+                                config.idle_timeout),
         )
         self.receiver_info = self.receiver.info()
         self.rooms: dict[int, _Room] = {}

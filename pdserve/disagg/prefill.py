@@ -106,7 +106,7 @@ class PrefillDisaggManager:
         self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port, self.auth)
         self.inbox = Inbox()
         self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout,
-                                    auth=self.auth)
+                                    auth=self.auth, idle_timeout=config.idle_timeout)
         self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}

@@ -26,11 +26,12 @@ from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
 from pdserve.router.kv_event_watch import KVEventWatcher
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.openapi import openapi_document
 from pdserve.router.pairing import NoWorkers, Pairing
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import CacheIndex
 from pdserve.router.prompt_tokens import PromptTokenizer
-from pdserve.router.proxy import Proxy
+from pdserve.router.proxy import MIXED_SET_FIELDS, PD_SET_FIELDS, Proxy
 from pdserve.router.request_info import RequestInfo, request_info
 from pdserve.router.upstream import Upstream
 
@@ -121,6 +122,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise RouterError(400, f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise RouterError(400, "the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RouterError(400, f"the body must be a JSON object, got {type(body).__name__}")
     if body.get("stream") not in (None, True, False):
@@ -271,6 +274,9 @@ def create_app(config: RouterConfig) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(spec)
+
     routes = [
         Route("/generate", proxied, methods=["POST"]),
         Route("/v1/completions", proxied, methods=["POST"]),
@@ -286,7 +292,9 @@ def create_app(config: RouterConfig) -> Starlette:
         Route("/add_worker", add_worker, methods=["POST"]),
         Route("/remove_worker", remove_worker, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    spec = openapi_document(routes, PD_SET_FIELDS if config.pd_disaggregation else MIXED_SET_FIELDS)
 
     async def on_router_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RouterError)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from pdserve.http_common import HTTP_REFUSALS
 from pdserve.router.worker import Unit, Worker
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -35,6 +39,7 @@ class RouterMetrics:
                                  ["side", "worker"], registry=r)
         self.inflight = Gauge("pdserve_router_inflight_requests", "Client requests in progress", registry=r)
         self._selection_children: dict[tuple[str, str], Counter] = {}
+        r.register(_HttpRefusals())
 
     def selected(self, side: str, unit: Unit) -> None:
         key = (side, unit.label)
@@ -62,3 +67,14 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HttpRefusals(Collector):
+    """Connections the router's HTTP listener cut at a cap (``http_common.HTTP_REFUSALS``)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("pdserve_router_refusals", "Connections refused or cut at an HTTP cap",
+                                     labels=["reason"])
+        for reason, n in sorted(HTTP_REFUSALS.items()):
+            family.add_metric([reason], n)
+        yield family

@@ -100,6 +100,12 @@ def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
     return msgspec.json.encode(d)
 
 
+# body fields the router sets itself (whatever the client sent): by _pd_bodies in P/D, by _mixed otherwise
+PD_SET_FIELDS = frozenset({"bootstrap_host", "bootstrap_port", "bootstrap_room", "data_parallel_rank",
+                           "prefill_data_parallel_rank", "disagg_prefill_dp_rank"})
+MIXED_SET_FIELDS = frozenset({"data_parallel_rank"})
+
+
 class Proxy:
     def __init__(self, config: RouterConfig, fleet: Fleet, pairing: Pairing, upstream: Upstream,
                  metrics: RouterMetrics) -> None:

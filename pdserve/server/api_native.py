@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pdserve import __version__
 from pdserve.engine.output_format import logprob_triples, top_logprob_triples
 from pdserve.engine.request import RequestError, SamplingParams
+from pdserve.request_bodies import GenerateBody, openapi_request_body, request_schema, struct_schema
 from pdserve.server.access import log_access, rank_headers
 from pdserve.server.api_common import (
     SSE_DONE,
@@ -46,29 +47,6 @@ from pdserve.server.state import ServerState
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 
 router = APIRouter()
-
-
-class GenerateBody(msgspec.Struct, kw_only=True):
-    """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
-
-    text: str | list[str] | None = None
-    input_ids: list[Any] | None = None
-    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    rid: str | list[str] | None = None
-    stream: bool = False
-    return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
-    return_text_in_logprobs: bool = False
-    data_parallel_rank: Any = None
-    routed_dp_rank: Any = None
-    bootstrap_host: str | list[str | None] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: Any = None
-    prefill_data_parallel_rank: int | None = None
-    disagg_prefill_dp_rank: int | None = None
-    model: str | None = None
-    no_logs: bool = False
 
 
 def _state(request: Request) -> ServerState:
@@ -183,7 +161,7 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
     return item
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=openapi_request_body(request_schema("generate")))
 async def generate(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, GenerateBody, state.config.max_request_bytes)
@@ -320,8 +298,8 @@ class DetokenizeBody(msgspec.Struct, kw_only=True):
     model: str | None = None
 
 
-@router.post("/tokenize")
-@router.post("/v1/tokenize")
+@router.post("/tokenize", openapi_extra=openapi_request_body(struct_schema(TokenizeBody)))
+@router.post("/v1/tokenize", openapi_extra=openapi_request_body(struct_schema(TokenizeBody)))
 async def tokenize(request: Request) -> Response:
     """vLLM's shape: ``{"tokens", "count", "max_model_len"}`` for ``prompt`` (or ``text``)."""
     state = _state(request)
@@ -334,8 +312,8 @@ async def tokenize(request: Request) -> Response:
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": service.context_length})
 
 
-@router.post("/detokenize")
-@router.post("/v1/detokenize")
+@router.post("/detokenize", openapi_extra=openapi_request_body(struct_schema(DetokenizeBody)))
+@router.post("/v1/detokenize", openapi_extra=openapi_request_body(struct_schema(DetokenizeBody)))
 async def detokenize(request: Request) -> Response:
     """``{"prompt": text}`` for ``tokens`` (ids checked against the vocabulary)."""
     state = _state(request)
@@ -358,7 +336,13 @@ async def get_load(request: Request) -> Response:
     return JSONResponse(_state(request).controller.loads())
 
 
-@router.get("/kv_events")
+KV_EVENTS_QUERY = {"parameters": [
+    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}},
+    {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}},
+]}
+
+
+@router.get("/kv_events", openapi_extra=KV_EVENTS_QUERY)
 async def kv_events(request: Request) -> Response:
     """Prefix-cache events of every rank after ``after`` (long poll up to ``timeout`` s; see
     :mod:`pdserve.server.kv_event_feed`)."""
@@ -398,7 +382,7 @@ class AbortBody(msgspec.Struct, kw_only=True):
     abort_all: bool = False
 
 
-@router.post("/abort_request")
+@router.post("/abort_request", openapi_extra=openapi_request_body(struct_schema(AbortBody)))
 async def abort_request(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, AbortBody, state.config.max_request_bytes)

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
 
-Request bodies are msgspec Structs; which keys are accepted is decided by ``fields.py`` (one allow-list); errors
+Request bodies are msgspec Structs (``pdserve/request_bodies.py``); which keys are accepted is decided by ``fields.py``; errors
 use OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Streaming sends one chunk per
 engine output and, when asked through ``stream_options.include_usage``, a final chunk with
 empty ``choices`` and the usage; without ``stream_options`` the usage rides on the last chunk.
@@ -16,11 +16,11 @@ from contextlib import aclosing, suppress
 from dataclasses import replace
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
+from pdserve.request_bodies import ChatBody, CommonBody, CompletionBody, openapi_request_body, request_schema
 from pdserve.server.access import log_access, rank_headers, sample_meta, served_ranks
 from pdserve.server.api_common import (
     SSE_DONE,
@@ -53,74 +53,6 @@ MAX_LOGPROBS = 20
 router = APIRouter(prefix="/v1")
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class _CommonBody(msgspec.Struct, kw_only=True):
-    """Fields shared by completions and chat (OpenAI names plus SGLang's extensions)."""
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
-    rid: str | list[str] | None = None
-    data_parallel_rank: Any = None
-    routed_dp_rank: Any = None
-    bootstrap_host: str | list[str | None] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: Any = None
-    prefill_data_parallel_rank: int | None = None
-    disagg_prefill_dp_rank: int | None = None
-    user: str | None = None
-    log_metrics: bool | None = None
-    no_logs: bool | None = None
-    # structured output (server/structured.py)
-    response_format: Any = None
-    json_schema: Any = None
-    regex: str | None = None
-    ebnf: str | None = None
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: Any = None
-    guided_grammar: str | None = None
-    structured_outputs: Any = None
-
-
-class CompletionBody(_CommonBody, kw_only=True):
-    prompt: str | list[Any] | None = None
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-
-
-class ChatBody(_CommonBody, kw_only=True):
-    messages: list[Any] | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
 def _state(request: Request) -> ServerState:
     return request.app.state.server
 
@@ -136,7 +68,7 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 
 def _sampling(
-    body: _CommonBody, max_tokens: int | None, max_tokens_field: str, constraint: Constraint | None = None
+    body: CommonBody, max_tokens: int | None, max_tokens_field: str, constraint: Constraint | None = None
 ) -> tuple[SamplingParams, bool]:
     """SamplingParams from the OpenAI fields (and the structured-output constraint), and whether
     the client chose the token budget."""
@@ -176,7 +108,7 @@ def _sampling(
 def _requests(
     state: ServerState,
     request: Request,
-    body: _CommonBody,
+    body: CommonBody,
     prompts: list[list[int]],
     params: SamplingParams,
     given: bool,
@@ -263,7 +195,7 @@ def _decode_cached_tokens(gen: Generation) -> int | None:
     return None if meta is None else meta.decode_cached_tokens
 
 
-def _usage_mode(body: _CommonBody) -> str:
+def _usage_mode(body: CommonBody) -> str:
     """'separate' (OpenAI include_usage), 'last' (no stream_options: on the final chunk) or 'none'."""
     if body.stream_options is None:
         return "last"
@@ -337,7 +269,7 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
     )
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=openapi_request_body(request_schema("completions")))
 async def completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, CompletionBody, state.config.max_request_bytes)
@@ -505,7 +437,7 @@ def _call_for_template(call: Any) -> Any:
     return {**call, "function": fn}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=openapi_request_body(request_schema("chat")))
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request, ChatBody, state.config.max_request_bytes)

@@ -22,21 +22,21 @@ __all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "R
 
 def create_sender(
     backend: str, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float,
-    auth: PlaneAuth | None = None,
+    auth: PlaneAuth | None = None, idle_timeout: float = 60.0,
 ) -> KVSender:
     _check_pool(backend, pool)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpSender
 
-        return TcpSender(pool, on_done, io_timeout, auth)
+        return TcpSender(pool, on_done, io_timeout, auth, idle_timeout)
     if backend == "shm":
         from pdserve.disagg.transfer.shm import ShmSender
 
-        return ShmSender(pool, on_done, io_timeout, auth)
+        return ShmSender(pool, on_done, io_timeout, auth, idle_timeout)
     if backend == "sim":
         from pdserve.sim.transfer import SimSender
 
-        return SimSender(pool, on_done, io_timeout, auth)
+        return SimSender(pool, on_done, io_timeout, auth, idle_timeout)
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 

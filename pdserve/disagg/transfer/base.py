@@ -8,7 +8,7 @@ each write with a small ordered notification (:class:`Pages`, then :class:`Aux` 
 through ``on_event`` — plus :class:`PeerLost` when a sender's connection dies mid-room.
 
 Every connection is authenticated before any frame is read (:class:`ReceiverGuard`: the
-deployment's secret, a cap on concurrent connections and a handshake deadline).
+deployment's secret, a cap on concurrent connections, a handshake deadline and an idle bound).
 
 Sends are queued and executed on backend threads; every queued job is reported once through
 ``on_done`` (success, error or cancellation), so the caller knows when it may free the source pages.
@@ -61,6 +61,7 @@ class ReceiverGuard:
     refusals: Refusals = field(default_factory=Refusals)
     max_connections: int = 256  # concurrent connections; more are closed at once
     handshake_timeout: float = 5.0  # a connection must authenticate within this
+    idle_timeout: float = 60.0  # an authenticated connection with no frame and no open room of its own is closed
 
 
 class KVSender(ABC):
@@ -69,12 +70,14 @@ class KVSender(ABC):
     backend: ClassVar[str]
 
     def __init__(
-        self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth: PlaneAuth | None = None
+        self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth: PlaneAuth | None = None,
+        idle_timeout: float = 60.0,
     ) -> None:
         self.pool = pool
         self.on_done = on_done
         self.io_timeout = io_timeout
         self.auth = auth or PlaneAuth(None)
+        self.idle_timeout = idle_timeout  # the receivers' bound: connections idle half as long are not reused
 
     @abstractmethod
     def send_pages(

@@ -3,8 +3,10 @@
 A connection starts with a handshake: the receiver sends a random challenge, the sender answers
 with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`), the receiver confirms with one
 byte (so a sender with the wrong secret fails at once, named); the receiver reads no frame
-before that, closes connections that do not authenticate within the guard's handshake timeout and
-accepts at most ``max_connections`` at once. Frames are
+before that, closes connections that do not authenticate within the guard's handshake timeout,
+closes authenticated ones that carry no frame for its idle timeout while none of their rooms is
+open (senders keep connections between rooms, and drop and reopen one idle half that long or
+closed by the receiver before reuse), and accepts at most ``max_connections`` at once. Frames are
 ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; a header may not exceed
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -130,6 +133,14 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether a sender's connection was closed by its receiver (which sends nothing after the handshake,
+    so anything readable is the end of the stream)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
 def max_header_bytes(num_pages: int) -> int:
     """Largest frame header a receiver with ``num_pages`` pages reads: a page list (at most 9 bytes of
     msgpack per page) plus room for a reason string and one token's logprobs."""
@@ -163,10 +174,14 @@ class _Destination:
         self.info = info
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.sock: socket.socket | None = None
+        self.last_used = 0.0  # time.monotonic() when the connection last carried a job
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{info.address}", daemon=True)
         self.thread.start()
 
     def connect(self) -> socket.socket:
+        if self.sock is not None and (time.monotonic() - self.last_used > self.sender.idle_timeout / 2
+                                      or peer_closed(self.sock)):
+            self.drop_connection()  # the receiver closes idle connections: reconnect rather than write into one
         if self.sock is None:
             try:
                 sock = socket.create_connection((self.info.host, self.info.port), timeout=CONNECT_TIMEOUT_S)
@@ -200,13 +215,15 @@ class _Destination:
                 self.drop_connection()
                 return
             self.sender._execute(self, job)
+            self.last_used = time.monotonic()
 
 
 class StreamSender(KVSender):
     """Sender half of the stream; subclasses implement :meth:`write_pages`."""
 
-    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth=None) -> None:
-        super().__init__(pool, on_done, io_timeout, auth)
+    def __init__(self, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float, auth=None,
+                 idle_timeout: float = 60.0) -> None:
+        super().__init__(pool, on_done, io_timeout, auth, idle_timeout)
         self._lock = threading.Lock()
         self._dests: dict[str, _Destination] = {}
         self._pending: dict[int, list[_Job]] = {}
@@ -393,6 +410,11 @@ class StreamReceiver(KVReceiver):
             return
         try:
             while True:
+                if not self._await_frame(sock, open_rooms):
+                    self.guard.refusals.record(listener, "idle_timeout",
+                                               f"{peer}: no frame for {self.guard.idle_timeout:g} s")
+                    reason = f"idle for {self.guard.idle_timeout:g} s"
+                    break
                 head = recv_exact(sock, HEADER.size)
                 if head is None:
                     break
@@ -418,6 +440,18 @@ class StreamReceiver(KVReceiver):
             sock.close()
         if open_rooms and not self._closed:
             self.on_event(PeerLost(sorted(open_rooms), peer, reason))
+
+    def _await_frame(self, sock: socket.socket, open_rooms: set[int]) -> bool:
+        """Wait until the connection is readable; False once it stayed silent for the idle timeout
+        while none of the rooms it carries is still open here."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLRDHUP)
+        while not poller.poll(self.guard.idle_timeout * 1000):
+            with self._cond:
+                live = any(room in self._slots for room in open_rooms)
+            if not live:
+                return False
+        return True
 
     def close(self) -> None:
         with self._cond:

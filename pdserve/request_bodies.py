@@ -1,0 +1,294 @@
+"""The JSON bodies of ``/generate``, ``/v1/completions`` and ``/v1/chat/completions``, defined once.
+
+Their typed msgspec Structs (the server decodes into them, so type errors name the field), the
+allow-list of every other top-level key (*honoured*, or accepted only at a value that means "off";
+``server/fields.py`` enforces it with HTTP 400 ``unsupported field: <name>``; the README's API table
+lists these sets), and the OpenAPI request schemas generated from both. Torch-free: the router
+publishes the same schemas for the bodies it forwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any
+
+import msgspec
+
+# What the route handlers accept beyond the decoded type (they check it and answer 400 naming the
+# field), stated for the published schemas: :func:`_documents` only documents, it does not validate.
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_TOKEN_ID_BATCH = {"type": "array", "minItems": 1, "items": _TOKEN_IDS}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CHAT_MESSAGE = {
+    "type": "object", "required": ["role"],
+    "properties": {"role": {"type": "string", "minLength": 1},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}},
+}
+
+
+def _documents(schema: dict[str, Any]) -> msgspec.Meta:
+    """Annotation adding ``schema`` to a field's published JSON schema (msgspec does not check it)."""
+    return msgspec.Meta(extra_json_schema=schema)
+
+
+Text = Annotated[str, _documents({"minLength": 1})]
+TokenIds = Annotated[list[Any], _documents({"anyOf": [_TOKEN_IDS, _TOKEN_ID_BATCH]})]
+Prompts = Annotated[list[Any], _documents(
+    {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}, _TOKEN_IDS,
+               _TOKEN_ID_BATCH]})]
+ChatMessages = Annotated[list[Any], _documents({"minItems": 1, "items": _CHAT_MESSAGE})]
+
+_RANKS_AND_ROOMS = frozenset(
+    {
+        "rid",
+        "data_parallel_rank",
+        "routed_dp_rank",
+        "bootstrap_host",
+        "bootstrap_port",
+        "bootstrap_room",
+        "prefill_data_parallel_rank",
+        "disagg_prefill_dp_rank",
+    }
+)
+
+# No-op flags: accepted with any boolean (they only steer logging or metrics, which pdserve
+# always does the same way), so a client's choice never changes the answer it expects.
+_LOGGING_FLAGS = frozenset({"log_metrics", "no_logs"})
+
+_STRUCTURED = frozenset(
+    {"response_format", "regex", "ebnf", "json_schema", "guided_json", "guided_regex", "guided_choice",
+     "guided_grammar", "structured_outputs"}
+)
+
+_OPENAI_SAMPLING = frozenset(
+    {
+        "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options",
+        "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "min_tokens", "ignore_eos", "skip_special_tokens", "no_stop_trim", "user",
+    }
+)
+
+HONOURED: dict[str, frozenset[str]] = {
+    "generate": frozenset(
+        {"text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len",
+         "top_logprobs_num", "return_text_in_logprobs", "model"}
+    )
+    | _RANKS_AND_ROOMS
+    | _LOGGING_FLAGS,
+    "completions": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    | frozenset({"prompt", "logprobs", "best_of"}),
+    "chat": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    | frozenset(
+        {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+         "parallel_tool_calls", "chat_template_kwargs"}
+    ),
+}
+
+_NULL: tuple[Any, ...] = (None,)
+_FALSE: tuple[Any, ...] = (None, False)
+
+# field -> the values that mean "off" (accepted and, having no effect, honoured trivially)
+OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "generate": {
+        "return_hidden_states": _FALSE,
+        "background": _FALSE,
+        "return_bytes": _FALSE,
+        "return_entropy": _FALSE,
+        "lora_path": _NULL,
+        "image_data": _NULL,
+        "audio_data": _NULL,
+        "video_data": _NULL,
+        "custom_logit_processor": _NULL,
+        "session_params": _NULL,
+        "input_embeds": _NULL,
+        "stream_options": _NULL,
+    },
+    "completions": {
+        "return_hidden_states": _FALSE,
+        "echo": _FALSE,
+        "suffix": (None, ""),
+        "logit_bias": (None, {}),
+        "lora_path": _NULL,
+        "stream_options.continuous_usage_stats": _FALSE,
+    },
+    "chat": {
+        "return_hidden_states": _FALSE,
+        "continue_final_message": _FALSE,
+        # no reasoning parser: there is no reasoning text to separate or stream, either way
+        "separate_reasoning": (None, True, False),
+        "stream_reasoning": (None, True, False),
+        "reasoning_effort": _NULL,
+        "logit_bias": (None, {}),
+        "lora_path": _NULL,
+        "functions": _NULL,
+        "function_call": _NULL,
+        "audio": _NULL,
+        "modalities": (None, ["text"]),
+        "prediction": _NULL,
+        "store": _FALSE,
+        "metadata": _NULL,
+        "service_tier": (None, "auto", "default"),
+        "web_search_options": _NULL,
+        "stream_options.continuous_usage_stats": _FALSE,
+    },
+}
+
+
+class GenerateBody(msgspec.Struct, kw_only=True):
+    """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
+
+    text: Text | list[Text] | None = None
+    input_ids: TokenIds | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: Any = None
+    prefill_data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+    model: str | None = None
+    log_metrics: bool | None = None
+    no_logs: bool = False
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class CommonBody(msgspec.Struct, kw_only=True):
+    """Fields shared by completions and chat (OpenAI names plus SGLang's extensions)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    rid: str | list[str] | None = None
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: Any = None
+    prefill_data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+    user: str | None = None
+    log_metrics: bool | None = None
+    no_logs: bool | None = None
+    # structured output (server/structured.py)
+    response_format: Any = None
+    json_schema: Any = None
+    regex: str | None = None
+    ebnf: str | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: Any = None
+    guided_grammar: str | None = None
+    structured_outputs: Any = None
+
+
+class CompletionBody(CommonBody, kw_only=True):
+    prompt: Text | Prompts | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+
+class ChatBody(CommonBody, kw_only=True):
+    messages: ChatMessages | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+BODIES: dict[str, type[msgspec.Struct]] = {"generate": GenerateBody, "completions": CompletionBody, "chat": ChatBody}
+ROUTE_PATHS = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
+PROMPT_FIELDS = {"generate": ("text", "input_ids"), "completions": ("prompt",), "chat": ("messages",)}  # one required
+
+
+def struct_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """``struct``'s JSON schema with every ``$ref`` inlined (OpenAPI operations cannot carry ``$defs``) and no
+    null defaults."""
+    (schema,), defs = msgspec.json.schema_components([struct], ref_template="{name}")
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(copy.deepcopy(defs[node["$ref"]]))
+            # a null default says nothing (and FastAPI drops it, so the published schemas would differ)
+            return {key: inline(value) for key, value in node.items() if not (key == "default" and value is None)}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
+def request_schema(route: str, replaced: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The JSON schema of a ``route`` body (``generate``, ``completions`` or ``chat``): the Struct's
+    fields, each off-only key as an ``enum`` of its "off" values, no other key, and a prompt field
+    (:data:`PROMPT_FIELDS`) that is not null. ``replaced``: fields a proxy (the router) sets itself,
+    whatever the client sent (any value)."""
+    struct = BODIES[route]
+    schema = struct_schema(struct)
+    properties = schema["properties"]
+    for name, values in OFF_VALUES[route].items():
+        parent, _, child = name.partition(".")
+        decodable = {"enum": [v for v in values if _decodes(struct, parent, child, v)]}
+        if not child:
+            properties[name] = decodable
+            continue
+        for option in properties[parent].get("anyOf", [properties[parent]]):
+            if option.get("type") == "object":
+                option["properties"][child] = decodable
+                option["additionalProperties"] = False
+    missing = HONOURED[route] - properties.keys()
+    if missing:  # every honoured key is a typed field
+        raise TypeError(f"honoured on {route} but not in {struct.__name__}: {sorted(missing)}")
+    for name in replaced:
+        properties[name] = {"description": "set by the router: any value sent is replaced"}
+    schema["additionalProperties"] = False
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in PROMPT_FIELDS[route]]
+    return schema
+
+
+def _decodes(struct: type[msgspec.Struct], parent: str, child: str, value: Any) -> bool:
+    """Whether ``struct`` accepts ``value`` as ``parent`` (or ``parent.child``)."""
+    try:
+        msgspec.convert({parent: {child: value} if child else value}, struct)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def openapi_request_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI operation's ``requestBody`` (a required JSON object of ``schema``); for FastAPI's
+    ``openapi_extra`` or a hand-built operation."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
