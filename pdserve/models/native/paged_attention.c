@@ -51,6 +51,74 @@ static inline v8 load8(const float *p) {
 
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* where mask (-1 / 0 per lane): a, else b (C has no vector ?:) */
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+static inline float hsum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline float hmax8(v8 v) {
+    float m = v[0];
+    for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* e^x of 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp for x in
+ * [-87, 88], inputs below clamp to ~0): softmax's exponentials in vector registers instead of 8
+ * scalar expf calls */
+static inline v8 exp8(v8 x) {
+    const v8 hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
+                   88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f};
+    x = select8(x < hi, x, hi);
+    x = select8(x > -hi, x, -hi);
+    v8 fx = x * 1.44269504088896341f + 0.5f;
+    v8 t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8); /* truncation, then floor: */
+    t += __builtin_convertvector(t > fx, v8);                            /* the mask is -1 where t > fx */
+    x = x - t * 0.693359375f + t * 2.12194440e-4f;
+    v8 y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * (x * x) + x + 1.0f;
+    const v8i pow2n = (__builtin_convertvector(t, v8i) + 127) << 23;
+    return y * (v8)pow2n;
+}
+
+/* w[0, n) = softmax(w[0, n)) in place; w has room for a multiple of 8 floats */
+static void softmax_inplace(float *w, int64_t n) {
+    if (n <= 0) return;
+    const int64_t full = n / 8 * 8, rest = n - full;
+    float tail[8];
+    v8 vmax = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int64_t j = 0; j < full; j += 8) {
+        const v8 v = load8(w + j);
+        vmax = select8(v > vmax, v, vmax);
+    }
+    float mx = hmax8(vmax);
+    for (int64_t j = full; j < n; j++) mx = w[j] > mx ? w[j] : mx;
+    v8 vsum = {0};
+    for (int64_t j = 0; j < full; j += 8) {
+        const v8 e = exp8(load8(w + j) - mx);
+        store8(w + j, e);
+        vsum += e;
+    }
+    float sum = hsum8(vsum);
+    if (rest) {
+        for (int64_t j = 0; j < 8; j++) tail[j] = j < rest ? w[full + j] - mx : -INFINITY;
+        store8(tail, exp8(load8(tail)));
+        for (int64_t j = 0; j < rest; j++) {
+            w[full + j] = tail[j];
+            sum += tail[j];
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t j = 0; j < n; j++) w[j] *= inv;
+}
+
 static inline float kv_at(const void *kv, int dtype, int64_t offset) {
     return dtype == 0 ? ((const float *)kv)[offset] : bf16_to_float(((const uint16_t *)kv)[offset]);
 }
@@ -180,18 +248,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         }
         for (int64_t i = 0; i < n; i++) {
             const int64_t li = kv_len[t0 + i];
-            for (int64_t hq = 0; hq < num_q_heads; hq++) {
-                float *sg = scores + (i * num_q_heads + hq) * len8;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < li; j++) mx = sg[j] > mx ? sg[j] : mx;
-                float sum = 0.f;
-                for (int64_t j = 0; j < li; j++) {
-                    sg[j] = expf(sg[j] - mx);
-                    sum += sg[j];
-                }
-                const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                for (int64_t j = 0; j < li; j++) sg[j] *= inv;
-            }
+            for (int64_t hq = 0; hq < num_q_heads; hq++) softmax_inplace(scores + (i * num_q_heads + hq) * len8, li);
         }
         for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
             const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;
