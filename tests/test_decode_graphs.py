@@ -145,3 +145,22 @@ def test_cuda_graph_flags_reach_the_engine_config():
     config.cuda_graph_max_bs = 0
     with pytest.raises(ValueError, match="cuda_graph_max_bs"):
         config.validate()
+
+
+def test_rows_wider_than_the_table_decode_eagerly():
+    """A row whose context exceeds the block table's width is not padded into it: that step runs
+    eagerly, and the output is unchanged."""
+    eager, static = _engine(), _engine()
+    try:
+        rng = random.Random(5)
+        prompts = [[rng.randrange(4, eager.core.vocab_size) for _ in range(n)] for n in (6, 30, 8, 9, 10, 11)]
+        expected = _serve(eager.core, prompts)
+        graphs = static.core.runner.enable_decode_graphs(max_bs=8, context_length=32)  # 8 pages of 4 tokens
+        got = _serve(static.core, prompts)
+        assert got == expected
+        assert graphs.width == 8 and graphs.runs  # short batches still ran over the buffers
+        assert graphs.declined > 0  # steps holding the 30-token row past 32 tokens did not
+        static.core.kv_pool.check_integrity(expect_used=1)
+    finally:
+        eager.shutdown()
+        static.shutdown()

@@ -62,13 +62,17 @@ class DecodeGraphs:
         self._dirty = [0] * self.max_bs  # per block-table row: leading columns that may hold a request's pages
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.runs: Counter[tuple[int, int]] = Counter()  # (rows, padded batch size) -> steps
+        self.declined = 0  # decode-only steps too large or too long for the buffers (run eagerly)
         if capture:
             self._capture_all()
 
     def can_run(self, decodes: Sequence[Req]) -> bool:
         """Whether this decode-only batch fits the buffers (else the runner steps it eagerly)."""
         limit = self.width * self.page_size
-        return 0 < len(decodes) <= self.max_bs and all(r.seq_len <= limit for r in decodes)
+        if 0 < len(decodes) <= self.max_bs and all(r.seq_len <= limit for r in decodes):
+            return True
+        self.declined += 1
+        return False
 
     def forward(self, decodes: Sequence[Req]) -> torch.Tensor:
         """Logits ``[len(decodes), vocab]`` of the next token of every row; on CUDA a view of the
