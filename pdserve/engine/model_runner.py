@@ -125,7 +125,6 @@ class ModelRunner:
             input_logits={rid: (first, logits[i : i + n]) for rid, (first, i, n) in input_at.items()},
         )
 
-
     def _record_kv_written(self) -> None:
         if self.device.type == "cuda":
             self.kv_written = torch.cuda.Event()
