@@ -98,11 +98,14 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, size: int = 1024, repeat
     return 2 * size**3 / best
 
 
-def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: str | None = None) -> float:
+def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: str | None = None,
+                **options: Any) -> tuple[float, list[list[int]]]:
+    """Seconds and greedy outputs of the offline engine (``options``: more :class:`EngineConfig` fields)."""
     from pdserve.engine.engine import Engine
 
     engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype=dtype,
-                    device=device, max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
+                    device=device, max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024,
+                    **options)
     params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
     engine.generate(input_ids=prompts[:2], sampling_params=params[:2])  # warm-up
     start = CLOCK()
@@ -168,6 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="both engines' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--disable-cuda-graph", action="store_true",
+                        help="CUDA: the engine decodes without CUDA graphs (default: with them)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or the process's CPU time (shared machines)")
     parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
@@ -203,10 +208,12 @@ def run(args: argparse.Namespace) -> int:
             useful = sum(outputs)
             result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful,
                                       "dtype": dtype_name, "device": device.type, "threads": args.threads,
-                                      "clock": args.clock, "load_average": os.getloadavg()}
+                                      "clock": args.clock, "load_average": os.getloadavg(),
+                                      "cuda_graph": device.type == "cuda" and not args.disable_cuda_graph}
             result["model_flops"] = workload_flops(cfg, prompts, outputs)
             result["gemm_peak_flops"] = gemm_peak(dtype, device)
-            result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device))
+            result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device),
+                                                    disable_cuda_graph=args.disable_cuda_graph)
             result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(dtype, device))
             result["mfu"] = result["model_flops"] / result["pdserve_s"] / result["gemm_peak_flops"]
             print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s, MFU {100 * result['mfu']:.1f} %",

@@ -29,6 +29,8 @@ class EngineConfig:
     time_scale: float = 1.0  # sim only: every simulated duration is multiplied by this
     inject_faults: str | None = None  # sim only: see pdserve.sim.faults
     disable_radix_cache: bool = False  # no prefix cache: every prompt is computed in full
+    disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly instead of replaying captured graphs
+    cuda_graph_max_bs: int = 64  # CUDA: largest decode batch captured (capped by max_running_requests)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -41,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.num_reserved_decode_tokens < 0:
             raise ValueError(f"num_reserved_decode_tokens must be >= 0, got {self.num_reserved_decode_tokens}")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.engines_per_device < 1:
             raise ValueError(f"engines_per_device must be >= 1, got {self.engines_per_device}")
         if self.tp_size < 1:
@@ -89,6 +93,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-radix-cache", action="store_true", help="turn off the prefix cache (reuse of shared prompt KV)"
     )
+    parser.add_argument("--disable-cuda-graph", action="store_true",
+                        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs "
+                             "(default: graphs on; CPU never uses them)")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=defaults.cuda_graph_max_bs,
+                        help="largest decode batch size captured as a CUDA graph, capped by "
+                             "--max-running-requests; larger batches run eagerly")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

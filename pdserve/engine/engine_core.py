@@ -57,8 +57,11 @@ class EngineCore:
         self.kv_pool = KVPool(
             num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device
         )
-        self.max_total_tokens = num_pages * config.page_size
         self.runner = ModelRunner(loaded.model, self.kv_pool, self.device)
+        if self.device.type == "cuda" and not config.disable_cuda_graph:
+            self.runner.enable_decode_graphs(min(config.cuda_graph_max_bs, config.max_running_requests),
+                                             self.context_length)
+        self.max_total_tokens = self.kv_pool.num_free * config.page_size  # the graphs' scratch page excluded
         self._grammars = None  # GrammarCompiler, built by the first constrained request
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(

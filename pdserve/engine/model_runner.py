@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.decode_graphs import DecodeGraphs
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.request import Req
 from pdserve.models.attention import AttentionMetadata, Workspace
@@ -52,6 +53,14 @@ class ModelRunner:
         self.device = device
         self.workspace = Workspace()
         self.kv_written: torch.cuda.Event | None = None  # CUDA: recorded after each step's KV writes
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_bs: int, context_length: int) -> DecodeGraphs:
+        """Run decode-only steps of up to ``max_bs`` rows over static padded buffers, captured as CUDA
+        graphs on a GPU (:mod:`pdserve.engine.decode_graphs`); takes one scratch page from the pool."""
+        self.decode_graphs = DecodeGraphs(self.model, self.pool, self.device, max_bs, context_length,
+                                          capture=self.device.type == "cuda")
+        return self.decode_graphs
 
     def wait_kv_written(self) -> None:
         """Block until the KV written by the last step is in device memory (no-op on CPU): P/D calls
@@ -61,6 +70,11 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         batch.decodes.sort(key=lambda r: r.seq_len)  # similar lengths share a padded attention group
+        graphs = self.decode_graphs
+        if not batch.extends and graphs is not None and graphs.can_run(batch.decodes):
+            logits = graphs.forward(batch.decodes)
+            self._record_kv_written()
+            return ForwardResult(decode_logits=logits, sample_logits={}, input_logits={})
         ids: list[int] = []
         positions: list[int] = []
         for req in batch.decodes:
@@ -85,9 +99,7 @@ class ModelRunner:
             meta,
             self.pool.layers,
         )
-        if self.device.type == "cuda":
-            self.kv_written = torch.cuda.Event()
-            self.kv_written.record()
+        self._record_kv_written()
         n_dec = len(batch.decodes)
         rows: list[int] = list(range(n_dec))
         sample_at: dict[str, int] = {}
@@ -112,6 +124,11 @@ class ModelRunner:
             sample_logits={rid: logits[i] for rid, i in sample_at.items()},
             input_logits={rid: (first, logits[i : i + n]) for rid, (first, i, n) in input_at.items()},
         )
+
+    def _record_kv_written(self) -> None:
+        if self.device.type == "cuda":
+            self.kv_written = torch.cuda.Event()
+            self.kv_written.record()
 
 
 def _token_slice(req: Req, start: int, end: int) -> list[int]:

@@ -10,7 +10,11 @@ call of the native kernel (:mod:`pdserve.models.native`), which reads K/V in pla
 through an int32 block table: no gather copy of the prefix, one call per layer for the whole batch.
 Elsewhere (CUDA, float16, no compiler) decode rows are gathered into padded groups of similar length
 and prefill chunks are attended one at a time with SDPA.
+
+A decode step over static buffers (:mod:`pdserve.engine.decode_graphs`, CUDA graphs) passes its block
+table as tensors (:class:`StaticDecode`): fixed shapes, no host data, so the step can be captured.
 """
+
 
 from __future__ import annotations
 
@@ -76,6 +80,15 @@ DECODE_GROUP_ROWS = 16
 
 
 @dataclass
+class StaticDecode:
+    """Decode rows described by tensors only (fixed shapes, nothing read on the host)."""
+
+    block_table: torch.Tensor  # int32 [B, W]: every entry a valid page (unused ones: a scratch page)
+    rows: torch.Tensor  # int32 [B]: 0..B-1, the block-table row of each token
+    kv_lens: torch.Tensor  # int32 [B]: context length of each row, the new token included
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward step, shared by all layers.
 
@@ -91,8 +104,9 @@ class AttentionMetadata:
     decode_pages: list[list[int]]
     decode_kv_lens: list[int]
     extends: list[ExtendSpan]
-    workspace: Workspace
+    workspace: Workspace | None
     device: torch.device
+    static: StaticDecode | None = None  # decode-only steps over static buffers: attend through these
 
     @classmethod
     def build(
@@ -203,6 +217,8 @@ def paged_attention(
         kv_layer[meta.slot_pages, 0, meta.slot_offsets] = k.to(kv_layer.dtype)
         kv_layer[meta.slot_pages, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
     out = torch.empty_like(q)
+    if meta.static is not None:
+        return _static_decode(q, kv_layer, meta.static, scale, out)
     if native.supports(q, kv_layer):
         table, row_of_token, kv_len = meta.native_tables
         native.paged_attention(q.contiguous(), kv_layer, table, row_of_token, kv_len, scale, out)
@@ -229,6 +245,26 @@ def paged_attention(
                 query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=gqa
             )
         out[rows] = o.transpose(0, 1)
+    return out
+
+
+def _static_decode(q: torch.Tensor, kv_layer: torch.Tensor, static: StaticDecode, scale: float,
+                   out: torch.Tensor) -> torch.Tensor:
+    """One query token per block-table row. Native kernel where it runs; otherwise every row's full
+    table width is gathered and masked past its length (fixed shapes, as a CUDA graph needs)."""
+    if native.supports(q, kv_layer):
+        native.paged_attention(q.contiguous(), kv_layer, static.block_table, static.rows, static.kv_lens, scale, out)
+        return out
+    rows, width = static.block_table.shape
+    _, _, page_size, heads, dim = kv_layer.shape
+    pages = static.block_table.flatten().long()
+    length = width * page_size
+    keys = kv_layer[:, 0].index_select(0, pages).view(rows, length, heads, dim).transpose(1, 2).to(q.dtype)
+    values = kv_layer[:, 1].index_select(0, pages).view(rows, length, heads, dim).transpose(1, 2).to(q.dtype)
+    visible = torch.arange(length, device=q.device)[None, :] < static.kv_lens[:, None]  # [B, L]
+    query = q.view(rows, heads, q.shape[1] // heads, dim)  # [B, Hkv, q-per-kv, D]
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    out.copy_(o.reshape(rows, q.shape[1], dim))
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.models import native
 from pdserve.models.attention import AttentionMetadata, paged_attention
 from pdserve.models.config import ModelConfig
 from pdserve.models.rope import RotaryEmbedding, rotate
@@ -23,10 +24,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and native.fused_ok(x) and x.is_contiguous():
+            return native.add_rms_norm(x, None, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x + residual`` and its norm; the fused kernel adds into ``x`` in place (a layer's own input)."""
+        if native.fused_ok(x) and x.is_contiguous() and residual.is_contiguous() and x.dim() == 2:
+            return x, native.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -62,9 +72,14 @@ class Attention(nn.Module):
         cos, sin = rope
         nq, nkv = self.num_heads, self.num_kv_heads
         if self.qkv_proj is not None and not self.qk_norm:
-            qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, self.head_dim)
-            qk = rotate(qkv[:, : nq + nkv], cos, sin)  # q and k heads rotated in one pass
-            q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :]
+            qkv = self.qkv_proj(x)
+            if native.fused_ok(qkv) and cos.is_contiguous() and sin.is_contiguous():  # one pass, contiguous q and k
+                q, k = native.rope(qkv, cos, sin, nq, nkv, self.head_dim)
+                v = qkv.view(t, nq + 2 * nkv, self.head_dim)[:, nq + nkv :]
+            else:
+                qkv = qkv.view(t, nq + 2 * nkv, self.head_dim)
+                qk = rotate(qkv[:, : nq + nkv], cos, sin)  # q and k heads rotated in one pass
+                q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :]
         else:
             if self.qkv_proj is not None:
                 q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -95,7 +110,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if native.fused_ok(gate_up):
+                return self.down_proj(native.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -110,8 +128,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, kv_layer, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), rope, kv_layer, meta))
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -1,7 +1,8 @@
 """Small native CPU kernels, compiled on first use with the system C compiler and called via ctypes.
 
-``paged_attention.c`` attends one query token per row directly over the KV pages (no gather copy).
-The shared object is built once per source version and CPU into a cache folder
+``paged_attention.c`` attends one query token per row directly over the KV pages (no gather copy);
+``elementwise.c`` fuses a layer's float32 element-wise steps (SiLU-and-multiply, residual add and
+RMSNorm, RoPE into contiguous q/k). The shared object is built once per source version and CPU into a cache folder
 (``$PDSERVE_NATIVE_CACHE`` or ``~/.cache/pdserve/native``) with an atomic rename, so concurrent
 processes never see half a file. When no compiler is present, or the build fails, :func:`kernels`
 returns None and callers use their PyTorch path; ``PDSERVE_NATIVE=0`` forces that.
@@ -24,7 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "elementwise.c")]
+_HEADER = Path(__file__).with_name("simd.h")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
@@ -49,7 +51,8 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode())
+    code = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
+    key = hashlib.sha256(code + " ".join(_FLAGS).encode() + _cpu_flags().encode())
     target = _cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -57,7 +60,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(tmp, target)
     finally:
@@ -91,6 +94,12 @@ def kernels() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        for name, args in (("pd_silu_mul", [ptr, ptr, i64, i64, c_int]),
+                           ("pd_add_rms_norm", [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, c_int]),
+                           ("pd_rope", [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, c_int])):
+            getattr(lib, name).restype = ctypes.c_int
+            getattr(lib, name).argtypes = args
         _loaded = lib
         return lib
 
@@ -122,3 +131,38 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table: torch.
     )
     if rc != 0:
         raise RuntimeError(f"native paged attention failed (code {rc})")
+
+
+def fused_ok(x: torch.Tensor) -> bool:
+    """Whether the fused element-wise kernels take ``x`` (CPU float32; the library built)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels() is not None
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of contiguous rows ``[gate | up]`` [T, 2I]: a new [T, I] tensor."""
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    kernels().pd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads())
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """With ``residual``, ``x += residual`` in place first; returns ``weight * x / rms(x)`` (rows of
+    contiguous [T, D] tensors)."""
+    rows, dim = x.shape
+    out = torch.empty_like(x)
+    kernels().pd_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), rows, dim, eps, torch.get_num_threads())
+    return out
+
+
+def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, k_heads: int,
+         head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated q [T, q_heads, D] and k [T, k_heads, D] (contiguous) from fused qkv rows [T, >= (q+k) * D]
+    (rows contiguous) and per-token cos/sin tables [T, D]."""
+    rows = qkv.shape[0]
+    q = torch.empty(rows, q_heads, head_dim, dtype=qkv.dtype)
+    k = torch.empty(rows, k_heads, head_dim, dtype=qkv.dtype)
+    kernels().pd_rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+                      rows, q_heads, k_heads, head_dim, torch.get_num_threads())
+    return q, k

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 static inline float bf16_to_float(uint16_t h) {
     union { uint32_t u; float f; } v;
     v.u = ((uint32_t)h) << 16;
@@ -41,15 +43,36 @@ static inline void load_row(const void *base, int dtype, int64_t offset, int64_t
 #define KBLOCK 8   /* positions whose scores one vector holds */
 #define VBLOCK 32  /* positions accumulated per pass over V */
 
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) {
-    v8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
+/* w[0, n) = softmax(w[0, n)) in place; w has room for a multiple of 8 floats */
+static void softmax_inplace(float *w, int64_t n) {
+    if (n <= 0) return;
+    const int64_t full = n / 8 * 8, rest = n - full;
+    float tail[8];
+    v8 vmax = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int64_t j = 0; j < full; j += 8) {
+        const v8 v = load8(w + j);
+        vmax = select8(v > vmax, v, vmax);
+    }
+    float mx = hmax8(vmax);
+    for (int64_t j = full; j < n; j++) mx = w[j] > mx ? w[j] : mx;
+    v8 vsum = {0};
+    for (int64_t j = 0; j < full; j += 8) {
+        const v8 e = exp8(load8(w + j) - mx);
+        store8(w + j, e);
+        vsum += e;
+    }
+    float sum = hsum8(vsum);
+    if (rest) {
+        for (int64_t j = 0; j < 8; j++) tail[j] = j < rest ? w[full + j] - mx : -INFINITY;
+        store8(tail, exp8(load8(tail)));
+        for (int64_t j = 0; j < rest; j++) {
+            w[full + j] = tail[j];
+            sum += tail[j];
+        }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t j = 0; j < n; j++) w[j] *= inv;
 }
-
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 static inline float kv_at(const void *kv, int dtype, int64_t offset) {
     return dtype == 0 ? ((const float *)kv)[offset] : bf16_to_float(((const uint16_t *)kv)[offset]);
@@ -180,18 +203,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         }
         for (int64_t i = 0; i < n; i++) {
             const int64_t li = kv_len[t0 + i];
-            for (int64_t hq = 0; hq < num_q_heads; hq++) {
-                float *sg = scores + (i * num_q_heads + hq) * len8;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < li; j++) mx = sg[j] > mx ? sg[j] : mx;
-                float sum = 0.f;
-                for (int64_t j = 0; j < li; j++) {
-                    sg[j] = expf(sg[j] - mx);
-                    sum += sg[j];
-                }
-                const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                for (int64_t j = 0; j < li; j++) sg[j] *= inv;
-            }
+            for (int64_t hq = 0; hq < num_q_heads; hq++) softmax_inplace(scores + (i * num_q_heads + hq) * len8, li);
         }
         for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
             const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;

@@ -1,0 +1,56 @@
+/* 8-lane float vectors (GCC vector extensions: AVX2 with -march=native, plain code elsewhere) and the
+ * exponential the native kernels share. */
+#ifndef PD_SIMD_H
+#define PD_SIMD_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* where mask (-1 / 0 per lane): a, else b (C has no vector ?:) */
+static inline v8 select8(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+static inline float hsum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline float hmax8(v8 v) {
+    float m = v[0];
+    for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* e^x of 8 floats (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp for x in
+ * [-87, 88], inputs below clamp to ~0): softmax's exponentials in vector registers instead of 8
+ * scalar expf calls */
+static inline v8 exp8(v8 x) {
+    const v8 hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
+                   88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f};
+    x = select8(x < hi, x, hi);
+    x = select8(x > -hi, x, -hi);
+    v8 fx = x * 1.44269504088896341f + 0.5f;
+    v8 t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8); /* truncation, then floor: */
+    t += __builtin_convertvector(t > fx, v8);                            /* the mask is -1 where t > fx */
+    x = x - t * 0.693359375f + t * 2.12194440e-4f;
+    v8 y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * (x * x) + x + 1.0f;
+    const v8i pow2n = (__builtin_convertvector(t, v8i) + 127) << 23;
+    return y * (v8)pow2n;
+}
+
+#endif

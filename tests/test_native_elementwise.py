@@ -1,0 +1,49 @@
+"""The fused float32 element-wise kernels (SiLU-and-multiply, residual add + RMSNorm, RoPE) match the
+PyTorch expressions they replace, at ragged sizes (vector tails), large magnitudes and one row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.models import native
+from pdserve.models.rope import rotate
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: native kernels unavailable")
+TOL = dict(atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 8), (7, 768), (33, 1539)])
+def test_silu_mul(rows, inter):
+    torch.manual_seed(0)
+    gate_up = torch.randn(rows, 2 * inter) * 6
+    gate_up[0, :4] = torch.tensor([-120.0, -88.0, 90.0, 0.0])  # exp under- and overflow ranges
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate) * up, **TOL)
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 8), (5, 256), (17, 573)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm(rows, dim, with_residual):
+    torch.manual_seed(1)
+    x, residual, weight = torch.randn(rows, dim) * 3, torch.randn(rows, dim), torch.rand(dim) + 0.5
+    summed = x + residual if with_residual else x.clone()
+    expected = weight * (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out = native.add_rms_norm(x, residual if with_residual else None, weight, 1e-5)
+    torch.testing.assert_close(x, summed, atol=0, rtol=0)  # the residual went into x in place
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@pytest.mark.parametrize("q_heads,k_heads,dim", [(8, 4, 32), (9, 3, 64), (2, 2, 8)])
+def test_rope_from_fused_qkv_rows(q_heads, k_heads, dim):
+    torch.manual_seed(2)
+    rows = 11
+    qkv = torch.randn(rows, (q_heads + 2 * k_heads) * dim)
+    angles = torch.rand(rows, 1, dim // 2) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    heads = qkv.view(rows, q_heads + 2 * k_heads, dim)
+    q, k = native.rope(qkv, cos, sin, q_heads, k_heads, dim)
+    assert q.is_contiguous() and k.is_contiguous()
+    torch.testing.assert_close(q, rotate(heads[:, :q_heads], cos, sin), **TOL)
+    torch.testing.assert_close(k, rotate(heads[:, q_heads : q_heads + k_heads], cos, sin), **TOL)
