@@ -169,8 +169,10 @@ def test_client_errors_are_400_and_keep_the_connection(pair, role):
 
 def test_a_30_mib_prompt_does_not_stall_another_stream_or_health(pair, tmp_path):
     """Two 30 MiB prompts (under the 32 MiB body limit) arrive while another client streams: they are
-    refused before tokenizing, the stream's gaps stay under 1 s and /health answers at once. The big
-    bodies are sent by curl, so this process's GIL does not stall the stream reader."""
+    refused before tokenizing, the stream's gaps stay under 1 s and /health keeps answering (within
+    2 s: the event loop stalled 24-43 s before the fix; a loaded 2-core machine can delay this test's
+    own polling thread past 1 s). The big bodies are sent by curl, so this process's GIL does not
+    stall the stream reader."""
     server = pair["decode"]
     big = tmp_path / "big.json"
     big.write_bytes(json.dumps({"text": "a" * (30 << 20), "sampling_params": GREEDY}).encode())
@@ -206,7 +208,7 @@ def test_a_30_mib_prompt_does_not_stall_another_stream_or_health(pair, tmp_path)
     assert all(out.endswith("400") and '"text"' in out for out in outputs), [o[-300:] for o in outputs]
     during = [b - a for a, b in zip(stamps, stamps[1:]) if window_start <= b <= window_end + 0.5]
     assert during and max(during) < 1.0, max(during)
-    assert health_s and max(health_s) < 1.0, health_s
+    assert health_s and max(health_s) < 2.0, health_s
 
 
 @pytest.mark.parametrize("target", ["server", "server-body", "bootstrap"])
