@@ -13,6 +13,11 @@ last pages, an :class:`Aux` record and ``Status(ok)`` follow. The request's fini
 held back until then. Every queued page send holds its own reference to the pages it reads
 (:meth:`KVPool.ref`), dropped when the backend reports the send done, failed or cancelled; so a
 request retracted or aborted meanwhile never lets its pages be reused while they are being read.
+
+Liveness: the sender watches its connection to every decode receiver (see
+:mod:`pdserve.disagg.transfer.stream`); when one ends, every room bound to that receiver fails at
+once (``peer_lost``) and its KV is freed, even while the room's request is still queued, computing
+or waiting behind other sends — not only when a send to it fails.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
-from pdserve.disagg.transfer import SendResult, create_sender
+from pdserve.disagg.transfer import ReceiverLost, SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.request import Req, ReqState, StepOutput
 from pdserve.kv_events import page_hashes
@@ -107,6 +112,7 @@ class PrefillDisaggManager:
         self.inbox = Inbox()
         self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout,
                                     auth=self.auth)
+        self.sender.on_lost = self.inbox.put
         self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
@@ -238,6 +244,8 @@ class PrefillDisaggManager:
                 self._on_kv_request(item)
             elif isinstance(item, m.Abort):
                 self._on_abort(item)
+            elif isinstance(item, ReceiverLost):
+                self._on_receiver_lost(item)
         result: list[StepOutput] = []
         meta: dict[str, DisaggMeta] = {}
         for out in outputs:
@@ -450,6 +458,23 @@ class PrefillDisaggManager:
         if early is not None:  # confirm: nothing will be written for this room
             self._reply(early[0], m.Status(a.room, False, reason, m.Cause.DECODE_ABORTED))
         self._tombstone(a.room, reason, m.Cause.DECODE_ABORTED)
+
+    def _on_receiver_lost(self, lost: ReceiverLost) -> None:
+        """The decode receiver at ``lost.address`` is gone: fail every room bound to it now (their KV is
+        freed once no send reads it), and answer its early KV requests' rooms with a tombstone."""
+        for r in list(self.rooms.values()):
+            k = r.kvreq
+            if k is not None and not r.failed and k.receiver.address == lost.address:
+                self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost decode "
+                           f"rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}; its KV was freed",
+                           m.Cause.PEER_LOST)
+        for room, (k, _) in list(self.early.items()):
+            if k.receiver.address == lost.address:
+                del self.early[room]
+                self.stats.record_failure(m.Cause.PEER_LOST)
+                self._tombstone(room, f"room {room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost "
+                                f"decode rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}",
+                                m.Cause.PEER_LOST)
 
     def _tombstone(self, room: int, reason: str, cause: str, status: int = 0) -> None:
         self.tombstones[room] = (reason, cause, time.monotonic() + self.config.waiting_timeout, status)
