@@ -307,19 +307,21 @@ class Scheduler:
         req.priority_tried = True
         need = self.pool.pages_for(req.fill_target) - len(req.pages)
 
-        def fits() -> bool:  # its pages, after this step's decodes took the page each may need
-            growth = sum(1 for r in self.running
-                         if r.state == ReqState.DECODING and self.pool.pages_for(r.seq_len) > len(r.pages))
-            return self.pool.can_alloc(need + growth) and len(self.running) < self.max_running_requests
+        def growth(reqs: list[Req]) -> int:  # pages this step's decodes of ``reqs`` will take
+            return sum(1 for r in reqs if r.state == ReqState.DECODING and self.pool.pages_for(r.seq_len) > len(r.pages))
+
+        def fits() -> bool:
+            return self.pool.can_alloc(need + growth(self.running)) and len(self.running) < self.max_running_requests
 
         if fits():
             return
         waited = self._waited(req, now)
         victims = sorted((r for r in self.running if r.num_preempted < MAX_PRIORITY_PREEMPTIONS
                           and self._waited(r, now) < waited), key=self._retraction_order)
+        staying = [r for r in self.running if r not in victims]
         reclaimable = self.pool.num_free + (self.pool.reclaimer.reclaimable() if self.pool.reclaimer else 0)
-        if not victims or reclaimable + self.pool.releasable([v.pages for v in victims]) < need + len(self.running):
-            return  # retracting would not make it fit: wait for running requests to finish
+        if not victims or reclaimable + self.pool.releasable([v.pages for v in victims]) < need + growth(staying):
+            return  # retracting every candidate would not make it fit: wait for running requests to finish
         for victim in victims:
             if fits():
                 break
