@@ -126,3 +126,15 @@ def test_stall_flags_are_validated(value):
     for name in ("stall_priority_s", "stall_timeout_s"):
         with pytest.raises(ValueError, match=name):
             EngineConfig(**{name: value}).validate()
+
+
+def test_preemptions_and_stall_timeouts_are_exported():
+    """The worker's counters travel in ``RankLoad`` to ``/get_load`` and to ``/metrics``."""
+    from pdserve.server.messages import RankLoad
+    from pdserve.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.set_load(1, RankLoad(num_preemptions=3, num_stall_timeouts=2))
+    text = metrics.render().decode()
+    assert 'pdserve:num_preemptions{dp_rank="1",model_name="m"} 3.0' in text
+    assert 'pdserve:num_stall_timeouts{dp_rank="1",model_name="m"} 2.0' in text
