@@ -94,6 +94,11 @@ def test_retracted_request_gets_priority_within_the_bound(reference):
     gaps = {rid: max_gap(stamps) for rid, stamps in times.items()}
     # priority is applied at the first step after the bound; the recompute takes one more step
     assert max(gaps.values()) <= priority_s + 4 * STEP_S, gaps
+    _, _, unbounded_times, _, _ = run(priority_s=1000.0, timeout_s=1000.0)  # the same scenario, no priority
+    unbounded = max(max_gap(stamps) for stamps in unbounded_times.values())
+    print(f"\nlongest gap between two tokens of one request: {max(gaps.values()):.1f} fake s with priority after "
+          f"{priority_s:g} s, {unbounded:.1f} fake s without; {scheduler.num_preemptions} priority preemptions")
+    assert unbounded > max(gaps.values()) + 1.0, "the scenario no longer stalls without priority: nothing is tested"
     load = core.load()
     assert (load["num_preemptions"], load["num_stall_timeouts"]) == (scheduler.num_preemptions, 0)
 
