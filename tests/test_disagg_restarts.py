@@ -1,14 +1,19 @@
 """P/D across prefill restarts with real ``pdserve serve`` processes (issue 9): a prefill half
 refused because its rank is restarting fails its decode half at once, whichever half comes first;
-and a whole prefill server that comes back with another DP size is re-resolved by decode.
+a prefill room bound to a decode server that is SIGKILLed (front and workers: nobody tells) fails
+at once and frees its KV; and a whole prefill server that comes back with another DP size is
+re-resolved by decode.
 
 The prefill server restarts a dead rank only after 4 s (``--worker-restart-backoff``), so a test
-has a window in which the rank is certainly ``restarting``. Pools end with zero used pages."""
+has a window in which the rank is certainly ``restarting``; it holds page sends of at least 48
+pages for 60 s (test hook), so a long prompt's KV sits computed and queued while short prompts
+pass. Pools end with zero used pages."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import random
 import signal
 import time
 
@@ -25,6 +30,7 @@ RESTART_BACKOFF_S = 4.0
 FAST_S = 2.0
 SHORT = {"max_new_tokens": 4, "min_new_tokens": 4, "temperature": 0}
 PROMPT = "The history of the world in a few words"
+HELD_SEND = {"PDSERVE_TEST_KV_SEND_DELAY_S": "60", "PDSERVE_TEST_KV_SEND_DELAY_MIN_PAGES": "48"}
 
 
 def prefill_args(dp_size: int, bootstrap_port: int) -> list[str]:
@@ -36,7 +42,7 @@ def prefill_args(dp_size: int, bootstrap_port: int) -> list[str]:
 def pd(tmp_path_factory):
     logs = tmp_path_factory.mktemp("pd-restart-logs")
     bootstrap_port = free_port()
-    servers = {"prefill": launch(prefill_args(2, bootstrap_port), logs),
+    servers = {"prefill": launch(prefill_args(2, bootstrap_port), logs, env=HELD_SEND),
                "decode": launch(["--disaggregation-mode", "decode", "--dp-size", "1", *COMMON, *PD_TIMEOUTS], logs),
                "bootstrap_port": bootstrap_port, "logs": logs}
     try:
@@ -122,6 +128,36 @@ def test_refusal_for_a_restarting_prefill_rank_fails_decode_at_once(pd, pool):
     assert_pages_freed(pd)
 
 
+def test_prefill_notices_a_killed_decode_server_at_once(pd, pool):
+    """A 256-token prompt (64 pages: its send is held by the test hook) is computed on prefill rank 0
+    and queued for the decode server it is paired with; that decode server is SIGKILLed whole, so no
+    front tells prefill. Prefill's sender sees the connection end: the prefill half fails within
+    2 s naming the room, both ranks and the cause, and its KV is freed."""
+    prefill = pd["prefill"]
+    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "1", *COMMON, *PD_TIMEOUTS], pd["logs"])
+    try:
+        decode.wait_healthy()
+        room = 9201
+        ids = [random.Random(5).randrange(1, 2000) for _ in range(256)]
+        body = {"input_ids": ids, "sampling_params": SHORT, "bootstrap_host": "127.0.0.1",
+                "bootstrap_port": pd["bootstrap_port"], "bootstrap_room": room}
+        held = pool.submit(timed, prefill, {**body, "data_parallel_rank": 0})
+        pool.submit(post, decode, {**body, "disagg_prefill_dp_rank": 0})
+        assert wait_until(lambda: used_pages(prefill) >= 64 and used_pages(decode) >= 64, 20)
+        time.sleep(0.5)  # the KV request reached prefill, whose 64-page send now waits
+        assert used_pages(prefill) >= 64
+        os.killpg(decode.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        resp, _ = held.result()
+        message = error(resp, 503)
+        assert time.monotonic() - killed_at < FAST_S, message
+        assert f"room {room} (prefill rank 0, decode rank 0): lost decode rank 0's KV receiver" in message, message
+        assert wait_until(lambda: used_pages(prefill) == 0, FAST_S), "prefill still holds the dead room's KV"
+    finally:
+        decode.stop()
+    assert wait_until(lambda: used_pages(prefill) == 0, 10)
+
+
 def test_prefill_server_back_with_another_dp_size_is_re_resolved(pd, pool):
     """The whole prefill server (DP 2, rooms follow ``room % 2``) stops and comes back on the same
     ports with DP 1: decode drops its cached DP size and rank endpoints and pairs an odd room with
@@ -134,7 +170,7 @@ def test_prefill_server_back_with_another_dp_size_is_re_resolved(pd, pool):
     assert d.json()["meta_info"]["prefill_dp_rank"] == 1
     port = prefill.port
     prefill.stop()
-    relaunched = launch(prefill_args(1, pd["bootstrap_port"]), pd["logs"], port=port)
+    relaunched = launch(prefill_args(1, pd["bootstrap_port"]), pd["logs"], env=HELD_SEND, port=port)
     pd["prefill"] = relaunched  # the fixture stops this one
     relaunched.wait_healthy()
     room = 9103

@@ -58,6 +58,8 @@ SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
 # Test hook: every page send waits this long first, so tests can hold pages "queued for transfer".
 TEST_SEND_DELAY_S = float(os.environ.get("PDSERVE_TEST_KV_SEND_DELAY_S") or 0)
+# ... only sends of at least this many pages (so one test's long prompt is held while short ones pass)
+TEST_SEND_DELAY_MIN_PAGES = int(os.environ.get("PDSERVE_TEST_KV_SEND_DELAY_MIN_PAGES") or 0)
 CLOSE_WAIT_S = 5.0  # close_room waits this long for a write in progress before cutting its connection
 LIVENESS_POLL_S = 0.2  # the sender's liveness thread looks at its connections this often
 KEEPALIVE_S = 5  # TCP keepalive: idle time before the first probe and between probes (SGLang beats every 5 s)
@@ -270,7 +272,7 @@ class StreamSender(KVSender):
     def _execute(self, dest: _Destination, job: _Job) -> None:
         start = time.perf_counter()
         result = SendResult(job.room, job.kind, tag=job.tag)
-        if job.kind == "pages" and TEST_SEND_DELAY_S:
+        if job.kind == "pages" and TEST_SEND_DELAY_S and len(job.src_pages) >= TEST_SEND_DELAY_MIN_PAGES:
             until = time.monotonic() + TEST_SEND_DELAY_S
             while not job.cancelled and time.monotonic() < until:  # cancelling cuts the hook's delay short
                 time.sleep(min(0.01, TEST_SEND_DELAY_S))
