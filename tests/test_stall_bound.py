@@ -143,3 +143,40 @@ def test_preemptions_and_stall_timeouts_are_exported():
     text = metrics.render().decode()
     assert 'pdserve:num_preemptions{dp_rank="1",model_name="m"} 3.0' in text
     assert 'pdserve:num_stall_timeouts{dp_rank="1",model_name="m"} 2.0' in text
+
+
+def test_a_rank_whose_stalled_requests_cannot_run_blocks_instead_of_spinning():
+    """Two requests retracted after their first tokens, and every free page held elsewhere (as a
+    transfer would): nothing can make room. Once their priority was tried the rank is not runnable
+    (its worker blocks) until their hard bound, which then fails both alone."""
+    engine = Engine(None, stall_priority_s=2.0, stall_timeout_s=10.0, disable_radix_cache=True, **POOL)
+    core, scheduler, pool = engine.core, engine.core.scheduler, engine.core.kv_pool
+    clock = scheduler.clock = FakeClock()
+    rng = random.Random(10)
+    params = SamplingParams.from_dict({"max_new_tokens": 100, "min_new_tokens": 100, "temperature": 0})
+    reqs = [Req(rid, [rng.randrange(1, 2000) for _ in range(20)], params) for rid in ("a", "b")]
+    for req in reqs:
+        core.add_request(req)
+    for _ in range(5):
+        core.step()
+        clock.now += STEP_S
+    assert all(len(req.output_ids) >= 3 for req in reqs)
+    for req in reqs:
+        scheduler._retract(req)
+    elsewhere = pool.alloc(pool.num_free)
+    core.step()
+    assert not core.runnable()
+    clock.now += 2.5  # past the priority bound: one step tries it
+    assert core.runnable()
+    core.step()
+    assert not core.runnable(), "a rank with nothing it can do must block, not step again"
+    clock.now += 5.0  # still under the hard bound
+    assert not core.runnable()
+    clock.now += 5.0
+    assert core.runnable()
+    outputs = {out.rid: out for out in core.step()}
+    for req in reqs:
+        assert "--stall-timeout" in outputs[req.rid].finish_reason["message"]
+    assert scheduler.num_stall_timeouts == 2 and scheduler.num_preemptions == 0
+    pool.unref(elsewhere)
+    pool.check_integrity(expect_used=0)

@@ -301,10 +301,11 @@ class Scheduler:
         urgent = [r for r in self.waiting if self._has_priority(r, now)]
         if not urgent:
             return
+        for r in urgent:  # considered now; only a change of state (or the hard bound) wakes a blocked rank again
+            r.priority_tried = True
         req = max(urgent, key=lambda r: self._waited(r, now))
         self.waiting.remove(req)
         self.waiting.appendleft(req)
-        req.priority_tried = True
         need = self.pool.pages_for(req.fill_target) - len(req.pages)
 
         def growth(reqs: list[Req]) -> int:  # pages this step's decodes of ``reqs`` will take
@@ -336,7 +337,7 @@ class Scheduler:
     def _enforce_stall_timeout(self, now: float) -> None:
         for req in [r for r in self.waiting if r.stalled_since is not None]:
             waited = now - req.stalled_since
-            if waited > self.stall_timeout_s:
+            if waited >= self.stall_timeout_s:
                 self.num_stall_timeouts += 1
                 self._fail_request(
                     req, f"request {req.rid} was retracted under KV pressure after {len(req.output_ids)} output tokens "
