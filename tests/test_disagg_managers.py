@@ -402,7 +402,8 @@ def test_prefill_notices_a_dead_decode_before_any_send_fails(engines, backend, c
     ids = prompt(31, 40)
     decode.add(req("d", ids), 95, "127.0.0.1", c.bootstrap.port)
     prefill.add(req("p", ids), 95)
-    c.run(lambda: 95 in prefill.rooms and prefill.rooms[95].finishing, "the KV to be computed and queued")
+    c.run(lambda: 95 in prefill.rooms and prefill.rooms[95].finishing and decode.rooms[95].acked_at is not None,
+          "the KV to be computed and queued, and the KV request acknowledged")
     assert prefill.core.kv_pool.num_used > 0
     decode.receiver.close()  # what the decode process's death does to its sockets
     died = time.monotonic()
@@ -414,6 +415,7 @@ def test_prefill_notices_a_dead_decode_before_any_send_fails(engines, backend, c
     assert prefill.metrics().failures == {"peer_lost": 1}
     c.run(lambda: prefill.core.kv_pool.num_used == 0, "prefill's KV to be freed", timeout=3.0)
     decode.abort("d", "test over")
+    c.run_until_finished("d")  # its abort output must not leak into the next test on these engines
     c.run_until_pools_empty()
 
 

@@ -390,8 +390,9 @@ class PrefillDisaggManager:
         r.inflight += 1
 
     def _reply(self, k: m.KVRequest, msg: m.StreamMsg) -> None:
-        """A message to a decode receiver outside any room's accounting."""
-        self.sender.send_message(k.receiver, msg)
+        """A message to a decode receiver outside any room's accounting (tagged with its address: a
+        receiver that cannot be reached is treated as lost)."""
+        self.sender.send_message(k.receiver, msg, tag=k.receiver.address)
 
     # ------------------------------------------------------------------ completion and failure
     def _on_sent(self, res: SendResult) -> None:
@@ -400,8 +401,10 @@ class PrefillDisaggManager:
             self.pool.unref(r.pages)
             r = r.room
         if not isinstance(r, _Room):
-            if res.error:
+            if res.error and not res.cancelled:
                 logger.warning("prefill rank %d: message for room %d not delivered: %s", self.rank, res.room, res.error)
+                if isinstance(r, str):  # e.g. the Accepted of a KV request whose decode died right after sending it
+                    self._on_receiver_lost(ReceiverLost(r, f"it cannot be reached: {res.error}"))
             return
         r.inflight -= 1
         if res.error and not res.cancelled and not r.failed:
@@ -427,10 +430,10 @@ class PrefillDisaggManager:
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
 
-    def _fail(self, r: _Room, reason: str, cause: str, status: int = 0) -> None:
+    def _fail(self, r: _Room, reason: str, cause: str, status: int = 0, tell_decode: bool = True) -> None:
         """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``;
-        HTTP ``status``, else 503) and tell its decode; the pages become free when the last send in
-        flight lets go of them."""
+        HTTP ``status``, else 503) and tell its decode (unless that receiver is gone); the pages
+        become free when the last send in flight lets go of them."""
         if r.failed:
             return
         r.failed = True
@@ -442,8 +445,9 @@ class PrefillDisaggManager:
         if self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
             self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:
-            self._count_send(r)
-            self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause, status), tag=r)
+            if tell_decode:
+                self._count_send(r)
+                self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause, status), tag=r)
         else:
             self._tombstone(r.room, reason, cause, status)
         self._settle(r)
@@ -467,7 +471,7 @@ class PrefillDisaggManager:
             if k is not None and not r.failed and k.receiver.address == lost.address:
                 self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost decode "
                            f"rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}; its KV was freed",
-                           m.Cause.PEER_LOST)
+                           m.Cause.PEER_LOST, tell_decode=False)
         for room, (k, _) in list(self.early.items()):
             if k.receiver.address == lost.address:
                 del self.early[room]
