@@ -126,10 +126,14 @@ class ServerProcess:
 
 
 def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict[str, str] | None = None,
-           command: str = "serve") -> ServerProcess:
+           command: str = "serve", port: int | None = None) -> ServerProcess:
     """Start ``pdserve serve`` (or ``pdserve router`` with ``command="router"``) with ``args`` (and
-    extra environment variables ``env``)."""
-    port = free_port()
+    extra environment variables ``env``) on ``port`` (default: a free one; a given one, e.g. a stopped
+    server's, is waited for until it is free)."""
+    if port is None:
+        port = free_port()
+    elif not wait_until(lambda: port_is_free(port), 20):
+        raise RuntimeError(f"port {port} is still in use")
     log_path = log_dir / f"{'server' if command == 'serve' else command}-{port}.log"
     env = dict(os.environ, **(env or {}), PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "pdserve.cli", command, "--host", "127.0.0.1", "--port", str(port), *args]

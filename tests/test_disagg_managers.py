@@ -19,6 +19,7 @@ from pdserve.disagg.errors import RoomConflictError
 from pdserve.disagg.messages import RankInfo
 from pdserve.disagg.prefill import PrefillDisaggManager
 from pdserve.disagg.transfer import BACKENDS
+from pdserve.disagg.transfer import stream as stream_module
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Req, SamplingParams, StepOutput
 
@@ -386,6 +387,35 @@ def test_retracted_request_keeps_its_pages_until_their_sends_are_done(engines, c
     assert p_req.num_retractions == 1
     assert c.tokens("d") == expected
     assert c.tokens("local") == engines["ref"].generate(input_ids=prompt(22, 40), sampling_params=GREEDY)["output_ids"]
+    c.run_until_pools_empty()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_notices_a_dead_decode_before_any_send_fails(engines, backend, cluster_factory, monkeypatch):
+    """A prefill room bound to a decode (its KV request came) whose KV is computed and queued behind a
+    slow send: the decode process dies (its receiver's sockets close). Prefill's sender notices the
+    ended connection at once, fails the room naming both ranks and the cause, and frees its KV,
+    instead of holding it until the stalled send fails or times out."""
+    monkeypatch.setattr(stream_module, "TEST_SEND_DELAY_S", 60.0)  # every page send waits (unless cancelled)
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
+    prefill, decode = c.prefill[0], c.decode[0]
+    ids = prompt(31, 40)
+    decode.add(req("d", ids), 95, "127.0.0.1", c.bootstrap.port)
+    prefill.add(req("p", ids), 95)
+    c.run(lambda: 95 in prefill.rooms and prefill.rooms[95].finishing and decode.rooms[95].acked_at is not None,
+          "the KV to be computed and queued, and the KV request acknowledged")
+    assert prefill.core.kv_pool.num_used > 0
+    decode.receiver.close()  # what the decode process's death does to its sockets
+    died = time.monotonic()
+    c.run(lambda: c.finished("p") is not None, "prefill to notice the dead decode", timeout=3.0)
+    assert time.monotonic() - died < 2.0
+    message = abort_message(c.finished("p"))
+    assert "room 95 (prefill rank 0, decode rank 0): lost decode rank 0's KV receiver" in message, message
+    assert "closed the connection" in message
+    assert prefill.metrics().failures == {"peer_lost": 1}
+    c.run(lambda: prefill.core.kv_pool.num_used == 0, "prefill's KV to be freed", timeout=3.0)
+    decode.abort("d", "test over")
+    c.run_until_finished("d")  # its abort output must not leak into the next test on these engines
     c.run_until_pools_empty()
 
 

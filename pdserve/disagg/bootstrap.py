@@ -13,7 +13,8 @@ Routes::
     GET  /health                        200 once every rank registered, else 503
     GET  /bootstrap/info                BootstrapInfo
     PUT  /bootstrap/ranks/{rank}        body RankInfo
-    GET  /bootstrap/ranks/{rank}?wait=  RankInfo
+    GET  /bootstrap/ranks/{rank}?wait=&room=  RankInfo; 409 at once (or when it happens during the
+                                        wait) if the prefill server refused that room's prefill half
     PUT  /bootstrap/rooms/{room}        body RoomRank
     GET  /bootstrap/rooms/{room}?wait=  RoomRank
     DELETE /bootstrap/rooms/{room}
@@ -22,7 +23,9 @@ Routes::
 
 The front registers every room it dispatches; a room registered to one rank and asked of
 another is reported to ``on_misroute`` (whichever comes first), a refusal to ``on_refusal``;
-both callbacks run on the service's thread.
+both callbacks run on the service's thread. The front also records the rooms whose prefill half it
+refused (:meth:`BootstrapServer.refuse_room`, kept for ``refusal_ttl_s``): a decode asking for the
+rank of such a room learns it at once, even while that rank is restarting and cannot be told.
 
 Writes (PUT, POST, DELETE) must carry an ``X-PDServe-Auth`` envelope sealing method, path and body with
 the deployment's secret (:mod:`.auth`); others are 401. Reads stay open: they reveal control
@@ -146,6 +149,7 @@ class BootstrapServer:
         load_balance_method: str = "follow_bootstrap_room",
         auth: PlaneAuth | None = None,
         refusals: Refusals | None = None,
+        refusal_ttl_s: float = ROOM_TTL_S,
     ) -> None:
         if dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
@@ -160,6 +164,8 @@ class BootstrapServer:
         self._down: dict[int, tuple[str, bool]] = {}  # rank -> (why it is not registered, given up for good)
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
         self._asked = _Waitable(ROOM_TTL_S, MAX_ROOMS)  # room -> RoomAsk of a rank that lacks it
+        self._refused = _Waitable(refusal_ttl_s, MAX_ROOMS)  # room -> (RoomRefusal, expiry): prefill refused it
+        self.refusal_ttl_s = refusal_ttl_s
         self.on_misroute: Callable[[int, int, RoomAsk], None] | None = None  # (room, holder rank, ask)
         self.on_refusal: Callable[[RoomRefusal], None] | None = None
         self._io: EventLoopThread | None = None
@@ -248,6 +254,22 @@ class BootstrapServer:
         assert self._io is not None, "bootstrap service not started"
         self._io.loop.call_soon_threadsafe(self._set_room, room, rank)
 
+    def refuse_room(self, refusal: RoomRefusal) -> None:
+        """The prefill front refused the prefill half of ``refusal.room``: rank lookups naming that room
+        answer 409 with the reason (for ``refusal_ttl_s``, or until :meth:`clear_refusal`)."""
+        assert self._io is not None, "bootstrap service not started"
+        expiry = time.monotonic() + self.refusal_ttl_s
+        self._io.loop.call_soon_threadsafe(self._refused.set, refusal.room, (refusal, expiry))
+
+    def clear_refusal(self, room: int) -> None:
+        """A prefill half of ``room`` was accepted after all (a retry): forget the refusal."""
+        assert self._io is not None, "bootstrap service not started"
+        self._io.loop.call_soon_threadsafe(self._refused.pop, room)
+
+    def _refusal(self, room: int | None) -> RoomRefusal | None:
+        item = self._refused.get_now(room) if room is not None else None
+        return item[0] if item is not None and item[1] > time.monotonic() else None
+
     def _set_room(self, room: int, rank: int) -> None:
         self._rooms.set(room, rank)
         ask = self._asked.get_now(room)
@@ -306,7 +328,8 @@ class BootstrapServer:
 
     async def _get_rank(self, request: web.Request) -> web.Response:
         rank, wait = _int_param(request, "rank"), _wait_param(request)
-        for bad in (rank, wait):
+        room = _int_param(request, "room", query=True) if "room" in request.query else None
+        for bad in (rank, wait, room):
             if isinstance(bad, web.Response):
                 return bad
         if not 0 <= rank < self.dp_size:
@@ -314,7 +337,10 @@ class BootstrapServer:
         down = self._down.get(rank)
         if down is not None and down[1]:
             return _error(410, f"prefill rank {rank} is down for good: {down[0]}", f"prefill rank {rank}")
-        info = await self._ranks.get(rank, wait)
+        info = await self._rank_unless_refused(rank, room, wait)
+        if isinstance(info, RoomRefusal):
+            body = ErrorBody(info.reason, f"prefill rank {rank} for room {room}", refused_status=info.status)
+            return _json(body, 409)
         if info is None:
             down = self._down.get(rank)
             why = f" (it died and is restarting: {down[0]})" if down is not None else ""
@@ -326,6 +352,26 @@ class BootstrapServer:
                 wait,
             )
         return _json(info)
+
+    async def _rank_unless_refused(self, rank: int, room: int | None, wait: float) -> RankInfo | RoomRefusal | None:
+        """The rank's info, waiting up to ``wait`` for its registration — unless the prefill half of
+        ``room`` is (or, during the wait, gets) refused: then that refusal."""
+        refusal = self._refusal(room)
+        if refusal is not None or room is None:
+            return refusal or await self._ranks.get(rank, wait)
+        lookups = [asyncio.ensure_future(self._ranks.get(rank, wait)),
+                   asyncio.ensure_future(self._refused.get(room, wait))]
+        try:
+            for first in asyncio.as_completed(lookups):
+                value = await first
+                if isinstance(value, RankInfo):
+                    return value
+                if value is not None and self._refusal(room) is not None:
+                    return value[0]
+            return None
+        finally:
+            for lookup in lookups:
+                lookup.cancel()
 
     async def _put_room(self, request: web.Request) -> web.Response:
         room = _int_param(request, "room")
@@ -395,11 +441,12 @@ class BootstrapServer:
         return web.json_response({"deleted": room})
 
 
-def _int_param(request: web.Request, name: str) -> int | web.Response:
+def _int_param(request: web.Request, name: str, query: bool = False) -> int | web.Response:
+    raw = request.query[name] if query else request.match_info[name]
     try:
-        return int(request.match_info[name])
+        return int(raw)
     except ValueError:
-        return _error(400, f"{name} must be an integer, got {request.match_info[name]!r}")
+        return _error(400, f"{name} must be an integer, got {raw!r}")
 
 
 def _wait_param(request: web.Request) -> float | web.Response:
@@ -446,9 +493,12 @@ class BootstrapClient:
     async def info(self, deadline: float) -> BootstrapInfo:
         return await self._call("GET", "/bootstrap/info", BootstrapInfo, deadline, "the prefill server's info")
 
-    async def rank_info(self, rank: int, deadline: float) -> RankInfo:
+    async def rank_info(self, rank: int, deadline: float, room: int | None = None) -> RankInfo:
+        """Prefill ``rank``'s info; with ``room``, a refusal of that room's prefill half raises a
+        :class:`BootstrapError` (cause ``prefill_rejected``, ``status`` the prefill's answer) at once."""
         return await self._call(
-            "GET", f"/bootstrap/ranks/{rank}", RankInfo, deadline, f"rank info of prefill rank {rank}", poll=True
+            "GET", f"/bootstrap/ranks/{rank}", RankInfo, deadline, f"rank info of prefill rank {rank}", poll=True,
+            query={"room": str(room)} if room is not None else None,
         )
 
     async def room_rank(self, room: int, deadline: float) -> int:
@@ -484,6 +534,7 @@ class BootstrapClient:
         what: str,
         body: msgspec.Struct | None = None,
         poll: bool = False,
+        query: dict[str, str] | None = None,
     ) -> Any:
         delay = self.RETRY_MIN_S
         last = "no answer"
@@ -500,7 +551,7 @@ class BootstrapClient:
                 raise BootstrapError(
                     f"timed out waiting for {what} from the bootstrap service at {self.address}: {last}", what
                 )
-            params = {"wait": f"{min(remaining, MAX_WAIT_S):.3f}"} if poll else None
+            params = {**(query or {}), **({"wait": f"{min(remaining, MAX_WAIT_S):.3f}"} if poll else {})} or None
             try:
                 timeout = aiohttp.ClientTimeout(total=remaining + 2.0, connect=min(remaining, 5.0))
                 async with self._http().request(
@@ -515,6 +566,15 @@ class BootstrapClient:
                                                  Cause.BOOTSTRAP_ERROR) from None
                         return msgspec.json.decode(raw, type=result_type) if result_type is not None else None
                     message = _error_message(raw, resp.status)
+                    refused = _refused(raw) if resp.status == 409 else None
+                    if refused is not None:  # the prefill server refused this room's prefill half
+                        try:
+                            self.auth.check_answer(nonce, raw, resp.headers.get(ANSWER_HEADER))
+                        except AuthError as e:
+                            raise BootstrapError(f"bootstrap service at {self.address} answered {what}: {e}", what,
+                                                 Cause.BOOTSTRAP_ERROR) from None
+                        raise BootstrapError(f"prefill failed: {refused.error}", what, Cause.PREFILL_REJECTED,
+                                             refused.refused_status)
                     if resp.status != 503:
                         raise BootstrapError(
                             f"bootstrap service at {self.address} refused {what}: {message}",
@@ -536,6 +596,14 @@ class BootstrapClient:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
             delay = min(delay * 2, self.RETRY_MAX_S)
+
+
+def _refused(raw: bytes) -> ErrorBody | None:
+    try:
+        body = msgspec.json.decode(raw, type=ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return body if 400 <= body.refused_status <= 599 else None
 
 
 def _error_message(raw: bytes, status: int) -> str:

@@ -261,7 +261,7 @@ class DecodeDisaggManager:
                 rank = r.room % server.dp_size if server.follows_room else await client.room_rank(r.room, deadline)
             info = self._rank_info.get((*key, rank))
             if info is None:
-                info = self._rank_info[(*key, rank)] = await client.rank_info(rank, deadline)
+                info = self._rank_info[(*key, rank)] = await client.rank_info(rank, deadline, r.room)
             return _Resolved(r, rank, info)
         except BootstrapError as e:
             return _Resolved(r, rank, error=e)
@@ -366,6 +366,10 @@ class DecodeDisaggManager:
             return
         r.prefill_rank = res.rank
         if res.error is not None:
+            if res.error.cause == m.Cause.PREFILL_REJECTED:  # the prefill server refused its half: nothing to tell
+                self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=False,
+                           status=res.error.status or PD_FAILURE_STATUS)
+                return
             # no such prefill rank (404) is the request's fault: 400, not retried
             status = 400 if res.error.status in (400, 404) else PD_FAILURE_STATUS
             self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=True, status=status)

@@ -109,6 +109,7 @@ class ErrorBody(msgspec.Struct, frozen=True):
     error: str
     awaited: str = ""
     waited_s: float = 0.0
+    refused_status: int = 0  # 409 for a room the prefill server refused: the HTTP status it answered
 
 
 # ---------------------------------------------------------------- control: decode -> prefill

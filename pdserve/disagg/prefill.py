@@ -13,6 +13,11 @@ last pages, an :class:`Aux` record and ``Status(ok)`` follow. The request's fini
 held back until then. Every queued page send holds its own reference to the pages it reads
 (:meth:`KVPool.ref`), dropped when the backend reports the send done, failed or cancelled; so a
 request retracted or aborted meanwhile never lets its pages be reused while they are being read.
+
+Liveness: the sender watches its connection to every decode receiver (see
+:mod:`pdserve.disagg.transfer.stream`); when one ends, every room bound to that receiver fails at
+once (``peer_lost``) and its KV is freed, even while the room's request is still queued, computing
+or waiting behind other sends — not only when a send to it fails.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
-from pdserve.disagg.transfer import SendResult, create_sender
+from pdserve.disagg.transfer import ReceiverLost, SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.request import Req, ReqState, StepOutput
 from pdserve.kv_events import page_hashes
@@ -107,6 +112,7 @@ class PrefillDisaggManager:
         self.inbox = Inbox()
         self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout,
                                     auth=self.auth, idle_timeout=config.idle_timeout)
+        self.sender.on_lost = self.inbox.put
         self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}
         self.by_rid: dict[str, _Room] = {}
@@ -238,6 +244,8 @@ class PrefillDisaggManager:
                 self._on_kv_request(item)
             elif isinstance(item, m.Abort):
                 self._on_abort(item)
+            elif isinstance(item, ReceiverLost):
+                self._on_receiver_lost(item)
         result: list[StepOutput] = []
         meta: dict[str, DisaggMeta] = {}
         for out in outputs:
@@ -382,8 +390,9 @@ class PrefillDisaggManager:
         r.inflight += 1
 
     def _reply(self, k: m.KVRequest, msg: m.StreamMsg) -> None:
-        """A message to a decode receiver outside any room's accounting."""
-        self.sender.send_message(k.receiver, msg)
+        """A message to a decode receiver outside any room's accounting (tagged with its address: a
+        receiver that cannot be reached is treated as lost)."""
+        self.sender.send_message(k.receiver, msg, tag=k.receiver.address)
 
     # ------------------------------------------------------------------ completion and failure
     def _on_sent(self, res: SendResult) -> None:
@@ -392,8 +401,10 @@ class PrefillDisaggManager:
             self.pool.unref(r.pages)
             r = r.room
         if not isinstance(r, _Room):
-            if res.error:
+            if res.error and not res.cancelled:
                 logger.warning("prefill rank %d: message for room %d not delivered: %s", self.rank, res.room, res.error)
+                if isinstance(r, str):  # e.g. the Accepted of a KV request whose decode died right after sending it
+                    self._on_receiver_lost(ReceiverLost(r, f"it cannot be reached: {res.error}"))
             return
         r.inflight -= 1
         if res.error and not res.cancelled and not r.failed:
@@ -419,10 +430,10 @@ class PrefillDisaggManager:
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
 
-    def _fail(self, r: _Room, reason: str, cause: str, status: int = 0) -> None:
+    def _fail(self, r: _Room, reason: str, cause: str, status: int = 0, tell_decode: bool = True) -> None:
         """Fail a room: stop its queued sends, abort the request (its abort output carries ``reason``;
-        HTTP ``status``, else 503) and tell its decode; the pages become free when the last send in
-        flight lets go of them."""
+        HTTP ``status``, else 503) and tell its decode (unless that receiver is gone); the pages
+        become free when the last send in flight lets go of them."""
         if r.failed:
             return
         r.failed = True
@@ -434,8 +445,9 @@ class PrefillDisaggManager:
         if self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
             self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:
-            self._count_send(r)
-            self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause, status), tag=r)
+            if tell_decode:
+                self._count_send(r)
+                self.sender.send_message(r.kvreq.receiver, m.Status(r.room, False, reason, cause, status), tag=r)
         else:
             self._tombstone(r.room, reason, cause, status)
         self._settle(r)
@@ -450,6 +462,23 @@ class PrefillDisaggManager:
         if early is not None:  # confirm: nothing will be written for this room
             self._reply(early[0], m.Status(a.room, False, reason, m.Cause.DECODE_ABORTED))
         self._tombstone(a.room, reason, m.Cause.DECODE_ABORTED)
+
+    def _on_receiver_lost(self, lost: ReceiverLost) -> None:
+        """The decode receiver at ``lost.address`` is gone: fail every room bound to it now (their KV is
+        freed once no send reads it), and answer its early KV requests' rooms with a tombstone."""
+        for r in list(self.rooms.values()):
+            k = r.kvreq
+            if k is not None and not r.failed and k.receiver.address == lost.address:
+                self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost decode "
+                           f"rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}; its KV was freed",
+                           m.Cause.PEER_LOST, tell_decode=False)
+        for room, (k, _) in list(self.early.items()):
+            if k.receiver.address == lost.address:
+                del self.early[room]
+                self.stats.record_failure(m.Cause.PEER_LOST)
+                self._tombstone(room, f"room {room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost "
+                                f"decode rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}",
+                                m.Cause.PEER_LOST)
 
     def _tombstone(self, room: int, reason: str, cause: str, status: int = 0) -> None:
         self.tombstones[room] = (reason, cause, time.monotonic() + self.config.waiting_timeout, status)

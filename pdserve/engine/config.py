@@ -23,6 +23,8 @@ class EngineConfig:
     torch_threads: int | None = None  # None: leave torch's default
     engines_per_device: int = 1  # engines sharing one device's memory (DP ranks on one CPU); splits the KV budget
     num_reserved_decode_tokens: int = 16  # decode headroom kept per running request when admitting new ones
+    stall_priority_s: float = 5.0  # a request retracted after its first token this long gets priority
+    stall_timeout_s: float = 60.0  # ... and fails alone if it cannot run again within this
     # simulated compute (pdserve.sim): no weights, the forward pass is a cost model's clock
     simulate: str | None = None  # HARDWARE (roofline, e.g. H100-SXM) or profile:FILE
     tp_size: int = 1  # sim only: tensor-parallel GPUs per rank
@@ -45,6 +47,10 @@ class EngineConfig:
             raise ValueError(f"num_reserved_decode_tokens must be >= 0, got {self.num_reserved_decode_tokens}")
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        for name in ("stall_priority_s", "stall_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value < 1e9:  # also refuses NaN
+                raise ValueError(f"{name} must be a number of seconds in (0, 1e9), got {value}")
         if self.engines_per_device < 1:
             raise ValueError(f"engines_per_device must be >= 1, got {self.engines_per_device}")
         if self.tp_size < 1:
@@ -81,6 +87,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-reserved-decode-tokens", type=int, default=defaults.num_reserved_decode_tokens,
         help="decode headroom (tokens) kept free per running request when admitting new requests",
+    )
+    parser.add_argument(
+        "--stall-priority-after", dest="stall_priority_s", type=float, default=defaults.stall_priority_s,
+        help="seconds a request retracted after its first token waits before it gets priority: it is admitted "
+             "first and running requests that waited less are retracted for it, each at most twice "
+             f"(default: {defaults.stall_priority_s:g})",
+    )
+    parser.add_argument(
+        "--stall-timeout", dest="stall_timeout_s", type=float, default=defaults.stall_timeout_s,
+        help="seconds a request retracted after its first token may wait to run again before it fails alone "
+             f"with a named error (default: {defaults.stall_timeout_s:g})",
     )
     sim = parser.add_argument_group("simulated compute (no weights; see docs/simulation.md)")
     sim.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",

@@ -75,6 +75,8 @@ class EngineCore:
             seed=config.random_seed,
             reserved_decode_tokens=config.num_reserved_decode_tokens,
             cache=self.prefix_cache,
+            stall_priority_s=config.stall_priority_s,
+            stall_timeout_s=config.stall_timeout_s,
         )
 
     def _init_simulated(self, config: EngineConfig, rank: int) -> None:
@@ -107,6 +109,8 @@ class EngineCore:
             sampler=sim.runner.sample,
             reserved_decode_tokens=config.num_reserved_decode_tokens,
             cache=self.prefix_cache,
+            stall_priority_s=config.stall_priority_s,
+            stall_timeout_s=config.stall_timeout_s,
         )
 
     # ------------------------------------------------------------------ validation
@@ -192,6 +196,8 @@ class EngineCore:
             "prefill_tokens_computed": s.prefill_tokens_computed,
             "cache_hit_rate": round(s.cached_tokens_total / s.prompt_tokens_total, 6) if s.prompt_tokens_total else 0.0,
             "num_retractions": s.num_retractions,
+            "num_preemptions": s.num_preemptions,
+            "num_stall_timeouts": s.num_stall_timeouts,
             "num_steps": s.num_steps,
         }
 

@@ -127,6 +127,15 @@ class KVPool:
         """Whether one of the page's references is the prefix cache's."""
         return bool(self._cached[page])
 
+    def releasable(self, holders: list[list[int]]) -> int:
+        """How many distinct pages would become free or cache-only if every list in ``holders``
+        dropped one reference per entry (a page counts when no other request or transfer holds it)."""
+        counts: dict[int, int] = {}
+        for pages in holders:
+            for page in pages:
+                counts[page] = counts.get(page, 0) + 1
+        return sum(1 for page, n in counts.items() if self._refs[page] - self._cached[page] <= n)
+
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
 

@@ -218,6 +218,10 @@ class Req:
     penalty_counts: Any = None  # sampler.PenaltyCounts of output tokens, for penalties
     arrival_order: int = 0
     num_retractions: int = 0
+    stalled_since: float | None = None  # retracted after its first token: when it last stopped running
+    stalled_s: float = 0.0  # seconds spent retracted after its first token, earlier waits only
+    num_preempted: int = 0  # times retracted to make room for a request that had waited longer
+    priority_tried: bool = False  # its priority was applied during the current wait
     cached_tokens: int = 0
     decode_cached_tokens: int = 0  # P/D decode: leading prompt tokens whose KV this rank's cache held
     input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks

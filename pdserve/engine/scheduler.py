@@ -11,6 +11,15 @@ pages) is admitted only if the pool keeps ``reserved_decode_tokens`` of decode h
 running request, and not while a retracted request (one that already has output) waits: those are
 re-admitted first, so a request that has its first token cannot starve behind new arrivals.
 
+The wait after a first token is bounded. Retraction under KV pressure picks the running request
+that has waited least so far (time spent retracted after its first token), the newest among equals.
+A retracted request that has waited ``stall_priority_s`` gets priority: it is admitted without the
+others' decode reserve, and when even its own pages or a running slot are missing, running
+requests that have waited less are retracted for it (newest first; each request at most
+:data:`MAX_PRIORITY_PREEMPTIONS` times, and only when that makes it fit, so nothing thrashes). One
+that still cannot run within ``stall_timeout_s`` of its retraction fails alone with a named error.
+Both are counted (``num_preemptions``, ``num_stall_timeouts``).
+
 With a prefix cache (:class:`RadixCache`), the scheduler calls it at three points: admission
 (:meth:`Scheduler._match_prefix`: the request takes references to the cached pages of its
 longest cached prefix and computes from the first uncached token), after each computed chunk
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -44,6 +54,8 @@ from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs, sam
 from pdserve.engine.sampler import NON_FINITE, new_generator, sample, token_logprobs
 
 logger = logging.getLogger("pdserve.engine.scheduler")
+
+MAX_PRIORITY_PREEMPTIONS = 2  # times one request may be retracted for a request that waited longer
 
 
 class Scheduler:
@@ -62,6 +74,9 @@ class Scheduler:
         reserved_decode_tokens: int = 0,
         sampler: Callable = sample,
         cache: RadixCache | None = None,
+        stall_priority_s: float = 5.0,
+        stall_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
         self.sample = sampler  # the sim runner's sampler reads no logits
@@ -73,6 +88,9 @@ class Scheduler:
         self.context_length = context_length
         self.reserved_decode_tokens = reserved_decode_tokens
         self.cache = cache
+        self.stall_priority_s = stall_priority_s
+        self.stall_timeout_s = stall_timeout_s
+        self.clock = clock  # tests drive a fake one
         self.prompt_tokens_total = 0  # prompt tokens admitted (first admission of each request)
         self.cached_tokens_total = 0  # of those, read from the prefix cache instead of computed
         self.prefill_tokens_computed = 0  # tokens run through prefill chunks (recomputation included)
@@ -88,6 +106,8 @@ class Scheduler:
         self.on_pages_allocated: Callable[[Req], None] | None = None
         self.num_steps = 0
         self.num_retractions = 0
+        self.num_preemptions = 0  # retractions made for a request that had waited longer (priority)
+        self.num_stall_timeouts = 0  # requests failed for waiting too long after their first token
         self._stalled_at: tuple[int, ...] | None = None  # state when a step last found nothing to do
 
     # ------------------------------------------------------------------ queues
@@ -147,7 +167,18 @@ class Scheduler:
     def runnable(self) -> bool:
         """Whether a step could do anything: there is work, and the last step did not find it all
         blocked (waiting for pages) in the very state the scheduler is still in."""
-        return self.has_work() and self._stalled_at != self._state()
+        if not self.has_work():
+            return False
+        return self._stalled_at != self._state() or self._stall_deadline_passed(self.clock())
+
+    def _stall_deadline_passed(self, now: float) -> bool:
+        """A retracted request reached its priority or its hard bound since the last step looked."""
+        for req in self.waiting:
+            if req.stalled_since is not None:
+                waited = now - req.stalled_since
+                if waited >= self.stall_timeout_s or (waited >= self.stall_priority_s and not req.priority_tried):
+                    return True
+        return False
 
     def _state(self) -> tuple[int, ...]:
         return (self.pool.num_free, self.pool.num_evictable, len(self.waiting), len(self.pending_alloc), len(self.running), len(self._outputs))
@@ -168,6 +199,9 @@ class Scheduler:
         batch: ForwardBatch | None = None
         before = self._state()
         try:
+            now = self.clock()
+            self._enforce_stall_timeout(now)
+            self._prioritize_stalled(now)  # before anything is scheduled: it may retract running requests
             batch = ForwardBatch(decodes=self._schedule_decodes())
             self._schedule_prefills(batch)
             self._allocate_pending()
@@ -199,14 +233,16 @@ class Scheduler:
         )
 
     def _schedule_decodes(self) -> list[Req]:
-        decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=lambda r: r.arrival_order)
+        # most protected first: a retraction victim is never a request already scheduled in this loop
+        decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=self._retraction_order,
+                         reverse=True)
         scheduled: list[Req] = []
         for req in decodes:
-            if req.state != ReqState.DECODING:  # retracted while making room for an earlier request
+            if req.state != ReqState.DECODING:  # retracted while making room for a more protected request
                 continue
             need = self.pool.pages_for(req.seq_len) - len(req.pages)
             while not self.pool.can_alloc(need):
-                victim = max(self.running, key=lambda r: r.arrival_order)
+                victim = min(self.running, key=self._retraction_order)
                 self._retract(victim)
                 if victim is req:
                     break
@@ -222,23 +258,91 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.arrival_order):
             if req.state == ReqState.PREFILLING and budget > 0:
                 budget -= self._add_chunk(batch, req, budget)
+        now = self.clock()
         reserve = self._decode_reserve()
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
             self._match_prefix(req)
             need = self.pool.pages_for(req.fill_target) - len(req.pages)
             own = self._reserve_pages(req, req.fill_target + 1)
-            if not self.pool.can_alloc(need) or (self.running and not self.pool.can_alloc(need + reserve + own)):
+            urgent = self._has_priority(req, now)
+            if not self.pool.can_alloc(need) or (
+                self.running and not urgent and not self.pool.can_alloc(need + reserve + own)
+            ):
                 self._free(req, cache=False)
                 req.num_computed = 0
                 break
             reserve += own
             self.waiting.popleft()
+            req.priority_tried = False
             self._count_admission(req)
             req.pages.extend(self.pool.alloc(need))
             req.state = ReqState.PREFILLING
             self.running.append(req)
             budget -= self._add_chunk(batch, req, budget)
+
+    # ------------------------------------------------------------------ bounded wait after a first token
+    def _waited(self, req: Req, now: float) -> float:
+        """Seconds ``req`` has spent retracted after its first token, the current wait included."""
+        return req.stalled_s + (now - req.stalled_since if req.stalled_since is not None else 0.0)
+
+    def _retraction_order(self, req: Req) -> tuple[float, int]:
+        """Retract first whoever has waited least after its first token, the newest among equals."""
+        return (self._waited(req, self.clock()), -req.arrival_order)
+
+    def _has_priority(self, req: Req, now: float) -> bool:
+        return req.stalled_since is not None and now - req.stalled_since >= self.stall_priority_s
+
+    def _prioritize_stalled(self, now: float) -> None:
+        """Put the retracted request that has waited longest (past ``stall_priority_s``) at the head
+        of the queue; if its pages or a running slot are missing, retract running requests that
+        have waited less for it, newest first, each at most :data:`MAX_PRIORITY_PREEMPTIONS` times,
+        and only if that makes it fit."""
+        urgent = [r for r in self.waiting if self._has_priority(r, now)]
+        if not urgent:
+            return
+        for r in urgent:  # considered now; only a change of state (or the hard bound) wakes a blocked rank again
+            r.priority_tried = True
+        req = max(urgent, key=lambda r: self._waited(r, now))
+        self.waiting.remove(req)
+        self.waiting.appendleft(req)
+        need = self.pool.pages_for(req.fill_target) - len(req.pages)
+
+        def growth(reqs: list[Req]) -> int:  # pages this step's decodes of ``reqs`` will take
+            return sum(1 for r in reqs if r.state == ReqState.DECODING and self.pool.pages_for(r.seq_len) > len(r.pages))
+
+        def fits() -> bool:
+            return self.pool.can_alloc(need + growth(self.running)) and len(self.running) < self.max_running_requests
+
+        if fits():
+            return
+        waited = self._waited(req, now)
+        victims = sorted((r for r in self.running if r.num_preempted < MAX_PRIORITY_PREEMPTIONS
+                          and self._waited(r, now) < waited), key=self._retraction_order)
+        staying = [r for r in self.running if r not in victims]
+        reclaimable = self.pool.num_free + (self.pool.reclaimer.reclaimable() if self.pool.reclaimer else 0)
+        if not victims or reclaimable + self.pool.releasable([v.pages for v in victims]) < need + growth(staying):
+            return  # retracting every candidate would not make it fit: wait for running requests to finish
+        for victim in victims:
+            if fits():
+                break
+            victim.num_preempted += 1
+            self.num_preemptions += 1
+            logger.info("retracting %s (waited %.1f s) for %s, which has waited %.1f s after its first token",
+                        victim.rid, self._waited(victim, now), req.rid, waited)
+            self._retract(victim)
+        self.waiting.remove(req)
+        self.waiting.appendleft(req)
+
+    def _enforce_stall_timeout(self, now: float) -> None:
+        for req in [r for r in self.waiting if r.stalled_since is not None]:
+            waited = now - req.stalled_since
+            if waited >= self.stall_timeout_s:
+                self.num_stall_timeouts += 1
+                self._fail_request(
+                    req, f"request {req.rid} was retracted under KV pressure after {len(req.output_ids)} output tokens "
+                    f"and could not run again within {self.stall_timeout_s:g} s (--stall-timeout; waited "
+                    f"{waited:.1f} s, {self._waited(req, now):.1f} s in all)", 503)
 
     def _add_chunk(self, batch: ForwardBatch, req: Req, budget: int) -> int:
         length = min(budget, req.fill_target - req.num_computed)
@@ -272,8 +376,11 @@ class Scheduler:
                 if self.on_prefill_progress is not None:
                     self.on_prefill_progress(req, req.num_computed)
                 continue
-            if req.output_ids:  # a retracted request finished recomputing its KV
+            if req.output_ids:  # a retracted request finished recomputing its KV: it decodes again
                 req.state = ReqState.DECODING
+                if req.stalled_since is not None:
+                    req.stalled_s += self.clock() - req.stalled_since
+                    req.stalled_since = None
                 continue
             self._fork_samples(req)
             input_lp = self._finish_input_logprobs(req)
@@ -499,6 +606,8 @@ class Scheduler:
         req.num_retractions += 1
         self.num_retractions += 1
         req.state = ReqState.WAITING
+        if req.output_ids and req.stalled_since is None:
+            req.stalled_since = self.clock()  # its wait runs until it decodes again
         self.waiting.appendleft(req)
 
     def _free(self, req: Req, cache: bool = True) -> None:

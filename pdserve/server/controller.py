@@ -147,6 +147,8 @@ class DPController:
         self._prefill_clients: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self._refused_rooms: OrderedDict[int, tuple[RoomRefusal, float]] = OrderedDict()  # P/D prefill
+        # P/D prefill: RejectRoom messages for ranks that were not ready, sent when they are: (message, expiry)
+        self._held_rejections: OrderedDict[tuple[int, int], tuple[msg.RejectRoom, float]] = OrderedDict()
         self.kv_events = KVEventFeed()
 
     # ------------------------------------------------------------------ lifecycle
@@ -159,7 +161,8 @@ class DPController:
             self.bootstrap = await asyncio.to_thread(
                 BootstrapServer(self.dp_size, self.config.host, disagg.bootstrap_port,
                                 self.config.load_balance_method, PlaneAuth(disagg.secret),
-                                refusals=self.metrics.refusals if self.metrics is not None else None).start
+                                refusals=self.metrics.refusals if self.metrics is not None else None,
+                                refusal_ttl_s=disagg.waiting_timeout).start
             )
             disagg = replace(disagg, bootstrap_port=self.bootstrap.port)
             loop = asyncio.get_running_loop()
@@ -341,6 +344,7 @@ class DPController:
         )
         if room is not None and self.bootstrap is not None:
             self.bootstrap.register_room(room, req.dp_rank)  # also lets the service catch a decode asking another rank
+            self.bootstrap.clear_refusal(room)  # refused before (say, its rank was restarting), accepted now
         if not self._send(state, req):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
         self.requests[req.rid] = handle
@@ -381,7 +385,7 @@ class DPController:
         self._send(self.ranks[handle.rank], msg.AbortReq(rid, message))
         return True
 
-    def reject_room(self, room: int, rank: int | None, reason: str) -> None:
+    def reject_room(self, room: int, rank: int | None, reason: str, status: int = 0) -> None:
         """P/D prefill: the front refused a request naming ``room`` before it reached a worker. Tell
         the rank decode will ask (``rank``, else ``room % dp_size``; every rank when ``rank`` is out
         of range) so decode's KV request is answered with ``reason`` at once instead of waiting."""
@@ -389,11 +393,23 @@ class DPController:
             return  # a room in flight belongs to another request
         valid = rank is None or 0 <= rank < self.dp_size
         target = (room % self.dp_size) if rank is None or not valid else rank
-        if self.bootstrap is not None and not self.bootstrap.follows_room:
-            self.bootstrap.register_room(room, target)
+        if self.bootstrap is not None:
+            from pdserve.disagg.messages import RoomRefusal
+
+            if not self.bootstrap.follows_room:
+                self.bootstrap.register_room(room, target)
+            # a decode still resolving the rank (say, one that is restarting) learns it from the service
+            self.bootstrap.refuse_room(RoomRefusal(room, reason, status or 503))
+        expiry = time.monotonic() + self.config.disagg.waiting_timeout
         for state in self.ranks if not valid else [self.ranks[target]]:
+            rejection = msg.RejectRoom(room, reason, status)
             if state.phase == RankPhase.READY:
-                self._send(state, msg.RejectRoom(room, reason))
+                self._send(state, rejection)
+            elif state.phase != RankPhase.DOWN:  # its next worker gets it once ready
+                held = self._held_rejections
+                held[(state.rank, room)] = (rejection, expiry)
+                while held and (len(held) > MAX_REFUSED_ROOMS or next(iter(held.values()))[1] < time.monotonic()):
+                    held.popitem(last=False)
 
     def tell_prefill(self, host: str, port: int, room: int, reason: str, status: int) -> None:
         """P/D decode: the front refused a request naming ``room`` before it reached a worker; tell the
@@ -567,6 +583,11 @@ class DPController:
         state.ready_at = time.monotonic()
         self._set_load(state, message.load)
         logger.info("dp rank %d ready (pid %d, model %s)", message.dp_rank, message.pid, message.model_path)
+        now = time.monotonic()
+        for key in [k for k in self._held_rejections if k[0] == state.rank]:
+            rejection, expiry = self._held_rejections.pop(key)
+            if expiry > now:
+                self._send(state, rejection)
         if all(s.phase == RankPhase.READY for s in self.ranks):
             self.ready_event.set()
 

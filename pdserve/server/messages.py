@@ -91,6 +91,8 @@ class RankLoad(msgspec.Struct):
     num_used_pages: int = 0  # held by requests or transfers (pages only the prefix cache holds excluded)
     num_total_pages: int = 0
     num_retractions: int = 0  # requests retracted (KV dropped for recompute) since the rank started
+    num_preemptions: int = 0  # of those, retracted for a request that had waited longer after its first token
+    num_stall_timeouts: int = 0  # requests failed for not running again within --stall-timeout
     num_steps: int = 0  # engine steps since the rank started
     num_cached_pages: int = 0  # held by the prefix cache (some may also be in use)
     num_evictable_pages: int = 0  # held only by the prefix cache: evicted when room is needed

@@ -55,6 +55,14 @@ class ServerMetrics:
             "pdserve:num_retractions", "Requests retracted (KV dropped for recompute) since the rank started",
             rank_labels, registry=self.registry,
         )
+        self.preemptions = Gauge(
+            "pdserve:num_preemptions", "Retractions made for a request that had waited longer after its first token",
+            rank_labels, registry=self.registry,
+        )
+        self.stall_timeouts = Gauge(
+            "pdserve:num_stall_timeouts", "Requests failed for not running again within --stall-timeout",
+            rank_labels, registry=self.registry,
+        )
         self.steps = Gauge(
             "pdserve:engine_steps", "Engine steps since the rank started", rank_labels, registry=self.registry
         )
@@ -109,7 +117,7 @@ class ServerMetrics:
     def _rank_gauges(self) -> tuple[Gauge, ...]:
         return (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages,
                 self.cached_pages, self.cache_hit_rate, self.cached_tokens, self.prefill_computed, self.retractions,
-                self.steps)
+                self.preemptions, self.stall_timeouts, self.steps)
 
     def set_load(self, rank: int, load: RankLoad) -> None:
         labels = (self.model_name, str(rank))
@@ -120,6 +128,8 @@ class ServerMetrics:
         self.total_pages.labels(*labels).set(load.num_total_pages)
         self.token_usage.labels(*labels).set(load.num_used_pages / max(1, load.num_total_pages))
         self.retractions.labels(*labels).set(load.num_retractions)
+        self.preemptions.labels(*labels).set(load.num_preemptions)
+        self.stall_timeouts.labels(*labels).set(load.num_stall_timeouts)
         self.steps.labels(*labels).set(load.num_steps)
         self.cached_pages.labels(*labels).set(load.num_cached_pages)
         self.cache_hit_rate.labels(*labels).set(load.cache_hit_rate)

@@ -12,11 +12,12 @@ from pdserve.disagg.transfer.base import (
     PeerLost,
     ReceiverEvent,
     ReceiverGuard,
+    ReceiverLost,
     SendResult,
 )
 from pdserve.engine.kv_pool import KVPool
 
-__all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "ReceiverGuard", "SendResult",
+__all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "ReceiverGuard", "ReceiverLost", "SendResult",
            "create_receiver", "create_sender"]
 
 

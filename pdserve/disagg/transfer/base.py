@@ -12,6 +12,8 @@ deployment's secret, a cap on concurrent connections, a handshake deadline and a
 
 Sends are queued and executed on backend threads; every queued job is reported once through
 ``on_done`` (success, error or cancellation), so the caller knows when it may free the source pages.
+A sender also watches the receivers it is connected to, idle or not, and reports one that is gone
+through ``on_lost`` (:class:`ReceiverLost`), so rooms bound to a dead decode fail before a send does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ ReceiverEvent = StreamMsg | PeerLost
 
 
 @dataclass
+class ReceiverLost:
+    """A sender's connection to this receiver ended or stopped answering (the decode process died,
+    restarted, or its host went silent)."""
+
+    address: str
+    reason: str
+
+
+@dataclass
 class ReceiverGuard:
     """What a receiver's listener enforces before and while serving a connection."""
 
@@ -78,6 +89,7 @@ class KVSender(ABC):
         self.io_timeout = io_timeout
         self.auth = auth or PlaneAuth(None)
         self.idle_timeout = idle_timeout  # the receivers' bound: connections idle half as long are not reused
+        self.on_lost: Callable[[ReceiverLost], None] | None = None  # set by the caller
 
     @abstractmethod
     def send_pages(

@@ -11,13 +11,18 @@ closed by the receiver before reuse), and accepts at most ``max_connections`` at
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
-rooms; :class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
+rooms, and one liveness thread that watches every connection it holds (the receiver never writes
+after the handshake, so a readable connection has ended; TCP keepalive probes every
+:data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
+reports a lost receiver through ``on_lost`` at once, even while its thread is busy or idle;
+:class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
 bytes travel (:meth:`StreamSender.write_pages`, :meth:`StreamReceiver.read_pages`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -35,7 +40,14 @@ import torch
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.auth import CHALLENGE_BYTES, MAC_BYTES, AuthError
-from pdserve.disagg.transfer.base import KVReceiver, KVSender, PeerLost, ReceiverEvent, SendResult
+from pdserve.disagg.transfer.base import (
+    KVReceiver,
+    KVSender,
+    PeerLost,
+    ReceiverEvent,
+    ReceiverLost,
+    SendResult,
+)
 from pdserve.engine.kv_pool import KVPool
 
 logger = logging.getLogger("pdserve.disagg.transfer")
@@ -48,7 +60,12 @@ SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
 # Test hook: every page send waits this long first, so tests can hold pages "queued for transfer".
 TEST_SEND_DELAY_S = float(os.environ.get("PDSERVE_TEST_KV_SEND_DELAY_S") or 0)
+# ... only sends of at least this many pages (so one test's long prompt is held while short ones pass)
+TEST_SEND_DELAY_MIN_PAGES = int(os.environ.get("PDSERVE_TEST_KV_SEND_DELAY_MIN_PAGES") or 0)
 CLOSE_WAIT_S = 5.0  # close_room waits this long for a write in progress before cutting its connection
+LIVENESS_POLL_S = 0.2  # the sender's liveness thread looks at its connections this often
+KEEPALIVE_S = 5  # TCP keepalive: idle time before the first probe and between probes (SGLang beats every 5 s)
+KEEPALIVE_PROBES = 2  # unanswered probes before the kernel drops the connection
 
 
 def runs(pages: list[int]) -> list[tuple[int, int]]:
@@ -189,6 +206,10 @@ class _Destination:
                 raise ConnectionError(f"cannot connect to decode receiver {self.info.address}: {e}") from e
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
             sock.settimeout(self.sender.io_timeout)
             try:
                 challenge = recv_exact(sock, CHALLENGE_BYTES)
@@ -201,10 +222,12 @@ class _Destination:
                 sock.close()
                 raise ConnectionError(f"handshake with decode receiver {self.info.address} failed: {e}") from e
             self.sock = sock
+            self.sender._watch(self, sock)
         return self.sock
 
     def drop_connection(self) -> None:
         if self.sock is not None:
+            self.sender._unwatch(self.sock)
             self.sock.close()
             self.sock = None
 
@@ -229,6 +252,9 @@ class StreamSender(KVSender):
         self._pending: dict[int, list[_Job]] = {}
         self._closed = False
         self.src_arrays = page_arrays(pool.layers)
+        self._watched: dict[int, tuple[socket.socket, _Destination]] = {}  # fd -> connection (under _lock)
+        self._liveness = threading.Thread(target=self._watch_connections, name="kv-send-liveness", daemon=True)
+        self._liveness.start()
 
     def write_pages(self, dest: _Destination, job: _Job) -> int:
         """Move the job's pages to the receiver and send its ``Pages`` notification; returns bytes moved."""
@@ -262,8 +288,10 @@ class StreamSender(KVSender):
     def _execute(self, dest: _Destination, job: _Job) -> None:
         start = time.perf_counter()
         result = SendResult(job.room, job.kind, tag=job.tag)
-        if job.kind == "pages" and TEST_SEND_DELAY_S:
-            time.sleep(TEST_SEND_DELAY_S)
+        if job.kind == "pages" and TEST_SEND_DELAY_S and len(job.src_pages) >= TEST_SEND_DELAY_MIN_PAGES:
+            until = time.monotonic() + TEST_SEND_DELAY_S
+            while not job.cancelled and time.monotonic() < until:  # cancelling cuts the hook's delay short
+                time.sleep(min(0.01, TEST_SEND_DELAY_S))
         if job.cancelled or self._closed:
             result.cancelled = True
         else:
@@ -288,6 +316,52 @@ class StreamSender(KVSender):
         except Exception:
             logger.exception("KV sender completion callback failed")
 
+    # ------------------------------------------------------------------ liveness
+    def _watch(self, dest: _Destination, sock: socket.socket) -> None:
+        with self._lock:
+            self._watched[sock.fileno()] = (sock, dest)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._watched.get(sock.fileno(), (None,))[0] is sock:
+                del self._watched[sock.fileno()]
+
+    def _watch_connections(self) -> None:
+        """Report a receiver whose connection ended (or whose host stopped answering keepalives)."""
+        while not self._closed:
+            with self._lock:
+                fds = list(self._watched)
+            if not fds:
+                time.sleep(LIVENESS_POLL_S)
+                continue
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            try:
+                ready = poller.poll(LIVENESS_POLL_S * 1000)
+            except OSError:
+                continue
+            for fd, _ in ready:
+                with self._lock:
+                    watched = self._watched.get(fd)
+                if watched is None:
+                    continue  # the sender thread dropped it meanwhile
+                sock, dest = watched
+                reason = _ended(sock)
+                if reason is None:
+                    continue
+                self._unwatch(sock)
+                with contextlib.suppress(OSError):  # a send blocked on it fails now
+                    sock.shutdown(socket.SHUT_RDWR)
+                logger.info("KV receiver %s lost: %s", dest.info.address, reason)
+                if self.on_lost is not None and not self._closed:
+                    try:
+                        self.on_lost(ReceiverLost(dest.info.address, reason))
+                    except Exception:
+                        logger.exception("KV sender liveness callback failed")
+            if ready:
+                time.sleep(0.01)  # a socket that stays readable without having ended must not make this spin
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -297,6 +371,23 @@ class StreamSender(KVSender):
             dest.queue.put(None)
         for dest in dests:
             dest.thread.join(CLOSE_WAIT_S)
+
+
+def _ended(sock: socket.socket) -> str | None:
+    """Why a connection the receiver never writes to after the handshake is readable: it ended or
+    failed (None: nothing is wrong after all)."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ETIMEDOUT:
+            return (f"its host stopped answering ({KEEPALIVE_PROBES} TCP keepalive probes {KEEPALIVE_S} s apart "
+                    "went unanswered)")
+        return f"the connection failed: {e.strerror or e}"
+    if not data:
+        return "the decode receiver closed the connection (its process died or restarted)"
+    return "the decode receiver wrote on the connection, which the protocol forbids"
 
 
 # ---------------------------------------------------------------------- receiver
