@@ -204,6 +204,8 @@ def test_idle_authenticated_connections_are_closed_and_senders_reconnect():
     done: list[SendResult] = []
     # the sender thinks receivers allow 60 s, so only seeing the receiver's close makes it reconnect
     sender = create_sender("tcp", src, done.append, 5.0, auth=PlaneAuth(SECRET), idle_timeout=60.0)
+    lost: list[object] = []
+    sender.on_lost = lost.append  # an idle close is not a dead receiver: nothing bound to it may fail
     key = f"KV receiver {receiver.port}:idle_timeout"
     try:
         with socket.create_connection((HOST, receiver.port)) as squatter:
@@ -229,7 +231,9 @@ def test_idle_authenticated_connections_are_closed_and_senders_reconnect():
                 while guard.refusals.snapshot()[key] < 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert guard.refusals.snapshot()[key] == 2
+                time.sleep(0.5)  # the sender's liveness thread has seen the close
         assert all(not isinstance(e, PeerLost) for e in events.events)
+        assert lost == []
     finally:
         sender.close()
         receiver.close()

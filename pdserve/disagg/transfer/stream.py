@@ -11,9 +11,9 @@ closed by the receiver before reuse), and accepts at most ``max_connections`` at
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
-rooms, and one liveness thread that watches every connection it holds (the receiver never writes
-after the handshake, so a readable connection has ended; TCP keepalive probes every
-:data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
+rooms, and one liveness thread that watches every connection it holds (the receiver writes nothing
+after the handshake but the one-byte goodbye of an idle close, so a readable connection has ended
+or is being closed as idle, which is not a loss; TCP keepalive probes every :data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
 reports a lost receiver through ``on_lost`` at once, even while its thread is busy or idle;
 :class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
 bytes travel (:meth:`StreamSender.write_pages`, :meth:`StreamReceiver.read_pages`).
@@ -55,6 +55,10 @@ logger = logging.getLogger("pdserve.disagg.transfer")
 HEADER = struct.Struct("<I")
 STREAM_PURPOSE = b"kv-stream"
 HANDSHAKE_OK = b"\x01"  # the receiver accepted the sender's proof
+# The one byte a receiver writes after the handshake: "closing this connection because it sat idle". The
+# sender's liveness thread then lets it go quietly (its next room reconnects) instead of reporting the
+# receiver lost, which would fail rooms already bound to that receiver but not yet sent.
+IDLE_GOODBYE = b"\x02"
 IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
@@ -151,8 +155,8 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 
 def peer_closed(sock: socket.socket) -> bool:
-    """Whether a sender's connection was closed by its receiver (which sends nothing after the handshake,
-    so anything readable is the end of the stream)."""
+    """Whether a sender's connection was closed by its receiver (which writes nothing after the handshake
+    but the goodbye of an idle close, so anything readable is the end of the stream)."""
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLRDHUP)
     return bool(poller.poll(0))
@@ -351,6 +355,9 @@ class StreamSender(KVSender):
                 if reason is None:
                     continue
                 self._unwatch(sock)
+                if reason is IDLE_CLOSED:  # not a death: the destination thread reconnects for its next room
+                    logger.debug("KV receiver %s closed an idle connection", dest.info.address)
+                    continue
                 with contextlib.suppress(OSError):  # a send blocked on it fails now
                     sock.shutdown(socket.SHUT_RDWR)
                 logger.info("KV receiver %s lost: %s", dest.info.address, reason)
@@ -373,9 +380,12 @@ class StreamSender(KVSender):
             dest.thread.join(CLOSE_WAIT_S)
 
 
+IDLE_CLOSED = "the receiver closed the connection as idle"
+
+
 def _ended(sock: socket.socket) -> str | None:
-    """Why a connection the receiver never writes to after the handshake is readable: it ended or
-    failed (None: nothing is wrong after all)."""
+    """Why a connection the receiver writes to after the handshake only to say goodbye is readable:
+    :data:`IDLE_CLOSED`, or the reason it ended or failed (None: nothing is wrong after all)."""
     try:
         data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
@@ -387,6 +397,8 @@ def _ended(sock: socket.socket) -> str | None:
         return f"the connection failed: {e.strerror or e}"
     if not data:
         return "the decode receiver closed the connection (its process died or restarted)"
+    if data == IDLE_GOODBYE:
+        return IDLE_CLOSED
     return "the decode receiver wrote on the connection, which the protocol forbids"
 
 
@@ -505,6 +517,8 @@ class StreamReceiver(KVReceiver):
                     self.guard.refusals.record(listener, "idle_timeout",
                                                f"{peer}: no frame for {self.guard.idle_timeout:g} s")
                     reason = f"idle for {self.guard.idle_timeout:g} s"
+                    with contextlib.suppress(OSError):
+                        sock.sendall(IDLE_GOODBYE)
                     break
                 head = recv_exact(sock, HEADER.size)
                 if head is None:
