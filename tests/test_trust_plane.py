@@ -328,3 +328,36 @@ def test_stream_header_limit_follows_the_pool():
     header = m.encode(m.Pages(2**63 - 1, [2**32 - 1] * len(pages), 2**63 - 1))
     assert len(header) <= max_header_bytes(len(pages))
     assert struct.calcsize("<I") == HEADER.size
+
+
+def test_a_stuck_write_cut_by_close_room_says_goodbye(guarded_receiver, monkeypatch):
+    """A receiver that cuts a connection under a closed room's stuck write is alive: it writes the
+    goodbye byte before cutting, so the sender's liveness thread does not report it lost (which would
+    fail every other room bound to that receiver)."""
+    from pdserve.disagg.transfer import stream
+
+    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 0.3)
+    receiver, events, guard, pool = guarded_receiver
+    receiver.open_room(5, [0, 1])
+    nbytes = 2 * len(pool.layers) * pool.page_bytes()
+    header = m.encode(m.Pages(5, [0, 1], nbytes))
+    with socket.create_connection((HOST, receiver.port)) as s:
+        s.settimeout(5)
+        _authenticate(s)
+        s.sendall(HEADER.pack(len(header)) + header + b"\x00" * (nbytes // 2))  # half the payload, then silence
+        time.sleep(0.3)  # the receiver is inside the write
+        start = time.monotonic()
+        receiver.close_room(5)
+        assert time.monotonic() - start < 3
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(64):
+                data += chunk
+    assert data == stream.GOODBYE
+    a, b = socket.socketpair()  # the sender side maps the byte to a deliberate close, an EOF to a loss
+    with a, b:
+        b.sendall(stream.GOODBYE)
+        assert stream._ended(a) is stream.CLOSED_ON_PURPOSE
+        b.close()
+        a.recv(1)
+        assert stream._ended(a) not in (None, stream.CLOSED_ON_PURPOSE)

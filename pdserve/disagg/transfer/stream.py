@@ -12,8 +12,8 @@ closed by the receiver before reuse), and accepts at most ``max_connections`` at
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
 rooms, and one liveness thread that watches every connection it holds (the receiver writes nothing
-after the handshake but the one-byte goodbye of an idle close, so a readable connection has ended
-or is being closed as idle, which is not a loss; TCP keepalive probes every :data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
+after the handshake but the one-byte goodbye of a deliberate close, so a readable connection has ended
+or is being closed on purpose, which is not a loss; TCP keepalive probes every :data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
 reports a lost receiver through ``on_lost`` at once, even while its thread is busy or idle;
 :class:`StreamReceiver` runs one thread per incoming connection. Subclasses decide how page
 bytes travel (:meth:`StreamSender.write_pages`, :meth:`StreamReceiver.read_pages`).
@@ -55,10 +55,11 @@ logger = logging.getLogger("pdserve.disagg.transfer")
 HEADER = struct.Struct("<I")
 STREAM_PURPOSE = b"kv-stream"
 HANDSHAKE_OK = b"\x01"  # the receiver accepted the sender's proof
-# The one byte a receiver writes after the handshake: "closing this connection because it sat idle". The
-# sender's liveness thread then lets it go quietly (its next room reconnects) instead of reporting the
-# receiver lost, which would fail rooms already bound to that receiver but not yet sent.
-IDLE_GOODBYE = b"\x02"
+# The one byte a receiver writes after the handshake: "alive, but closing this connection on purpose" (it
+# sat idle, or a closed room's write was stuck on it). The sender's liveness thread then lets it go quietly
+# (the next room reconnects) instead of reporting the receiver lost, which would fail every room bound to
+# that receiver, not only those the connection carried.
+GOODBYE = b"\x02"
 IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (IOV_MAX is 1024 on Linux)
 SOCKET_BUFFER_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 5.0
@@ -156,7 +157,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 def peer_closed(sock: socket.socket) -> bool:
     """Whether a sender's connection was closed by its receiver (which writes nothing after the handshake
-    but the goodbye of an idle close, so anything readable is the end of the stream)."""
+    but the goodbye of a deliberate close, so anything readable is the end of the stream)."""
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLRDHUP)
     return bool(poller.poll(0))
@@ -355,8 +356,8 @@ class StreamSender(KVSender):
                 if reason is None:
                     continue
                 self._unwatch(sock)
-                if reason is IDLE_CLOSED:  # not a death: the destination thread reconnects for its next room
-                    logger.debug("KV receiver %s closed an idle connection", dest.info.address)
+                if reason is CLOSED_ON_PURPOSE:  # not a death: the destination thread reconnects for its next room
+                    logger.debug("KV receiver %s closed a connection on purpose", dest.info.address)
                     continue
                 with contextlib.suppress(OSError):  # a send blocked on it fails now
                     sock.shutdown(socket.SHUT_RDWR)
@@ -380,12 +381,12 @@ class StreamSender(KVSender):
             dest.thread.join(CLOSE_WAIT_S)
 
 
-IDLE_CLOSED = "the receiver closed the connection as idle"
+CLOSED_ON_PURPOSE = "the receiver closed the connection on purpose (idle, or a stuck write of a closed room)"
 
 
 def _ended(sock: socket.socket) -> str | None:
     """Why a connection the receiver writes to after the handshake only to say goodbye is readable:
-    :data:`IDLE_CLOSED`, or the reason it ended or failed (None: nothing is wrong after all)."""
+    :data:`CLOSED_ON_PURPOSE`, or the reason it ended or failed (None: nothing is wrong after all)."""
     try:
         data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
@@ -397,8 +398,8 @@ def _ended(sock: socket.socket) -> str | None:
         return f"the connection failed: {e.strerror or e}"
     if not data:
         return "the decode receiver closed the connection (its process died or restarted)"
-    if data == IDLE_GOODBYE:
-        return IDLE_CLOSED
+    if data == GOODBYE:
+        return CLOSED_ON_PURPOSE
     return "the decode receiver wrote on the connection, which the protocol forbids"
 
 
@@ -447,6 +448,8 @@ class StreamReceiver(KVReceiver):
             stuck = slot is not None and not self._cond.wait_for(lambda: slot.busy == 0, CLOSE_WAIT_S)
             if stuck and slot.conn is not None:
                 logger.warning("room %d: write still in progress after %.0f s, cutting its connection", room, CLOSE_WAIT_S)
+                with contextlib.suppress(OSError):  # alive: the sender must not take the cut for a death
+                    slot.conn.send(GOODBYE, socket.MSG_DONTWAIT)
                 with contextlib.suppress(OSError):
                     slot.conn.shutdown(socket.SHUT_RDWR)
                 self._cond.wait_for(lambda: slot.busy == 0, CLOSE_WAIT_S)
@@ -518,7 +521,7 @@ class StreamReceiver(KVReceiver):
                                                f"{peer}: no frame for {self.guard.idle_timeout:g} s")
                     reason = f"idle for {self.guard.idle_timeout:g} s"
                     with contextlib.suppress(OSError):
-                        sock.sendall(IDLE_GOODBYE)
+                        sock.sendall(GOODBYE)
                     break
                 head = recv_exact(sock, HEADER.size)
                 if head is None:
