@@ -89,7 +89,9 @@ class Cluster:
 
     def run_until_pools_empty(self) -> None:
         managers = (*self.prefill, *self.decode)
-        self.run(lambda: all(m.core.kv_pool.num_used == 0 for m in managers), "every KV page to be freed")
+        # also until no core holds work or queued outputs (an abort's), so none surfaces in the next test
+        self.run(lambda: all(m.core.kv_pool.num_used == 0 and not m.core.has_work() for m in managers),
+                 "every KV page to be freed and every output delivered")
         for manager in managers:
             manager.core.kv_pool.check_integrity(expect_used=0)
 
