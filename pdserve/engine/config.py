@@ -29,6 +29,7 @@ class EngineConfig:
     time_scale: float = 1.0  # sim only: every simulated duration is multiplied by this
     inject_faults: str | None = None  # sim only: see pdserve.sim.faults
     disable_radix_cache: bool = False  # no prefix cache: every prompt is computed in full
+    step_trace: str | None = None  # PATH prefix: one JSON line per forward to PATH.rank<R>.jsonl (pdserve.engine.step_trace)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -89,6 +90,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-radix-cache", action="store_true", help="turn off the prefix cache (reuse of shared prompt KV)"
     )
+    parser.add_argument("--step-trace", default=None, metavar="PATH",
+                        help="write each forward's shape and timing to PATH.rank<R>.jsonl, one JSON line per step, "
+                             "for `pdserve bench profile --from-trace` (default: off)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

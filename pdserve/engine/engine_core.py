@@ -73,6 +73,7 @@ class EngineCore:
             reserved_decode_tokens=config.num_reserved_decode_tokens,
             cache=self.prefix_cache,
         )
+        self._trace_steps(config, rank)
 
     def _init_simulated(self, config: EngineConfig, rank: int) -> None:
         """Sim mode (pdserve.sim): no weights; the runner waits out a cost model's step time."""
@@ -105,6 +106,16 @@ class EngineCore:
             reserved_decode_tokens=config.num_reserved_decode_tokens,
             cache=self.prefix_cache,
         )
+        self._trace_steps(config, rank)
+
+    def _trace_steps(self, config: EngineConfig, rank: int) -> None:
+        """``--step-trace``: record every forward's shape and timing (pdserve.engine.step_trace)."""
+        self.step_trace = None
+        if config.step_trace:
+            from pdserve.engine.step_trace import StepTrace, trace_path
+
+            self.step_trace = StepTrace(self.runner, trace_path(config.step_trace, rank), rank,
+                                        self.max_total_tokens, config.page_size)
 
     # ------------------------------------------------------------------ validation
     def validate(self, req: Req) -> None:
