@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Validation of the profiled cost model: the real engine vs ``--simulate profile:FILE``.
 
-1. A real P/D pair (prefill DP 1, decode DP 1, ``--step-trace`` on) behind ``pdserve router``
-   serves a *calibration* workload (same distribution and rate as the test workload, another
-   seed); ``pdserve bench profile --from-trace`` fits the step model from those served steps
-   (profile ``served``). With ``--profiles ... alone`` the step model is also fitted the old way,
+1. Before each repeat, a real P/D pair (prefill DP 1, decode DP 1, ``--step-trace`` on) behind
+   ``pdserve router`` serves a *calibration* workload (same distribution and rate as the test
+   workload, another seed); ``pdserve bench profile --from-trace`` fits the step model from those
+   served steps (profile ``served``, refitted each repeat so that it sees the machine's load of
+   that moment; a fresh sim pair serves with it). With ``--profiles ... alone`` the step model is also fitted the old way,
    from an engine timed alone on the machine (``pdserve bench profile``).
 2. One sim pair per profile, each behind its own ``pdserve router``, and the real pair serve the
    same seeded test workload (Poisson arrivals, mixed prompt and output lengths), interleaved,
@@ -88,9 +89,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pdserve-sim-validation-"))
     test = workload(args.seed, args)
-    profiles: dict[str, dict] = {}
+    profiles: dict[str, list[dict]] = {}
     results: dict[str, list[dict]] = {"real": []}
-    calibration: dict = {}
+    calibration: list[dict] = []
     with Cluster(work / "logs") as c:
         traces = [work / "trace-p", work / "trace-d"]
         p = c.server("real-p", "prefill", 1, extra=[*SERVER, "--step-trace", str(traces[0])])
@@ -98,35 +99,49 @@ def main(argv=None) -> int:
         c.wait_healthy(timeout=300)
         c.warm_up(p, 1, (16, 400))
         c.warm_up(d, 1, (16, 400))
-        routers = {"real": c.pdserve_router("r-real", [p], [d])}
-        c.wait_serving(routers["real"])
-        if "served" in args.profiles:
-            start = time.monotonic()
-            calibration = run_once(routers["real"].url, workload(args.seed + 1000, args), args.request_rate,
-                                   args.seed + 1000)
-            files = window(traces, start, time.monotonic(), work)
-            profiles["served"] = fit_profile(work / "served.json", ["--from-trace", *files])
-            print(f"calibration run (real, seed {args.seed + 1000}): "
-                  + ", ".join(f"{k} {calibration[k]:.1f}" for k in KEYS), flush=True)
-        if "alone" in args.profiles:
-            profiles["alone"] = fit_profile(work / "alone.json", [
-                "--batch-sizes", "1,2,4,8", "--prompt-len", f"{args.input_len[0]},{args.input_len[1]}",
-                "--output-len", "24", "--repeats", "2"])
-        for name, prof in profiles.items():
-            print(f"profile {name}: coefficients {prof['coefficients']}, fit error {prof['fit_error']}", flush=True)
-            extra = [*SERVER, "--simulate", f"profile:{work / name}.json"]
+        real = c.pdserve_router("r-real", [p], [d])
+        c.wait_serving(real)
+
+        def sim_pair(name: str, profile: Path):
+            extra = [*SERVER, "--simulate", f"profile:{profile}"]
             sp = c.server(f"sim-{name}-p", "prefill", 1, transfer_backend="sim", extra=extra)
             sd = c.server(f"sim-{name}-d", "decode", 1, transfer_backend="sim", extra=extra)
             c.wait_healthy([sp, sd], timeout=300)
-            routers[f"sim-{name}"] = c.pdserve_router(f"r-sim-{name}", [sp], [sd])
-            c.wait_serving(routers[f"sim-{name}"])
-            results[f"sim-{name}"] = []
+            router = c.pdserve_router(f"r-sim-{name}", [sp], [sd])
+            c.wait_serving(router)
+            return [sp, sd, router]
+
+        alone = None
+        if "alone" in args.profiles:
+            profiles["alone"] = [fit_profile(work / "alone.json", [
+                "--batch-sizes", "1,2,4,8", "--prompt-len", f"{args.input_len[0]},{args.input_len[1]}",
+                "--output-len", "24", "--repeats", "2"])]
+            alone = sim_pair("alone", work / "alone.json")
+            results["sim-alone"] = []
         for rep in range(args.repeats):
-            for name, router in routers.items():
+            served = None
+            if "served" in args.profiles:
+                # calibrate right before each repeat, so the profile sees the machine's load of that moment
+                seed = args.seed + 1000 + rep
+                start = time.monotonic()
+                calibration.append(run_once(real.url, workload(seed, args), args.request_rate, seed))
+                files = window(traces, start, time.monotonic(), work)
+                profile = work / f"served-{rep}.json"
+                profiles.setdefault("served", []).append(fit_profile(profile, ["--from-trace", *files]))
+                served = sim_pair(f"served-{rep}", profile)
+                results.setdefault("sim-served", [])
+            sides = [("real", real), *([("sim-served", served[2])] if served else []),
+                     *([("sim-alone", alone[2])] if alone else [])]
+            for name, router in sides:
                 row = run_once(router.url, test, args.request_rate, args.seed + rep)
                 results[name].append(row)
                 print(f"{name:10s} run {rep + 1}: " + ", ".join(f"{k} {row[k]:.1f}" for k in KEYS)
                       + f" (load average {row['load_average']:.2f})", flush=True)
+            if served:
+                c.stop(*served)
+        for name, fitted in profiles.items():
+            for prof in fitted:
+                print(f"profile {name}: coefficients {prof['coefficients']}, fit error {prof['fit_error']}")
 
     def mean(name: str, key: str) -> float:
         return statistics.mean(r[key] for r in results[name])
@@ -140,7 +155,7 @@ def main(argv=None) -> int:
     print("real engine's own spread, (max - min) / mean over its runs: "
           + ", ".join(f"{k} {v:.0%}" for k, v in spread["real"].items()))
     write_result(args.output_file, {"benchmark": "sim_validation", "machine": machine_info(), "args": vars(args),
-                                    "profiles": profiles, "calibration_run": calibration, "runs": results,
+                                    "profiles": profiles, "calibration_runs": calibration, "runs": results,
                                     "ratio_sim_over_real": ratios, "spread": spread})
     return 0
 

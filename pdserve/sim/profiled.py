@@ -30,9 +30,9 @@ def features(step: StepShape) -> list[float]:
 
 def fit(samples: list[tuple[StepShape, float]]) -> dict[str, float]:
     """Non-negative least-squares coefficients of the relative error (a short step counts as much
-    as a long one). The relative weights come from a first, unweighted fit, not from the measured
-    times themselves: weighting by 1/measured would favour the steps that happened to run fast and
-    bias a noisy (served) trace low. Steps with a prefill chunk and pure decode steps weigh equally
+    as a long one). The relative weights are 1/predicted, iterated from an unweighted fit, not
+    1/measured: weighting by the measured times would favour the steps that happened to run fast
+    and bias a noisy (served) trace low. Steps with a prefill chunk and pure decode steps weigh equally
     in total, so that the few prefill steps of a serving trace are not drowned by its decode steps."""
     import numpy as np
     from scipy.optimize import nnls
@@ -45,7 +45,7 @@ def fit(samples: list[tuple[StepShape, float]]) -> dict[str, float]:
         if group.any():
             balance[group] *= len(samples) / (2 * group.sum())
     w = balance / max(float(np.mean(y)), 1e-6)
-    for _ in range(2):  # unweighted, then relative to the first fit's prediction
+    for _ in range(10):  # unweighted first, then iteratively reweighted by the previous prediction (converges in ~5)
         coef, _ = nnls(a * w[:, None], y * w)
         w = balance / np.maximum(a @ coef, 1e-6)
     return dict(zip(TERMS, (float(c) for c in coef)))
