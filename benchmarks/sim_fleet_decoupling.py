@@ -9,7 +9,13 @@ i.e. divided by the scale). Workload: skewed prompt lengths (a share of long pro
 Poisson arrivals, plus a burst (all requests at once). For each request rate, ``pdserve router``
 decoupled and ``--dp-coupled`` (each policy given) and sglang-router 0.3.2 serve the same seeded
 requests; reported: goodput under TTFT/TPOT SLOs, attainment, p50/p99 TTFT and TPOT; repeats
-interleaved. Writes JSON and a PNG of goodput vs rate per dispatch mode.
+interleaved. Writes JSON and PNGs of goodput vs rate: all modes per topology (``--plot``), and
+one per dispatch mode (``--plot`` with ``_decoupled``/``_coupled`` before the suffix: every policy,
+sglang-router in both).
+
+Drift: every sim server writes a ``--step-trace``; afterwards each busy step's real duration
+(previous forward's end to its own) is compared with what the cost model asked for (times the
+time scale): ``drift = sum(real) / sum(modelled) - 1``, reported per topology (``drift``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ from pathlib import Path
 
 from pdserve.bench.cluster import Cluster, machine_info, write_result
 from pdserve.bench.datasets import BenchRequest
+from pdserve.bench.profile import continues
 from pdserve.bench.serving import ServingConfig, benchmark
+from pdserve.engine.step_trace import read_trace
+from pdserve.sim.cost_model import StepShape, make_cost_model
+from pdserve.sim.model_shape import ModelShape
 
 MODELS = Path(__file__).resolve().parent / "sim_models"
 KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "request_throughput")
@@ -98,6 +108,26 @@ def modes(args) -> list[tuple[str, str, list[str]]]:
     return out
 
 
+def drift(traces: list[Path], args: argparse.Namespace) -> dict:
+    """How much longer the sim's busy steps took than the cost model asked (see the docstring)."""
+    cost = make_cost_model(args.hardware, ModelShape.from_folder(MODELS / args.model), args.tp_size)
+    real = modelled = 0.0
+    steps = late = 0
+    for path in traces:
+        _, lines = read_trace(str(path))
+        for previous, step in zip(lines, lines[1:]):
+            if not continues(step, previous):
+                continue
+            want = cost.step_seconds(StepShape(step["decodes"], [tuple(e) for e in step["extends"]])) * args.time_scale
+            took = step["end"] - previous["end"]
+            real += took
+            modelled += want
+            steps += 1
+            late += took > want * 1.1
+    return {"steps": steps, "drift": real / modelled - 1 if modelled else None,
+            "steps_over_10pct_late": late / steps if steps else None}
+
+
 def fmt(x) -> str:
     return "n/a" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
 
@@ -124,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         (pn, pdp), (dn, ddp) = (tuple(int(x) for x in side.split("x")) for side in topo.split(":"))
         with Cluster(log_dir / topo.replace(":", "-")) as cluster:
             start = time.monotonic()
-            prefills = [cluster.server(f"p{i}", "prefill", pdp, transfer_backend="sim", extra=sim) for i in range(pn)]
-            decodes = [cluster.server(f"d{i}", "decode", ddp, transfer_backend="sim", extra=sim) for i in range(dn)]
+            trace_dir = log_dir / topo.replace(":", "-")
+            prefills = [cluster.server(f"p{i}", "prefill", pdp, transfer_backend="sim",
+                                       extra=[*sim, "--step-trace", str(trace_dir / f"trace-p{i}")]) for i in range(pn)]
+            decodes = [cluster.server(f"d{i}", "decode", ddp, transfer_backend="sim",
+                                      extra=[*sim, "--step-trace", str(trace_dir / f"trace-d{i}")]) for i in range(dn)]
             cluster.wait_healthy(timeout=300)
             startup_s = time.monotonic() - start
             print(f"[{topo}] {pn * pdp + dn * ddp} sim ranks healthy in {startup_s:.1f} s", flush=True)
@@ -157,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     max(r["goodput"] or 0 for r in rows)],
                                  "p99_ttft_ms_mean": statistics.mean(r["p99_ttft_ms"] or 0 for r in rows)}
                           for rate, rows in by_rate.items()} for name, by_rate in runs.items()}
+        drifted = drift(sorted(trace_dir.glob("trace-*.jsonl")), args)
+        if drifted["steps"]:
+            print(f"[{topo}] drift of busy sim steps: {drifted['drift']:+.2%} over {drifted['steps']} steps "
+                  f"({drifted['steps_over_10pct_late']:.1%} of them > 10 % late)", flush=True)
         out["topologies"].append({"topology": topo, "ranks": pn * pdp + dn * ddp, "startup_s": startup_s,
-                                  "runs": runs, "summary": summary})
+                                  "runs": runs, "summary": summary, "drift": drifted})
         for policy in args.policies:
             d, c = summary.get(f"decoupled/{policy}", {}), summary.get(f"coupled/{policy}", {})
             ratios = {rate: d[rate]["goodput_mean"] / c[rate]["goodput_mean"] if c[rate]["goodput_mean"] else None
@@ -214,6 +251,46 @@ def plot(out: dict, args: argparse.Namespace) -> None:
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=100)
+    plt.close(fig)
+    for mode in ("decoupled", "coupled"):
+        plot_mode(out, args, mode, plt)
+
+
+def plot_mode(out: dict, args: argparse.Namespace, mode: str, plt) -> None:
+    """Goodput vs rate of every policy in one dispatch mode (sglang-router drawn in both), one
+    panel per topology, to ``--plot`` with ``_<mode>`` before the suffix."""
+    topos = out["topologies"]
+    fig, axes = plt.subplots(1, len(topos), figsize=(7 * len(topos), 4.5), squeeze=False)
+    a = out["args"]
+    for col, topo in enumerate(topos):
+        ax = axes[0][col]
+        rates = sorted({r for by_rate in topo["runs"].values() for r in by_rate},
+                       key=lambda r: (r == "burst", float(r) if r != "burst" else 0.0))
+        policies = sorted({name.split("/")[-1] for name in topo["runs"]})
+        for name, by_rate in topo["runs"].items():
+            if not (name.startswith(f"{mode}/") or name == "sglang-router"):
+                continue
+            xs, ys, lo, hi = [], [], [], []
+            for i, rate in enumerate(rates):
+                vals = [r["goodput"] or 0.0 for r in by_rate.get(rate, [])]
+                if vals:
+                    mean = statistics.mean(vals)
+                    xs.append(i)
+                    ys.append(mean)
+                    lo.append(mean - min(vals))
+                    hi.append(max(vals) - mean)
+            ax.errorbar(xs, ys, yerr=[lo, hi], label=name, marker="o", capsize=3,
+                        color=f"C{policies.index(name.split('/')[-1])}", linestyle=":" if "sglang" in name else "-")
+        ax.set_xticks(range(len(rates)), [r if r == "burst" else f"{float(r):g}" for r in rates])
+        ax.set_xlabel("request rate (req/s, GPU timing)")
+        ax.set_ylabel(f"goodput (req/s, TTFT<={a['slo_ttft_ms']:g} ms, TPOT<={a['slo_tpot_ms']:g} ms)")
+        ax.set_title(f"{mode}: {a['model']} {a['hardware']} TP{a['tp_size']}, P:D = {topo['topology']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(args.plot)
+    fig.savefig(path.with_name(f"{path.stem}_{mode}{path.suffix}"), dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -373,11 +373,35 @@ def test_profile_round_trip_on_the_tiny_model(tmp_path):
     assert data["samples"] >= 10 and data["kv_capacity_tokens"] == 4096
     coef = data["coefficients"]
     assert coef["step"] + coef["decode"] > 0 and all(v >= 0 for v in coef.values())
+    trace = tmp_path / "trace"
     with Cluster(tmp_path / "logs") as c:
-        s = c.server("prof", dp_size=1, extra=["--simulate", f"profile:{out}"])
+        s = c.server("prof", dp_size=1, extra=["--simulate", f"profile:{out}", "--step-trace", str(trace)])
         c.wait_healthy([s], timeout=90)
         assert loads(s.url)[0]["num_total_pages"] * 16 == 4096
         status, body = post_json(s.url + "/generate", {"text": "hello", "sampling_params": {"max_new_tokens": 10}})
         assert status == 200 and body["meta_info"]["completion_tokens"] == 10
         # ten decode steps at the profiled per-step cost, at least
         assert body["meta_info"]["e2e_latency"] >= 9 * (coef["step"] + coef["decode"]) * 0.9
+        for n in (40, 90):
+            status, _ = post_json(s.url + "/generate", {"input_ids": list(range(5, 5 + n)),
+                                                        "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}})
+            assert status == 200
+    # the served steps' trace, fitted again, gives back the step times the sim served them with
+    refit = tmp_path / "refit.json"
+    subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "profile", "--output", str(refit),
+                    "--from-trace", f"{trace}.rank0.jsonl"], check=True, timeout=120, cwd=REPO_ROOT,
+                   capture_output=True)
+    from pdserve.bench.profile import trace_samples
+    from pdserve.sim.profiled import ProfiledCost
+
+    samples, capacity = trace_samples([f"{trace}.rank0.jsonl"])
+    assert len(samples) >= 20 and capacity == 4096
+    served, fitted = ProfiledCost.load(str(out)), ProfiledCost.load(str(refit))
+    modelled = sum(served.step_seconds(x) for x, _ in samples)
+    assert sum(t for _, t in samples) == pytest.approx(modelled, rel=0.4)
+    assert sum(fitted.step_seconds(x) for x, _ in samples) == pytest.approx(modelled, rel=0.4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "profile", "--output", str(refit),
+                          "--from-trace", str(bad)], timeout=120, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "not a step trace" in run.stderr

@@ -5,6 +5,12 @@ Runs batches of requests (mixed prompt lengths, several batch sizes) through one
 :class:`~pdserve.engine.engine_core.EngineCore` with the server's engine flags, records each
 step's shape and wall time (the whole ``step()``: scheduling, forward and sampling), fits the
 linear model and writes it with its fit error.
+
+``--from-trace FILE...`` fits instead from the ``--step-trace`` files of served engines (real
+servers under a workload, where the front, the router, the other role's engine and the KV
+transfer compete for the same cores): a step that carries on the previous one's work (the engine
+was busy in between) costs the time from the previous forward's end to its own end — the whole
+loop, as the sim's clock counts a step — and a step after an idle wait its own forward time.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=24, help="tokens generated per request")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per batch size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    parser.add_argument("--from-trace", nargs="+", default=None, metavar="FILE",
+                        help="fit from these --step-trace files of served engines instead of timing an engine "
+                             "here (default: time an engine here)")
 
 
 def profile(config: EngineConfig, batch_sizes: list[int], prompt_len: tuple[int, int], output_len: int,
@@ -64,11 +73,48 @@ def profile(config: EngineConfig, batch_sizes: list[int], prompt_len: tuple[int,
     return samples, core.max_total_tokens
 
 
+def continues(step: dict, previous: dict) -> bool:
+    """Whether ``step`` carries on work of ``previous`` (a decode one token further, or the next
+    chunk of a prompt), i.e. the engine was busy in between rather than idle."""
+    next_positions = {c + 1 for c in previous["decodes"]} | {s + n + 1 for s, n in previous["extends"]}
+    next_chunks = {s + n for s, n in previous["extends"]}
+    return any(c in next_positions for c in step["decodes"]) or any(s in next_chunks for s, _ in step["extends"])
+
+
+def trace_samples(paths: list[str]) -> tuple[list[tuple[StepShape, float]], int | None]:
+    """Step costs from served engines' step traces (see the module docstring), and the smallest
+    KV capacity among them."""
+    from pdserve.engine.step_trace import read_trace
+
+    samples: list[tuple[StepShape, float]] = []
+    capacities = []
+    for path in paths:
+        header, steps = read_trace(path)
+        capacities.append(header.get("kv_capacity_tokens"))
+        previous = None
+        for step in steps:
+            begin = previous["end"] if previous is not None and continues(step, previous) else step["start"]
+            samples.append((StepShape(step["decodes"], [tuple(e) for e in step["extends"]]), step["end"] - begin))
+            previous = step
+    known = [c for c in capacities if isinstance(c, int)]
+    return samples, min(known) if known else None
+
+
 def run(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
-    low, high = (int(x) for x in args.prompt_len.split(","))
-    samples, capacity = profile(config, [int(x) for x in args.batch_sizes.split(",")], (low, high),
-                                args.output_len, args.repeats, args.seed)
+    if args.from_trace:
+        try:
+            samples, capacity = trace_samples(args.from_trace)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--from-trace: cannot read the step traces: {e}") from e
+        if len(samples) < 10:
+            raise SystemExit(f"--from-trace: {len(samples)} steps in {', '.join(args.from_trace)}; need at least 10")
+        if config.max_total_tokens is not None:
+            capacity = config.max_total_tokens
+    else:
+        low, high = (int(x) for x in args.prompt_len.split(","))
+        samples, capacity = profile(config, [int(x) for x in args.batch_sizes.split(",")], (low, high),
+                                    args.output_len, args.repeats, args.seed)
     coef = fit(samples)
     model = ProfiledCost(coef, capacity)
     errors = [abs(model.step_seconds(s) - t) / t for s, t in samples]
@@ -79,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                    "torch_threads": config.torch_threads, "dtype": config.dtype},
         "coefficients": coef,
         "kv_capacity_tokens": capacity,
+        "source": {"traces": args.from_trace} if args.from_trace else "engine timed alone",
         "samples": len(samples),
         "fit_error": {"median": statistics.median(errors), "p90": sorted(errors)[int(0.9 * len(errors))]},
     }

@@ -33,6 +33,7 @@ class EngineConfig:
     disable_radix_cache: bool = False  # no prefix cache: every prompt is computed in full
     disable_cuda_graph: bool = False  # CUDA: decode steps run eagerly instead of replaying captured graphs
     cuda_graph_max_bs: int = 64  # CUDA: largest decode batch captured (capped by max_running_requests)
+    step_trace: str | None = None  # PATH prefix: one JSON line per forward to PATH.rank<R>.jsonl (pdserve.engine.step_trace)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -116,6 +117,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph-max-bs", type=int, default=defaults.cuda_graph_max_bs,
                         help="largest decode batch size captured as a CUDA graph, capped by "
                              "--max-running-requests; larger batches run eagerly")
+    parser.add_argument("--step-trace", default=None, metavar="PATH",
+                        help="write each forward's shape and timing to PATH.rank<R>.jsonl, one JSON line per step, "
+                             "for `pdserve bench profile --from-trace` (default: off)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

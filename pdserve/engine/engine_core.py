@@ -78,6 +78,7 @@ class EngineCore:
             stall_priority_s=config.stall_priority_s,
             stall_timeout_s=config.stall_timeout_s,
         )
+        self._trace_steps(config, rank)
 
     def _init_simulated(self, config: EngineConfig, rank: int) -> None:
         """Sim mode (pdserve.sim): no weights; the runner waits out a cost model's step time."""
@@ -112,6 +113,16 @@ class EngineCore:
             stall_priority_s=config.stall_priority_s,
             stall_timeout_s=config.stall_timeout_s,
         )
+        self._trace_steps(config, rank)
+
+    def _trace_steps(self, config: EngineConfig, rank: int) -> None:
+        """``--step-trace``: record every forward's shape and timing (pdserve.engine.step_trace)."""
+        self.step_trace = None
+        if config.step_trace:
+            from pdserve.engine.step_trace import StepTrace, trace_path
+
+            self.step_trace = StepTrace(self.runner, trace_path(config.step_trace, rank), rank,
+                                        self.max_total_tokens, config.page_size)
 
     # ------------------------------------------------------------------ validation
     def validate(self, req: Req) -> None:

@@ -5,8 +5,9 @@
     step = c_step + c_req * requests + c_prefill * prefill_tokens + c_decode * decodes
            + c_ctx * decode_context_tokens + c_attn * prefill_attention_pairs
 
-(non-negative least squares over the measured steps); the JSON file it writes is what
-``--simulate profile:FILE`` loads.
+(non-negative least squares over the measured steps, from an engine timed alone or from the
+``--step-trace`` of a served engine); the JSON file it writes is what ``--simulate profile:FILE``
+loads.
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ def features(step: StepShape) -> list[float]:
 
 
 def fit(samples: list[tuple[StepShape, float]]) -> dict[str, float]:
-    """Non-negative least-squares coefficients, relative error weighting (short steps count as much)."""
+    """Non-negative least-squares coefficients of the relative error (a short step counts as much
+    as a long one). The relative weights are 1/predicted, iterated from an unweighted fit, not
+    1/measured: weighting by the measured times would favour the steps that happened to run fast
+    and bias a noisy (served) trace low. Steps with a prefill chunk and pure decode steps weigh equally
+    in total, so that the few prefill steps of a serving trace are not drowned by its decode steps."""
     import numpy as np
+    from scipy.optimize import nnls
 
     a = np.array([features(s) for s, _ in samples])
     y = np.array([t for _, t in samples])
-    w = 1 / np.maximum(y, 1e-6)
-    a, y = a * w[:, None], y * w
-    keep = list(range(len(TERMS)))
-    coef = np.zeros(len(TERMS))
-    while keep:  # drop terms that fit negative, refit the rest
-        sol = np.linalg.lstsq(a[:, keep], y, rcond=None)[0]
-        if (sol >= 0).all():
-            coef[keep] = sol
-            break
-        keep = [k for k, c in zip(keep, sol) if c >= 0]
+    balance = np.ones(len(samples))
+    prefill = np.array([bool(s.extends) for s, _ in samples])
+    for group in (prefill, ~prefill):
+        if group.any():
+            balance[group] *= len(samples) / (2 * group.sum())
+    w = balance / max(float(np.mean(y)), 1e-6)
+    for _ in range(10):  # unweighted first, then iteratively reweighted by the previous prediction (converges in ~5)
+        coef, _ = nnls(a * w[:, None], y * w)
+        w = balance / np.maximum(a @ coef, 1e-6)
     return dict(zip(TERMS, (float(c) for c in coef)))
 
 
