@@ -17,10 +17,19 @@ import random
 import signal
 import time
 
-import httpx
 import pytest
 
 from tests.server_harness import free_port, launch, wait_until
+from tests.test_disagg_faults import (
+    SHORT,
+    assert_pages_freed,
+    error,
+    half,
+    post,
+    rank_state,
+    timed,
+    used_pages,
+)
 
 COMMON = ["--torch-threads", "1", "--page-size", "4", "--max-total-tokens", "1024", "--log-level", "warning"]
 # long waiting timeout: a failure that still takes it would show as a slow test, not a pass
@@ -28,8 +37,6 @@ PD_TIMEOUTS = ["--disaggregation-bootstrap-timeout", "20", "--disaggregation-wai
                "--disaggregation-transfer-timeout", "5"]
 RESTART_BACKOFF_S = 4.0
 FAST_S = 2.0
-SHORT = {"max_new_tokens": 4, "min_new_tokens": 4, "temperature": 0}
-PROMPT = "The history of the world in a few words"
 HELD_SEND = {"PDSERVE_TEST_KV_SEND_DELAY_S": "60", "PDSERVE_TEST_KV_SEND_DELAY_MIN_PAGES": "48"}
 
 
@@ -58,39 +65,6 @@ def pd(tmp_path_factory):
 def pool():
     with concurrent.futures.ThreadPoolExecutor(4) as executor:
         yield executor
-
-
-def post(server, body: dict, timeout: float = 30) -> httpx.Response:
-    return httpx.post(server.url + "/generate", json=body, timeout=timeout)
-
-
-def timed(server, body: dict) -> tuple[httpx.Response, float]:
-    start = time.monotonic()
-    resp = post(server, body)
-    return resp, time.monotonic() - start
-
-
-def half(pd, room: int, **extra) -> dict:
-    return {"text": PROMPT, "sampling_params": SHORT, "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": pd["bootstrap_port"], "bootstrap_room": room, **extra}
-
-
-def error(resp: httpx.Response, status: int) -> str:
-    assert resp.status_code == status, resp.text
-    return resp.json()["error"]["message"]
-
-
-def used_pages(server) -> int:
-    return sum(rank["num_used_pages"] for rank in httpx.get(server.url + "/get_load", timeout=10).json())
-
-
-def assert_pages_freed(pd) -> None:
-    for name in ("prefill", "decode"):
-        assert wait_until(lambda n=name: used_pages(pd[n]) == 0, 10), f"{name} still holds KV pages"
-
-
-def rank_state(server, rank: int) -> dict:
-    return httpx.get(server.url + "/health", timeout=10).json()["dp_ranks"][rank]
 
 
 def test_refusal_for_a_restarting_prefill_rank_fails_decode_at_once(pd, pool):
