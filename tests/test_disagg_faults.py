@@ -210,29 +210,40 @@ def test_router_relays_request_caused_failures_without_retrying(pd):
 
 def test_duplicate_rid_through_the_router_leaves_the_owner_alone(pd, pool):
     """Case 7: a rid in flight (sent straight to the servers, or through the router) reused through
-    the router is refused with 400, and the request owning it finishes untouched."""
-    long = {"max_new_tokens": 96, "min_new_tokens": 96, "temperature": 0}
+    the router is refused with 400, and the request owning it finishes untouched. No race with the
+    engine's speed: the owner's decode half waits for KV that only its prefill half, sent after the
+    duplicate was refused, brings; the router's own request generates 1,500 tokens."""
+    owned_params = {"max_new_tokens": 96, "min_new_tokens": 96, "temperature": 0}
+    long = {"max_new_tokens": 1500, "min_new_tokens": 1500, "temperature": 0}
+
+    def prefill_idle() -> bool:
+        return all(r["num_used_pages"] == 0 and r["num_reqs"] == 0
+                   for r in httpx.get(pd["prefill"].url + "/get_load", timeout=10).json())
 
     async def main():
         specs = [WorkerSpec(pd["prefill"].url, "prefill"), WorkerSpec(pd["decode"].url, "decode")]
         async with router_client(specs) as (client, _):
-            direct = pool.submit(post, pd["prefill"], half(pd, 8000, rid="owned", data_parallel_rank=0))
-            owner = pool.submit(post, pd["decode"], half(pd, 8000, rid="owned", sampling_params=long,
+            owner = pool.submit(post, pd["decode"], half(pd, 8000, rid="owned", sampling_params=owned_params,
                                                           data_parallel_rank=0, disagg_prefill_dp_rank=0))
             await asyncio.sleep(0.5)
+            assert not owner.done(), owner.result().text  # waiting for its KV
             dup = await client.post("/generate", json={"text": PROMPT, "rid": "owned", "sampling_params": SHORT})
             assert dup.status_code == 400 and "owned" in dup.text, dup.text
+            assert not owner.done(), owner.result().text
+            # the duplicate's prefill half is failed by decode's refusal; then the owner's prefill half comes
+            assert await asyncio.to_thread(wait_until, prefill_idle, 10)
+            direct = await asyncio.to_thread(post, pd["prefill"], half(pd, 8000, rid="owned", data_parallel_rank=0))
             first = asyncio.create_task(client.post("/generate", json={
                 "text": PROMPT, "rid": "mine", "sampling_params": long}))
             await asyncio.sleep(0.3)
             again = await client.post("/generate", json={"text": PROMPT, "rid": "mine", "sampling_params": SHORT})
-            assert again.status_code == 400 and "mine" in again.text
+            assert again.status_code == 400 and "mine" in again.text, again.text
             first = await first
-            assert first.status_code == 200 and len(first.json()["output_ids"]) == 96, first.text
+            assert first.status_code == 200 and len(first.json()["output_ids"]) == 1500, first.text
             return direct, owner
 
     direct, owner = asyncio.run(main())
-    assert direct.result().status_code == 200
+    assert direct.status_code == 200, direct.text
     assert owner.result().status_code == 200 and len(owner.result().json()["output_ids"]) == 96
     assert_pages_freed(pd)
 
