@@ -227,15 +227,7 @@ def plot(out: dict, args: argparse.Namespace) -> None:
             style = {"linestyle": "--" if name.startswith("coupled") else "-", "marker": "o", "capsize": 3,
                      "color": f"C{policies.index(name.split('/')[-1])}"}  # a policy's two modes share a colour
             for row, key in ((0, "goodput"), (1, "median_ttft_ms")):
-                xs, ys, lo, hi = [], [], [], []
-                for i, rate in enumerate(rates):
-                    vals = [r[key] or 0.0 for r in by_rate.get(rate, [])]
-                    if vals:
-                        mean = statistics.mean(vals)
-                        xs.append(i)
-                        ys.append(mean)
-                        lo.append(mean - min(vals))
-                        hi.append(max(vals) - mean)
+                xs, ys, lo, hi = _series(by_rate, rates, key)
                 axes[row][col].errorbar(xs, ys, yerr=[lo, hi], label=name, **style)
         a = out["args"]
         title = f"{a['model']} {a['hardware']} TP{a['tp_size']}, P:D = {topo['topology']}"
@@ -256,6 +248,21 @@ def plot(out: dict, args: argparse.Namespace) -> None:
         plot_mode(out, args, mode, plt)
 
 
+def _series(by_rate: dict, rates: list, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """One curve's points: x index of each rate that has runs, the mean of ``key`` over its runs, and
+    the distances down to the min and up to the max (error bars)."""
+    xs, ys, lo, hi = [], [], [], []
+    for i, rate in enumerate(rates):
+        vals = [r[key] or 0.0 for r in by_rate.get(rate, [])]
+        if vals:
+            mean = statistics.mean(vals)
+            xs.append(i)
+            ys.append(mean)
+            lo.append(mean - min(vals))
+            hi.append(max(vals) - mean)
+    return xs, ys, lo, hi
+
+
 def plot_mode(out: dict, args: argparse.Namespace, mode: str, plt) -> None:
     """Goodput vs rate of every policy in one dispatch mode (sglang-router drawn in both), one
     panel per topology, to ``--plot`` with ``_<mode>`` before the suffix."""
@@ -270,15 +277,7 @@ def plot_mode(out: dict, args: argparse.Namespace, mode: str, plt) -> None:
         for name, by_rate in topo["runs"].items():
             if not (name.startswith(f"{mode}/") or name == "sglang-router"):
                 continue
-            xs, ys, lo, hi = [], [], [], []
-            for i, rate in enumerate(rates):
-                vals = [r["goodput"] or 0.0 for r in by_rate.get(rate, [])]
-                if vals:
-                    mean = statistics.mean(vals)
-                    xs.append(i)
-                    ys.append(mean)
-                    lo.append(mean - min(vals))
-                    hi.append(max(vals) - mean)
+            xs, ys, lo, hi = _series(by_rate, rates, "goodput")
             ax.errorbar(xs, ys, yerr=[lo, hi], label=name, marker="o", capsize=3,
                         color=f"C{policies.index(name.split('/')[-1])}", linestyle=":" if "sglang" in name else "-")
         ax.set_xticks(range(len(rates)), [r if r == "burst" else f"{float(r):g}" for r in rates])
