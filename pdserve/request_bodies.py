@@ -135,7 +135,20 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 
 
-class GenerateBody(msgspec.Struct, kw_only=True):
+class PDRoutingFields(msgspec.Struct, kw_only=True):
+    """What every generation body may carry to place a request: its decode rank (or the server's rank),
+    and for a P/D half the bootstrap room and the prefill rank holding its KV (SGLang's names)."""
+
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
+    bootstrap_host: str | list[str | None] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: Any = None
+    prefill_data_parallel_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+
+
+class GenerateBody(PDRoutingFields, kw_only=True):
     """The JSON body of ``POST /generate``; ``fields.py`` decides which other keys are accepted."""
 
     text: Text | list[Text] | None = None
@@ -147,13 +160,6 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     logprob_start_len: int | list[int] = -1
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
-    data_parallel_rank: Any = None
-    routed_dp_rank: Any = None
-    bootstrap_host: str | list[str | None] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: Any = None
-    prefill_data_parallel_rank: int | None = None
-    disagg_prefill_dp_rank: int | None = None
     model: str | None = None
     log_metrics: bool | None = None
     no_logs: bool = False
@@ -164,7 +170,7 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     continuous_usage_stats: bool = False
 
 
-class CommonBody(msgspec.Struct, kw_only=True):
+class CommonBody(PDRoutingFields, kw_only=True):
     """Fields shared by completions and chat (OpenAI names plus SGLang's extensions)."""
 
     model: str | None = None
@@ -187,13 +193,6 @@ class CommonBody(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     rid: str | list[str] | None = None
-    data_parallel_rank: Any = None
-    routed_dp_rank: Any = None
-    bootstrap_host: str | list[str | None] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: Any = None
-    prefill_data_parallel_rank: int | None = None
-    disagg_prefill_dp_rank: int | None = None
     user: str | None = None
     log_metrics: bool | None = None
     no_logs: bool | None = None
