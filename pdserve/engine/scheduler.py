@@ -234,15 +234,15 @@ class Scheduler:
 
     def _schedule_decodes(self) -> list[Req]:
         # most protected first: a retraction victim is never a request already scheduled in this loop
-        decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=self._retraction_order,
-                         reverse=True)
+        order = self._retraction_order(self.clock())
+        decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=order, reverse=True)
         scheduled: list[Req] = []
         for req in decodes:
             if req.state != ReqState.DECODING:  # retracted while making room for a more protected request
                 continue
             need = self.pool.pages_for(req.seq_len) - len(req.pages)
             while not self.pool.can_alloc(need):
-                victim = min(self.running, key=self._retraction_order)
+                victim = min(self.running, key=order)
                 self._retract(victim)
                 if victim is req:
                     break
@@ -286,9 +286,10 @@ class Scheduler:
         """Seconds ``req`` has spent retracted after its first token, the current wait included."""
         return req.stalled_s + (now - req.stalled_since if req.stalled_since is not None else 0.0)
 
-    def _retraction_order(self, req: Req) -> tuple[float, int]:
-        """Retract first whoever has waited least after its first token, the newest among equals."""
-        return (self._waited(req, self.clock()), -req.arrival_order)
+    def _retraction_order(self, now: float) -> Callable[[Req], tuple[float, int]]:
+        """Sort key, at time ``now``: retract first whoever has waited least after its first token,
+        the newest among equals."""
+        return lambda req: (self._waited(req, now), -req.arrival_order)
 
     def _has_priority(self, req: Req, now: float) -> bool:
         return req.stalled_since is not None and now - req.stalled_since >= self.stall_priority_s
@@ -318,7 +319,7 @@ class Scheduler:
             return
         waited = self._waited(req, now)
         victims = sorted((r for r in self.running if r.num_preempted < MAX_PRIORITY_PREEMPTIONS
-                          and self._waited(r, now) < waited), key=self._retraction_order)
+                          and self._waited(r, now) < waited), key=self._retraction_order(now))
         staying = [r for r in self.running if r not in victims]
         reclaimable = self.pool.num_free + (self.pool.reclaimer.reclaimable() if self.pool.reclaimer else 0)
         if not victims or reclaimable + self.pool.releasable([v.pages for v in victims]) < need + growth(staying):
