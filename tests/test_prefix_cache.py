@@ -85,6 +85,17 @@ def test_cache_reference_bugs_are_refused():
     cache.check_integrity()
 
 
+def reclaimable_by_walk(pool: KVPool, cache: RadixCache) -> int:
+    """Pages whose whole subtree only the cache holds, counted from scratch (the memo's reference)."""
+
+    def free_below(node) -> tuple[bool, int]:
+        results = [free_below(child) for child in node.children.values()]
+        all_free = all(ok for ok, _ in results) and (node is cache.root or pool.refcount(node.page) == 1)
+        return all_free, sum(n for _, n in results) + (all_free and node is not cache.root)
+
+    return free_below(cache.root)[1]
+
+
 def test_eviction_never_touches_referenced_pages_under_random_stress():
     rng = random.Random(1)
     pool, cache = bare(num_pages=24, page_size=2)
@@ -103,7 +114,9 @@ def test_eviction_never_touches_referenced_pages_under_random_stress():
                 pool.unref(prefix)
                 continue
             protected = {p for _, ps in held for p in ps} | set(prefix)
+            assert cache.reclaimable() == reclaimable_by_walk(pool, cache)
             fresh = pool.alloc(need)
+            assert cache.reclaimable() == reclaimable_by_walk(pool, cache)
             assert not protected & set(fresh), "eviction handed out a referenced page"
             held.append((tokens, prefix + fresh))
         pool.check_integrity()

@@ -99,6 +99,7 @@ class KVPool:
         self._cached = bytearray(num_pages)  # 1: one of the page's references is the prefix cache's
         self._num_referenced = 0
         self._num_cache_only = 0  # cached pages whose only reference is the cache's
+        self.cache_epoch = 0  # bumped whenever a cached page gains or loses a holder (reclaimers memoise on it)
         self.reclaimer: Reclaimer | None = None
 
     @property
@@ -167,6 +168,7 @@ class KVPool:
         """Add one holder to each of ``pages``; they must already be held (allocated). With ``cache``
         the holder is the prefix cache (at most one cache reference per page)."""
         refs, cached = self._refs, self._cached
+        self.cache_epoch += cache or any(cached[page] for page in pages)
         for i, page in enumerate(pages):
             if refs[page] <= 0 or (cache and cached[page]):
                 self._rollback_ref(pages[:i], cache)
@@ -190,6 +192,7 @@ class KVPool:
         """Drop one holder from each of ``pages``; a page nobody holds any more becomes free. With
         ``cache`` the holder dropping out is the prefix cache."""
         refs, cached = self._refs, self._cached
+        self.cache_epoch += cache or any(cached[page] for page in pages)
         for page in pages:
             if refs[page] <= 0:
                 raise PageRefError(f"KV page {page} released more often than it was referenced (double free)")

@@ -9,7 +9,10 @@ them between requests, and reading them for a P/D transfer, is safe.
 
 Eviction (asked by the pool when an allocation finds too few free pages) drops the cache's
 reference to least-recently-used leaves that nobody else holds, then to their parents as they
-become such leaves; a page any request or transfer holds is never evicted.
+become such leaves; a page any request or transfer holds is never evicted. The evictable leaves
+(a heap by last access) and the count of reclaimable pages come from one walk of the tree, kept
+until a cached page's holders change (``KVPool.cache_epoch``): under KV pressure every decode row's
+page allocation evicts, and a walk per allocation made each step cost O(rows x cached pages).
 
 Every store and eviction is recorded as a KV event (:mod:`pdserve.kv_events`) with the
 page's chained hash, for schedulers outside the engine; :meth:`RadixCache.drain_events` hands
@@ -60,6 +63,9 @@ class RadixCache:
         self.events: list[CacheEvent] = []
         self.num_stored = 0  # pages ever stored
         self.num_evicted = 0  # pages ever evicted
+        self._memo_epoch = -1  # pool.cache_epoch that _leaf_heap and _num_reclaimable describe
+        self._leaf_heap: list[tuple[int, int, _Node]] = []
+        self._num_reclaimable = 0
         pool.reclaimer = self
 
     # ------------------------------------------------------------------ lookup and insertion
@@ -109,24 +115,19 @@ class RadixCache:
     # ------------------------------------------------------------------ eviction
     def reclaimable(self) -> int:
         """Pages eviction could free now: nodes whose whole subtree only the cache holds."""
-        refcount = self.pool.refcount
-        blocked: set[int] = set()  # ids of nodes whose subtree holds a page someone else uses
-        total = 0
-        for node in reversed(self._nodes()):  # children before their parents
-            if refcount(node.page) == 1 and id(node) not in blocked:
-                total += 1
-            elif node.parent is not None:
-                blocked.add(id(node.parent))
-        return total
+        self._refresh()
+        return self._num_reclaimable
 
     def reclaim(self, count: int) -> int:
         """Evict up to ``count`` least-recently-used pages nobody but the cache holds."""
-        refcount = self.pool.refcount
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and refcount(n.page) == 1]
-        heapq.heapify(heap)
+        self._refresh()
+        refcount, heap = self.pool.refcount, self._leaf_heap
         evicted: list[_Node] = []
         while heap and len(evicted) < count:
-            _, _, node = heapq.heappop(heap)
+            stamp, _, node = heapq.heappop(heap)
+            if node.last_access != stamp:  # touched by a lookup since the walk: requeue at its new age
+                heapq.heappush(heap, (node.last_access, id(node), node))
+                continue
             parent = node.parent
             assert parent is not None
             del parent.children[node.key]
@@ -138,7 +139,27 @@ class RadixCache:
             self.num_pages -= len(evicted)
             self.num_evicted += len(evicted)
             self._record(BlockRemoved([n.hash for n in evicted]))
+            self._num_reclaimable -= len(evicted)  # only reclaimable pages were evicted; the heap stays true
+            self._memo_epoch = self.pool.cache_epoch
         return len(evicted)
+
+    def _refresh(self) -> None:
+        """Rebuild the evictable-leaf heap and the reclaimable count if a cached page's holders changed."""
+        if self._memo_epoch == self.pool.cache_epoch:
+            return
+        refcount = self.pool.refcount
+        blocked: set[int] = set()  # ids of nodes whose subtree holds a page someone else uses
+        total = 0
+        leaves: list[tuple[int, int, _Node]] = []
+        for node in reversed(self._nodes()):  # children before their parents
+            if refcount(node.page) == 1 and id(node) not in blocked:
+                total += 1
+                if not node.children:
+                    leaves.append((node.last_access, id(node), node))
+            elif node.parent is not None:
+                blocked.add(id(node.parent))
+        heapq.heapify(leaves)
+        self._leaf_heap, self._num_reclaimable, self._memo_epoch = leaves, total, self.pool.cache_epoch
 
     def reset(self) -> int:
         """Drop every cached page (``/flush_cache``); pages a request still holds stay its own."""
