@@ -36,6 +36,16 @@ static inline void load_row(const void *base, int dtype, int64_t offset, int64_t
     }
 }
 
+/* Pages are scattered, so the hardware prefetcher loses the stream at every page boundary: rows this
+ * many positions ahead are requested explicitly (about one page at the usual page size) */
+#define PREFETCH_AHEAD 16
+
+static inline void prefetch_row(const void *kv, int dtype, int64_t offset, int64_t numel) {
+    const char *p = (const char *)kv + offset * (dtype == 0 ? 4 : 2);
+    const int64_t bytes = numel * (dtype == 0 ? 4 : 2);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 #define MAX_DIM 256
 #define MAX_GROUP 64  /* query heads per KV head */
 
@@ -142,10 +152,15 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         }
         load_row(q, dtype, t0 * width, n * width, qf);
         for (int64_t i = 0; i < n * width; i++) qf[i] *= scale;
-        if (n == 1) { /* a decode token: too few queries to pay for the transposition, dot each K row */
+        if (n == 1) { /* a decode token: too few queries to pay for a transposition. Each (position, query
+                       * head) dot product is kept as 8 lane partial sums; every 8 of them are reduced
+                       * together (hsum8x8) and scattered into the score rows. */
+            v8 partial[8];
+            int64_t target[8], pending = 0;
             for (int64_t j = 0; j < len; j++) {
                 const int64_t base = kbase[j];
                 const float *k;
+                if (j + PREFETCH_AHEAD < len) prefetch_row(kv, dtype, kbase[j + PREFETCH_AHEAD], row_stride);
                 if (dtype == 0) {
                     k = (const float *)kv + base;
                 } else {
@@ -154,12 +169,18 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                 }
                 for (int64_t hq = 0; hq < num_q_heads; hq++) {
                     const float *kh = k + (hq / group) * head_dim, *qh = qf + hq * head_dim;
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];
-                    scores[hq * len8 + j] = s;
+                    v8 a = load8(qh) * load8(kh);
+                    for (int64_t d = 8; d < head_dim; d += 8) a += load8(qh + d) * load8(kh + d);
+                    partial[pending] = a;
+                    target[pending++] = hq * len8 + j;
+                    if (pending == 8) {
+                        const v8 sums = hsum8x8(partial);
+                        for (int64_t i = 0; i < 8; i++) scores[target[i]] = sums[i];
+                        pending = 0;
+                    }
                 }
             }
+            for (int64_t i = 0; i < pending; i++) scores[target[i]] = hsum8(partial[i]);
         }
         for (int64_t j0 = 0; n > 1 && j0 < len; j0 += KBLOCK) {
             const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
@@ -211,6 +232,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
             for (int64_t jj = 0; jj < vb; jj++) {
                 const int64_t j = j0 + jj;
                 const int64_t base = kbase[j] + half_stride;
+                if (j + VBLOCK < len) prefetch_row(kv, dtype, kbase[j + VBLOCK] + half_stride, row_stride);
                 if (dtype == 0) {
                     vrow[jj] = (const float *)kv + base;
                 } else {
