@@ -50,12 +50,13 @@ static inline void prefetch_row(const void *kv, int dtype, int64_t offset, int64
 #define MAX_GROUP 64  /* query heads per KV head */
 
 #define QUERY_TILE 16
-#define KBLOCK 8   /* positions whose scores one vector holds */
+#define KBLOCK 16  /* positions whose scores two vectors hold */
 #define VBLOCK 32  /* positions accumulated per pass over V */
 
-/* w[0, n) = softmax(w[0, n)) in place; w has room for a multiple of 8 floats */
-static void softmax_inplace(float *w, int64_t n) {
-    if (n <= 0) return;
+/* w[0, n) = exp(w[0, n) - max) in place; returns 1 / their sum, which the caller applies to the
+ * weighted sum of values instead of to every weight. w has room for a multiple of 8 floats. */
+static float softmax_unnormalised(float *w, int64_t n) {
+    if (n <= 0) return 0.f;
     const int64_t full = n / 8 * 8, rest = n - full;
     float tail[8];
     v8 vmax = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
@@ -80,8 +81,7 @@ static void softmax_inplace(float *w, int64_t n) {
             sum += tail[j];
         }
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int64_t j = 0; j < n; j++) w[j] *= inv;
+    return sum > 0.f ? 1.f / sum : 0.f;
 }
 
 static inline float kv_at(const void *kv, int dtype, int64_t offset) {
@@ -105,7 +105,9 @@ static inline __attribute__((always_inline)) void accumulate_values(float *a, co
  * is one row; each decode token is its own row, so its tile is one token). A tile reads every K and V
  * position of its row once, front to back, for all its queries (each over its own causal length).
  * Scores: KBLOCK positions of one KV head are transposed into a [head_dim][KBLOCK] block, so every
- * query head of the tile gets KBLOCK scores with head_dim vector FMAs and no horizontal sums.
+ * query head of the tile gets KBLOCK scores with head_dim vector FMAs and no horizontal sums (six
+ * query heads per pass, so each K vector loaded feeds six FMAs). Softmax weights stay unnormalised; each
+ * output row is scaled by 1 / sum once at the end.
  * Values: each query head's output stays in vector registers over VBLOCK positions.
  * Requires head_dim % 8 == 0. */
 int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, const int32_t *block_table,
@@ -136,13 +138,14 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         const int32_t *pages = block_table + (int64_t)row_of_token[t0] * table_stride;
         float *qf = (float *)malloc(sizeof(float) * (size_t)(n * width));
         float *acc = (float *)calloc((size_t)(n * width), sizeof(float));
+        float *norm = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads)); /* 1 / softmax sum per query head */
         float *block = (float *)malloc(sizeof(float) * (size_t)(VBLOCK * row_stride));
         float *scores = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads * (len8 > 0 ? len8 : 1)));
         int64_t *kbase = (int64_t *)malloc(sizeof(int64_t) * (size_t)(len > 0 ? len : 1));
-        if (qf == NULL || acc == NULL || block == NULL || scores == NULL || kbase == NULL) {
+        if (qf == NULL || acc == NULL || norm == NULL || block == NULL || scores == NULL || kbase == NULL) {
 #pragma omp atomic write
             failed = 1;
-            free(qf), free(acc), free(block), free(scores), free(kbase);
+            free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
             continue;
         }
         /* offset of position j's K row (its V row is half_stride further), without a division per use */
@@ -195,36 +198,41 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                     const int64_t base = kbase[j] + h * head_dim;
                     for (int64_t d = 0; d < head_dim; d++) kt[d * KBLOCK + jj] = kv_at(kv, dtype, base + d);
                 }
-                /* the query heads of this KV head in the tile's live tokens, four at a time */
+                /* the query heads of this KV head in the tile's live tokens, six at a time: two K vectors
+                 * and six broadcast query values feed twelve accumulators per dimension */
                 int64_t ms[QUERY_TILE * MAX_GROUP];
                 int64_t count = 0;
                 for (int64_t i = 0; i < n; i++)
                     if (j0 < kv_len[t0 + i])
                         for (int64_t g = 0; g < group; g++) ms[count++] = i * num_q_heads + h * group + g;
-                for (int64_t c = 0; c < count; c += 4) {
-                    const int64_t r = count - c < 4 ? count - c : 4;
-                    const float *q0 = qf + ms[c] * head_dim;
-                    const float *q1 = qf + ms[c + (r > 1)] * head_dim;
-                    const float *q2 = qf + ms[c + (r > 2 ? 2 : 0)] * head_dim;
-                    const float *q3 = qf + ms[c + (r > 3 ? 3 : 0)] * head_dim;
-                    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+                for (int64_t c = 0; c < count; c += 6) {
+                    const int64_t r = count - c < 6 ? count - c : 6;
+                    const float *qr[6];
+                    for (int64_t i = 0; i < 6; i++) qr[i] = qf + ms[c + (i < r ? i : 0)] * head_dim;
+                    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0};
+                    v8 b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, b4 = {0}, b5 = {0};
                     for (int64_t d = 0; d < head_dim; d++) {
-                        const v8 k = load8(kt + d * KBLOCK);
-                        s0 += q0[d] * k;
-                        s1 += q1[d] * k;
-                        s2 += q2[d] * k;
-                        s3 += q3[d] * k;
+                        const v8 k0 = load8(kt + d * KBLOCK), k1 = load8(kt + d * KBLOCK + 8);
+                        float x = qr[0][d];
+                        a0 += x * k0, b0 += x * k1, x = qr[1][d];
+                        a1 += x * k0, b1 += x * k1, x = qr[2][d];
+                        a2 += x * k0, b2 += x * k1, x = qr[3][d];
+                        a3 += x * k0, b3 += x * k1, x = qr[4][d];
+                        a4 += x * k0, b4 += x * k1, x = qr[5][d];
+                        a5 += x * k0, b5 += x * k1;
                     }
-                    store8(scores + ms[c] * len8 + j0, s0);
-                    if (r > 1) store8(scores + ms[c + 1] * len8 + j0, s1);
-                    if (r > 2) store8(scores + ms[c + 2] * len8 + j0, s2);
-                    if (r > 3) store8(scores + ms[c + 3] * len8 + j0, s3);
+                    const v8 lo[6] = {a0, a1, a2, a3, a4, a5}, hi[6] = {b0, b1, b2, b3, b4, b5};
+                    for (int64_t i = 0; i < r; i++) {
+                        store8(scores + ms[c + i] * len8 + j0, lo[i]);
+                        store8(scores + ms[c + i] * len8 + j0 + 8, hi[i]);
+                    }
                 }
             }
         }
         for (int64_t i = 0; i < n; i++) {
             const int64_t li = kv_len[t0 + i];
-            for (int64_t hq = 0; hq < num_q_heads; hq++) softmax_inplace(scores + (i * num_q_heads + hq) * len8, li);
+            for (int64_t hq = 0; hq < num_q_heads; hq++)
+                norm[i * num_q_heads + hq] = softmax_unnormalised(scores + (i * num_q_heads + hq) * len8, li);
         }
         for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
             const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;
@@ -260,13 +268,15 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                 }
             }
         }
+        for (int64_t m = 0; m < n * num_q_heads; m++)
+            for (int64_t d = 0; d < head_dim; d++) acc[m * head_dim + d] *= norm[m];
         if (dtype == 0) {
             memcpy((float *)out + t0 * width, acc, sizeof(float) * (size_t)(n * width));
         } else {
             uint16_t *dst = (uint16_t *)out + t0 * width;
             for (int64_t i = 0; i < n * width; i++) dst[i] = float_to_bf16(acc[i]);
         }
-        free(qf), free(acc), free(block), free(scores), free(kbase);
+        free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
     }
     free(tile_start);
     return failed ? 2 : 0;
