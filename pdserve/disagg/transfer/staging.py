@@ -24,6 +24,7 @@ CUDA-specific.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,8 @@ import torch
 
 from pdserve.disagg.transfer.stream import recv_buffers, send_buffers
 from pdserve.engine.kv_pool import KVPool
+
+logger = logging.getLogger("pdserve.disagg.transfer")
 
 DEFAULT_STAGING_BYTES = 32 << 20  # one buffer: two halves of 16 MiB
 IDLE_BUFFERS = 2  # buffers kept for reuse when no frame holds them
@@ -81,6 +84,8 @@ class PageStaging:
         self.max_bytes = 2 * self.half_slots * self.page_bytes
         self.layers = [layer.view(torch.uint8).reshape(layer.shape[0], -1) for layer in pool.layers]
         self.pinned = torch.cuda.is_available()
+        logger.info("tcp KV transfer: pages of the %s pool cross %s host buffers of %.1f MiB (one per frame in flight)",
+                    self.device, "pinned" if self.pinned else "pageable", self.max_bytes / 2**20)
         self._idle: list[_Buffer] = []
         self._lock = threading.Lock()
 
