@@ -2,12 +2,13 @@
 
 A socket reads and writes host memory only, so a device pool's pages cross a bounded host buffer
 (pinned when CUDA is available, so the copies are asynchronous DMA): the sender gathers the pages of
-each layer on the device (``index_select``) and copies them into the buffer on a dedicated CUDA
-stream, synchronises that stream, then writes the buffer on the socket; the receiver reads the
-payload into the buffer and scatters it into the destination pages (``index_copy_``) on its own
-stream, and synchronises that stream before the frame is reported, so no decode step reads a page
-before its bytes have landed. The bytes on the wire are exactly the unstaged layout (layer by layer,
-pages in list order): a staged sender may feed an unstaged receiver and the other way round.
+each layer on the device (``index_select``) and copies them into the buffer on the buffer's own
+CUDA stream, synchronises it, then writes the buffer on the socket; the receiver reads the payload
+into the buffer and scatters it into the destination pages (``index_copy_``) on the buffer's
+stream, and synchronises it before the frame is reported (and before the room's write fence is
+released), so no decode step reads a page before its bytes have landed. The bytes on the wire are
+exactly the unstaged layout (layer by layer, pages in list order): a staged sender may feed an
+unstaged receiver and the other way round.
 
 A frame's payload is cut into pieces of at most half a buffer (never less than one page of every
 layer); the two halves alternate, so on a GPU the device copy of one piece overlaps the socket I/O
@@ -16,8 +17,8 @@ for reuse (at most :data:`IDLE_BUFFERS`), so host memory is bounded by ``max_byt
 moving at once (one per connection). Ordering on the sender needs nothing more than what prefill
 already does: it waits for the step's ``kv_written`` event before it queues pages to send.
 
-The same code runs on a CPU pool when staging is forced (tests, ``pdserve bench transfer
---staging``, or the test hook ``PDSERVE_TEST_KV_STAGING=1``); only the stream and the pinning are
+The same code runs on a CPU pool when staging is forced (tests, ``pdserve bench transfer --backend
+tcp-staged``, or the test hook ``PDSERVE_TEST_KV_STAGING=1``); only the streams and the pinning are
 CUDA-specific.
 """
 
