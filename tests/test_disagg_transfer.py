@@ -26,7 +26,7 @@ from pdserve.disagg.transfer import (
     create_receiver,
     create_sender,
 )
-from pdserve.disagg.transfer.staging import needs_staging
+from pdserve.disagg.transfer.staging import IDLE_BUFFERS, PageStaging, needs_staging
 from pdserve.disagg.transfer.stream import paired_runs, runs
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_pool import SHM_TRAILER_BYTES, KVPool
@@ -361,3 +361,51 @@ def test_server_refuses_shm_with_a_device_pool_at_startup(device):
     with pytest.raises(ValueError, match="--disaggregation-transfer-backend tcp"):
         config.validate()
     ServerConfig(engine=EngineConfig(device=device), disagg=DisaggConfig(mode="decode")).validate()  # tcp is fine
+
+
+@pytest.mark.parametrize("num_pages", [1, 3, 4, 7, 13])
+@pytest.mark.parametrize("max_pages", [1, 3, 4, 8, 40])
+def test_staging_pieces_cover_the_frame_in_wire_order(num_pages, max_pages):
+    """Every (layer, page) slot of a frame lands in exactly one piece, in wire order, packed from the
+    start of a half buffer that never overflows (at least one page of every layer per half)."""
+    pool = filled_pool(1, "float32")
+    staging = PageStaging(pool, max_bytes=2 * max_pages * pool.page_bytes())
+    assert staging.half_slots == max(max_pages, len(pool.layers))
+    order = []
+    for piece in staging._pieces(num_pages):
+        offset = 0
+        for seg in piece:
+            assert seg.offset == offset and 0 <= seg.first < seg.end <= num_pages
+            offset += seg.end - seg.first
+            order += [(seg.layer, i) for i in range(seg.first, seg.end)]
+        assert 0 < offset <= staging.half_slots
+    assert order == [(layer, i) for layer in range(len(pool.layers)) for i in range(num_pages)]
+
+
+def test_staged_senders_share_a_receiver_concurrently(closing):
+    """Two staged senders write interleaved rooms into one staged receiver at once (one staging buffer
+    per frame in flight); every page lands and the receiver keeps at most its idle bound of buffers."""
+    dst = KVPool(dtype=torch.float32, device="cpu", **{**SHAPE, "num_pages": 96})
+    events = Collector()
+    receiver = create_receiver("tcp", dst, events, HOST, 5.0, staging=True, staging_bytes=SMALL_STAGING)
+    closing(receiver)
+    info, rng, plans = receiver.info(), random.Random(11), []
+    free = rng.sample(range(dst.num_pages), dst.num_pages)
+    for seed, rooms in ((21, (1, 2)), (22, (3, 4))):
+        src = filled_pool(seed, "float32")
+        sender = create_sender("tcp", src, lambda r: None, 5.0, staging=True, staging_bytes=SMALL_STAGING)
+        closing(sender)
+        for room in rooms:
+            s, d = rng.sample(range(src.num_pages), 20), [free.pop() for _ in range(20)]
+            receiver.open_room(room, d)
+            plans.append((sender, src, room, s, d))
+    for start in range(0, 20, 5):  # each sender's thread interleaves its two rooms; the two run at once
+        for sender, _, room, s, d in plans:
+            sender.send_pages(info, room, s[start : start + 5], d[start : start + 5])
+    for sender, _, room, _, _ in plans:
+        sender.send_message(info, m.Status(room, True))
+    events.wait_for(lambda ev: len([e for e in ev if isinstance(e, m.Status)]) == 4, "four statuses")
+    assert all(st.ok for st in events.statuses().values())
+    for _, src, _, s, d in plans:
+        assert_pages_equal(src, dst, s, d)
+    assert len(receiver.staging._idle) <= IDLE_BUFFERS
