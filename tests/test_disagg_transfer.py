@@ -363,6 +363,16 @@ def test_server_refuses_shm_with_a_device_pool_at_startup(device):
     ServerConfig(engine=EngineConfig(device=device), disagg=DisaggConfig(mode="decode")).validate()  # tcp is fine
 
 
+def test_serve_with_shm_on_a_gpu_exits_at_once_naming_the_flag():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--disaggregation-mode", "prefill",
+                           "--disaggregation-transfer-backend", "shm", "--device", "cuda:0", "--port", "0"],
+                          env=env, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "pdserve serve: the shm transfer backend" in proc.stderr
+    assert "use --disaggregation-transfer-backend tcp" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("num_pages", [1, 3, 4, 7, 13])
 @pytest.mark.parametrize("max_pages", [1, 3, 4, 8, 40])
 def test_staging_pieces_cover_the_frame_in_wire_order(num_pages, max_pages):
