@@ -78,7 +78,7 @@ class PageStaging:
     def __init__(self, pool: KVPool, max_bytes: int = DEFAULT_STAGING_BYTES) -> None:
         if not pool.layers:
             raise ValueError("KV staging needs a pool with storage")
-        self.device = pool.device
+        self.device = pool.layers[0].device  # with its index (a thread's current CUDA device may differ)
         self.page_bytes = pool.page_bytes()
         self.num_layers = len(pool.layers)
         self.half_slots = max(self.num_layers, max_bytes // 2 // self.page_bytes)  # one page of every layer at least
