@@ -41,7 +41,7 @@ from pdserve.engine.kv_pool import KVPool
 logger = logging.getLogger("pdserve.disagg.transfer")
 
 DEFAULT_STAGING_BYTES = 16 << 20  # one buffer: two halves of 8 MiB (a GPU's copy of one overlaps the socket on the other)
-IDLE_BUFFERS = 2  # buffers kept for reuse when no frame holds them
+IDLE_BUFFERS = 4  # buffers kept for reuse when no frame holds them (pinning a new one takes milliseconds)
 # Test hook: stage every tcp transfer, even of a CPU pool, so the GPU path runs on a CPU machine.
 TEST_FORCE_STAGING = os.environ.get("PDSERVE_TEST_KV_STAGING") == "1"
 
