@@ -7,7 +7,9 @@
 # 2. offline throughput vs transformers generate on the same GPU (135M shape and a ~1B Llama shape, bf16),
 #    with CUDA graphs, then the engine of the 1B shape again without them (--disable-cuda-graph);
 # 3. a P/D pair (one prefill, one decode server) on one GPU with the tcp backend, through the router,
-#    checked against the same prompts served by one colocated server.
+#    checked against the same prompts served by one colocated server;
+# 4. tcp transfer throughput between two GPU pools (pages staged through pinned host buffers, bytes
+#    checked on arrival) against a raw loopback socket between host buffers, in-order and shuffled.
 set -uo pipefail
 out="${1:-benchmarks/results/gpu}"
 mkdir -p "$out"
@@ -32,4 +34,11 @@ grep -h "captured CUDA graphs\|CUDA graph capture failed" "$out"/*.log || true
 
 echo "== 3. P/D pair on one GPU, tcp backend"
 timeout 900 python benchmarks/gpu_pd_pair.py --device cuda 2>&1 | tee "$out/pd_pair.log" || status=1
+
+echo "== 4. tcp transfer between GPU pools (host staging)"
+for order in in-order shuffled; do
+  flag=$([ "$order" = shuffled ] && echo --shuffle)
+  timeout 600 python -m pdserve.cli bench transfer --device cuda --backend tcp $flag \
+    --output-file "$out/transfer_cuda_$order.json" 2>&1 | tee "$out/transfer_cuda_$order.log" || status=1
+done
 exit $status

@@ -2,9 +2,10 @@
 """GPU check 3: one prefill and one decode server on one GPU with the tcp transfer backend, behind
 ``pdserve router``; their greedy outputs must equal one colocated server's on the same prompts.
 
-The tcp backend reads and writes pages as host memory; a CUDA KV pool needs its pages staged
-through pinned host buffers for it (not built yet: see docs/benchmarks.md, GPU path). Until then
-this check is expected to report the servers' failure rather than pass."""
+On CUDA both pools stay on the GPU and the tcp backend stages their pages through pinned host
+buffers (``pdserve/disagg/transfer/staging.py``). ``--device cpu`` runs the same pair on CPU pools
+(unstaged, or staged with ``PDSERVE_TEST_KV_STAGING=1`` in the environment). Exits non-zero when a
+server fails to start or any output differs."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from pdserve.bench.cluster import Cluster, post_json
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--device", default="cuda", help="device of all three servers (default: %(default)s)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="greedy prompts compared (default: %(default)s)")
     args = parser.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(4, 2000) for _ in range(rng.randint(16, 600))] for _ in range(args.num_prompts)]

@@ -2,7 +2,11 @@
 (DP 3) and a mixed server for reference; every rank pair through every generation route, the
 request-field spellings, 64 concurrent requests, failures reaching the other side (a refused
 request, a killed prefill server), 409, metrics, the shm backend, and sglang-router 0.3.2 in PD
-mode in front of them."""
+mode in front of them.
+
+The prefill and decode servers stage their KV pages through host buffers as GPU pools do
+(``PDSERVE_TEST_KV_STAGING=1``), so the GPU transfer path runs end to end here on CPU pools; the
+other P/D test modules cover the unstaged tcp path."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ WAITING_S = 10  # short enough to test the bound, long enough for 64 queued pair
 PD_TIMEOUTS = ["--disaggregation-bootstrap-timeout", "3", "--disaggregation-waiting-timeout", str(WAITING_S),
                "--disaggregation-transfer-timeout", "5"]
 GREEDY = {"max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0}
+STAGED = {"PDSERVE_TEST_KV_STAGING": "1"}  # the tcp backend's GPU path (host staging), on these CPU pools
 PROMPTS = ["The history of the world in a few words", "Once upon a time, in a small village by the sea",
            "def add(a, b):", "Hello"]
 
@@ -37,8 +42,8 @@ def servers(tmp_path_factory):
     logs = tmp_path_factory.mktemp("pd-logs")
     bootstrap_port = free_port()
     prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "2", "--chunked-prefill-size", "8",
-                      "--disaggregation-bootstrap-port", str(bootstrap_port), *COMMON, *PD_TIMEOUTS], logs)
-    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "3", *COMMON, *PD_TIMEOUTS], logs)
+                      "--disaggregation-bootstrap-port", str(bootstrap_port), *COMMON, *PD_TIMEOUTS], logs, env=STAGED)
+    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "3", *COMMON, *PD_TIMEOUTS], logs, env=STAGED)
     mixed = launch(COMMON, logs)
     try:
         for server in (prefill, decode, mixed):

@@ -17,9 +17,20 @@ import pytest
 import torch
 
 from pdserve.disagg import messages as m
-from pdserve.disagg.transfer import BACKENDS, PeerLost, SendResult, create_receiver, create_sender
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.transfer import (
+    BACKENDS,
+    DevicePoolError,
+    PeerLost,
+    SendResult,
+    create_receiver,
+    create_sender,
+)
+from pdserve.disagg.transfer.staging import IDLE_BUFFERS, PageStaging, needs_staging
 from pdserve.disagg.transfer.stream import paired_runs, runs
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_pool import SHM_TRAILER_BYTES, KVPool
+from pdserve.server.config import ServerConfig
 
 HOST = "127.0.0.1"
 WAIT_S = 10.0
@@ -33,6 +44,7 @@ spec = json.loads(sys.argv[1])
 pool = filled_pool(spec["seed"], spec["dtype"])
 results = []
 sender = create_sender(spec["backend"], pool, results.append, 10.0)
+assert (getattr(sender, "staging", None) is not None) == spec["staged"]
 dst = m.msgspec.convert(spec["receiver"], m.ReceiverInfo)
 for room, src, dst_pages, finish in spec["jobs"]:
     sender.send_message(dst, m.Accepted(room, 0))
@@ -47,6 +59,9 @@ sender.close()
 """
 
 SHAPE = dict(num_pages=37, page_size=5, num_layers=3, num_kv_heads=2, head_dim=6)
+# Half a staging buffer (float32) holds 4 page slots (one page of one layer each): a job of 2-9 pages of 3
+# layers crosses 2-7 pieces, most of them spanning two layers.
+SMALL_STAGING = 8 * SHAPE["page_size"] * SHAPE["num_kv_heads"] * SHAPE["head_dim"] * 2 * 4
 
 
 def filled_pool(seed: int, dtype: str, num_pages: int = SHAPE["num_pages"], shared: bool = False) -> KVPool:
@@ -103,19 +118,38 @@ def test_run_helpers():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pages_arrive_intact(backend, dtype, closing):
     """Random page lists in several jobs and rooms; untouched destination pages stay zero."""
+    check_pages_arrive_intact(backend, dtype, closing, {}, {})
+
+
+@pytest.mark.parametrize("sender_staged,receiver_staged", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_staged_pages_arrive_intact(sender_staged, receiver_staged, dtype, closing):
+    """Host staging (what a GPU pool goes through), forced on CPU pools with a buffer smaller than
+    one job: the same bytes land, and a staged side talks to an unstaged one (the wire is unchanged)."""
+    staging_bytes = SMALL_STAGING // (1 if dtype == "float32" else 2)  # the same 4 slots per half
+    check_pages_arrive_intact("tcp", dtype, closing, {"staging": sender_staged, "staging_bytes": staging_bytes},
+                              {"staging": receiver_staged, "staging_bytes": staging_bytes})
+
+
+def check_pages_arrive_intact(backend: str, dtype: str, closing, sender_opts: dict, receiver_opts: dict) -> None:
     src = filled_pool(1, dtype)
     dst = KVPool(dtype=getattr(torch, dtype), device="cpu", **{**SHAPE, "num_pages": 50})
     events, done = Collector(), []
-    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    receiver = create_receiver(backend, dst, events, HOST, 5.0, **receiver_opts)
     closing(receiver)
-    sender = create_sender(backend, src, done.append, 5.0)
+    sender = create_sender(backend, src, done.append, 5.0, **sender_opts)
     closing(sender)
+    for side, opts in ((sender, sender_opts), (receiver, receiver_opts)):
+        if "staging" in opts:
+            assert (side.staging is not None) == opts["staging"]
+            assert side.staging is None or side.staging.half_slots == 4
     rng = random.Random(7)
     plan = {}
     for room in (11, 12):
         n = rng.randint(5, 17)
         plan[room] = (rng.sample(range(src.num_pages), n), None)
-    used = rng.sample(range(dst.num_pages), sum(len(s) for s, _ in plan.values()))
+    used = dst.alloc(sum(len(s) for s, _ in plan.values()))  # held as a decode room holds them
+    rng.shuffle(used)
     plan[11] = (plan[11][0], used[: len(plan[11][0])])
     plan[12] = (plan[12][0], used[len(plan[11][0]) :])
     info = receiver.info()
@@ -140,14 +174,21 @@ def test_pages_arrive_intact(backend, dtype, closing):
     assert all(r.error is None and not r.cancelled for r in done)
     assert sum(r.nbytes for r in page_jobs) == len(used) * len(src.layers) * src.page_bytes()
     assert sorted(r.tag for r in page_jobs) == [11, 11, 12, 12]
+    for room in plan:
+        assert receiver.close_room(room) is (backend == "tcp")
+    dst.unref(used)
+    dst.check_integrity(expect_used=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "tcp-staged"])
 def test_pages_arrive_from_another_process(backend, closing):
-    """A sender in its own process fills the pool; a room it leaves unfinished is reported lost."""
+    """A sender in its own process fills the pool; a room it leaves unfinished is reported lost.
+    ``tcp-staged``: both sides stage (the sender through the test hook's environment variable)."""
+    staged = backend == "tcp-staged"
+    backend = backend.removesuffix("-staged")
     dst = KVPool(dtype=torch.float32, device="cpu", **{**SHAPE, "num_pages": 64})
     events = Collector()
-    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    receiver = create_receiver(backend, dst, events, HOST, 5.0, staging=staged or None, staging_bytes=SMALL_STAGING)
     closing(receiver)
     rng = random.Random(3)
     src_pages = rng.sample(range(SHAPE["num_pages"]), 20)
@@ -158,10 +199,12 @@ def test_pages_arrive_from_another_process(backend, closing):
         "seed": 5,
         "dtype": "float32",
         "backend": backend,
+        "staged": staged,
         "receiver": msgspec.to_builtins(receiver.info()),
         "jobs": [[1, src_pages[:12], dst_pages[:12], True], [2, src_pages[12:], dst_pages[12:], False]],
     }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+           "PDSERVE_TEST_KV_STAGING": "1" if staged else ""}
     proc = subprocess.run([sys.executable, "-c", SENDER_SCRIPT, json.dumps(spec)], env=env, timeout=60,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -172,14 +215,17 @@ def test_pages_arrive_from_another_process(backend, closing):
     assert_pages_equal(filled_pool(5, "float32"), dst, src_pages, dst_pages)
 
 
-def test_tcp_closed_room_is_not_written(closing):
-    """After close_room, frames for that room are discarded and the pages stay untouched."""
+@pytest.mark.parametrize("staged", [False, True])
+def test_tcp_closed_room_is_not_written(staged, closing):
+    """After close_room, frames for that room are discarded and the pages stay untouched; the
+    stream stays in step for the next room's frame (staged or not)."""
     src = filled_pool(2, "float32")
     dst = KVPool(dtype=torch.float32, device="cpu", **SHAPE)
     events, done = Collector(), []
-    receiver = create_receiver("tcp", dst, events, HOST, 5.0)
+    opts = {"staging": staged, "staging_bytes": SMALL_STAGING}
+    receiver = create_receiver("tcp", dst, events, HOST, 5.0, **opts)
     closing(receiver)
-    sender = create_sender("tcp", src, done.append, 5.0)
+    sender = create_sender("tcp", src, done.append, 5.0, **opts)
     closing(sender)
     info = receiver.info()
     receiver.open_room(5, [0, 1, 2])
@@ -192,6 +238,14 @@ def test_tcp_closed_room_is_not_written(closing):
     assert not any(layer.any() for layer in dst.layers)
     bad = [e for e in events.events if isinstance(e, m.Status) and not e.ok]
     assert bad and "outside the room" in bad[0].reason
+    receiver.open_room(7, [20, 11, 30, 12])
+    sender.send_pages(info, 7, [1, 2, 3, 9], [20, 11, 30, 12])
+    sender.send_message(info, m.Status(7, True))
+    events.wait_for(lambda ev: 7 in {e.room for e in ev if isinstance(e, m.Status)}, "room 7's status")
+    assert events.statuses()[7].ok
+    assert_pages_equal(src, dst, [1, 2, 3, 9], [20, 11, 30, 12])
+    written = {20, 11, 30, 12}
+    assert not any(layer[[p for p in range(dst.num_pages) if p not in written]].any() for layer in dst.layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,10 +335,87 @@ def test_kv_pool_shared_memory_keeps_contents_and_leaves_nothing_behind():
     assert not os.path.exists(path) or os.readlink(path) != target  # the descriptor is closed
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_cpu_pool_is_refused_clearly(backend):
+def test_shm_refuses_a_device_pool_and_tcp_stages_it():
     pool = KVPool(dtype=torch.float32, device="meta", **SHAPE)
-    with pytest.raises(ValueError, match="--device cpu"):
-        create_sender(backend, pool, lambda r: None, 1.0)
-    with pytest.raises(ValueError, match="--device cpu"):
-        create_receiver(backend, pool, lambda e: None, HOST, 1.0)
+    with pytest.raises(DevicePoolError, match="--disaggregation-transfer-backend tcp"):
+        create_sender("shm", pool, lambda r: None, 1.0)
+    with pytest.raises(DevicePoolError, match="--disaggregation-transfer-backend tcp"):
+        create_receiver("shm", pool, lambda e: None, HOST, 1.0)
+    with pytest.raises(ValueError, match="tcp backend option"):
+        create_sender("shm", filled_pool(1, "float32"), lambda r: None, 1.0, staging=True)
+    assert needs_staging(pool) and not needs_staging(filled_pool(1, "float32")) and needs_staging(pool, False)
+    sender = create_sender("tcp", pool, lambda r: None, 1.0)
+    try:
+        assert sender.staging is not None and sender.src_arrays == []
+    finally:
+        sender.close()
+
+
+@pytest.mark.parametrize("device", [None, "cuda", "cuda:1"])
+def test_server_refuses_shm_with_a_device_pool_at_startup(device):
+    """The shm + GPU mistake fails in config validation, naming the flag to use, before a worker starts."""
+    config = ServerConfig(engine=EngineConfig(device=device), disagg=DisaggConfig(mode="decode", transfer_backend="shm"))
+    if device is None and not torch.cuda.is_available():
+        config.validate()  # the pool will be on the CPU
+        return
+    with pytest.raises(ValueError, match="--disaggregation-transfer-backend tcp"):
+        config.validate()
+    ServerConfig(engine=EngineConfig(device=device), disagg=DisaggConfig(mode="decode")).validate()  # tcp is fine
+
+
+def test_serve_with_shm_on_a_gpu_exits_at_once_naming_the_flag():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--disaggregation-mode", "prefill",
+                           "--disaggregation-transfer-backend", "shm", "--device", "cuda:0", "--port", "0"],
+                          env=env, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "pdserve serve: the shm transfer backend" in proc.stderr
+    assert "use --disaggregation-transfer-backend tcp" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("num_pages", [1, 3, 4, 7, 13])
+@pytest.mark.parametrize("max_pages", [1, 3, 4, 8, 40])
+def test_staging_pieces_cover_the_frame_in_wire_order(num_pages, max_pages):
+    """Every (layer, page) slot of a frame lands in exactly one piece, in wire order, packed from the
+    start of a half buffer that never overflows (at least one page of every layer per half)."""
+    pool = filled_pool(1, "float32")
+    staging = PageStaging(pool, max_bytes=2 * max_pages * pool.page_bytes())
+    assert staging.half_slots == max(max_pages, len(pool.layers))
+    order = []
+    for piece in staging._pieces(num_pages):
+        offset = 0
+        for seg in piece:
+            assert seg.offset == offset and 0 <= seg.first < seg.end <= num_pages
+            offset += seg.end - seg.first
+            order += [(seg.layer, i) for i in range(seg.first, seg.end)]
+        assert 0 < offset <= staging.half_slots
+    assert order == [(layer, i) for layer in range(len(pool.layers)) for i in range(num_pages)]
+
+
+def test_staged_senders_share_a_receiver_concurrently(closing):
+    """Two staged senders write interleaved rooms into one staged receiver at once (one staging buffer
+    per frame in flight); every page lands and the receiver keeps at most its idle bound of buffers."""
+    dst = KVPool(dtype=torch.float32, device="cpu", **{**SHAPE, "num_pages": 96})
+    events = Collector()
+    receiver = create_receiver("tcp", dst, events, HOST, 5.0, staging=True, staging_bytes=SMALL_STAGING)
+    closing(receiver)
+    info, rng, plans = receiver.info(), random.Random(11), []
+    free = rng.sample(range(dst.num_pages), dst.num_pages)
+    for seed, rooms in ((21, (1, 2)), (22, (3, 4))):
+        src = filled_pool(seed, "float32")
+        sender = create_sender("tcp", src, lambda r: None, 5.0, staging=True, staging_bytes=SMALL_STAGING)
+        closing(sender)
+        for room in rooms:
+            s, d = rng.sample(range(src.num_pages), 20), [free.pop() for _ in range(20)]
+            receiver.open_room(room, d)
+            plans.append((sender, src, room, s, d))
+    for start in range(0, 20, 5):  # each sender's thread interleaves its two rooms; the two run at once
+        for sender, _, room, s, d in plans:
+            sender.send_pages(info, room, s[start : start + 5], d[start : start + 5])
+    for sender, _, room, _, _ in plans:
+        sender.send_message(info, m.Status(room, True))
+    events.wait_for(lambda ev: len([e for e in ev if isinstance(e, m.Status)]) == 4, "four statuses")
+    assert all(st.ok for st in events.statuses().values())
+    for _, src, _, s, d in plans:
+        assert_pages_equal(src, dst, s, d)
+    assert len(receiver.staging._idle) <= IDLE_BUFFERS

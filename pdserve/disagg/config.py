@@ -72,6 +72,25 @@ class DisaggConfig:
                 raise ValueError(f"disaggregation {name.replace('_', ' ')} must be > 0 seconds, got {getattr(self, name)}")
 
 
+    def check_device(self, device: str | None) -> None:
+        """Refuse a backend that cannot move KV pages of a pool on ``device`` (None: cuda when available)."""
+        if self.mode == "null" or self.transfer_backend != "shm" or device == "cpu":
+            return
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not device.startswith("cpu"):
+            raise ValueError(shm_device_error(device))
+
+
+def shm_device_error(device: str) -> str:
+    """Why the shm backend refuses a KV pool on ``device``."""
+    return (f"the shm transfer backend maps the decode pool's host memory, so it needs a CPU KV pool; this server's "
+            f"pool is on {device}: use --disaggregation-transfer-backend tcp (it stages GPU pages through pinned "
+            "host memory) or --device cpu")
+
+
 def _is_network(entry: str) -> bool:
     try:
         ipaddress.ip_network(entry, strict=False)

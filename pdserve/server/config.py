@@ -71,6 +71,7 @@ class ServerConfig:
         if self.disagg.mode != "null" and bool(self.engine.simulate) != (self.disagg.transfer_backend == "sim"):
             raise ValueError("the sim transfer backend goes with --simulate and only with it (sim servers move no "
                              f"KV bytes); got --disaggregation-transfer-backend {self.disagg.transfer_backend}")
+        self.disagg.check_device(self.engine.device)
         if self.engine.simulate:
             from pdserve.sim.validate import check_config
 

@@ -1,11 +1,14 @@
-"""KV transfer backends behind one interface (:mod:`.base`): ``tcp`` and ``shm``."""
+"""KV transfer backends behind one interface (:mod:`.base`): ``tcp`` and ``shm``.
+
+``tcp`` moves pages of any pool (a GPU pool's through host staging, :mod:`.staging`); ``shm`` maps
+host memory and needs a CPU pool on both sides."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from pdserve.disagg.auth import PlaneAuth
-from pdserve.disagg.config import ALL_BACKENDS, BACKENDS
+from pdserve.disagg.config import ALL_BACKENDS, BACKENDS, shm_device_error
 from pdserve.disagg.transfer.base import (
     KVReceiver,
     KVSender,
@@ -15,21 +18,25 @@ from pdserve.disagg.transfer.base import (
     ReceiverLost,
     SendResult,
 )
+from pdserve.disagg.transfer.staging import DEFAULT_STAGING_BYTES
 from pdserve.engine.kv_pool import KVPool
 
-__all__ = ["BACKENDS", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "ReceiverGuard", "ReceiverLost", "SendResult",
-           "create_receiver", "create_sender"]
+__all__ = ["BACKENDS", "DevicePoolError", "KVReceiver", "KVSender", "PeerLost", "ReceiverEvent", "ReceiverGuard",
+           "ReceiverLost", "SendResult", "create_receiver", "create_sender", "shm_device_error"]
 
 
 def create_sender(
     backend: str, pool: KVPool, on_done: Callable[[SendResult], None], io_timeout: float,
-    auth: PlaneAuth | None = None, idle_timeout: float = 60.0,
+    auth: PlaneAuth | None = None, idle_timeout: float = 60.0, staging: bool | None = None,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> KVSender:
-    _check_pool(backend, pool)
+    """A sender for ``pool``; ``staging`` (tcp only) forces host staging on or off (None: when the
+    pool is not host memory)."""
+    _check_pool(backend, pool, staging)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpSender
 
-        return TcpSender(pool, on_done, io_timeout, auth, idle_timeout)
+        return TcpSender(pool, on_done, io_timeout, auth, idle_timeout, staging, staging_bytes)
     if backend == "shm":
         from pdserve.disagg.transfer.shm import ShmSender
 
@@ -43,14 +50,15 @@ def create_sender(
 
 def create_receiver(
     backend: str, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float,
-    guard: ReceiverGuard | None = None,
+    guard: ReceiverGuard | None = None, staging: bool | None = None, staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> KVReceiver:
-    """A receiver for ``pool`` (the ``shm`` backend moves the pool into shared memory first)."""
-    _check_pool(backend, pool)
+    """A receiver for ``pool`` (the ``shm`` backend moves the pool into shared memory first);
+    ``staging`` as for :func:`create_sender`."""
+    _check_pool(backend, pool, staging)
     if backend == "tcp":
         from pdserve.disagg.transfer.tcp import TcpReceiver
 
-        return TcpReceiver(pool, on_event, host, io_timeout, guard)
+        return TcpReceiver(pool, on_event, host, io_timeout, guard, staging, staging_bytes)
     if backend == "shm":
         from pdserve.disagg.transfer.shm import ShmReceiver
 
@@ -62,9 +70,13 @@ def create_receiver(
     raise ValueError(f"unknown transfer backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
 
 
-def _check_pool(backend: str, pool: KVPool) -> None:
-    if pool.device.type != "cpu":
-        raise ValueError(
-            f"the {backend} transfer backend moves KV pages of a CPU pool; this pool is on {pool.device} "
-            "(run P/D servers with --device cpu; a GPU backend such as NIXL is not implemented yet)"
-        )
+class DevicePoolError(ValueError):
+    """The chosen transfer backend cannot move pages of a pool on this device."""
+
+
+def _check_pool(backend: str, pool: KVPool, staging: bool | None) -> None:
+    if staging and backend != "tcp":
+        raise ValueError(f"host staging is a tcp backend option; the {backend} backend has none")
+    if backend == "shm" and pool.device.type != "cpu":
+        raise DevicePoolError(shm_device_error(str(pool.device)))
+

@@ -34,6 +34,7 @@ from pdserve.disagg.transfer.stream import (
     _Destination,
     _Job,
     frame,
+    page_arrays,
     paired_runs,
     send_buffers,
 )
@@ -80,6 +81,10 @@ def open_segment(auth: PlaneAuth, seg: m.ShmSegment, data_bytes: int) -> mmap.mm
 
 class ShmSender(StreamSender):
     backend = "shm"
+
+    def __init__(self, pool, *args, **kwargs) -> None:
+        super().__init__(pool, *args, **kwargs)
+        self.src_arrays = page_arrays(pool.layers)
 
     def write_pages(self, dest: _Destination, job: _Job) -> int:
         dst = self._mapped(dest)

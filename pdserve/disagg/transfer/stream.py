@@ -256,7 +256,6 @@ class StreamSender(KVSender):
         self._dests: dict[str, _Destination] = {}
         self._pending: dict[int, list[_Job]] = {}
         self._closed = False
-        self.src_arrays = page_arrays(pool.layers)
         self._watched: dict[int, tuple[socket.socket, _Destination]] = {}  # fd -> connection (under _lock)
         self._liveness = threading.Thread(target=self._watch_connections, name="kv-send-liveness", daemon=True)
         self._liveness.start()
