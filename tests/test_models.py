@@ -437,3 +437,12 @@ def test_forward_matches_transformers(kind: str, tiny_dir: Path, tmp_path: Path)
     out = run([(seq_a, pages_a, 22)], [])
     check(out, ref_a[22:23])
     pool.check_integrity(expect_used=3 + len(pages_a) + len(pages_b))
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo():
+    """Building the model skeleton on the meta device must stay off PyTorch's Python-implemented meta
+    ops: the first one imports torch._dynamo, seconds of every worker's (re)start."""
+    code = ("import sys; from pdserve.models.loader import load_model; load_model(None, device='cpu'); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]

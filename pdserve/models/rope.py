@@ -9,8 +9,8 @@ import torch
 from pdserve.models.config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -32,11 +32,15 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(rope, head_dim)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        ambient = torch.empty(0).device  # the default device of the caller's context
+        # On the meta device (a checkpoint's skeleton) the tables are computed on the CPU: meta ops that
+        # PyTorch implements in Python import torch._dynamo, seconds of every worker's start.
+        build = torch.device("cpu") if ambient.type == "meta" else ambient
+        inv_freq = inverse_frequencies(rope, head_dim, build)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=build), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", emb.cos().to(ambient), persistent=False)
+        self.register_buffer("sin", emb.sin().to(ambient), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, D] of ``positions`` [T]: looked up once per step, shared by all layers."""
