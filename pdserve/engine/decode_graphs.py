@@ -117,7 +117,7 @@ class DecodeGraphs:
             page_size=self.page_size, slot_pages=slot_pages, slot_offsets=slot_offsets, k_slots=k_slots,
             v_slots=k_slots + self.page_size, num_decode=bs, decode_pages=[], decode_kv_lens=[], extends=[],
             workspace=None, device=self.device,
-            static=StaticDecode(table, self.rows[:bs], (positions + 1).to(torch.int32)),
+            static=StaticDecode(table, self.rows[:bs], (positions + 1).to(torch.int32), self.page_size),
         )
         hidden = self.model(self.input_ids[:bs], positions, meta, self.pool.layers)
         return self.model.compute_logits(hidden)
