@@ -12,7 +12,8 @@ import pytest
 from pdserve.engine.decode_graphs import batch_buckets
 from pdserve.engine.engine import Engine
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.request import Req, SamplingParams
+from pdserve.engine.kv_pool import PageRefError
+from pdserve.engine.request import Req, RequestError, SamplingParams
 from pdserve.models import native
 
 PAGE_SIZE = 4
@@ -66,7 +67,7 @@ def test_static_decode_matches_eager_and_writes_only_the_scratch_page(attention_
         pool = static.core.kv_pool
         graphs = static.core.runner.enable_decode_graphs(max_bs=8, context_length=static.core.context_length)
         scratch = graphs.scratch_page
-        assert pool.refcount(scratch) == 1 and graphs.graphs == {}  # held through the pool; no capture on CPU
+        assert pool.refcount(scratch) == 1 and pool.num_reserved == 1 and graphs.graphs == {}  # no capture on CPU
         handed_out: set[int] = set()
         alloc = pool.alloc
 
@@ -81,7 +82,8 @@ def test_static_decode_matches_eager_and_writes_only_the_scratch_page(attention_
         assert got == expected
         assert {(5, 8), (3, 4)} <= set(graphs.runs)  # batch sizes between buckets were padded
         assert scratch not in handed_out
-        pool.check_integrity(expect_used=1)  # only the scratch page stays held
+        pool.check_integrity(expect_used=0)  # only the scratch page stays held, reserved, not in use
+        assert pool.refcount(scratch) == 1 and pool.num_reserved == 1
         untouched = [p for p in range(pool.num_pages) if p not in handed_out and p != scratch]
         assert untouched, "the test should leave some pages never handed out"
         for layer in pool.layers:
@@ -125,7 +127,7 @@ def test_prefill_handoff_decodes_over_static_buffers(attention_path):
         assert tokens == expected
         assert graphs.runs[(1, 1)] == 9
         prefill.kv_pool.check_integrity(expect_used=0)
-        decode.kv_pool.check_integrity(expect_used=1)
+        decode.kv_pool.check_integrity(expect_used=0)
     finally:
         prefill_engine.shutdown()
         decode_engine.shutdown()
@@ -160,7 +162,34 @@ def test_rows_wider_than_the_table_decode_eagerly():
         assert got == expected
         assert graphs.width == 8 and graphs.runs  # short batches still ran over the buffers
         assert graphs.declined > 0  # steps holding the 30-token row past 32 tokens did not
-        static.core.kv_pool.check_integrity(expect_used=1)
+        static.core.kv_pool.check_integrity(expect_used=0)
     finally:
         eager.shutdown()
         static.shutdown()
+
+
+def test_scratch_page_is_reserved_apart_from_pages_in_use():
+    """The scratch page the runner holds (as every engine on CUDA does) is the engine's reservation:
+    an idle engine reports no page in use, its capacity excludes the page and is exactly usable, and
+    no request or holder can take or release it."""
+    engine = Engine(None, page_size=PAGE_SIZE, max_total_tokens=64, chunked_prefill_size=48, disable_radix_cache=True)
+    try:
+        core, pool = engine.core, engine.core.kv_pool
+        graphs = core.runner.enable_decode_graphs(max_bs=4, context_length=core.context_length)
+        load = core.load()
+        assert load["num_used_pages"] == 0 and load["num_total_pages"] == pool.num_pages - 1 == 15
+        assert core.max_total_tokens == 60 and pool.num_used == 0 and pool.num_reserved == 1
+        pool.check_integrity(expect_used=0)
+        greedy = {"max_new_tokens": 20, "min_new_tokens": 20, "temperature": 0}
+        out = engine.generate(input_ids=list(range(4, 44)), sampling_params=greedy)  # all 60 tokens of capacity
+        assert len(out["output_ids"]) == 20 and graphs.runs
+        with pytest.raises(RequestError, match="max_total_tokens=60"):
+            engine.generate(input_ids=list(range(4, 45)), sampling_params=greedy)
+        with pytest.raises(PageRefError, match="reserves"):
+            pool.ref([graphs.scratch_page])
+        with pytest.raises(PageRefError, match="the engine reserves it"):
+            pool.unref([graphs.scratch_page])
+        pool.check_integrity(expect_used=0)
+        assert core.load()["num_used_pages"] == 0 and pool.refcount(graphs.scratch_page) == 1
+    finally:
+        engine.shutdown()

@@ -5,9 +5,10 @@ then multiples of 8 up to ``max_bs``). Its inputs live in buffers allocated once
 positions and an int32 block table ``[max_bs, width]``; everything else attention needs (context
 lengths, the KV slot of each new token) is computed from them inside the step. Rows ``n..b`` are
 padding: token 0 at position 0, every block-table entry the *scratch page*. The scratch page is one
-page taken from the pool with :meth:`KVPool.alloc` when the buffers are built and held for the
-engine's life, so by the pool's own ownership rules no request, cache or transfer can ever hold it:
-padded rows write their K/V there and nowhere else, and their outputs are sliced off.
+page the engine reserves from the pool (``KVPool.alloc(1, reserved=True)``) when the buffers are
+built and holds for its life, so by the pool's own ownership rules no request, cache or transfer can
+ever hold it, and the pool counts it neither in use nor in the capacity requests can fill: padded
+rows write their K/V there and nowhere else, and their outputs are sliced off.
 
 On CUDA each bucket's forward (model and LM head) is captured once as a CUDA graph at start and
 replayed with the buffers refilled; capture failure logs the reason and the engine decodes eagerly.
@@ -54,7 +55,7 @@ class DecodeGraphs:
         self.max_bs = self.buckets[-1]
         self.page_size = pool.page_size
         self.width = pool.pages_for(min(context_length, GRAPH_MAX_CONTEXT))
-        self.scratch_page = pool.alloc(1)[0]  # held for the engine's life: no request can own it
+        self.scratch_page = pool.alloc(1, reserved=True)[0]  # the engine's for its life: no request can own it
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=device)
         self.block_table = torch.full((self.max_bs, self.width), self.scratch_page, dtype=torch.int32, device=device)
