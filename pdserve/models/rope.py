@@ -10,7 +10,11 @@ from pdserve.models.config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Always computed on the CPU, whatever the default device, as transformers computes them: on
+    CUDA, ``pow`` may differ from the CPU's in the last bit, and float32 greedy output must stay
+    token-identical to transformers'."""
+    arange = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (rope.theta ** (arange.float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -32,8 +36,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(rope, head_dim)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        positions = torch.arange(max_positions, dtype=torch.float32)  # the default device, like cos/sin below
+        freqs = torch.outer(positions, inverse_frequencies(rope, head_dim).to(positions.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
