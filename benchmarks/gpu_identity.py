@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from pdserve.bench.engine_throughput import MODELS, agreement, build_model, run_hf_static, run_pdserve, workload
+from pdserve.bench.engine_throughput import (
+    MODELS,
+    agreement,
+    build_model,
+    run_hf_static,
+    run_pdserve,
+    workload,
+)
 
 
 def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
