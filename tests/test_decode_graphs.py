@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 
+from pdserve.engine import decode_graphs
 from pdserve.engine.decode_graphs import batch_buckets
 from pdserve.engine.engine import Engine
 from pdserve.engine.engine_core import EngineCore
@@ -81,6 +82,7 @@ def test_static_decode_matches_eager_and_writes_only_the_scratch_page(attention_
 
         assert got == expected
         assert {(5, 8), (3, 4)} <= set(graphs.runs)  # batch sizes between buckets were padded
+        assert set(graphs.width_runs) == {graphs.widths[0]} and graphs.widths[0] < graphs.width  # short rows: narrow
         assert scratch not in handed_out
         pool.check_integrity(expect_used=0)  # only the scratch page stays held, reserved, not in use
         assert pool.refcount(scratch) == 1 and pool.num_reserved == 1
@@ -90,6 +92,30 @@ def test_static_decode_matches_eager_and_writes_only_the_scratch_page(attention_
             assert layer.shape == (pool.num_pages, 2, PAGE_SIZE, *layer.shape[3:])  # P/D page layout
             assert not layer[untouched].any(), "a padded row wrote outside the scratch page"
             assert layer[scratch].any()  # padded rows did write there
+    finally:
+        eager.shutdown()
+        static.shutdown()
+
+
+def test_steps_take_the_narrowest_width_that_fits(attention_path, monkeypatch):
+    """Rows growing past a width move the step to the next one (and back as long rows finish); stale
+    table columns of a wider step never leak into a narrower one: output equals the eager engine's."""
+    monkeypatch.setattr(decode_graphs, "GRAPH_WIDTHS", (8, 16, 32, 4096))  # 2, 4, 8 pages, then the table
+    eager, static = _engine(), _engine()
+    try:
+        rng = random.Random(7)
+        prompts = [[rng.randrange(4, eager.core.vocab_size) for _ in range(n)] for n in (3, 5, 13, 6, 25, 2)]
+        expected = _serve(eager.core, prompts)
+        graphs = static.core.runner.enable_decode_graphs(max_bs=8, context_length=static.core.context_length)
+        assert graphs.widths[:3] == [2, 4, 8] and graphs.widths[-1] == graphs.width
+        fill, widths = graphs._fill, []
+        monkeypatch.setattr(graphs, "_fill", lambda decodes, bs: widths.append(fill(decodes, bs)) or widths[-1])
+        assert _serve(static.core, prompts) == expected
+        # the batch starts within 32 tokens, its 25-token prompt's row passes 32 (the whole table); once
+        # that finished, the rows left fit in 16 tokens, until the 2-token prompt's row passes 16
+        steps = [w for i, w in enumerate(widths) if i == 0 or w != widths[i - 1]]
+        assert steps == [8, graphs.width, 4, 8], widths
+        static.core.kv_pool.check_integrity(expect_used=0)
     finally:
         eager.shutdown()
         static.shutdown()

@@ -118,8 +118,9 @@ def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: s
     secs = CLOCK() - start
     graphs = engine.core.runner.decode_graphs
     if graphs is not None:
-        print(f"  decode graphs: captured for batch sizes {sorted(graphs.graphs) or 'none'}; "
-              f"{sum(graphs.runs.values())} steps over the buffers, {graphs.declined} decode steps eager", flush=True)
+        widths = {w * graphs.page_size: n for w, n in sorted(graphs.width_runs.items())}
+        print(f"  decode graphs: {len(graphs.graphs)} captured; {sum(graphs.runs.values())} steps over the buffers "
+              f"(steps per width in tokens: {widths}), {graphs.declined} decode steps eager", flush=True)
     engine.core.kv_pool.check_integrity(expect_used=0)  # no page leaked, the graphs' scratch page apart
     engine.shutdown()
     return secs, [r["output_ids"] for r in results]
