@@ -149,8 +149,8 @@ def sample(
     apply_grammar_masks(logits, reqs)
     tokens = logits.argmax(dim=-1)
     bad = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
-    token_list = tokens.tolist()
-    bad_rows = bad.tolist()
+    token_list = torch.where(bad, NON_FINITE, tokens).tolist()  # one device sync for both
+    bad_rows = [token == NON_FINITE for token in token_list]
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy and not bad_rows[i]]
     if random_rows:
         drawn = _sample_random(logits[random_rows], [reqs[i] for i in random_rows])
