@@ -219,3 +219,31 @@ def test_scratch_page_is_reserved_apart_from_pages_in_use():
         assert core.load()["num_used_pages"] == 0 and pool.refcount(graphs.scratch_page) == 1
     finally:
         engine.shutdown()
+
+
+def test_captured_region_reads_nothing_back_to_the_host():
+    """What a CUDA graph captures (``DecodeGraphs._run``: model, fixed-shape gather attention, LM head)
+    must not read device data on the host (``.item()``, ``.tolist()``, ``bool(tensor)``: a sync, which
+    capture forbids). On the meta device any such read raises, so every batch size and width runs
+    there, in bfloat16 as on CUDA, through the same code as on a GPU (no native kernel off the CPU)."""
+    import torch
+
+    from pdserve.engine.decode_graphs import DecodeGraphs
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.models.llama import LlamaForCausalLM
+    from pdserve.models.loader import load_model
+
+    cfg = load_model().config
+    meta = torch.device("meta")
+    with meta:
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.fuse_projections()
+    pool = KVPool(64, 16, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, meta)
+    graphs = DecodeGraphs(model, pool, meta, max_bs=8, context_length=cfg.max_position_embeddings, capture=False)
+    assert len(graphs.widths) > 1
+    for width in graphs.widths:
+        for bs in graphs.buckets:
+            logits = graphs._run(bs, width)
+            assert logits.shape == (bs, cfg.vocab_size) and logits.device == meta
+    with pytest.raises(RuntimeError, match="meta"):
+        bool(torch.zeros(1, device=meta).any())  # the premise: a host read fails there
