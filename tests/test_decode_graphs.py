@@ -221,14 +221,11 @@ def test_scratch_page_is_reserved_apart_from_pages_in_use():
         engine.shutdown()
 
 
-def test_captured_region_reads_nothing_back_to_the_host():
-    """What a CUDA graph captures (``DecodeGraphs._run``: model, fixed-shape gather attention, LM head)
-    must not read device data on the host (``.item()``, ``.tolist()``, ``bool(tensor)``: a sync, which
-    capture forbids). On the meta device any such read raises, so every batch size and width runs
-    there, in bfloat16 as on CUDA, through the same code as on a GPU (no native kernel off the CPU)."""
+def _meta_model_and_pool():
+    """The tiny model and a KV pool on the ``meta`` device in bfloat16 (as on CUDA): any read of
+    device data on the host there (``.item()``, ``.tolist()``, ``bool(tensor)``) raises."""
     import torch
 
-    from pdserve.engine.decode_graphs import DecodeGraphs
     from pdserve.engine.kv_pool import KVPool
     from pdserve.models.llama import LlamaForCausalLM
     from pdserve.models.loader import load_model
@@ -238,12 +235,37 @@ def test_captured_region_reads_nothing_back_to_the_host():
     with meta:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.fuse_projections()
-    pool = KVPool(64, 16, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, meta)
-    graphs = DecodeGraphs(model, pool, meta, max_bs=8, context_length=cfg.max_position_embeddings, capture=False)
+    with pytest.raises(RuntimeError, match="meta"):
+        bool(torch.zeros(1, device=meta).any())  # the premise: a host read fails there
+    return cfg, model, KVPool(64, 16, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16, meta)
+
+
+def test_captured_region_reads_nothing_back_to_the_host():
+    """What a CUDA graph captures (``DecodeGraphs._run``: model, fixed-shape gather attention, LM head)
+    must not read device data on the host (a sync, which capture forbids): every batch size and width
+    runs on the meta device, through the same code as on a GPU (no native kernel off the CPU)."""
+    from pdserve.engine.decode_graphs import DecodeGraphs
+
+    cfg, model, pool = _meta_model_and_pool()
+    graphs = DecodeGraphs(model, pool, pool.device, max_bs=8, context_length=cfg.max_position_embeddings,
+                          capture=False)
     assert len(graphs.widths) > 1
     for width in graphs.widths:
         for bs in graphs.buckets:
             logits = graphs._run(bs, width)
-            assert logits.shape == (bs, cfg.vocab_size) and logits.device == meta
-    with pytest.raises(RuntimeError, match="meta"):
-        bool(torch.zeros(1, device=meta).any())  # the premise: a host read fails there
+            assert logits.shape == (bs, cfg.vocab_size) and logits.device == pool.device
+
+
+def test_eager_step_reads_nothing_back_before_sampling():
+    """The eager forward of a mixed batch (a decode row in padded gather groups, a prefill chunk over
+    a cached prefix) queues its GPU work without waiting on it: it runs on the meta device too."""
+    from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
+
+    cfg, model, pool = _meta_model_and_pool()
+    runner = ModelRunner(model, pool, pool.device)
+    decode = Req("d", list(range(4, 40)), _greedy(4))
+    decode.output_ids, decode.pages, decode.num_computed = [5], pool.alloc(3), 36
+    prefill = Req("p", list(range(4, 60)), _greedy(4))
+    prefill.pages = pool.alloc(4)
+    result = runner.forward(ForwardBatch(decodes=[decode], extends=[ExtendChunk(prefill, 20, 36, needs_sample=True)]))
+    assert result.decode_logits.shape == (1, cfg.vocab_size) and result.sample_logits["p"].shape == (cfg.vocab_size,)
