@@ -1,6 +1,13 @@
 """Session-wide test settings: every process the tests start keeps its temp files (the servers'
 ``pdserve-*`` socket folders included) in one folder that is removed when the session ends, even
-when a test killed a server before it could clean up."""
+when a test killed a server before it could clean up.
+
+GPUs are hidden from the suite (``CUDA_VISIBLE_DEVICES=""``, inherited by every server the tests
+start): engines default to CUDA in bfloat16 when a GPU is visible, which would silently turn the
+float32 token-identity tests against transformers on CPU into bf16-vs-fp32 comparisons, put shared
+memory P/D pools on a device they cannot live on, and have every test server claim a share of one
+GPU's memory. GPU checks live in ``benchmarks/gpu_check.sh``; ``PDSERVE_TEST_CUDA=1`` keeps GPUs visible.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ import shutil
 import tempfile
 
 import pytest
+
+if os.environ.get("PDSERVE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA (see the module docstring)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -100,3 +100,14 @@ def test_router_overhead_script_with_stubs(run_tagged, tmp_path):
         assert r["req_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         if r["target"] != "direct":
             assert r["router_cpu_s_per_1000"] >= 0 and "added_p50_ms" in r and r["req_per_s_vs_direct"] > 0
+
+
+def test_gpu_identity_script_runs_on_cpu(run_tagged):
+    """benchmarks/gpu_identity.py (GPU check 1) at tiny sizes on CPU: the script a first GPU session
+    runs must not die on a script bug there; float32 output equals transformers'."""
+    proc = run_tagged([sys.executable, "benchmarks/gpu_identity.py", "--device", "cpu", "--models", "tiny",
+                       "--dtypes", "float32", "--num-prompts", "2", "--input-len", "8", "32",
+                       "--output-len", "4", "8"], timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "100 % of requests identical to transformers" in proc.stdout
+    assert "identity: PASS" in proc.stdout

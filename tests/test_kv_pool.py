@@ -46,6 +46,32 @@ def test_ownership_bugs_are_refused_and_leave_counts_intact():
         pool.check_integrity(expect_used=0)
 
 
+def test_reserved_pages_are_held_apart_from_pages_in_use():
+    """The engine's own pages (``alloc(reserved=True)``, e.g. the decode graphs' scratch page) are
+    neither in use nor capacity; no other holder may reference or release them; integrity checks them."""
+    pool = small_pool()
+    scratch = pool.alloc(1, reserved=True)
+    assert pool.num_used == 0 and pool.num_reserved == 1 and pool.capacity == 5 and pool.num_free == 5
+    pool.check_integrity(expect_used=0)
+    request = pool.alloc(5)
+    assert pool.num_used == 5 and not pool.can_alloc(1)
+    with pytest.raises(PageRefError, match="reserves"):
+        pool.ref(request[:2] + scratch)  # a holder may not share it; the partial reference is rolled back
+    with pytest.raises(PageRefError, match="the engine reserves it"):
+        pool.unref(scratch)
+    with pytest.raises(PageRefError, match="which it is not"):
+        pool.unref(request[:1], reserved=True)
+    pool.check_integrity(expect_used=5)
+    pool.unref(request)
+    pool.unref(scratch, reserved=True)
+    assert pool.num_free == 6 and pool.capacity == 6
+    pool.check_integrity(expect_used=0)
+    held = pool.alloc(1, reserved=True)
+    pool._refs[held[0]] = 2  # corrupted: someone else holds it too
+    with pytest.raises(AssertionError, match="reserved by the engine but"):
+        pool.check_integrity()
+
+
 def test_integrity_check_catches_corrupted_counts():
     pool = small_pool()
     pages = pool.alloc(2)

@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.models.attention import AttentionMetadata
-from pdserve.models.config import ModelConfig
+from pdserve.models.config import ModelConfig, RopeConfig
 from pdserve.models.loader import LoadedModel, ModelLoadError, load_model
+from pdserve.models.rope import RotaryEmbedding, inverse_frequencies
 from pdserve.models.tiny import build_tiny_checkpoint, default_cache_dir, default_model_path
 from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -446,3 +447,36 @@ def test_loading_a_checkpoint_does_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rope", [RopeConfig(theta=100000.0), RopeConfig(theta=500000.0, rope_type="llama3",
+                                                                          factor=32.0, original_max_position_embeddings=64)])
+def test_rope_frequencies_come_from_the_cpu_on_any_device(rope):
+    """Built on a GPU (the loader builds the tables under ``torch.device(cuda)``), the inverse
+    frequencies are still computed on the CPU as transformers computes them, then the tables on the
+    device (``meta`` stands in for CUDA here): CUDA's ``pow`` may differ in the last bit."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        freqs = inverse_frequencies(rope, 64)
+        table = RotaryEmbedding(rope, 64, 128)
+    assert freqs.device.type == "cpu" and table.cos.device.type == "meta"
+    scaling = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type == "llama3":
+        scaling |= {"factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+                    "high_freq_factor": rope.high_freq_factor,
+                    "original_max_position_embeddings": rope.original_max_position_embeddings}
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64,
+                                          max_position_embeddings=128, rope_parameters=scaling))
+    assert torch.equal(freqs, hf.inv_freq)
+
+
+def test_the_suite_runs_engines_on_cpu_in_float32():
+    """conftest hides GPUs from the suite and every server it starts: with one visible, engines would
+    default to CUDA in bfloat16 and the float32 identity tests against transformers would not test it."""
+    if os.environ.get("PDSERVE_TEST_CUDA") == "1":
+        pytest.skip("GPUs made visible on purpose")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    loaded = load_model()
+    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32

@@ -51,8 +51,13 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, see
 
 
 class _Timers:
-    def __init__(self, clock=time.perf_counter) -> None:
+    """Time wrapped calls; on CUDA each timed call is bracketed by a device synchronize (kernels run
+    asynchronously: without it a call's time is its launch, and the next sync's caller pays for it)."""
+
+    def __init__(self, clock=time.perf_counter, device: torch.device | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        cuda = device is not None and device.type == "cuda"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
         self.clock = clock
 
     @contextmanager
@@ -60,10 +65,12 @@ class _Timers:
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
+            self.sync()
             start = self.clock()
             try:
                 return original(*args, **kwargs)
             finally:
+                self.sync()
                 self.totals[label] += self.clock() - start
 
         setattr(obj, attr, timed)
@@ -95,7 +102,7 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
         req.num_computed = context - 1
         req.state = ReqState.DECODING
         reqs.append(req)
-    timers = _Timers(clock)
+    timers = _Timers(clock, device)
     walls: list[float] = []
     split: list[dict[str, float]] = []
     with (timers.wrap(llama_mod, "paged_attention", "attention"),
@@ -104,9 +111,11 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
           timers.wrap(sampler_mod, "sample", "sampling")):
         for step in range(steps + 2):
             timers.totals.clear()
+            timers.sync()
             start = clock()
             result = runner.forward(ForwardBatch(decodes=list(reqs)))
             tokens, _ = sampler_mod.sample(result.decode_logits, reqs, ())
+            timers.sync()
             wall = clock() - start
             for req, tok in zip(reqs, tokens):
                 req.output_ids.append(tok)

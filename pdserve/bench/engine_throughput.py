@@ -82,8 +82,13 @@ def workload_flops(cfg, prompts, outputs) -> float:
 CLOCK: Callable[[], float] = time.perf_counter  # set by --clock
 
 
-def gemm_peak(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 8) -> float:
-    """Best FLOP/s of a square matmul over several tries (the machine's GEMM peak for this dtype)."""
+GEMM_PEAK_SIZE = {"cpu": 1024, "cuda": 8192}  # a 1024^3 GEMM takes microseconds on a GPU: launch-bound
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, size: int | None = None, repeats: int = 8) -> float:
+    """Best FLOP/s of a square matmul over several tries (the machine's GEMM peak for this dtype), on
+    ``device``; the size defaults to one that keeps the device busy (:data:`GEMM_PEAK_SIZE`)."""
+    size = size or GEMM_PEAK_SIZE.get(device.type, 1024)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
@@ -111,6 +116,12 @@ def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: s
     start = CLOCK()
     results = engine.generate(input_ids=prompts, sampling_params=params)
     secs = CLOCK() - start
+    graphs = engine.core.runner.decode_graphs
+    if graphs is not None:
+        widths = {w * graphs.page_size: n for w, n in sorted(graphs.width_runs.items())}
+        print(f"  decode graphs: {len(graphs.graphs)} captured; {sum(graphs.runs.values())} steps over the buffers "
+              f"(steps per width in tokens: {widths}), {graphs.declined} decode steps eager", flush=True)
+    engine.core.kv_pool.check_integrity(expect_used=0)  # no page leaked, the graphs' scratch page apart
     engine.shutdown()
     return secs, [r["output_ids"] for r in results]
 
@@ -173,6 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--disable-cuda-graph", action="store_true",
                         help="CUDA: the engine decodes without CUDA graphs (default: with them)")
+    parser.add_argument("--also-eager", action="store_true",
+                        help="CUDA: also time the engine without CUDA graphs in the same run and print the "
+                             "eager / graphs time ratio (default: off)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or the process's CPU time (shared machines)")
     parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
@@ -190,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    from pdserve.models.loader import load_model
+    from pdserve.models.config import ModelConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -200,11 +214,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = build_model(name, Path(tmp))
-            loaded = load_model(path, device="cpu")
-            cfg = loaded.config
+            cfg = ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))  # no weights loaded
             prompts, outputs = workload(args.num_prompts, cfg.vocab_size, 0,
                                         tuple(args.input_len), tuple(args.output_len))
-            del loaded
             useful = sum(outputs)
             result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful,
                                       "dtype": dtype_name, "device": device.type, "threads": args.threads,
@@ -214,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
             result["gemm_peak_flops"] = gemm_peak(dtype, device)
             result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device),
                                                     disable_cuda_graph=args.disable_cuda_graph)
+            if args.also_eager and result["cuda_graph"]:
+                result["pdserve_eager_s"], eager = run_pdserve(path, prompts, outputs, dtype_name, str(device),
+                                                               disable_cuda_graph=True)
+                result["eager_identical_requests"], _ = agreement(eager, ours)
             result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(dtype, device))
             result["mfu"] = result["model_flops"] / result["pdserve_s"] / result["gemm_peak_flops"]
             print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s, MFU {100 * result['mfu']:.1f} %",
@@ -254,6 +270,10 @@ def _print_row(r: dict[str, Any], batch_sizes: list[int]) -> None:
         peers.append(("transformers generate_batch", r["hf_generate_batch_s"]))
     for label, secs in peers:
         print(f"  {label:26s}{tok / secs:8.1f} tok/s  ({secs:.1f} s)   pdserve / this = {secs / r['pdserve_s']:.2f}x")
+    if "pdserve_eager_s" in r:
+        print(f"  pdserve engine, no CUDA graphs {tok / r['pdserve_eager_s']:8.1f} tok/s  ({r['pdserve_eager_s']:.1f} s)"
+              f"   eager / graphs time = {r['pdserve_eager_s'] / r['pdserve_s']:.2f}x; "
+              f"{100 * r['eager_identical_requests']:.0f} % of requests identical to the graph run")
     if "greedy_identical_requests" in r:
         print(f"  greedy agreement with transformers ({r['dtype']}): {100 * r['greedy_identical_requests']:.0f} % of "
               f"requests identical, {100 * r['greedy_agreeing_tokens']:.1f} % of tokens before the first divergence")

@@ -1,15 +1,19 @@
 """Decode steps over static, padded input buffers, captured and replayed as CUDA graphs on a GPU.
 
 A decode-only step of ``n`` rows runs at the smallest *bucket* batch size ``b >= n`` (1, 2, 4, 8,
-then multiples of 8 up to ``max_bs``). Its inputs live in buffers allocated once: token ids,
-positions and an int32 block table ``[max_bs, width]``; everything else attention needs (context
-lengths, the KV slot of each new token) is computed from them inside the step. Rows ``n..b`` are
+then multiples of 8 up to ``max_bs``) and the narrowest block-table *width* (512, 1024, 2048 or
+4096 tokens, capped by the context length) that holds its longest row: off the native CPU kernel,
+attention gathers and attends the table's full width, so a batch of short rows must not pay for
+4096 positions. Its inputs live in buffers allocated once: token ids, positions and an int32 block
+table ``[max_bs, max width]``; everything else attention needs (context lengths, the KV slot of each
+new token) is computed from them inside the step. Rows ``n..b`` are
 padding: token 0 at position 0, every block-table entry the *scratch page*. The scratch page is one
-page taken from the pool with :meth:`KVPool.alloc` when the buffers are built and held for the
-engine's life, so by the pool's own ownership rules no request, cache or transfer can ever hold it:
-padded rows write their K/V there and nowhere else, and their outputs are sliced off.
+page the engine reserves from the pool (``KVPool.alloc(1, reserved=True)``) when the buffers are
+built and holds for its life, so by the pool's own ownership rules no request, cache or transfer can
+ever hold it, and the pool counts it neither in use nor in the capacity requests can fill: padded
+rows write their K/V there and nowhere else, and their outputs are sliced off.
 
-On CUDA each bucket's forward (model and LM head) is captured once as a CUDA graph at start and
+On CUDA each (batch size, width) forward (model and LM head) is captured once as a CUDA graph at start and
 replayed with the buffers refilled; capture failure logs the reason and the engine decodes eagerly.
 Elsewhere (CPU tests) the same buffers run the same code eagerly, so everything except
 capture and replay is exercised without a GPU.
@@ -30,7 +34,8 @@ from pdserve.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-GRAPH_MAX_CONTEXT = 4096  # tokens a static decode row can attend (block-table width); longer rows run eagerly
+GRAPH_WIDTHS = (512, 1024, 2048, 4096)  # block-table widths in tokens; a step takes the narrowest that fits
+GRAPH_MAX_CONTEXT = GRAPH_WIDTHS[-1]  # tokens a static decode row can attend; longer rows run eagerly
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -42,8 +47,9 @@ def batch_buckets(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static decode buffers for the padded batch sizes ``batch_buckets(max_bs)``; with ``capture``
-    (CUDA only) one CUDA graph per batch size, captured here."""
+    """Static decode buffers for the padded batch sizes ``batch_buckets(max_bs)`` and the widths
+    :data:`GRAPH_WIDTHS`; with ``capture`` (CUDA only) one CUDA graph per batch size and width,
+    captured here."""
 
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device, max_bs: int,
                  context_length: int, capture: bool) -> None:
@@ -54,14 +60,16 @@ class DecodeGraphs:
         self.max_bs = self.buckets[-1]
         self.page_size = pool.page_size
         self.width = pool.pages_for(min(context_length, GRAPH_MAX_CONTEXT))
-        self.scratch_page = pool.alloc(1)[0]  # held for the engine's life: no request can own it
+        self.widths = sorted({min(pool.pages_for(tokens), self.width) for tokens in GRAPH_WIDTHS})  # in pages
+        self.scratch_page = pool.alloc(1, reserved=True)[0]  # the engine's for its life: no request can own it
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=device)
         self.block_table = torch.full((self.max_bs, self.width), self.scratch_page, dtype=torch.int32, device=device)
         self.rows = torch.arange(self.max_bs, dtype=torch.int32, device=device)
         self._dirty = [0] * self.max_bs  # per block-table row: leading columns that may hold a request's pages
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bs, width) ->
         self.runs: Counter[tuple[int, int]] = Counter()  # (rows, padded batch size) -> steps
+        self.width_runs: Counter[int] = Counter()  # block-table width (pages) -> steps
         self.declined = 0  # decode-only steps too large or too long for the buffers (run eagerly)
         if capture:
             self._capture_all()
@@ -79,37 +87,40 @@ class DecodeGraphs:
         graph's output buffer, valid until the next step."""
         n = len(decodes)
         bs = next(b for b in self.buckets if b >= n)
-        self._fill(decodes, bs)
+        width = self._fill(decodes, bs)
         self.runs[(n, bs)] += 1
-        graph = self.graphs.get(bs)
+        self.width_runs[width] += 1
+        graph = self.graphs.get((bs, width))
         if graph is None:
-            return self._run(bs)[:n]
+            return self._run(bs, width)[:n]
         graph[0].replay()
         return graph[1][:n]
 
-    def _fill(self, decodes: Sequence[Req], bs: int) -> None:
+    def _fill(self, decodes: Sequence[Req], bs: int) -> int:
+        """Write the step's rows into the buffers; returns the width (pages) the step runs at."""
         n, page_size, scratch = len(decodes), self.page_size, self.scratch_page
         ids = [0] * bs
         positions = [0] * bs
         used = [(r.seq_len + page_size - 1) // page_size for r in decodes] + [0] * (bs - n)
         # rewrite every column an earlier step left a page in: unused entries always name the scratch page
-        width = max(max(used), *self._dirty[:bs])
+        columns = max(max(used), *self._dirty[:bs])
         table: list[int] = []
         for i, req in enumerate(decodes):
             ids[i] = req.output_ids[-1] if req.output_ids else req.input_ids[-1]
             positions[i] = req.seq_len - 1
             table += req.pages[: used[i]]
-            table += [scratch] * (width - used[i])
-        table += [scratch] * (width * (bs - n))
+            table += [scratch] * (columns - used[i])
+        table += [scratch] * (columns * (bs - n))
         self._dirty[:bs] = used
         self.input_ids[:bs].copy_(torch.tensor(ids, dtype=torch.long))
         self.positions[:bs].copy_(torch.tensor(positions, dtype=torch.long))
-        self.block_table[:bs, :width].copy_(torch.tensor(table, dtype=torch.int32).view(bs, width))
+        self.block_table[:bs, :columns].copy_(torch.tensor(table, dtype=torch.int32).view(bs, columns))
+        return next(w for w in self.widths if w >= max(used))
 
-    def _run(self, bs: int) -> torch.Tensor:
-        """The step of one bucket, from the buffers alone (the region a CUDA graph captures)."""
+    def _run(self, bs: int, width: int) -> torch.Tensor:
+        """The step of one batch size and width, from the buffers alone (the region a CUDA graph captures)."""
         positions = self.positions[:bs]
-        table = self.block_table[:bs]
+        table = self.block_table[:bs, :width]
         slot_pages = table.gather(1, (positions // self.page_size).unsqueeze(1)).squeeze(1).long()
         slot_offsets = positions % self.page_size
         k_slots = slot_pages * (2 * self.page_size) + slot_offsets
@@ -117,30 +128,33 @@ class DecodeGraphs:
             page_size=self.page_size, slot_pages=slot_pages, slot_offsets=slot_offsets, k_slots=k_slots,
             v_slots=k_slots + self.page_size, num_decode=bs, decode_pages=[], decode_kv_lens=[], extends=[],
             workspace=None, device=self.device,
-            static=StaticDecode(table, self.rows[:bs], (positions + 1).to(torch.int32)),
+            static=StaticDecode(table, self.rows[:bs], (positions + 1).to(torch.int32), self.page_size),
         )
         hidden = self.model(self.input_ids[:bs], positions, meta, self.pool.layers)
         return self.model.compute_logits(hidden)
 
     def _capture_all(self) -> None:
-        """One CUDA graph per bucket, largest first, sharing one memory pool (buffers hold padding,
-        so warm-up and capture write only the scratch page). Any failure: no graphs, eager decode."""
-        bs = self.max_bs
+        """One CUDA graph per batch size and width, largest first, sharing one memory pool (buffers
+        hold padding, so warm-up and capture write only the scratch page). Any failure: no graphs,
+        eager decode."""
+        bs, width = self.max_bs, self.width
         try:
             mempool = torch.cuda.graph_pool_handle()
-            for bs in reversed(self.buckets):
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    self._run(bs)  # warm-up: lazy initialisation and allocations outside the capture
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=mempool):
-                    out = self._run(bs)
-                self.graphs[bs] = (graph, out)
+            for width in reversed(self.widths):
+                for bs in reversed(self.buckets):
+                    side = torch.cuda.Stream(self.device)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        self._run(bs, width)  # warm-up: lazy initialisation and allocations outside the capture
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=mempool):
+                        out = self._run(bs, width)
+                    self.graphs[(bs, width)] = (graph, out)
         except Exception as exc:  # any capture failure: decode still works, eagerly
             self.graphs.clear()
-            log.warning("CUDA graph capture failed at decode batch size %d (%s: %s); decode runs without "
-                        "CUDA graphs", bs, type(exc).__name__, exc)
+            log.warning("CUDA graph capture failed at decode batch size %d, width %d tokens (%s: %s); decode runs "
+                        "without CUDA graphs", bs, width * self.page_size, type(exc).__name__, exc)
             return
-        log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+        log.info("captured CUDA graphs for decode batch sizes %s x widths %s tokens", self.buckets,
+                 [w * self.page_size for w in self.widths])

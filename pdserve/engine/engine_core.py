@@ -61,7 +61,6 @@ class EngineCore:
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             self.runner.enable_decode_graphs(min(config.cuda_graph_max_bs, config.max_running_requests),
                                              self.context_length)
-        self.max_total_tokens = self.kv_pool.num_free * config.page_size  # the graphs' scratch page excluded
         self._grammars = None  # GrammarCompiler, built by the first constrained request
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(
@@ -94,7 +93,6 @@ class EngineCore:
         self.context_length = sim.context_length
         self.vocab_size = sim.shape.vocab_size
         self.kv_pool = sim.pool
-        self.max_total_tokens = sim.pool.num_pages * config.page_size
         self.runner = sim.runner
         self._grammars = None
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
@@ -114,6 +112,12 @@ class EngineCore:
             stall_timeout_s=config.stall_timeout_s,
         )
         self._trace_steps(config, rank)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """KV capacity in tokens: every page but those the engine reserves for itself (the decode
+        graphs' scratch page)."""
+        return self.kv_pool.capacity * self.kv_pool.page_size
 
     def _trace_steps(self, config: EngineConfig, rank: int) -> None:
         """``--step-trace``: record every forward's shape and timing (pdserve.engine.step_trace)."""
@@ -191,7 +195,8 @@ class EngineCore:
 
     def load(self) -> dict[str, int | float]:
         """Load and prefix-cache counters of this rank (``num_used_pages`` excludes pages only the
-        cache holds; those are ``num_evictable_pages``)."""
+        cache holds, which are ``num_evictable_pages``, and pages the engine reserves for itself, which
+        ``num_total_pages`` excludes too)."""
         s = self.scheduler
         pool = self.kv_pool
         return {
@@ -199,7 +204,7 @@ class EngineCore:
             "num_waiting_reqs": len(s.waiting) + len(s.pending_alloc),
             "num_tokens": s.num_tokens(),
             "num_used_pages": pool.num_used,
-            "num_total_pages": pool.num_pages,
+            "num_total_pages": pool.capacity,
             "num_cached_pages": self.prefix_cache.num_pages if self.prefix_cache is not None else 0,
             "num_evictable_pages": pool.num_evictable,
             "prompt_tokens_total": s.prompt_tokens_total,

@@ -13,6 +13,12 @@ page as cached, so the pool can tell pages only the cache holds (*evictable*) fr
 (:attr:`KVPool.num_used`). When an allocation finds too few free pages, the pool asks the cache
 (its :class:`Reclaimer`) to evict least-recently-used cache-only pages first.
 
+The engine itself is the last kind of holder: pages it keeps for its own life (the scratch page
+padded decode rows write, :mod:`pdserve.engine.decode_graphs`) are taken with
+``alloc(n, reserved=True)``, which flags their one reference as the engine's. Nothing else may add a
+reference to a reserved page, it is never in use (:attr:`KVPool.num_used`) and never part of the
+capacity requests can fill (:attr:`KVPool.capacity`).
+
 Storage is one tensor per layer shaped ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` so
 page ``p`` of layer ``l`` (its K then V) is the contiguous buffer ``layers[l][p]``; the P/D
 transfer backends read and write pages through :meth:`page_view` and :meth:`page_bytes`.
@@ -100,6 +106,8 @@ class KVPool:
         self._num_referenced = 0
         self._num_cache_only = 0  # cached pages whose only reference is the cache's
         self.cache_epoch = 0  # bumped whenever a cached page gains or loses a holder (reclaimers memoise on it)
+        self._reserved = bytearray(num_pages)  # 1: the page's one reference is the engine's own (alloc(reserved=True))
+        self._num_reserved = 0
         self.reclaimer: Reclaimer | None = None
 
     @property
@@ -108,8 +116,19 @@ class KVPool:
 
     @property
     def num_used(self) -> int:
-        """Pages in use: referenced by a request or transfer (pages only the cache holds excluded)."""
-        return self._num_referenced - self._num_cache_only
+        """Pages in use: referenced by a request or transfer (pages only the cache holds and pages the
+        engine reserves for itself excluded)."""
+        return self._num_referenced - self._num_cache_only - self._num_reserved
+
+    @property
+    def num_reserved(self) -> int:
+        """Pages the engine holds for itself (``alloc(reserved=True)``)."""
+        return self._num_reserved
+
+    @property
+    def capacity(self) -> int:
+        """Pages requests, transfers and the cache can ever hold: all but the reserved ones."""
+        return self.num_pages - self._num_reserved
 
     @property
     def num_cached(self) -> int:
@@ -148,9 +167,10 @@ class KVPool:
             return False
         return count <= len(self._free) + self.reclaimer.reclaimable()
 
-    def alloc(self, count: int) -> list[int]:
+    def alloc(self, count: int, reserved: bool = False) -> list[int]:
         """Take ``count`` free pages, each with one reference: the caller's. Pages only the prefix
-        cache holds are evicted first when too few are free."""
+        cache holds are evicted first when too few are free. With ``reserved`` the caller is the
+        engine itself, holding the pages for its own use (see the module docstring)."""
         if count > len(self._free) and self.reclaimer is not None:
             self.reclaimer.reclaim(count - len(self._free))
         if count > len(self._free):
@@ -162,6 +182,10 @@ class KVPool:
         for page in pages:
             self._refs[page] = 1
         self._num_referenced += count
+        if reserved:
+            for page in pages:
+                self._reserved[page] = 1
+            self._num_reserved += count
         return pages
 
     def ref(self, pages: list[int], cache: bool = False) -> None:
@@ -170,9 +194,10 @@ class KVPool:
         refs, cached = self._refs, self._cached
         self.cache_epoch += cache or any(cached[page] for page in pages)
         for i, page in enumerate(pages):
-            if refs[page] <= 0 or (cache and cached[page]):
+            if refs[page] <= 0 or (cache and cached[page]) or self._reserved[page]:
                 self._rollback_ref(pages[:i], cache)
-                why = "which is free" if refs[page] <= 0 else "which the cache already holds"
+                why = ("which is free" if refs[page] <= 0 else "which the engine reserves for itself"
+                       if self._reserved[page] else "which the cache already holds")
                 raise PageRefError(f"reference to KV page {page}, {why}")
             if refs[page] == 1 and cached[page]:
                 self._num_cache_only -= 1
@@ -188,14 +213,20 @@ class KVPool:
             elif self._refs[page] == 1 and self._cached[page]:
                 self._num_cache_only += 1
 
-    def unref(self, pages: list[int], cache: bool = False) -> None:
+    def unref(self, pages: list[int], cache: bool = False, reserved: bool = False) -> None:
         """Drop one holder from each of ``pages``; a page nobody holds any more becomes free. With
-        ``cache`` the holder dropping out is the prefix cache."""
+        ``cache`` the holder dropping out is the prefix cache; with ``reserved``, the engine itself."""
         refs, cached = self._refs, self._cached
         self.cache_epoch += cache or any(cached[page] for page in pages)
         for page in pages:
             if refs[page] <= 0:
                 raise PageRefError(f"KV page {page} released more often than it was referenced (double free)")
+            if reserved != bool(self._reserved[page]):
+                raise PageRefError(f"KV page {page} released as the engine's reserved page, which it is not"
+                                   if reserved else f"KV page {page} released by a holder, but the engine reserves it")
+            if reserved:
+                self._reserved[page] = 0
+                self._num_reserved -= 1
             if cache:
                 if not cached[page]:
                     raise PageRefError(f"KV page {page} released by the cache, which does not hold it")
@@ -214,8 +245,9 @@ class KVPool:
     def check_integrity(self, expect_used: int | None = None) -> None:
         """Assert the reference counts are consistent (for tests and debugging): no negative count,
         every page either free (count 0, on the free list once) or referenced, never both, every
-        cached page referenced; with ``expect_used``, that exactly that many pages are in use
-        (referenced by a holder other than the cache: cached, unreferenced pages are fine)."""
+        cached page referenced, every reserved page held by the engine alone; with ``expect_used``,
+        that exactly that many pages are in use (referenced by a holder other than the cache and the
+        engine's reservation: cached, unreferenced pages are fine)."""
         free = set(self._free)
         if len(free) != len(self._free):
             raise AssertionError("KV free list holds a page twice")
@@ -236,10 +268,17 @@ class KVPool:
         cache_only = {p for p in cached if self._refs[p] == 1}
         if len(cache_only) != self._num_cache_only:
             raise AssertionError(f"KV cache-only counter says {self._num_cache_only}, {len(cache_only)} are")
-        in_use = len(referenced) - len(cache_only)
+        reserved = {p for p, flag in enumerate(self._reserved) if flag}
+        if len(reserved) != self._num_reserved:
+            raise AssertionError(f"KV reserved-page counter says {self._num_reserved}, {len(reserved)} are")
+        shared = sorted(p for p in reserved if self._refs[p] != 1 or self._cached[p])
+        if shared:
+            raise AssertionError(f"KV pages reserved by the engine but free or held by others too: {shared[:8]}")
+        in_use = len(referenced) - len(cache_only) - len(reserved)
         if expect_used is not None and in_use != expect_used:
             raise AssertionError(
-                f"expected {expect_used} referenced KV pages, found {in_use} (plus {len(cache_only)} only cached)"
+                f"expected {expect_used} referenced KV pages, found {in_use} (plus {len(cache_only)} only cached, "
+                f"{len(reserved)} reserved by the engine)"
             )
 
     def page_view(self, layer: int, page: int) -> torch.Tensor:

@@ -74,8 +74,8 @@ def _sample_random(logits: torch.Tensor, reqs: Sequence[Req]) -> list[int]:
     vocab = logits.shape[-1]
     temps = torch.tensor([r.params.temperature for r in reqs], device=device).clamp_min(1e-5)
     probs = torch.softmax(logits / temps[:, None], dim=-1)
-    min_p = torch.tensor([r.params.min_p for r in reqs], device=device)
-    if bool((min_p > 0).any()):
+    if any(r.params.min_p > 0 for r in reqs):
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=device)
         top = probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)
     tokens: list[int] = [0] * len(reqs)
@@ -85,6 +85,7 @@ def _sample_random(logits: torch.Tensor, reqs: Sequence[Req]) -> list[int]:
         if not ok:
             tokens[row] = NON_FINITE
     truncated = [i for i, k in enumerate(wanted) if 0 < k < vocab]
+    draws: list[tuple[int, torch.Tensor]] = []  # (row, drawn token as a one-element device tensor)
     if truncated:
         k_max = max(wanted[i] for i in truncated)
         cand_probs, cand_ids = probs[truncated].topk(k_max, dim=-1)
@@ -99,19 +100,22 @@ def _sample_random(logits: torch.Tensor, reqs: Sequence[Req]) -> list[int]:
         no_top_k = torch.tensor([reqs[i].params.top_k <= 0 for i in truncated], device=device)
         short = (cumulative[:, -1] < top_p) & no_top_k
         cand_probs = cand_probs.masked_fill(drop, 0.0)
+        is_short = short.tolist()
+        # draws stay on the device until one read-back at the end (a sync per row costs on a GPU)
         for j, row in enumerate(truncated):
-            if bool(short[j]):
-                continue
-            pick = torch.multinomial(cand_probs[j], 1, generator=reqs[row].generator)
-            tokens[row] = int(cand_ids[j, pick])
-        rest = [row for j, row in enumerate(truncated) if bool(short[j])]
+            if not is_short[j]:
+                draws.append((row, cand_ids[j, torch.multinomial(cand_probs[j], 1, generator=reqs[row].generator)]))
+        rest = [row for j, row in enumerate(truncated) if is_short[j]]
         if rest:
             full = _nucleus_by_sort(probs[rest], torch.tensor([reqs[i].params.top_p for i in rest], device=device))
             for j, row in enumerate(rest):
-                tokens[row] = int(torch.multinomial(full[j], 1, generator=reqs[row].generator))
+                draws.append((row, torch.multinomial(full[j], 1, generator=reqs[row].generator)))
     for row, k in enumerate(wanted):
         if k >= vocab:
-            tokens[row] = int(torch.multinomial(probs[row], 1, generator=reqs[row].generator))
+            draws.append((row, torch.multinomial(probs[row], 1, generator=reqs[row].generator)))
+    if draws:
+        for (row, _), token in zip(draws, torch.cat([drawn.view(1) for _, drawn in draws]).tolist()):
+            tokens[row] = token
     return tokens
 
 
@@ -149,8 +153,8 @@ def sample(
     apply_grammar_masks(logits, reqs)
     tokens = logits.argmax(dim=-1)
     bad = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (logits == float("-inf")).all(dim=-1)
-    token_list = tokens.tolist()
-    bad_rows = bad.tolist()
+    token_list = torch.where(bad, NON_FINITE, tokens).tolist()  # one device sync for both
+    bad_rows = [token == NON_FINITE for token in token_list]
     random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy and not bad_rows[i]]
     if random_rows:
         drawn = _sample_random(logits[random_rows], [reqs[i] for i in random_rows])

@@ -11,6 +11,13 @@ through an int32 block table: no gather copy of the prefix, one call per layer f
 Elsewhere (CUDA, float16, no compiler) decode rows are gathered into padded groups of similar length
 and prefill chunks are attended one at a time with SDPA.
 
+The gather paths copy positions a row must not see (padding past its length, the unwritten tail of
+its last page) and mask them. A reused page may hold anything there, NaN or inf included (left by a
+request whose forward went non-finite, or by a peer that sent garbage), and a masked NaN still
+poisons SDPA (``-inf + NaN`` scores, ``0 * NaN`` values). So masked positions never read such a slot:
+they gather the row's own first position instead, which it wrote before attending (same shapes,
+no extra pass over the copy).
+
 A decode step over static buffers (:mod:`pdserve.engine.decode_graphs`, CUDA graphs) passes its block
 table as tensors (:class:`StaticDecode`): fixed shapes, no host data, so the step can be captured.
 """
@@ -57,8 +64,9 @@ class DecodeGroup:
     start: int
     size: int
     num_pages: int  # pages per row after padding
-    page_ids: torch.Tensor  # LongTensor [size * num_pages], row-major
-    mask: torch.Tensor  # float additive mask [size, 1, 1, num_pages * page_size]
+    k_slots: torch.Tensor  # LongTensor [size * num_pages * page_size]: K row gathered per position (see _masked_slots)
+    v_slots: torch.Tensor  # the same for V
+    visible: torch.Tensor  # bool [size, 1, 1, num_pages * page_size]: True = attend
 
 
 class Workspace:
@@ -86,6 +94,13 @@ class StaticDecode:
     block_table: torch.Tensor  # int32 [B, W]: every entry a valid page (unused ones: a scratch page)
     rows: torch.Tensor  # int32 [B]: 0..B-1, the block-table row of each token
     kv_lens: torch.Tensor  # int32 [B]: context length of each row, the new token included
+    page_size: int
+
+    @cached_property
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the fixed-shape gather path, shared by all layers of the step: K rows, V rows (the
+        table's full width per row) and the bool mask [B, 1, 1, L] (see :func:`_masked_slots`)."""
+        return _masked_slots(self.block_table, self.kv_lens, self.page_size)
 
 
 @dataclass
@@ -182,13 +197,42 @@ class AttentionMetadata:
             rows = range(start, min(start + DECODE_GROUP_ROWS, self.num_decode))
             width = max(len(decode_pages[r]) for r in rows)
             ids = [p for r in rows for p in decode_pages[r] + [0] * (width - len(decode_pages[r]))]
-            lens = torch.tensor([decode_kv_lens[r] for r in rows])
-            visible = torch.arange(width * page_size)[None, :] < lens[:, None]
-            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
-            groups.append(
-                DecodeGroup(start, len(rows), width, torch.tensor(ids, device=self.device), mask.to(self.device))
-            )
+            table = torch.tensor(ids, dtype=torch.long).view(len(rows), width).to(self.device)
+            lens = torch.tensor([decode_kv_lens[r] for r in rows]).to(self.device)
+            k_slots, v_slots, visible = _masked_slots(table, lens, page_size)
+            groups.append(DecodeGroup(start, len(rows), width, k_slots, v_slots, visible))
         return groups
+
+
+def _masked_slots(table: torch.Tensor, kv_lens: torch.Tensor, page_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows to gather for every position of a padded block table ``[B, W]`` (K rows of the layer
+    viewed as ``[-1, heads, dim]``, then V rows), and the bool mask ``[B, 1, 1, W * page_size]`` of
+    positions below each row's length. Masked positions read the row's own position 0 (written
+    before any attention) instead of whatever a reused page or the padding holds there. Tensors only,
+    fixed shapes: runs inside a CUDA graph."""
+    rows, width = table.shape
+    length = width * page_size
+    positions = torch.arange(length, device=table.device)
+    pages = table.long()[:, :, None].expand(rows, width, page_size).reshape(rows, length)
+    slots = pages * (2 * page_size) + positions % page_size
+    visible = positions[None, :] < kv_lens[:, None]
+    k_slots = torch.where(visible, slots, slots[:, :1]).flatten()
+    return k_slots, k_slots + page_size, visible[:, None, None, :]
+
+
+def _gather_slots(kv_layer: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``slots`` of the layer viewed as ``[num_pages * 2 * page_size, heads, dim]`` (page ``p``'s
+    K, then its V), copied into ``out`` (or a new tensor): ``[len(slots), heads, dim]``."""
+    _, _, page_size, heads, dim = kv_layer.shape
+    if out is None:
+        out = torch.empty(slots.numel(), heads, dim, dtype=kv_layer.dtype, device=kv_layer.device)
+    if kv_layer.is_contiguous():
+        torch.index_select(kv_layer.view(-1, heads * dim), 0, slots, out=out.view(slots.numel(), heads * dim))
+    else:
+        out.view(slots.numel(), heads, dim).copy_(
+            kv_layer[slots // (2 * page_size), slots // page_size % 2, slots % page_size])
+    return out.view(slots.numel(), heads, dim)
 
 
 def _gather_into(kv_layer: torch.Tensor, pages: torch.Tensor, which: int, out: torch.Tensor) -> torch.Tensor:
@@ -255,15 +299,13 @@ def _static_decode(q: torch.Tensor, kv_layer: torch.Tensor, static: StaticDecode
     if native.supports(q, kv_layer):
         native.paged_attention(q.contiguous(), kv_layer, static.block_table, static.rows, static.kv_lens, scale, out)
         return out
-    rows, width = static.block_table.shape
-    _, _, page_size, heads, dim = kv_layer.shape
-    pages = static.block_table.flatten().long()
-    length = width * page_size
-    keys = kv_layer[:, 0].index_select(0, pages).view(rows, length, heads, dim).transpose(1, 2).to(q.dtype)
-    values = kv_layer[:, 1].index_select(0, pages).view(rows, length, heads, dim).transpose(1, 2).to(q.dtype)
-    visible = torch.arange(length, device=q.device)[None, :] < static.kv_lens[:, None]  # [B, L]
+    rows = static.block_table.shape[0]
+    _, _, _, heads, dim = kv_layer.shape
+    k_slots, v_slots, visible = static.gather
+    keys = _gather_slots(kv_layer, k_slots).view(rows, -1, heads, dim).transpose(1, 2).to(q.dtype)
+    values = _gather_slots(kv_layer, v_slots).view(rows, -1, heads, dim).transpose(1, 2).to(q.dtype)
     query = q.view(rows, heads, q.shape[1] // heads, dim)  # [B, Hkv, q-per-kv, D]
-    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale)
     out.copy_(o.reshape(rows, q.shape[1], dim))
     return out
 
@@ -272,14 +314,14 @@ def _decode_group(
     q: torch.Tensor, kv_layer: torch.Tensor, group: DecodeGroup, ws: Workspace, scale: float, out: torch.Tensor
 ) -> None:
     """One query token per row; query heads are grouped per KV head so K/V are never repeated."""
-    _, _, page_size, heads, dim = kv_layer.shape
-    numel = group.page_ids.numel() * page_size * heads * dim
-    keys = _gather_into(kv_layer, group.page_ids, 0, ws.take(0, numel, kv_layer.dtype, kv_layer.device))
-    values = _gather_into(kv_layer, group.page_ids, 1, ws.take(1, numel, kv_layer.dtype, kv_layer.device))
-    g, length = group.size, group.num_pages * page_size
-    keys = keys.view(g, length, heads, dim).transpose(1, 2).to(q.dtype)  # [g, Hkv, L, D]
-    values = values.view(g, length, heads, dim).transpose(1, 2).to(q.dtype)
+    _, _, _, heads, dim = kv_layer.shape
+    numel = group.k_slots.numel() * heads * dim
+    keys = _gather_slots(kv_layer, group.k_slots, ws.take(0, numel, kv_layer.dtype, kv_layer.device))
+    values = _gather_slots(kv_layer, group.v_slots, ws.take(1, numel, kv_layer.dtype, kv_layer.device))
+    g = group.size
+    keys = keys.view(g, -1, heads, dim).transpose(1, 2).to(q.dtype)  # [g, Hkv, L, D]
+    values = values.view(g, -1, heads, dim).transpose(1, 2).to(q.dtype)
     rows = slice(group.start, group.start + g)
     query = q[rows].view(g, heads, q.shape[1] // heads, dim)  # [g, Hkv, q-per-kv, D]
-    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask.to(q.dtype), scale=scale)
+    o = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.visible, scale=scale)
     out[rows] = o.reshape(g, q.shape[1], dim)

@@ -9,8 +9,12 @@ import torch
 from pdserve.models.config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Always computed on the CPU, whatever the default device, as transformers computes them: on
+    CUDA, ``pow`` may differ from the CPU's in the last bit, and float32 greedy output must stay
+    token-identical to transformers'."""
+    arange = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (rope.theta ** (arange.float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -33,11 +37,11 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         ambient = torch.empty(0).device  # the default device of the caller's context
-        # On the meta device (a checkpoint's skeleton) the tables are computed on the CPU: meta ops that
+        # On the meta device (a checkpoint's skeleton) the tables are built on the CPU: meta ops that
         # PyTorch implements in Python import torch._dynamo, seconds of every worker's start.
         build = torch.device("cpu") if ambient.type == "meta" else ambient
-        inv_freq = inverse_frequencies(rope, head_dim, build)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=build), inv_freq)
+        positions = torch.arange(max_positions, dtype=torch.float32, device=build)
+        freqs = torch.outer(positions, inverse_frequencies(rope, head_dim).to(build))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(ambient), persistent=False)
         self.register_buffer("sin", emb.sin().to(ambient), persistent=False)
