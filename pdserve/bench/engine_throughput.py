@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -189,6 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "eager / graphs time ratio (default: off)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or the process's CPU time (shared machines)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the engine and every transformers batch size, interleaved (a noisy machine "
+                             "slows whole minutes): medians and per-round ratios are reported (default: 1)")
     parser.add_argument("--output-file", default=None, help="also write the results as JSON here")
 
 
@@ -224,25 +228,37 @@ def run(args: argparse.Namespace) -> int:
                                       "cuda_graph": device.type == "cuda" and not args.disable_cuda_graph}
             result["model_flops"] = workload_flops(cfg, prompts, outputs)
             result["gemm_peak_flops"] = gemm_peak(dtype, device)
-            result["pdserve_s"], ours = run_pdserve(path, prompts, outputs, dtype_name, str(device),
-                                                    disable_cuda_graph=args.disable_cuda_graph)
-            if args.also_eager and result["cuda_graph"]:
-                result["pdserve_eager_s"], eager = run_pdserve(path, prompts, outputs, dtype_name, str(device),
-                                                               disable_cuda_graph=True)
-                result["eager_identical_requests"], _ = agreement(eager, ours)
+            hf = None
+            ours_runs: list[float] = []
+            hf_runs: dict[int, list[float]] = {bs: [] for bs in args.hf_batch_sizes}
+            for round_ in range(max(1, args.repeats)):
+                secs, ours = run_pdserve(path, prompts, outputs, dtype_name, str(device),
+                                         disable_cuda_graph=args.disable_cuda_graph)
+                ours_runs.append(secs)
+                if round_ == 0 and args.also_eager and result["cuda_graph"]:
+                    result["pdserve_eager_s"], eager = run_pdserve(path, prompts, outputs, dtype_name, str(device),
+                                                                   disable_cuda_graph=True)
+                    result["eager_identical_requests"], _ = agreement(eager, ours)
+                print(f"[{name}] round {round_ + 1}: pdserve engine {useful / secs:.1f} tok/s", flush=True)
+                if hf is None:
+                    import transformers
+
+                    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+                for bs in args.hf_batch_sizes:
+                    secs, theirs = run_hf_static(hf, prompts, outputs, bs)
+                    hf_runs[bs].append(secs)
+                    print(f"[{name}] round {round_ + 1}: transformers generate b{bs}: {useful / secs:.1f} tok/s",
+                          flush=True)
+                    if "greedy_identical_requests" not in result:
+                        result["greedy_identical_requests"], result["greedy_agreeing_tokens"] = agreement(ours, theirs)
+            result["pdserve_s"], result["pdserve_runs_s"] = statistics.median(ours_runs), ours_runs
+            for bs, runs in hf_runs.items():
+                result[f"hf_generate_b{bs}_s"], result[f"hf_generate_b{bs}_runs_s"] = statistics.median(runs), runs
+                result[f"ratio_b{bs}_per_round"] = [h / o for h, o in zip(runs, ours_runs)]
             result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(dtype, device))
             result["mfu"] = result["model_flops"] / result["pdserve_s"] / result["gemm_peak_flops"]
             print(f"[{name}] pdserve engine: {useful / result['pdserve_s']:.1f} tok/s, MFU {100 * result['mfu']:.1f} %",
                   flush=True)
-            import transformers
-
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            for bs in args.hf_batch_sizes:
-                secs, theirs = run_hf_static(hf, prompts, outputs, bs)
-                result[f"hf_generate_b{bs}_s"] = secs
-                print(f"[{name}] transformers generate b{bs}: {useful / secs:.1f} tok/s", flush=True)
-                if "greedy_identical_requests" not in result:
-                    result["greedy_identical_requests"], result["greedy_agreeing_tokens"] = agreement(ours, theirs)
             if not args.no_continuous:
                 try:
                     result["hf_generate_batch_s"] = run_hf_continuous(hf, prompts, outputs)
@@ -270,6 +286,14 @@ def _print_row(r: dict[str, Any], batch_sizes: list[int]) -> None:
         peers.append(("transformers generate_batch", r["hf_generate_batch_s"]))
     for label, secs in peers:
         print(f"  {label:26s}{tok / secs:8.1f} tok/s  ({secs:.1f} s)   pdserve / this = {secs / r['pdserve_s']:.2f}x")
+    if len(r.get("pdserve_runs_s", [])) > 1:
+        runs = r["pdserve_runs_s"]
+        print(f"  {len(runs)} rounds (medians above); pdserve engine {min(runs):.2f}-{max(runs):.2f} s")
+        for bs in batch_sizes:
+            ratios = ", ".join(f"{x:.2f}" for x in r[f"ratio_b{bs}_per_round"])
+            hf_runs = r[f"hf_generate_b{bs}_runs_s"]
+            print(f"  transformers generate b{bs} {min(hf_runs):.2f}-{max(hf_runs):.2f} s; "
+                  f"pdserve / b{bs} per round: {ratios}")
     if "pdserve_eager_s" in r:
         print(f"  pdserve engine, no CUDA graphs {tok / r['pdserve_eager_s']:8.1f} tok/s  ({r['pdserve_eager_s']:.1f} s)"
               f"   eager / graphs time = {r['pdserve_eager_s'] / r['pdserve_s']:.2f}x; "
