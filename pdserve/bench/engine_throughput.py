@@ -109,7 +109,8 @@ def run_pdserve(path: str, prompts, outputs, dtype: str | None = None, device: s
     """Seconds and greedy outputs of the offline engine (``options``: more :class:`EngineConfig` fields)."""
     from pdserve.engine.engine import Engine
 
-    engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype=dtype,
+    options.setdefault("chunked_prefill_size", 512)
+    engine = Engine(path, page_size=16, max_running_requests=256, dtype=dtype,
                     device=device, max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024,
                     **options)
     params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
@@ -190,6 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "eager / graphs time ratio (default: off)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall time, or the process's CPU time (shared machines)")
+    parser.add_argument("--chunked-prefill-size", type=int, default=512,
+                        help="the engine's prefill chunk in tokens (the server's default; vLLM's offline CPU default "
+                             "is 4096; transformers' static batches take whole prompts) (default: 512)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of the engine and every transformers batch size, interleaved (a noisy machine "
                              "slows whole minutes): medians and per-round ratios are reported (default: 1)")
@@ -225,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             result: dict[str, Any] = {"model": name, "num_prompts": args.num_prompts, "output_tokens": useful,
                                       "dtype": dtype_name, "device": device.type, "threads": args.threads,
                                       "clock": args.clock, "load_average": os.getloadavg(),
+                                      "chunked_prefill_size": args.chunked_prefill_size,
                                       "cuda_graph": device.type == "cuda" and not args.disable_cuda_graph}
             result["model_flops"] = workload_flops(cfg, prompts, outputs)
             result["gemm_peak_flops"] = gemm_peak(dtype, device)
@@ -233,11 +238,13 @@ def run(args: argparse.Namespace) -> int:
             hf_runs: dict[int, list[float]] = {bs: [] for bs in args.hf_batch_sizes}
             for round_ in range(max(1, args.repeats)):
                 secs, ours = run_pdserve(path, prompts, outputs, dtype_name, str(device),
-                                         disable_cuda_graph=args.disable_cuda_graph)
+                                         disable_cuda_graph=args.disable_cuda_graph,
+                                         chunked_prefill_size=args.chunked_prefill_size)
                 ours_runs.append(secs)
                 if round_ == 0 and args.also_eager and result["cuda_graph"]:
                     result["pdserve_eager_s"], eager = run_pdserve(path, prompts, outputs, dtype_name, str(device),
-                                                                   disable_cuda_graph=True)
+                                                                   disable_cuda_graph=True,
+                                                                   chunked_prefill_size=args.chunked_prefill_size)
                     result["eager_identical_requests"], _ = agreement(eager, ours)
                 print(f"[{name}] round {round_ + 1}: pdserve engine {useful / secs:.1f} tok/s", flush=True)
                 if hf is None:
@@ -276,7 +283,8 @@ def _print_row(r: dict[str, Any], batch_sizes: list[int]) -> None:
     ours = tok / r["pdserve_s"]
     print(f"\n== model {r['model']}: {r['num_prompts']} requests, {tok} output tokens (useful)")
     print(f"  pdserve engine            {ours:8.1f} tok/s  ({r['pdserve_s']:.1f} s)  {r['dtype']} on {r['device']}, "
-          f"{r['threads']} threads, {r['clock']} clock, load average {r['load_average'][0]:.1f}")
+          f"{r['threads']} threads, {r['clock']} clock, prefill chunk {r.get('chunked_prefill_size', 512)}, "
+          f"load average {r['load_average'][0]:.1f}")
     print(f"  model FLOPs {r['model_flops'] / 1e12:.2f} T; GEMM peak {r['gemm_peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(measured in this run); MFU {100 * r['mfu']:.1f} %")
     peers = [(f"transformers generate b{bs}", r[f"hf_generate_b{bs}_s"]) for bs in batch_sizes]
