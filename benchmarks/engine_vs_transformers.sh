@@ -9,3 +9,5 @@ mkdir -p "$out"
 python -m pdserve.bench.engine_throughput --models tiny --num-prompts 64 --threads 2 --output-file "$out/engine_tiny.json"
 python -m pdserve.bench.engine_throughput --models 135m --num-prompts 64 --threads 2 --no-continuous \
   --output-file "$out/engine_135m.json"
+python -m pdserve.bench.engine_throughput --models 135m --num-prompts 64 --threads 2 --no-continuous \
+  --hf-batch-sizes 16 --chunked-prefill-size 2048 --output-file "$out/engine_135m_chunk2048.json"
