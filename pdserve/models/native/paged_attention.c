@@ -155,11 +155,7 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         }
         load_row(q, dtype, t0 * width, n * width, qf);
         for (int64_t i = 0; i < n * width; i++) qf[i] *= scale;
-        if (n == 1) { /* a decode token: too few queries to pay for a transposition. Each (position, query
-                       * head) dot product is kept as 8 lane partial sums; every 8 of them are reduced
-                       * together (hsum8x8) and scattered into the score rows. */
-            v8 partial[8];
-            int64_t target[8], pending = 0;
+        if (n == 1) { /* a decode token: too few queries to pay for the transposition, dot each K row */
             for (int64_t j = 0; j < len; j++) {
                 const int64_t base = kbase[j];
                 const float *k;
@@ -172,18 +168,12 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
                 }
                 for (int64_t hq = 0; hq < num_q_heads; hq++) {
                     const float *kh = k + (hq / group) * head_dim, *qh = qf + hq * head_dim;
-                    v8 a = load8(qh) * load8(kh);
-                    for (int64_t d = 8; d < head_dim; d += 8) a += load8(qh + d) * load8(kh + d);
-                    partial[pending] = a;
-                    target[pending++] = hq * len8 + j;
-                    if (pending == 8) {
-                        const v8 sums = hsum8x8(partial);
-                        for (int64_t i = 0; i < 8; i++) scores[target[i]] = sums[i];
-                        pending = 0;
-                    }
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t d = 0; d < head_dim; d++) s += qh[d] * kh[d];
+                    scores[hq * len8 + j] = s;
                 }
             }
-            for (int64_t i = 0; i < pending; i++) scores[target[i]] = hsum8(partial[i]);
         }
         for (int64_t j0 = 0; n > 1 && j0 < len; j0 += KBLOCK) {
             const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;

@@ -25,18 +25,6 @@ static inline float hsum8(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-/* {sum(a[0]), ..., sum(a[7])}: eight horizontal sums in one transposing tree (pairwise adds of
- * interleaved lanes), instead of eight separate reductions */
-static inline v8 hadd8(v8 x, v8 y) {
-    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
-}
-
-static inline v8 hsum8x8(const v8 *a) {
-    const v8 h0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3]));  /* lanes 0-3: a0..a3 low halves, 4-7: high */
-    const v8 h1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
-    return __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
 static inline float hmax8(v8 v) {
     float m = v[0];
     for (int i = 1; i < 8; i++) m = v[i] > m ? v[i] : m;
