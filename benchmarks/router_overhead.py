@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Result 2: router overhead, ``pdserve router`` vs sglang-router 0.3.2 in PD mode, same servers.
+"""Result 2: router overhead, ``pdserve router`` vs sglang-router 0.3.2 in PD mode, same servers;
+and the server front's own cost on a kept-alive connection.
 
 One prefill and one decode server (DP 1 each, the tiny model) serve tiny requests (4-token prompt,
 1 new token, non-streaming) so the path, not the model, dominates. Three ways in, one after the
@@ -12,41 +13,49 @@ other against the same servers:
 - ``sglang``: through sglang-router 0.3.2 (``--pd-disaggregation``, ``--policy round_robin``,
   ``--log-level warn``; loopback only, never ``--dp-aware``).
 
-Closed loop at each ``--concurrency`` level: latency p50/p99, achieved requests/s, added latency
-over ``direct`` (same level), and the router process's CPU seconds per 1000 requests (utime +
-stime from /proc/<pid>/stat). With ``--stub`` (on by default) the same is repeated against very
-fast STUB upstreams (``pdserve.bench.stub_server``: reply at once, no model) to isolate router
-cost; those rows are labelled ``stub``. Everything (client, routers, servers) shares this
-machine's cores, so req/s is a ceiling of the whole loop, not of the router alone.
+Closed loop at each ``--concurrency`` level, each client on its own **kept-alive** connection(s)
+as every real client keeps them (``--fresh-connections`` opens one per request instead), with a
+lean raw-asyncio client (:mod:`pdserve.bench.keepalive_client`) that is not the bottleneck:
+latency p50/p99, achieved requests/s, added latency over ``direct`` (same level), and the router
+process's CPU per 1000 requests (utime + stime from /proc/<pid>/stat). With ``--stub`` (on by
+default) the same is repeated against very fast STUB upstreams (``pdserve.bench.stub_server``: a
+bare httptools protocol that answers at once, no model) to isolate router cost; those rows are
+labelled ``stub``. Everything (client, routers, servers) shares this machine's cores, so req/s is
+a ceiling of the whole loop, not of the router alone.
+
+``front`` rows (real servers only): one client, ``/generate`` of 1 token to a mixed server on a
+kept-alive connection and on fresh connections, and P/D (direct) vs mixed on the same kept-alive
+client: the kept-alive/fresh p50 ratio (a Nagle stall shows as ~40 ms) and P/D over mixed TTFT.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-import numpy as np
-
 from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
+from pdserve.bench.keepalive_client import Endpoint, direct_pd_sender, router_sender, run_closed_loop
 from pdserve.router.launch import threads_for
 
 TARGETS = ("direct", "pdserve", "sglang")
+BODY = {"input_ids": [11, 12, 13, 14], "stream": False,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=300, help="timed requests per (target, concurrency)")
-    p.add_argument("--stub-requests", type=int, default=2000, help="the same against stub upstreams")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--requests", type=int, default=1000, help="timed requests per (target, concurrency)")
+    p.add_argument("--stub-requests", type=int, default=10000, help="the same against stub upstreams")
+    p.add_argument("--front-requests", type=int, default=300, help="timed requests per front row")
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=1)
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="a new connection per request (the default keeps each client's connections alive)")
     p.add_argument("--no-real", action="store_true", help="skip the real pdserve servers")
     p.add_argument("--no-stub", action="store_true", help="skip the stub-upstream variant")
     p.add_argument("--model-path", default=None)
@@ -55,63 +64,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Target:
-    """How one request is sent: through a router URL, or both halves directly."""
-
-    def __init__(self, name: str, prefill: Proc, decode: Proc, router: Proc | None, new_tokens: int) -> None:
-        self.name, self.prefill, self.decode, self.router = name, prefill, decode, router
-        self.body = {"input_ids": [11, 12, 13, 14], "stream": False,
-                     "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}}
-
-    async def one(self, session: aiohttp.ClientSession) -> bool:
-        if self.router is not None:
-            async with session.post(self.router.url + "/generate", json=self.body) as resp:
-                await resp.read()
-                return resp.status == 200
-        body = dict(self.body, bootstrap_host="127.0.0.1", bootstrap_port=self.prefill.bootstrap_port,
-                    bootstrap_room=random.getrandbits(63))
-
-        async def half(url: str) -> bool:
-            async with session.post(url + "/generate", json=body) as resp:
-                await resp.read()
-                return resp.status == 200
-
-        ok_p, ok_d = await asyncio.gather(half(self.prefill.url), half(self.decode.url))
-        return ok_p and ok_d
+def body(args: argparse.Namespace) -> dict:
+    return {**BODY, "sampling_params": {**BODY["sampling_params"], "max_new_tokens": args.max_new_tokens}}
 
 
-async def closed_loop(target: Target, concurrency: int, total: int, warmup: int) -> dict:
-    connector = aiohttp.TCPConnector(limit=2 * concurrency + 4)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        for _ in range(warmup):
-            await target.one(session)
-        latencies: list[float] = []
-        failures = 0
-        issued = 0
-        cpu0 = target.router.cpu_seconds(whole_group=True) if target.router else None
-
-        async def worker() -> None:
-            nonlocal issued, failures
-            while issued < total:
-                issued += 1
-                t = time.perf_counter()
-                try:
-                    ok = await target.one(session)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
-                latencies.append(time.perf_counter() - t)
-                failures += not ok
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-        cpu1 = target.router.cpu_seconds(whole_group=True) if target.router else None
-    ms = np.asarray(latencies) * 1000
-    row = {"target": target.name, "concurrency": concurrency, "requests": len(latencies), "failures": failures,
-           "req_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-           "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+def one_row(name: str, prefill: Proc, decode: Proc, router: Proc | None, args: argparse.Namespace,
+            concurrency: int, total: int) -> dict:
+    if router is not None:
+        endpoints, send = router_sender(Endpoint(router.url), "/generate", body(args))
+    else:
+        endpoints, send = direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
+                                           "/generate", body(args))
+    cpu0 = router.cpu_seconds(whole_group=True) if router else None
+    row = run_closed_loop(endpoints, send, concurrency, total, args.warmup, fresh=args.fresh_connections)
+    row["target"] = name
     if cpu0 is not None:
-        row["router_cpu_s_per_1000"] = (cpu1 - cpu0) / len(latencies) * 1000
+        row["router_cpu_s_per_1000"] = (router.cpu_seconds(whole_group=True) - cpu0) / row["requests"] * 1000
     return row
 
 
@@ -128,15 +96,25 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
         try:
             if router is not None:
                 cluster.wait_serving(router, timeout=90.0)
-            target = Target(name, prefill, decode, router, args.max_new_tokens)
             for c in args.concurrency:
-                row = asyncio.run(closed_loop(target, c, total, args.warmup))
+                row = one_row(name, prefill, decode, router, args, c, total)
                 row["upstreams"] = label
                 rows.append(row)
                 cpu = row.get("router_cpu_s_per_1000")
                 print(f"[{label}] {name:8s} c={c:<3d} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
                       f"p99 {row['p99_ms']:7.2f} ms  failures {row['failures']}"
                       + (f"  router CPU {cpu * 1000:.0f} ms per 1000 req" if cpu is not None else ""), flush=True)
+            # the same one client on a new connection per request: a kept-alive stall shows as a ratio >> 1
+            fresh = one_row(name, prefill, decode, router, argparse.Namespace(**{**vars(args),
+                            "fresh_connections": not args.fresh_connections}), 1, max(10, total // 10))
+            one = next(r for r in rows if r["target"] == name and r["upstreams"] == label and r["concurrency"] == 1
+                       ) if 1 in args.concurrency else None
+            if one is not None:
+                one["other_connection_mode_p50_ms"] = fresh["p50_ms"]
+                kept, new = (one, fresh) if not args.fresh_connections else (fresh, one)
+                one["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
+                print(f"[{label}] {name:8s} c=1 kept-alive p50 {kept['p50_ms']:.2f} ms, fresh connections p50 "
+                      f"{new['p50_ms']:.2f} ms: ratio {one['keepalive_over_fresh_p50']:.2f}", flush=True)
         finally:
             if router is not None:
                 cluster.stop(router)
@@ -154,9 +132,38 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
         if p and s:
             p["req_per_s_vs_sglang"] = p["req_per_s"] / s["req_per_s"]
             p["p50_vs_sglang"] = p["p50_ms"] / s["p50_ms"]
+            p["cpu_vs_sglang"] = p["router_cpu_s_per_1000"] / max(1e-9, s["router_cpu_s_per_1000"])
+            if "added_p50_ms" in p and "added_p50_ms" in s:
+                p["added_p50_minus_sglang_ms"] = p["added_p50_ms"] - s["added_p50_ms"]
             print(f"[{label}] c={c}: pdserve/sglang req/s {p['req_per_s_vs_sglang']:.2f}, p50 latency "
-                  f"{p['p50_vs_sglang']:.2f}; added p50 over direct: pdserve {p.get('added_p50_ms', 0):.2f} ms, "
-                  f"sglang {s.get('added_p50_ms', 0):.2f} ms", flush=True)
+                  f"{p['p50_vs_sglang']:.2f}, router CPU per request {p['cpu_vs_sglang']:.2f}; added p50 over "
+                  f"direct: pdserve {p.get('added_p50_ms', 0):.2f} ms, sglang {s.get('added_p50_ms', 0):.2f} ms",
+                  flush=True)
+    return rows
+
+
+def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace) -> list[dict]:
+    """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and P/D (direct) vs mixed."""
+    rows = []
+    n = args.front_requests
+    for mode, fresh in (("mixed kept-alive", False), ("mixed fresh", True)):
+        endpoints, send = router_sender(Endpoint(mixed.url), "/generate", body(args))
+        row = run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh)
+        rows.append({**row, "target": mode, "upstreams": "front"})
+    endpoints, send = direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
+                                       "/generate", body(args))
+    rows.append({**run_closed_loop(endpoints, send, 1, n, args.warmup), "target": "P/D direct kept-alive",
+                 "upstreams": "front"})
+    kept, new, pd = rows
+    kept["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
+    kept["keepalive_minus_fresh_p50_ms"] = kept["p50_ms"] - new["p50_ms"]
+    pd["pd_over_mixed_p50"] = pd["p50_ms"] / kept["p50_ms"]
+    for r in rows:
+        print(f"[front] {r['target']:22s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+              f"failures {r['failures']}", flush=True)
+    print(f"[front] kept-alive / fresh p50 {kept['keepalive_over_fresh_p50']:.2f} "
+          f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms); P/D / mixed TTFT p50 {pd['pd_over_mixed_p50']:.2f}",
+          flush=True)
     return rows
 
 
@@ -167,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "rows": []}
     t0 = time.monotonic()
     if not args.no_real:
-        with Cluster(log_dir / "real", model_path=args.model_path, torch_threads=threads_for(2)) as cluster:
+        with Cluster(log_dir / "real", model_path=args.model_path, torch_threads=threads_for(3)) as cluster:
             prefill = cluster.server("prefill", "prefill", 1, 8192)
             decode = cluster.server("decode", "decode", 1, 8192)
+            mixed = cluster.server("mixed", None, 1, 8192)
             cluster.wait_healthy()
-            cluster.warm_up(prefill, 1, (4, 64))
-            cluster.warm_up(decode, 1, (4, 64))
+            for proc in (prefill, decode, mixed):
+                cluster.warm_up(proc, 1, (4, 64))
+            out["rows"] += measure_front(cluster, prefill, decode, mixed, args)
+            cluster.stop(mixed)
             out["rows"] += measure(cluster, prefill, decode, args, args.requests, "real")
     if not args.no_stub:
         with Cluster(log_dir / "stub") as cluster:

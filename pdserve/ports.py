@@ -2,7 +2,10 @@
 
 ``listen_socket`` binds (and listens on) a TCP port up front, so a server whose port is taken
 fails at once with :class:`PortInUse` naming the port and, where ``/proc`` tells, the process
-holding it, instead of starting workers first and failing on a late bind. Torch-free.
+holding it, instead of starting workers first and failing on a late bind. Every TCP socket pdserve
+creates or accepts has ``TCP_NODELAY`` (:func:`no_delay`): a small response written after its
+head (or a small frame after a large one) must not wait for the peer's delayed ACK (Nagle), which
+costs ~40 ms per request on a kept-alive connection. Torch-free.
 """
 
 from __future__ import annotations
@@ -25,13 +28,38 @@ class PortInUse(OSError):
         self.errno = error.errno
 
 
-def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv4 or IPv6 by the host's form); PortInUse if taken."""
+def no_delay(sock: socket.socket) -> socket.socket:
+    """``sock`` with Nagle's algorithm off (``TCP_NODELAY``); returned for chaining."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: any free port), not yet listening; OSError if taken.
+
+    Created with the TCP protocol number (asyncio sets ``TCP_NODELAY`` on accepted sockets only
+    when the listener says ``IPPROTO_TCP``) and with ``TCP_NODELAY`` itself, which Linux copies to
+    every accepted socket, so threads that ``accept()`` directly get it too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers only, not a listener
+        no_delay(sock)
         sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6 by the host's form, ``TCP_NODELAY`` on
+    it and on what it accepts); PortInUse if taken."""
+    try:
+        sock = bound_socket(host, port)
+    except OSError as e:
+        raise PortInUse(host, port, e) from None
+    try:
         sock.listen(backlog)
     except OSError as e:
         sock.close()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import uvicorn
 from aiohttp import web
 
+from pdserve.http_common import HttpLimits, uvicorn_server
 from pdserve.router.app import RouterState, create_app
 from pdserve.router.config import RouterConfig, WorkerSpec
 
@@ -47,8 +47,7 @@ def fast_config(workers: list[WorkerSpec], **overrides: Any) -> RouterConfig:
 async def running_router(config: RouterConfig, ready: bool = True) -> AsyncIterator[tuple[str, RouterState]]:
     """The router's base URL and state while it serves; with ``ready``, once its workers are admitted."""
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn_server(app, HttpLimits(), host="127.0.0.1", port=config.port, log_level="warning")
     task = asyncio.create_task(server.serve())
     state: RouterState = app.state.router
     try:

@@ -54,6 +54,7 @@ from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomAsk, RoomRank, RoomRefusal
 from pdserve.disagg.stats import Refusals
 from pdserve.disagg.threads import EventLoopThread
+from pdserve.ports import bound_socket
 
 AUTH_HEADER = "X-PDServe-Auth"
 NONCE_HEADER = "X-PDServe-Nonce"
@@ -181,12 +182,9 @@ class BootstrapServer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 10.0) -> BootstrapServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((self.host, self.requested_port))
+            sock = bound_socket(self.host, self.requested_port)  # TCP_NODELAY on every accepted connection
         except OSError as e:
-            sock.close()
             raise OSError(
                 f"bootstrap service cannot listen on {self.host}:{self.requested_port}: {e} "
                 "(choose another --disaggregation-bootstrap-port)"

@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve import __version__
-from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware, read_body
+from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
+from pdserve.router.http_client import ClientPool
 from pdserve.router.kv_event_watch import KVEventWatcher
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openapi import openapi_document
@@ -68,6 +69,7 @@ class RouterState:
         self.pairing = Pairing(self.fleet, self.prefill_policy, self.decode_policy, config.dp_coupled)
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
+        self.pool: ClientPool | None = None
         self.worker_headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
     async def start(self) -> None:
@@ -77,7 +79,8 @@ class RouterState:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        upstream = Upstream(self.session, self.config.request_timeout_secs, self.config.connect_timeout_secs)
+        self.pool = ClientPool(keepalive_s=4.0, connect_timeout_s=self.config.connect_timeout_secs)
+        upstream = Upstream(self.pool, self.config.request_timeout_secs)
         self.proxy = Proxy(self.config, self.fleet, self.pairing, upstream, self.metrics)
         self.fleet.start(self.session)
         if self.uses_cache and self.config.kv_events:
@@ -109,13 +112,14 @@ class RouterState:
         await self.fleet.stop()
         if self.proxy is not None:
             await self.proxy.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.session is not None:
             await self.session.close()
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 beyond ``limit`` bytes, 400 when it is not a JSON object."""
-    raw = await read_body(request, limit, lambda message: RouterError(413, message))
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; 400 when it is not one."""
     if not raw:
         raise RouterError(400, "empty request body: send a JSON object")
     try:
@@ -131,53 +135,118 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-async def until_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """``work``'s response, or cancel ``work`` if the client disconnects first (body already read)."""
+async def read_asgi_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body from ASGI ``receive``: 413 beyond ``limit`` bytes (declared or
+    streamed), ClientDisconnect when the client leaves first."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise RouterError(413, f"request body of {value.decode()} bytes exceeds the limit of {limit} bytes")
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+        return body
+    chunks, size = [body], len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RouterError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+
+async def until_disconnected(receive: Receive, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or a 499 after cancelling ``work`` if the client disconnects first
+    (body already read). ``work`` runs in the calling task; one watcher task reads ``receive``."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        current.cancel()
 
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        if hasattr(current, "uncancel"):  # Python >= 3.11: this cancellation is handled here
+            current.uncancel()
+        return Response(status_code=499)
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        return Response(status_code=499)
-    return task.result()
 
 
-def create_app(config: RouterConfig) -> Starlette:
+PROXIED_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
+
+
+class RouterApp:
+    """The router's ASGI app: the proxied paths on the raw handler, the rest on Starlette;
+    ``state.router`` is its :class:`RouterState`."""
+
+    def __init__(self, app: ASGIApp, state: Any, router: RouterState) -> None:
+        self._app = app
+        self.state = state
+        self.state.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+def create_app(config: RouterConfig) -> RouterApp:
     """The router's app; ``app.state.router`` holds its :class:`RouterState`."""
     state = RouterState(config)
 
-    def forwarded_headers(request: Request) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **state.worker_headers}
-        for name in FORWARDED_HEADERS:
-            value = request.headers.get(name)
-            if value is not None:
-                headers[name] = value
-        return headers
+    forwarded = {name.encode(): name for name in FORWARDED_HEADERS}
 
-    async def proxied(request: Request) -> Response:
+    async def proxied(scope: Scope, receive: Receive, send: Send) -> None:
+        """The hot path as a raw ASGI handler: no routing table, middleware stack or Request object
+        per request. Every refusal is counted and shaped as the framework's handlers shape it."""
         started = time.perf_counter()
-        route = request.url.path
-        assert state.proxy is not None
-        body = await read_json(request, config.max_payload_size)
-        info = await state.with_tokens(route, body, request_info(route, body))
-        state.metrics.inflight.inc()
+        route = scope["path"]
+        response: ASGIApp
         try:
-            return await until_disconnected(
-                request, state.proxy.handle(route, body, info, forwarded_headers(request), started)
-            )
-        finally:
-            state.metrics.inflight.dec()
+            assert state.proxy is not None
+            body = parse_body(await read_asgi_body(scope, receive, config.max_payload_size))
+            info = await state.with_tokens(route, body, request_info(route, body))
+            headers = {"Content-Type": "application/json", **state.worker_headers}
+            for name, value in scope["headers"]:
+                if name in forwarded:
+                    headers[forwarded[name]] = value.decode("latin-1")
+            state.metrics.inflight.inc()
+            try:
+                response = await until_disconnected(
+                    receive, state.proxy.handle(route, body, info, headers, started))
+            finally:
+                state.metrics.inflight.dec()
+        except RouterError as e:
+            state.metrics.answered(route, e.status, 0.0)
+            response = error_response(route, e.status, e.message, e.code)
+        except NoWorkers as e:
+            state.metrics.answered(route, 503, 0.0)
+            response = error_response(route, 503, str(e), f"no_{e.side}_worker")
+        except ClientDisconnect:
+            state.metrics.answered(route, 499, 0.0)
+            return  # the client left while sending its body: nobody reads an answer
+        except Exception as e:
+            logger.exception("unexpected error on %s", route)
+            response = error_response(route, 500, f"internal router error: {type(e).__name__}: {e}")
+        await response(scope, receive, send)
+
+    async def proxied_route(request: Request) -> Response:  # only for the OpenAPI table: proxied() serves
+        raise AssertionError("proxied paths are served by the raw ASGI handler")
 
     async def health(request: Request) -> Response:
         missing = state.fleet.ready()
@@ -278,9 +347,9 @@ def create_app(config: RouterConfig) -> Starlette:
         return JSONResponse(spec)
 
     routes = [
-        Route("/generate", proxied, methods=["POST"]),
-        Route("/v1/completions", proxied, methods=["POST"]),
-        Route("/v1/chat/completions", proxied, methods=["POST"]),
+        Route("/generate", proxied_route, methods=["POST"]),
+        Route("/v1/completions", proxied_route, methods=["POST"]),
+        Route("/v1/chat/completions", proxied_route, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/readiness", health, methods=["GET"]),
@@ -332,7 +401,7 @@ def create_app(config: RouterConfig) -> Starlette:
         finally:
             await state.stop()
 
-    app = Starlette(
+    framework = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -343,9 +412,14 @@ def create_app(config: RouterConfig) -> Starlette:
             Exception: on_unexpected,
         },
     )
-    app.state.router = state
-    if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, open_paths=OPEN_PATHS,
-                           rejection=_reject_api_key)
-    return app
 
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXIED_PATHS:
+            await proxied(scope, receive, send)
+        else:
+            await framework(scope, receive, send)
+
+    served: ASGIApp = app
+    if config.api_key:
+        served = ApiKeyMiddleware(app, api_key=config.api_key, open_paths=OPEN_PATHS, rejection=_reject_api_key)
+    return RouterApp(served, framework.state, state)

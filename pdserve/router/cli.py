@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
+from pdserve.http_common import add_http_limit_arguments, http_limits_from_args, uvicorn_server
 from pdserve.ports import PortInUse, listen_socket
 from pdserve.router.config import add_arguments as _add_arguments
 from pdserve.router.config import router_config_from_args
@@ -29,17 +29,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pdserve router: {e}") from None
     except PortInUse as e:
         raise SystemExit(f"pdserve router: {e}; stop it or choose another --port") from None
-    import uvicorn
-
     from pdserve.router.app import create_app
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s [router] %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    uvicorn.Server(
-        uvicorn.Config(
-            app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
-            lifespan="on", timeout_graceful_shutdown=5, **limits.uvicorn_options(),
-        )
-    ).run(sockets=[sock])
+    uvicorn_server(app, limits, host=config.host, port=config.port, log_level=config.log_level,
+                   access_log=config.log_level == "debug", timeout_graceful_shutdown=5).run(sockets=[sock])
     return 0

@@ -39,6 +39,7 @@ class RouterMetrics:
                                  ["side", "worker"], registry=r)
         self.inflight = Gauge("pdserve_router_inflight_requests", "Client requests in progress", registry=r)
         self._selection_children: dict[tuple[str, str], Counter] = {}
+        self._answer_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         r.register(_HttpRefusals())
 
     def selected(self, side: str, unit: Unit) -> None:
@@ -52,8 +53,15 @@ class RouterMetrics:
         self.failures.labels(side, worker.url, reason).inc()
 
     def answered(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, status)
+        children = self._answer_children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per (route, status)
+            if len(self._answer_children) > 4096:
+                self._answer_children.clear()
+            children = self._answer_children[key] = (self.requests.labels(route, str(status)),
+                                                      self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def worker_state(self, worker: Worker) -> None:
         self.healthy.labels(worker.role, worker.url).set(1 if worker.healthy else 0)

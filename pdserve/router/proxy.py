@@ -25,7 +25,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import msgspec
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -34,6 +33,7 @@ from pdserve.http_common import DECODE_RANK_HEADER, PREFILL_RANK_HEADER
 from pdserve.router.config import RouterConfig
 from pdserve.router.errors import RouterError, error_body, error_response
 from pdserve.router.fleet import Fleet
+from pdserve.router.http_client import UpstreamError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import BadClientRank, Pairing, client_rank
 from pdserve.router.request_info import RequestInfo
@@ -342,9 +342,9 @@ class Proxy:
             yield start.first
             self.metrics.first_byte.labels(route).observe(time.perf_counter() - started)
             try:
-                async for chunk in start.resp.content.iter_any():
+                async for chunk in start.rest():
                     yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except UpstreamError as e:
                 self.metrics.failed(side, decode, "stream_broken")
                 message = f"{side} server {decode.url} broke the stream: {type(e).__name__}: {e}"
                 yield b"data: " + msgspec.json.encode(error_body(route, 502, message)) + b"\n\n" + SSE_DONE
@@ -364,8 +364,8 @@ class Proxy:
                         self._spawn(self.upstream.abort(decode.url, r, headers))
             self.metrics.answered(route, 200 if finished else 499, time.perf_counter() - started)
 
-        return RelayResponse(chunks(), on_close, start.resp.headers.get("Content-Type", "text/event-stream"),
-                             {**ranks, **rank_headers(start.resp)})
+        return RelayResponse(chunks(), on_close, start.headers.get("content-type", "text/event-stream"),
+                             {**ranks, **rank_headers(start.headers)})
 
     async def _settle(self, p_task: asyncio.Task, prefill: Worker) -> None:
         """Let a prefill half whose decode already finished answer (bounded); only count its failure."""

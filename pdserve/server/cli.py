@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pdserve.http_common import add_http_limit_arguments, http_limits_from_args
+from pdserve.http_common import add_http_limit_arguments, http_limits_from_args, uvicorn_server
 from pdserve.ports import PortInUse, check_free, listen_socket
 from pdserve.server.config import add_arguments as _add_arguments
 from pdserve.server.config import server_config_from_args
@@ -34,26 +34,15 @@ def run(args: argparse.Namespace) -> int:
     except PortInUse as e:
         raise SystemExit(f"pdserve serve: {e}; stop it or choose another "
                          f"{'--port' if e.port == config.port else '--disaggregation-bootstrap-port'}") from None
-    import uvicorn
-
     from pdserve.server.app import create_app
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s [front] %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            access_log=config.log_level == "debug",
-            timeout_graceful_shutdown=int(config.graceful_shutdown_s),
-            lifespan="on",
-            **limits.uvicorn_options(),
-        )
-    )
+    server = uvicorn_server(app, limits, host=config.host, port=config.port, log_level=config.log_level,
+                            access_log=config.log_level == "debug",
+                            timeout_graceful_shutdown=int(config.graceful_shutdown_s))
     state = app.state.server
     fatal: list[str] = []
 

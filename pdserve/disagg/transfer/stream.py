@@ -49,6 +49,7 @@ from pdserve.disagg.transfer.base import (
     SendResult,
 )
 from pdserve.engine.kv_pool import KVPool
+from pdserve.ports import bound_socket, no_delay
 
 logger = logging.getLogger("pdserve.disagg.transfer")
 
@@ -209,7 +210,7 @@ class _Destination:
                 sock = socket.create_connection((self.info.host, self.info.port), timeout=CONNECT_TIMEOUT_S)
             except OSError as e:
                 raise ConnectionError(f"cannot connect to decode receiver {self.info.address}: {e}") from e
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            no_delay(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_S)
@@ -424,8 +425,7 @@ class StreamReceiver(KVReceiver):
         self._slots: dict[int, _Slot] = {}
         self._conns: set[socket.socket] = set()
         self._closed = False
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((host, 0))
+        self.listener = bound_socket(host, 0)  # TCP_NODELAY, inherited by every accepted connection
         self.listener.listen(256)
         self.port = self.listener.getsockname()[1]
         self._accept_thread = threading.Thread(target=self._accept, name=f"kv-recv-{self.port}", daemon=True)
@@ -491,6 +491,7 @@ class StreamReceiver(KVReceiver):
                                            f"{self.guard.max_connections} connections already open")
                 sock.close()
                 continue
+            no_delay(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
             threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
 
