@@ -31,10 +31,13 @@ client: the kept-alive/fresh p50 ratio (a Nagle stall shows as ~40 ms) and P/D o
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
 from pdserve.bench.keepalive_client import Endpoint, direct_pd_sender, router_sender, run_closed_loop
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stub-requests", type=int, default=10000, help="the same against stub upstreams")
     p.add_argument("--front-requests", type=int, default=300, help="timed requests per front row")
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
+    p.add_argument("--pdserve-args", default="", help="extra flags for pdserve router, one string")
     p.add_argument("--max-new-tokens", type=int, default=1)
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--fresh-connections", action="store_true",
@@ -83,41 +88,64 @@ def one_row(name: str, prefill: Proc, decode: Proc, router: Proc | None, args: a
     return row
 
 
+def median_row(rounds: list[dict]) -> dict:
+    """One row from repeated rounds: the median of each number, its min-max spread beside it."""
+    row = dict(rounds[0])
+    for key in ("req_per_s", "p50_ms", "p99_ms", "mean_ms", "router_cpu_s_per_1000"):
+        values = sorted(r[key] for r in rounds if key in r)
+        if values:
+            row[key] = float(np.median(values))
+            row[key + "_spread"] = [values[0], values[-1]]
+    row["requests"] = sum(r["requests"] for r in rounds)
+    row["failures"] = sum(r["failures"] for r in rounds)
+    row["rounds"] = len(rounds)
+    return row
+
+
 def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, label: str) -> list[dict]:
-    rows = []
+    """Every target at every concurrency, ``--rounds`` times interleaved (the machine's noise then
+    hits all targets alike), medians with their spread."""
+    routers: dict[str, Proc | None] = {"direct": None}
     for name in args.targets:
-        router = None
         if name == "pdserve":
-            router = cluster.pdserve_router(f"{label}-pdserve-router", [prefill], [decode],
-                                            args=["--policy", "round_robin"])
+            routers[name] = cluster.pdserve_router(f"{label}-pdserve-router", [prefill], [decode],
+                                                   args=["--policy", "round_robin", *shlex.split(args.pdserve_args)])
         elif name == "sglang":
-            router = cluster.sglang_router(f"{label}-sglang-router", [prefill], [decode],
-                                           args=["--policy", "round_robin"])
-        try:
+            routers[name] = cluster.sglang_router(f"{label}-sglang-router", [prefill], [decode],
+                                                  args=["--policy", "round_robin"])
+    try:
+        for router in routers.values():
             if router is not None:
                 cluster.wait_serving(router, timeout=90.0)
-            for c in args.concurrency:
-                row = one_row(name, prefill, decode, router, args, c, total)
-                row["upstreams"] = label
-                rows.append(row)
-                cpu = row.get("router_cpu_s_per_1000")
-                print(f"[{label}] {name:8s} c={c:<3d} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-                      f"p99 {row['p99_ms']:7.2f} ms  failures {row['failures']}"
-                      + (f"  router CPU {cpu * 1000:.0f} ms per 1000 req" if cpu is not None else ""), flush=True)
-            # the same one client on a new connection per request: a kept-alive stall shows as a ratio >> 1
-            fresh = one_row(name, prefill, decode, router, argparse.Namespace(**{**vars(args),
-                            "fresh_connections": not args.fresh_connections}), 1, max(10, total // 10))
-            one = next(r for r in rows if r["target"] == name and r["upstreams"] == label and r["concurrency"] == 1
-                       ) if 1 in args.concurrency else None
-            if one is not None:
-                one["other_connection_mode_p50_ms"] = fresh["p50_ms"]
-                kept, new = (one, fresh) if not args.fresh_connections else (fresh, one)
-                one["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
-                print(f"[{label}] {name:8s} c=1 kept-alive p50 {kept['p50_ms']:.2f} ms, fresh connections p50 "
-                      f"{new['p50_ms']:.2f} ms: ratio {one['keepalive_over_fresh_p50']:.2f}", flush=True)
-        finally:
-            if router is not None:
-                cluster.stop(router)
+        samples: dict[tuple[str, int], list[dict]] = {}
+        other_mode: dict[str, list[float]] = {}
+        flipped = argparse.Namespace(**{**vars(args), "fresh_connections": not args.fresh_connections})
+        for _ in range(args.rounds):
+            for name in args.targets:
+                for c in args.concurrency:
+                    samples.setdefault((name, c), []).append(
+                        one_row(name, prefill, decode, routers[name], args, c, total))
+                # one client on the other connection mode: a kept-alive stall shows as a ratio >> 1
+                other_mode.setdefault(name, []).append(
+                    one_row(name, prefill, decode, routers[name], flipped, 1, max(10, total // 10))["p50_ms"])
+    finally:
+        cluster.stop(*[r for r in routers.values() if r is not None])
+    rows = []
+    for (name, c), rounds in samples.items():
+        row = median_row(rounds)
+        row["upstreams"] = label
+        if c == 1:
+            row["other_connection_mode_p50_ms"] = float(np.median(other_mode[name]))
+            kept, new = ((row["p50_ms"], row["other_connection_mode_p50_ms"]) if not args.fresh_connections
+                         else (row["other_connection_mode_p50_ms"], row["p50_ms"]))
+            row["keepalive_over_fresh_p50"] = kept / new
+        rows.append(row)
+        cpu = row.get("router_cpu_s_per_1000")
+        spread = row["req_per_s_spread"]
+        print(f"[{label}] {name:8s} c={c:<3d} {row['req_per_s']:8.1f} req/s ({spread[0]:.0f}-{spread[1]:.0f})  "
+              f"p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  failures {row['failures']}"
+              + (f"  router CPU {cpu * 1000:.0f} ms per 1000 req" if cpu is not None else "")
+              + (f"  kept-alive/fresh p50 {row['keepalive_over_fresh_p50']:.2f}" if c == 1 else ""), flush=True)
     # ratios against direct at the same concurrency
     direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
     for r in rows:
@@ -143,24 +171,26 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
 
 
 def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace) -> list[dict]:
-    """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and P/D (direct) vs mixed."""
-    rows = []
+    """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and P/D (direct) vs
+    mixed, ``--rounds`` times interleaved, medians."""
     n = args.front_requests
-    for mode, fresh in (("mixed kept-alive", False), ("mixed fresh", True)):
-        endpoints, send = router_sender(Endpoint(mixed.url), "/generate", body(args))
-        row = run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh)
-        rows.append({**row, "target": mode, "upstreams": "front"})
-    endpoints, send = direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
-                                       "/generate", body(args))
-    rows.append({**run_closed_loop(endpoints, send, 1, n, args.warmup), "target": "P/D direct kept-alive",
-                 "upstreams": "front"})
+    mixed_send = router_sender(Endpoint(mixed.url), "/generate", body(args))
+    pd_send = direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
+                               "/generate", body(args))
+    ways = {"mixed kept-alive": (mixed_send, False), "mixed fresh": (mixed_send, True),
+            "P/D direct kept-alive": (pd_send, False)}
+    samples: dict[str, list[dict]] = {name: [] for name in ways}
+    for _ in range(args.rounds):
+        for name, ((endpoints, send), fresh) in ways.items():
+            samples[name].append(run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh))
+    rows = [{**median_row(samples[name]), "target": name, "upstreams": "front"} for name in ways]
     kept, new, pd = rows
     kept["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
     kept["keepalive_minus_fresh_p50_ms"] = kept["p50_ms"] - new["p50_ms"]
     pd["pd_over_mixed_p50"] = pd["p50_ms"] / kept["p50_ms"]
     for r in rows:
-        print(f"[front] {r['target']:22s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-              f"failures {r['failures']}", flush=True)
+        print(f"[front] {r['target']:22s} p50 {r['p50_ms']:6.2f} ms ({r['p50_ms_spread'][0]:.2f}-"
+              f"{r['p50_ms_spread'][1]:.2f})  p99 {r['p99_ms']:6.2f} ms  failures {r['failures']}", flush=True)
     print(f"[front] kept-alive / fresh p50 {kept['keepalive_over_fresh_p50']:.2f} "
           f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms); P/D / mixed TTFT p50 {pd['pd_over_mixed_p50']:.2f}",
           flush=True)

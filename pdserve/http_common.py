@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 from collections import Counter
@@ -282,3 +283,17 @@ def uvicorn_server(app: ASGIApp, limits: HttpLimits, **options: Any) -> Any:
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, lifespan="on", **limits.uvicorn_options(), **options))
+
+
+GC_GEN0_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive after startup (modules, app, config) out of the garbage collector's
+    view (``gc.freeze``) and collect the young generation less often. Without it, a full
+    collection every few thousand requests walks the whole startup heap while requests wait:
+    measured on the router at 32 kept-alive clients, p99 40-59 ms with the defaults, 16-20 ms
+    frozen (p50 unchanged). Cycles made later are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve import __version__
-from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware
+from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware, freeze_startup_heap
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
@@ -162,7 +162,7 @@ async def read_asgi_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def until_disconnected(receive: Receive, work: Awaitable[Response]) -> Response:
+async def until_disconnected(receive: Receive, work: Awaitable[ASGIApp]) -> ASGIApp:
     """``work``'s response, or a 499 after cancelling ``work`` if the client disconnects first
     (body already read). ``work`` runs in the calling task; one watcher task reads ``receive``."""
     current = asyncio.current_task()
@@ -396,6 +396,7 @@ def create_app(config: RouterConfig) -> RouterApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start()
+        freeze_startup_heap()
         try:
             yield
         finally:

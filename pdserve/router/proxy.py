@@ -21,13 +21,12 @@ import functools
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve.http_common import DECODE_RANK_HEADER, PREFILL_RANK_HEADER
 from pdserve.router.config import RouterConfig
@@ -49,6 +48,26 @@ _rng = random.Random()
 
 # what one failed attempt returns: the side, its unit and the reply
 Failure = tuple[str, Unit, Reply]
+# what the client is answered with (an ASGI app)
+Answer = Response | ASGIApp
+
+
+class BytesResponse:
+    """A whole answer relayed as it came (status, body, content type, headers): two ASGI messages,
+    none of a framework response's header building per request."""
+
+    __slots__ = ("status_code", "body", "headers")
+
+    def __init__(self, body: bytes, status_code: int, media_type: str, headers: dict[str, str]) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.headers = [(b"content-type", media_type.encode("latin-1")),
+                        (b"content-length", str(len(body)).encode())]
+        self.headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class RelayResponse(StreamingResponse):
@@ -118,7 +137,7 @@ class Proxy:
         self.client_rids: set[str] = set()  # client-given rids in flight through this router
 
     async def handle(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
-                     started: float) -> Response:
+                     started: float) -> Answer:
         rids = [r for r in _rids(body.get("rid")) if isinstance(r, str)] if body.get("rid") is not None else []
         taken = [r for r in rids if r in self.client_rids]
         if taken or len(set(rids)) != len(rids):
@@ -126,7 +145,7 @@ class Proxy:
             which = taken[0] if taken else next(r for r in rids if rids.count(r) > 1)
             return error_response(route, 400, f"rid {which!r} is already in use by a request in flight", "rid")
         self.client_rids.update(rids)
-        response: Response | None = None
+        response: Answer | None = None
         try:
             if self.config.pd_disaggregation:
                 response = await self._pd(route, body, info, headers, started)
@@ -148,7 +167,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ P/D
     async def _pd(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
-                  started: float) -> Response:
+                  started: float) -> Answer:
         stream = body.get("stream") is True
         client_rid = body.get("rid")
         exclude: set[Worker] = set()
@@ -168,11 +187,11 @@ class Proxy:
                 raise RouterError(400, str(e), "invalid_rank") from None
             self.metrics.selected("prefill", prefill)
             self.metrics.selected("decode", decode)
-            rid = client_rid if client_rid is not None else uuid.uuid4().hex
+            rid = client_rid if client_rid is not None else f"{_rng.getrandbits(128):032x}"
             p_body, d_body = self._pd_bodies(body, prefill, decode, rid, info)
             result = await self._pair(route, body, prefill, decode, p_body, d_body, rid, headers, stream, info,
                                       started, aborts)
-            if isinstance(result, Response):
+            if not isinstance(result, tuple):
                 return result
             failure = result
             if not failure[2].retryable:
@@ -213,7 +232,7 @@ class Proxy:
 
     async def _pair(self, route: str, body: dict[str, Any], prefill: Unit, decode: Unit, p_body: bytes,
                     d_body: bytes, rid: Any, headers: dict[str, str], stream: bool, info: RequestInfo,
-                    started: float, aborts: list[asyncio.Task]) -> Response | Failure:
+                    started: float, aborts: list[asyncio.Task]) -> Answer | Failure:
         """One attempt with one pair: the reply, or the failure that ended it (aborts sent go to ``aborts``)."""
         p_tokens, d_tokens = info.prompt_tokens, info.decode_tokens
         prefill.begin(p_tokens)
@@ -262,12 +281,12 @@ class Proxy:
                 release_decode()
 
     def _reply(self, route: str, body: dict[str, Any], p: Reply, d: Reply, started: float,
-               ranks: dict[str, str]) -> Response:
+               ranks: dict[str, str]) -> Answer:
         content = d.body
         if route == "/generate" and p.ok and body.get("return_logprob"):
             content = merge_input_logprobs(p.body, d.body)
         self.metrics.answered(route, d.status, time.perf_counter() - started)
-        return Response(content, status_code=d.status, media_type=d.content_type, headers=ranks)
+        return BytesResponse(content, d.status, d.content_type, ranks)
 
     def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str],
               by_rid: bool = True) -> list[asyncio.Task]:
@@ -286,7 +305,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ mixed
     async def _mixed(self, route: str, body: dict[str, Any], info: RequestInfo, headers: dict[str, str],
-                     started: float) -> Response:
+                     started: float) -> Answer:
         stream = body.get("stream") is True
         tokens = info.decode_tokens
         exclude: set[Worker] = set()
@@ -319,8 +338,8 @@ class Proxy:
                     unit.end(tokens)
                 if reply.ok:
                     self.metrics.answered(route, reply.status, time.perf_counter() - started)
-                    return Response(reply.body, status_code=reply.status, media_type=reply.content_type,
-                                    headers=served_headers(reply.ranks, None, unit.rank))
+                    return BytesResponse(reply.body, reply.status, reply.content_type,
+                                         served_headers(reply.ranks, None, unit.rank))
             failure = self._note_failure("mixed", unit, reply)
             if not reply.retryable:
                 break
@@ -391,14 +410,14 @@ class Proxy:
                     reply.body[:200].decode(errors="replace"))
         return side, unit, reply
 
-    def _failed(self, route: str, failure: Failure, started: float) -> Response:
+    def _failed(self, route: str, failure: Failure, started: float) -> Answer:
         """The client's answer once no attempt is left: the server's error, or 502 if none came."""
         side, unit, reply = failure
         worker = unit.worker
         status = reply.status or 502
         self.metrics.answered(route, status, time.perf_counter() - started)
         if reply.status:
-            return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.ranks)
+            return BytesResponse(reply.body, reply.status, reply.content_type, reply.ranks)
         message = f"{side} server {worker.url} failed ({reply.reason}): {reply.body.decode(errors='replace')}"
         return error_response(route, 502, message, f"{side}_unreachable")
 

@@ -10,6 +10,7 @@ import uuid
 from fastapi import Request
 
 from pdserve.engine.request import SamplingParams
+from pdserve.http_common import freeze_startup_heap
 from pdserve.server import messages as msg
 from pdserve.server.api_common import request_peers, request_rooms
 from pdserve.server.config import ServerConfig
@@ -54,6 +55,7 @@ class ServerState:
         for state in self.controller.ranks:
             self.metrics.set_load(state.rank, state.load)
         self.service = GenerationService(self.controller, tokenizer)
+        freeze_startup_heap()
         logger.info(
             "serving %s (%s) on http://%s:%d with %d DP rank(s)",
             self.served_model_name, info.model_path, self.config.host, self.config.port, self.config.dp_size,
