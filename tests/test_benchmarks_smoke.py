@@ -90,16 +90,22 @@ def test_router_overhead_script_with_stubs(run_tagged, tmp_path):
     out_file = tmp_path / "router.json"
     targets = ["direct", "pdserve"] + (["sglang"] if importlib.util.find_spec("sglang_router") else [])
     proc = run_tagged([sys.executable, "benchmarks/router_overhead.py", "--no-real", "--stub-requests", "30",
-                       "--warmup", "3", "--concurrency", "1", "4", "--targets", *targets,
+                       "--warmup", "3", "--rounds", "1", "--concurrency", "1", "4", "--targets", *targets,
                        "--log-dir", str(tmp_path / "logs"), "--output-file", str(out_file)], timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out_file.read_text())["rows"]
     assert {(r["target"], r["concurrency"]) for r in rows} == {(t, c) for t in targets for c in (1, 4)}
     for r in rows:
         assert r["upstreams"] == "stub" and r["requests"] == 30 and r["failures"] == 0
+        assert r["keep_alive"] is True  # kept-alive connections are the default, as real clients keep them
         assert r["req_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         if r["target"] != "direct":
             assert r["router_cpu_s_per_1000"] >= 0 and "added_p50_ms" in r and r["req_per_s_vs_direct"] > 0
+        if r["concurrency"] == 1:  # the latency row: kept-alive vs fresh connections, reported (not judged)
+            assert r["keepalive_over_fresh_p50"] > 0 and r["other_connection_mode_p50_ms"] > 0
+    if "sglang" in targets:
+        pd = next(r for r in rows if r["target"] == "pdserve" and r["concurrency"] == 4)
+        assert pd["req_per_s_vs_sglang"] > 0 and pd["cpu_vs_sglang"] > 0 and "added_p50_minus_sglang_ms" in pd
 
 
 def test_gpu_identity_script_runs_on_cpu(run_tagged):
