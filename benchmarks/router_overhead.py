@@ -40,7 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
-from pdserve.bench.keepalive_client import Endpoint, direct_pd_sender, router_sender, run_closed_loop
+from pdserve.bench.keepalive_client import (
+    Endpoint,
+    direct_pd_sender,
+    router_sender,
+    run_closed_loop,
+    ttft_sender,
+)
 from pdserve.router.launch import threads_for
 
 TARGETS = ("direct", "pdserve", "sglang")
@@ -171,29 +177,45 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
 
 
 def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace) -> list[dict]:
-    """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and P/D (direct) vs
-    mixed, ``--rounds`` times interleaved, medians."""
+    """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and streamed TTFT of
+    P/D (direct: decode's stream, prefill's half alongside) vs mixed, ``--rounds`` times
+    interleaved, medians."""
     n = args.front_requests
-    mixed_send = router_sender(Endpoint(mixed.url), "/generate", body(args))
-    pd_send = direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
-                               "/generate", body(args))
-    ways = {"mixed kept-alive": (mixed_send, False), "mixed fresh": (mixed_send, True),
-            "P/D direct kept-alive": (pd_send, False)}
+    ttfts: dict[str, list[float]] = {"mixed TTFT": [], "P/D direct TTFT": []}
+    ways = {
+        "mixed kept-alive": (router_sender(Endpoint(mixed.url), "/generate", body(args)), False),
+        "mixed fresh": (router_sender(Endpoint(mixed.url), "/generate", body(args)), True),
+        "mixed TTFT": (ttft_sender(Endpoint(mixed.url), "/generate", body(args), ttfts["mixed TTFT"]), False),
+        "P/D direct TTFT": (direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
+                                             "/generate", body(args), ttfts["P/D direct TTFT"]), False),
+    }
     samples: dict[str, list[dict]] = {name: [] for name in ways}
     for _ in range(args.rounds):
         for name, ((endpoints, send), fresh) in ways.items():
-            samples[name].append(run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh))
-    rows = [{**median_row(samples[name]), "target": name, "upstreams": "front"} for name in ways]
-    kept, new, pd = rows
+            kept = len(ttfts.get(name, []))
+            row = run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh)
+            if name in ttfts:  # the timed requests' TTFT, not the warm-up's
+                timed = sorted(ttfts[name][kept + args.warmup:])
+                row["ttft_p50_ms"] = timed[len(timed) // 2] * 1000
+            samples[name].append(row)
+    rows = []
+    for name in ways:
+        row = {**median_row(samples[name]), "target": name, "upstreams": "front"}
+        if name in ttfts:
+            values = sorted(r["ttft_p50_ms"] for r in samples[name])
+            row["ttft_p50_ms"], row["ttft_p50_ms_spread"] = float(np.median(values)), [values[0], values[-1]]
+        rows.append(row)
+    kept, new, mixed_ttft, pd_ttft = rows
     kept["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
     kept["keepalive_minus_fresh_p50_ms"] = kept["p50_ms"] - new["p50_ms"]
-    pd["pd_over_mixed_p50"] = pd["p50_ms"] / kept["p50_ms"]
+    pd_ttft["pd_over_mixed_ttft_p50"] = pd_ttft["ttft_p50_ms"] / mixed_ttft["ttft_p50_ms"]
     for r in rows:
-        print(f"[front] {r['target']:22s} p50 {r['p50_ms']:6.2f} ms ({r['p50_ms_spread'][0]:.2f}-"
-              f"{r['p50_ms_spread'][1]:.2f})  p99 {r['p99_ms']:6.2f} ms  failures {r['failures']}", flush=True)
+        extra = f"  TTFT p50 {r['ttft_p50_ms']:6.2f} ms" if "ttft_p50_ms" in r else ""
+        print(f"[front] {r['target']:18s} p50 {r['p50_ms']:6.2f} ms ({r['p50_ms_spread'][0]:.2f}-"
+              f"{r['p50_ms_spread'][1]:.2f})  p99 {r['p99_ms']:6.2f} ms{extra}  failures {r['failures']}", flush=True)
     print(f"[front] kept-alive / fresh p50 {kept['keepalive_over_fresh_p50']:.2f} "
-          f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms); P/D / mixed TTFT p50 {pd['pd_over_mixed_p50']:.2f}",
-          flush=True)
+          f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms); P/D / mixed TTFT p50 "
+          f"{pd_ttft['pd_over_mixed_ttft_p50']:.2f}", flush=True)
     return rows
 
 

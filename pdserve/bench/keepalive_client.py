@@ -28,8 +28,9 @@ def request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """(status, body) of one response with a ``Content-Length`` or chunked body."""
+async def read_response(reader: asyncio.StreamReader, marks: list[float] | None = None) -> tuple[int, bytes]:
+    """(status, body) of one response with a ``Content-Length`` or chunked body; with ``marks``,
+    the ``perf_counter`` time of the first body chunk is appended to it (TTFT of a stream)."""
     head = await reader.readuntil(HEADER_END)
     status = int(head[9:12])
     lower = head.lower()
@@ -41,6 +42,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         parts = []
         while True:
             size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            if marks is not None and not parts:
+                marks.append(time.perf_counter())
             if size == 0:
                 await reader.readuntil(b"\r\n")
                 return status, b"".join(parts)
@@ -71,14 +74,14 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, data: bytes) -> tuple[int, bytes]:
+    async def post(self, data: bytes, marks: list[float] | None = None) -> tuple[int, bytes]:
         for attempt in range(2):
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
             assert self.reader is not None
             try:
                 self.writer.write(data)
-                result = await read_response(self.reader)
+                result = await read_response(self.reader, marks)
             except (ConnectionError, asyncio.IncompleteReadError):
                 self.close()
                 if attempt or self.fresh:
@@ -110,18 +113,39 @@ def router_sender(endpoint: Endpoint, path: str, body: dict) -> tuple[list[Endpo
     return [endpoint], send
 
 
+def ttft_sender(endpoint: Endpoint, path: str, body: dict, ttfts: list[float]) -> tuple[list[Endpoint], Callable]:
+    """Stream ``body`` from one server; each request's time to its first chunk goes to ``ttfts``."""
+    data = request_bytes(endpoint.host, endpoint.port, path, msgspec.json.encode({**body, "stream": True}))
+
+    async def send(conns: list[Connection]) -> bool:
+        marks: list[float] = []
+        start = time.perf_counter()
+        status, _ = await conns[0].post(data, marks)
+        if marks:
+            ttfts.append(marks[0] - start)
+        return status == 200
+
+    return [endpoint], send
+
+
 def direct_pd_sender(prefill: Endpoint, decode: Endpoint, bootstrap_port: int, path: str,
-                     body: dict) -> tuple[list[Endpoint], Callable]:
-    """Do a P/D router's job: both halves at once with a fresh bootstrap room."""
+                     body: dict, ttfts: list[float] | None = None) -> tuple[list[Endpoint], Callable]:
+    """Do a P/D router's job: both halves at once with a fresh bootstrap room. With ``ttfts``,
+    decode's half streams and its time to the first chunk is recorded (prefill's never streams)."""
     encode = msgspec.json.encode
 
     async def send(conns: list[Connection]) -> bool:
         room = dict(body, bootstrap_host=prefill.host, bootstrap_port=bootstrap_port,
                     bootstrap_room=random.getrandbits(63))
-        data = encode(room)
+        p_data = encode(room)
+        d_data = p_data if ttfts is None else encode({**room, "stream": True})
+        marks: list[float] | None = None if ttfts is None else []
+        start = time.perf_counter()
         (sp, _), (sd, _) = await asyncio.gather(
-            conns[0].post(request_bytes(prefill.host, prefill.port, path, data)),
-            conns[1].post(request_bytes(decode.host, decode.port, path, data)))
+            conns[0].post(request_bytes(prefill.host, prefill.port, path, p_data)),
+            conns[1].post(request_bytes(decode.host, decode.port, path, d_data), marks))
+        if marks:
+            ttfts.append(marks[0] - start)
         return sp == 200 and sd == 200
 
     return [prefill, decode], send
