@@ -25,7 +25,9 @@ a ceiling of the whole loop, not of the router alone.
 
 ``front`` rows (real servers only): one client, ``/generate`` of 1 token to a mixed server on a
 kept-alive connection and on fresh connections, and P/D (direct) vs mixed on the same kept-alive
-client: the kept-alive/fresh p50 ratio (a Nagle stall shows as ~40 ms) and P/D over mixed TTFT.
+client: the kept-alive/fresh p50 ratio (a Nagle stall shows as ~40 ms), streamed TTFT of P/D over
+mixed, and the offline engine's own 1-token ``generate`` in this process (the step's cost without
+HTTP, ZMQ or another process) as the floor the mixed server's kept-alive figure is compared with.
 """
 
 from __future__ import annotations
@@ -176,6 +178,33 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
     return rows
 
 
+def offline_engine(args: argparse.Namespace):
+    """A 1-token ``generate`` of the offline engine in this process (1 torch thread, the servers'
+    model): the step's own cost, without HTTP, ZMQ or a second process."""
+    import torch
+
+    from pdserve import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine(model_path=args.model_path) if args.model_path else Engine()
+    params = dict(BODY["sampling_params"], max_new_tokens=args.max_new_tokens)
+
+    def timed(n: int) -> dict:
+        for _ in range(args.warmup):
+            engine.generate(input_ids=BODY["input_ids"], sampling_params=params)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            engine.generate(input_ids=BODY["input_ids"], sampling_params=params)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        return {"concurrency": 1, "requests": n, "failures": 0, "req_per_s": n / sum(times),
+                "p50_ms": times[n // 2] * 1000, "p99_ms": times[min(n - 1, int(n * 0.99))] * 1000,
+                "mean_ms": sum(times) / n * 1000, "keep_alive": True}
+
+    return timed
+
+
 def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace) -> list[dict]:
     """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and streamed TTFT of
     P/D (direct: decode's stream, prefill's half alongside) vs mixed, ``--rounds`` times
@@ -190,7 +219,10 @@ def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, ar
                                              "/generate", body(args), ttfts["P/D direct TTFT"]), False),
     }
     samples: dict[str, list[dict]] = {name: [] for name in ways}
+    engine = offline_engine(args)
+    samples["engine (offline, in-process)"] = []
     for _ in range(args.rounds):
+        samples["engine (offline, in-process)"].append(engine(n))
         for name, ((endpoints, send), fresh) in ways.items():
             kept = len(ttfts.get(name, []))
             row = run_closed_loop(endpoints, send, 1, n, args.warmup, fresh=fresh)
@@ -199,14 +231,15 @@ def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, ar
                 row["ttft_p50_ms"] = timed[len(timed) // 2] * 1000
             samples[name].append(row)
     rows = []
-    for name in ways:
+    for name in samples:
         row = {**median_row(samples[name]), "target": name, "upstreams": "front"}
         if name in ttfts:
             values = sorted(r["ttft_p50_ms"] for r in samples[name])
             row["ttft_p50_ms"], row["ttft_p50_ms_spread"] = float(np.median(values)), [values[0], values[-1]]
         rows.append(row)
-    kept, new, mixed_ttft, pd_ttft = rows
+    kept, new, mixed_ttft, pd_ttft, offline = rows
     kept["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
+    kept["minus_offline_engine_p50_ms"] = kept["p50_ms"] - offline["p50_ms"]
     kept["keepalive_minus_fresh_p50_ms"] = kept["p50_ms"] - new["p50_ms"]
     pd_ttft["pd_over_mixed_ttft_p50"] = pd_ttft["ttft_p50_ms"] / mixed_ttft["ttft_p50_ms"]
     for r in rows:
@@ -214,7 +247,8 @@ def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, ar
         print(f"[front] {r['target']:18s} p50 {r['p50_ms']:6.2f} ms ({r['p50_ms_spread'][0]:.2f}-"
               f"{r['p50_ms_spread'][1]:.2f})  p99 {r['p99_ms']:6.2f} ms{extra}  failures {r['failures']}", flush=True)
     print(f"[front] kept-alive / fresh p50 {kept['keepalive_over_fresh_p50']:.2f} "
-          f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms); P/D / mixed TTFT p50 "
+          f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms), kept-alive over the offline engine "
+          f"{kept['minus_offline_engine_p50_ms']:+.2f} ms; P/D / mixed TTFT p50 "
           f"{pd_ttft['pd_over_mixed_ttft_p50']:.2f}", flush=True)
     return rows
 
