@@ -10,6 +10,7 @@ upstream connections.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -149,3 +150,35 @@ def test_zmq_control_sockets_have_no_delay():
         pull.close(0)
         push.close(0)
         ctx.term()
+
+
+def test_router_listener_accepts_with_no_delay():
+    from pdserve.router.app import create_app
+    from pdserve.router.config import RouterConfig, WorkerSpec
+
+    config = RouterConfig(host="127.0.0.1", port=0, workers=[WorkerSpec("http://127.0.0.1:9", "mixed")])
+    with serving(create_app(config), HttpLimits()) as port:
+        assert accepted_no_delay(port) == 1
+
+
+def test_router_upstream_connections_have_no_delay():
+    from pdserve.router.http_client import ClientPool, Target
+
+    upstream = listen_socket("127.0.0.1", 0)
+    port = upstream.getsockname()[1]
+
+    async def connect() -> int:
+        pool = ClientPool()
+        conn = await pool.acquire("127.0.0.1", port)
+        try:
+            local_port = conn.transport.get_extra_info("sockname")[1]
+            return await asyncio.to_thread(no_delay_of, local_port, port)
+        finally:
+            conn.close()
+            await pool.close()
+
+    try:
+        assert Target.parse(f"http://127.0.0.1:{port}/generate").port == port
+        assert asyncio.run(connect()) == 1
+    finally:
+        upstream.close()
