@@ -10,6 +10,7 @@ other against the same servers:
   decode half concurrently with ``bootstrap_host``/``bootstrap_port`` and a fresh random
   ``bootstrap_room`` and waits for both;
 - ``pdserve``: through ``pdserve router`` (``--policy round_robin``, ``--log-level warn``);
+- ``pdserve-2p``: the same with ``--router-processes 2`` (two processes on the one port);
 - ``sglang``: through sglang-router 0.3.2 (``--pd-disaggregation``, ``--policy round_robin``,
   ``--log-level warn``; loopback only, never ``--dp-aware``).
 
@@ -51,7 +52,7 @@ from pdserve.bench.keepalive_client import (
 )
 from pdserve.router.launch import threads_for
 
-TARGETS = ("direct", "pdserve", "sglang")
+TARGETS = ("direct", "pdserve", "pdserve-2p", "sglang")
 BODY = {"input_ids": [11, 12, 13, 14], "stream": False,
         "sampling_params": {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}}
 
@@ -118,6 +119,10 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
         if name == "pdserve":
             routers[name] = cluster.pdserve_router(f"{label}-pdserve-router", [prefill], [decode],
                                                    args=["--policy", "round_robin", *shlex.split(args.pdserve_args)])
+        elif name == "pdserve-2p":
+            routers[name] = cluster.pdserve_router(f"{label}-pdserve-2p-router", [prefill], [decode],
+                                                   args=["--policy", "round_robin", "--router-processes", "2",
+                                                         *shlex.split(args.pdserve_args)])
         elif name == "sglang":
             routers[name] = cluster.sglang_router(f"{label}-sglang-router", [prefill], [decode],
                                                   args=["--policy", "round_robin"])
@@ -163,17 +168,17 @@ def measure(cluster: Cluster, prefill: Proc, decode: Proc, args, total: int, lab
             r["added_p99_ms"] = r["p99_ms"] - d["p99_ms"]
             r["req_per_s_vs_direct"] = r["req_per_s"] / d["req_per_s"]
     by = {(r["target"], r["concurrency"]): r for r in rows}
-    for c in args.concurrency:
-        p, s = by.get(("pdserve", c)), by.get(("sglang", c))
+    for c, name in ((c, name) for name in ("pdserve", "pdserve-2p") for c in args.concurrency):
+        p, s = by.get((name, c)), by.get(("sglang", c))
         if p and s:
             p["req_per_s_vs_sglang"] = p["req_per_s"] / s["req_per_s"]
             p["p50_vs_sglang"] = p["p50_ms"] / s["p50_ms"]
             p["cpu_vs_sglang"] = p["router_cpu_s_per_1000"] / max(1e-9, s["router_cpu_s_per_1000"])
             if "added_p50_ms" in p and "added_p50_ms" in s:
                 p["added_p50_minus_sglang_ms"] = p["added_p50_ms"] - s["added_p50_ms"]
-            print(f"[{label}] c={c}: pdserve/sglang req/s {p['req_per_s_vs_sglang']:.2f}, p50 latency "
+            print(f"[{label}] c={c}: {name}/sglang req/s {p['req_per_s_vs_sglang']:.2f}, p50 latency "
                   f"{p['p50_vs_sglang']:.2f}, router CPU per request {p['cpu_vs_sglang']:.2f}; added p50 over "
-                  f"direct: pdserve {p.get('added_p50_ms', 0):.2f} ms, sglang {s.get('added_p50_ms', 0):.2f} ms",
+                  f"direct: {name} {p.get('added_p50_ms', 0):.2f} ms, sglang {s.get('added_p50_ms', 0):.2f} ms",
                   flush=True)
     return rows
 

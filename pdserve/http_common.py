@@ -68,11 +68,14 @@ async def read_body(request: Request, limit: int, too_large: Callable[[str], Exc
 # ---------------------------------------------------------------------- listener caps (server and router)
 
 HTTP_REFUSALS: Counter[str] = Counter()  # reason -> connections cut by the caps below (rendered in /metrics)
+REFUSAL_HOOKS: list[Callable[[str], None]] = []  # called with the reason of every refusal (router metrics)
 _logged: set[str] = set()
 
 
 def record_http_refusal(reason: str, detail: str) -> None:
     HTTP_REFUSALS[reason] += 1
+    for hook in REFUSAL_HOOKS:
+        hook(reason)
     if reason not in _logged:
         _logged.add(reason)
         logging.getLogger("pdserve.http").warning("HTTP listener refused %s: %s (logged once; counted in /metrics)",

@@ -359,3 +359,72 @@ def test_launch_serves_and_stops_on_sigint(tmp_path):
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def router_process(args: list[str], log_dir: Path) -> ServerProcess:
+    """``pdserve router`` as its own process group on a free port."""
+    port = free_port()
+    log_path = log_dir / f"router-{port}.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *args]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=REPO_ROOT, start_new_session=True)
+    return ServerProcess(proc, port, log_path)
+
+
+def generate_answers(url: str) -> float:
+    """``/generate`` answers counted in the router's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('pdserve_router_requests_total{route="/generate"'))
+
+
+def test_router_processes_share_the_port_and_sum_their_metrics(fleet, reference, tmp_path):
+    """--router-processes 2: both processes serve (each in turn, the other SIGSTOPped), answers equal
+    the mixed server's, /metrics sums both whichever answers, a killed process is replaced, runtime
+    worker changes are refused, and SIGTERM stops the whole tree."""
+    args = ["--pd-disaggregation", "--router-processes", "2", "--policy", "round_robin"]
+    for p in fleet.prefills:
+        args += ["--prefill", p.url]
+    args += ["--decode", fleet.decode.url]
+    router = router_process(args, tmp_path)
+    try:
+        router.wait_healthy()
+        procs = children(router.proc.pid)
+        assert len(procs) == 2, procs
+
+        def generate_each(prompts: list[str]) -> None:
+            for prompt in prompts:  # a new connection each: whichever process accepts it serves it
+                r = httpx.post(router.url + "/generate", timeout=60, headers={"Connection": "close"},
+                               json={"text": prompt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}})
+                assert r.status_code == 200, r.text
+                assert r.json()["output_ids"] == reference[prompt]["output_ids"]
+
+        served = 0
+        for stopped in procs:  # only the other process can accept while one is stopped
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                generate_each(PROMPTS[:3])
+                served += 3
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+        assert generate_answers(router.url) == served
+        refused = httpx.post(router.url + f"/add_worker?url={fleet.decode.url}&type=decode", timeout=10)
+        assert refused.status_code == 409 and "--router-processes" in refused.json()["error"]["message"]
+
+        os.kill(procs[0], signal.SIGKILL)
+        assert wait_until(lambda: len(children(router.proc.pid)) == 2 and procs[0] not in children(router.proc.pid),
+                          20), children(router.proc.pid)
+        router.wait_healthy()
+        generate_each(PROMPTS[3:])
+        assert generate_answers(router.url) == served + len(PROMPTS) - 3
+        assert_idle(fleet)
+
+        survivors = children(router.proc.pid)
+        router.proc.send_signal(signal.SIGTERM)
+        assert router.proc.wait(timeout=20) == 0
+        assert not any(alive(pid) for pid in survivors)
+    finally:
+        router.stop()

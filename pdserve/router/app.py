@@ -31,6 +31,7 @@ from pdserve.router.openapi import openapi_document
 from pdserve.router.pairing import NoWorkers, Pairing
 from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import CacheIndex
+from pdserve.router.processes import mark_ready, sibling_count, unready_siblings
 from pdserve.router.prompt_tokens import PromptTokenizer
 from pdserve.router.proxy import MIXED_SET_FIELDS, PD_SET_FIELDS, Proxy
 from pdserve.router.request_info import RequestInfo, request_info
@@ -41,6 +42,7 @@ logger = logging.getLogger("pdserve.router")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 ROLE_ALIASES = {"prefill": "prefill", "decode": "decode", "mixed": "mixed", "regular": "mixed"}
+READY_POLL_S = 0.05  # how often a process among several checks whether its fleet is ready
 FEED_SYNC_S = 1.0  # how often the set of followed /kv_events feeds is matched to the healthy workers
 
 
@@ -64,6 +66,7 @@ class RouterState:
         self.prompt_tokenizer = PromptTokenizer() if self.uses_cache and config.tokenize_prompts else None
         self.kv_events: KVEventWatcher | None = None
         self._feed_task: asyncio.Task | None = None
+        self._ready_task: asyncio.Task | None = None
         for policy in (self.prefill_policy, self.decode_policy):
             self.fleet.on_units_dropped.append(policy.forget)
         self.pairing = Pairing(self.fleet, self.prefill_policy, self.decode_policy, config.dp_coupled)
@@ -83,10 +86,18 @@ class RouterState:
         upstream = Upstream(self.pool, self.config.request_timeout_secs)
         self.proxy = Proxy(self.config, self.fleet, self.pairing, upstream, self.metrics)
         self.fleet.start(self.session)
+        if sibling_count() > 1:
+            self._ready_task = asyncio.create_task(self._mark_ready(), name="router-ready-marker")
         if self.uses_cache and self.config.kv_events:
             self.kv_events = KVEventWatcher(self.cache_index, self.worker_headers,
                                             self.config.health_check_timeout_secs)
             self._feed_task = asyncio.create_task(self._follow_feeds(), name="router-kv-feeds")
+
+    async def _mark_ready(self) -> None:
+        """With sibling router processes: say so in the shared folder once this one's fleet is ready."""
+        while self.fleet.ready() is not None:
+            await asyncio.sleep(READY_POLL_S)
+        mark_ready()
 
     async def _follow_feeds(self) -> None:
         assert self.kv_events is not None and self.session is not None
@@ -103,6 +114,8 @@ class RouterState:
         return await self.prompt_tokenizer.annotate(route, body, info, path)
 
     async def stop(self) -> None:
+        if self._ready_task is not None:
+            self._ready_task.cancel()
         if self._feed_task is not None:
             self._feed_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -112,6 +125,7 @@ class RouterState:
         await self.fleet.stop()
         if self.proxy is not None:
             await self.proxy.close()
+        self.metrics.close()
         if self.pool is not None:
             await self.pool.close()
         if self.session is not None:
@@ -249,7 +263,7 @@ def create_app(config: RouterConfig) -> RouterApp:
         raise AssertionError("proxied paths are served by the raw ASGI handler")
 
     async def health(request: Request) -> Response:
-        missing = state.fleet.ready()
+        missing = state.fleet.ready() or unready_siblings()
         if missing is not None:
             return error_response("/health", 503, missing)
         return JSONResponse({"status": "ok"})
@@ -292,7 +306,13 @@ def create_app(config: RouterConfig) -> RouterApp:
     async def server_info(request: Request) -> Response:
         return JSONResponse({"router": "pdserve", "version": __version__, "workers": state.fleet.describe()})
 
+    def single_process(path: str) -> None:
+        if config.router_processes > 1:
+            raise RouterError(409, f"{path} would change one of the {config.router_processes} router processes "
+                                   "only (--router-processes): restart the router with the new worker list")
+
     async def add_worker(request: Request) -> Response:
+        single_process("/add_worker")
         q = request.query_params
         url = q.get("url")
         if not url:
@@ -335,6 +355,7 @@ def create_app(config: RouterConfig) -> RouterApp:
         return JSONResponse({"status": status, "worker": worker.describe()}, status_code=200 if worker.healthy else 202)
 
     async def remove_worker(request: Request) -> Response:
+        single_process("/remove_worker")
         url = request.query_params.get("url", "").rstrip("/")
         if state.fleet.remove(url) is None:
             raise RouterError(404, f"no worker {url!r}")

@@ -13,6 +13,8 @@ POLICIES = ("random", "round_robin", "least_load", "power_of_two", "cache_aware"
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 
+MAX_ROUTER_PROCESSES = 64
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """One server the router is told about: its URL, role and (prefill only) bootstrap port."""
@@ -59,8 +61,11 @@ class RouterConfig:
     max_payload_size: int = 32 << 20
     api_key: str | None = None
     log_level: str = "info"
+    router_processes: int = 1  # processes serving the one listening port (router/processes.py)
 
     def validate(self) -> None:
+        if not 1 <= self.router_processes <= MAX_ROUTER_PROCESSES:
+            raise ValueError(f"--router-processes must be in [1, {MAX_ROUTER_PROCESSES}], got {self.router_processes}")
         if self.pd_disaggregation:
             roles = {w.role for w in self.workers}
             if "mixed" in roles:
@@ -195,6 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="clients must send 'Authorization: Bearer KEY'; the router sends it to the workers")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="router log level")
+    parser.add_argument("--router-processes", type=int, default=d.router_processes,
+                        help="router processes sharing the listening port, for more than one core; each has its "
+                             "own view of in-flight requests (the servers' reported load is common), /metrics "
+                             "sums them all, and /add_worker and /remove_worker are refused (docs/router.md)")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -234,4 +243,5 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_payload_size=args.max_payload_size,
         api_key=args.api_key,
         log_level="warning" if args.log_level == "warn" else args.log_level,
+        router_processes=args.router_processes,
     )

@@ -1,16 +1,20 @@
-"""The router's Prometheus metrics, in a registry of its own (one per app)."""
+"""The router's Prometheus metrics, in a registry of its own (one per app).
+
+With ``--router-processes N`` > 1, ``PROMETHEUS_MULTIPROC_DIR`` is set before any router process
+imports prometheus_client (router/processes.py), every value lives in that folder's files, and
+``/metrics`` answers the sum over all processes whichever one serves the scrape (gauges: the
+in-flight count summed over live processes, a worker healthy only while every live process says so).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
 
-from pdserve.http_common import HTTP_REFUSALS
+from pdserve.http_common import REFUSAL_HOOKS
 from pdserve.router.worker import Unit, Worker
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -34,13 +38,24 @@ class RouterMetrics:
         self.failures = Counter("pdserve_router_upstream_failures", "Upstream calls that failed, by reason",
                                 ["side", "worker", "reason"], registry=r)
         self.healthy = Gauge("pdserve_router_worker_healthy", "1 while a worker is admitted", ["side", "worker"],
-                             registry=r)
+                             registry=r, multiprocess_mode="livemin")
         self.evictions = Counter("pdserve_router_worker_evictions", "Workers evicted after failed health checks",
                                  ["side", "worker"], registry=r)
-        self.inflight = Gauge("pdserve_router_inflight_requests", "Client requests in progress", registry=r)
+        self.inflight = Gauge("pdserve_router_inflight_requests", "Client requests in progress", registry=r,
+                              multiprocess_mode="livesum")
+        self.refusals = Counter("pdserve_router_refusals", "Connections refused or cut at an HTTP cap", ["reason"],
+                                registry=r)
         self._selection_children: dict[tuple[str, str], Counter] = {}
         self._answer_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-        r.register(_HttpRefusals())
+        self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        REFUSAL_HOOKS.append(self._refused)
+
+    def _refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            REFUSAL_HOOKS.remove(self._refused)
 
     def selected(self, side: str, unit: Unit) -> None:
         key = (side, unit.label)
@@ -74,15 +89,9 @@ class RouterMetrics:
             self.healthy.remove(worker.role, worker.url)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        shared = CollectorRegistry()
+        multiprocess.MultiProcessCollector(shared, path=self._shared_dir)
+        return generate_latest(shared)
 
-
-class _HttpRefusals(Collector):
-    """Connections the router's HTTP listener cut at a cap (``http_common.HTTP_REFUSALS``)."""
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily("pdserve_router_refusals", "Connections refused or cut at an HTTP cap",
-                                     labels=["reason"])
-        for reason, n in sorted(HTTP_REFUSALS.items()):
-            family.add_metric([reason], n)
-        yield family
