@@ -404,6 +404,23 @@ class ChatBody(CommonBody, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class TokenizeBody(msgspec.Struct, kw_only=True):
+    """``POST /tokenize`` (vLLM's shape; SGLang's ``text`` too)."""
+
+    prompt: str | None = None
+    text: str | None = None
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeBody(msgspec.Struct, kw_only=True):
+    """``POST /detokenize``."""
+
+    tokens: list[int]
+    skip_special_tokens: bool = False
+    model: str | None = None
+
+
 BODIES: dict[str, type[msgspec.Struct]] = {"generate": GenerateBody, "completions": CompletionBody, "chat": ChatBody}
 ROUTE_PATHS = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
 PROMPT_FIELDS = {"generate": ("text", "input_ids"), "completions": ("prompt",), "chat": ("messages",)}  # one required
