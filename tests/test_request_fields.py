@@ -63,6 +63,12 @@ def test_tables_name_sources_and_keep_honoured_and_off_apart():
             assert values and None in values, (name, field)  # null is always "not set"
 
 
+def test_off_values_match_by_type():
+    assert is_off(False, (None, False)) and not is_off(0, (None, False))
+    assert is_off(1, (None, 1.0)) and not is_off(True, (None, 1))
+    assert is_off([], (None, [])) and not is_off(["x"], (None, []))
+
+
 def test_published_schema_takes_each_off_value_and_refuses_an_on_value():
     for route, off in OFF_VALUES.items():
         validator = jsonschema.Draft202012Validator(request_schema(route))
