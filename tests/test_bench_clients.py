@@ -39,6 +39,16 @@ def client_binary(venv: str, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
+def guidellm() -> Path:
+    return client_binary("guidellm", "guidellm")
+
+
+@pytest.fixture(scope="module")
+def inference_perf() -> Path:
+    return client_binary("inference-perf", "inference-perf")
+
+
+@pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     with client_fleet(tmp_path_factory.mktemp("bench-clients")) as f:
         yield f
@@ -62,8 +72,7 @@ def run_client(cmd: list[str | Path], cwd: Path) -> str:
 
 
 @pytest.mark.parametrize("target", ["mixed", "router-pd"])
-def test_guidellm_streams_without_errors(fleet: ClientFleet, model, target, tmp_path):
-    guidellm = client_binary("guidellm", "guidellm")
+def test_guidellm_streams_without_errors(guidellm: Path, fleet: ClientFleet, model, target, tmp_path):
     name, tokenizer = model
     report = tmp_path / "guidellm.json"
     run_client([guidellm, "run", "--backend", f"kind=openai_http,target={fleet.targets[target].url},model={name}",
@@ -77,9 +86,8 @@ def test_guidellm_streams_without_errors(fleet: ClientFleet, model, target, tmp_
 
 
 @pytest.mark.parametrize("target", ["mixed", "router-pd"])
-def test_inference_perf_streams_without_errors(fleet: ClientFleet, model, target, tmp_path):
+def test_inference_perf_streams_without_errors(inference_perf: Path, fleet: ClientFleet, model, target, tmp_path):
     """Completions (its ``random`` data generator serves no chat API)."""
-    inference_perf = client_binary("inference-perf", "inference-perf")
     name, tokenizer = model
     config = tmp_path / "config.yml"
     config.write_text(json.dumps({  # JSON is YAML
