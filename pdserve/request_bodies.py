@@ -64,63 +64,226 @@ _STRUCTURED = frozenset(
 _OPENAI_SAMPLING = frozenset(
     {
         "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options",
+        "stream_options.include_usage", "stream_options.continuous_usage_stats",
         "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
         "min_tokens", "ignore_eos", "skip_special_tokens", "no_stop_trim", "user",
     }
 )
 
-HONOURED: dict[str, frozenset[str]] = {
-    "generate": frozenset(
+_NULL: tuple[Any, ...] = (None,)
+_FALSE: tuple[Any, ...] = (None, False)
+_EMPTY_LIST: tuple[Any, ...] = (None, [])
+_EMPTY_MAP: tuple[Any, ...] = (None, {})
+_ANY_BOOL: tuple[Any, ...] = (None, True, False)  # a true no-op in pdserve, whichever value
+
+
+class FieldTable(msgspec.Struct, frozen=True):
+    """One route's whole request surface, as read from ``sources``: the keys pdserve honours, and every
+    other key with the values that mean "off" (its default, null, an empty list): accepted, since
+    they ask for nothing. Any other value, or a key in neither set, is a 400 naming it. Dotted
+    names (``stream_options.include_usage``) are keys of a nested object."""
+
+    sources: tuple[str, ...]
+    honoured: frozenset[str]
+    off: dict[str, tuple[Any, ...]]
+
+
+_SGLANG = "sgl-project/sglang 0.5.23 (PyPI wheel)"
+_VLLM = "vllm-project/vllm main, Dec 2026"
+
+# SGLang's OpenAI extensions that both OpenAI routes accept (sglang/srt/entrypoints/openai/protocol.py)
+# and vLLM's sampling and extra parameters (vllm/entrypoints/openai/{completion,chat_completion}/protocol.py)
+# that pdserve does not implement.
+_OPENAI_OFF: dict[str, tuple[Any, ...]] = {
+    # SGLang
+    "return_hidden_states": _FALSE,
+    "return_routed_experts": _FALSE,
+    "routed_experts_start_len": (None, 0),
+    "return_cached_tokens_details": _FALSE,
+    "return_spec_tokens_details": _FALSE,
+    "stop_regex": _EMPTY_LIST,
+    "lora_path": _NULL,
+    "session_id": _NULL,
+    "session_params": _NULL,
+    "custom_params": _NULL,
+    "custom_logit_processor": _NULL,
+    "watermark": _NULL,
+    "images_config": _NULL,
+    "mm_processor_kwargs": _NULL,
+    "extra_key": (None, ""),
+    "cache_salt": _NULL,
+    "priority": (None, 0),
+    "custom_labels": _EMPTY_MAP,
+    "logit_bias": _EMPTY_MAP,
+    # vLLM
+    "use_beam_search": _FALSE,
+    "watermarking": _FALSE,
+    "length_penalty": (None, 1.0),  # beam search only
+    "include_stop_str_in_output": _FALSE,
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": _NULL,
+    "truncation_side": _NULL,
+    "allowed_token_ids": _NULL,
+    "prompt_logprobs": _NULL,
+    "logprob_token_ids": _NULL,
+    "bad_words": _EMPTY_LIST,
+    "request_id": _NULL,
+    "return_tokens_as_token_ids": _FALSE,
+    "return_token_ids": _FALSE,
+    "routed_experts_prompt_start": (None, 0),
+    # vLLM ignores these two on its generation routes (render routes only), whichever value
+    "return_token_offsets": _ANY_BOOL,
+    "return_mm_kwargs": _ANY_BOOL,
+    "kv_transfer_params": _NULL,
+    "ec_transfer_params": _NULL,
+    "vllm_xargs": _EMPTY_MAP,
+    "repetition_detection": _NULL,
+    "thinking_token_budget": (None, -1),  # -1: unlimited, vLLM's "unset"
+    "stream_interval": (None, 1),  # pdserve streams every token
+}
+
+GENERATE = FieldTable(
+    sources=(f"{_SGLANG}: sglang/srt/managers/io_struct.py GenerateReqInput",),
+    honoured=frozenset(
         {"text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len",
          "top_logprobs_num", "return_text_in_logprobs", "model"}
     )
     | _RANKS_AND_ROOMS
     | _LOGGING_FLAGS,
-    "completions": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    off={
+        "session_id": _NULL,
+        "input_embeds": _NULL,
+        "image_data": _EMPTY_LIST,
+        "video_data": _EMPTY_LIST,
+        "audio_data": _EMPTY_LIST,
+        "mm_hashes": _NULL,
+        "mm_content_hashes": _NULL,
+        "use_audio_in_video": _FALSE,
+        "video_config": _NULL,
+        "watermark": _NULL,
+        "token_ids_logprob": _EMPTY_LIST,
+        "return_sampling_mask": _FALSE,
+        "sampling_logprobs_mode": _NULL,
+        "return_flat_raw_top_logprobs": _FALSE,
+        "return_flat_raw_output_top_logprobs": _FALSE,
+        "return_flat_raw_top_logprobs_b64": _FALSE,
+        "return_hidden_states": _FALSE,
+        "return_routed_experts": _FALSE,
+        "routed_experts_start_len": (None, 0),
+        "return_indexer_topk": _FALSE,
+        "modalities": _EMPTY_LIST,
+        "session_params": _NULL,
+        "lora_path": _NULL,
+        "lora_id": _NULL,
+        "custom_logit_processor": _NULL,
+        "positional_embed_overrides": _NULL,
+        "bootstrap_pair_key": _NULL,
+        "decode_tp_size": _NULL,
+        "kv_router_hint": _NULL,
+        "routing_key": _NULL,
+        "conversation_id": _NULL,
+        "http_worker_ipc": _NULL,
+        "background": _FALSE,
+        "require_reasoning": _FALSE,
+        "max_thinking_tokens": _NULL,
+        "priority": (None, 0),
+        "extra_key": (None, ""),
+        "custom_labels": _EMPTY_MAP,
+        "return_bytes": _FALSE,
+        "return_entropy": _FALSE,
+        "return_prompt_token_ids": _FALSE,
+        "external_trace_header": _NULL,
+        "received_time": _NULL,
+        "need_wait_for_mm_inputs": _FALSE,
+        "num_items_assigned": _NULL,
+        "encoder_urls": _NULL,
+        "max_dynamic_patch": _NULL,
+        "min_dynamic_patch": _NULL,
+        "image_max_dynamic_patch": _NULL,
+        "video_max_dynamic_patch": _NULL,
+        "images_config": _NULL,
+        "mm_processor_kwargs": _NULL,
+        "multi_item_delimiter_indices": _NULL,
+        "token_indices_to_pool": _NULL,
+        "cache_salt": (None, ""),
+        "kv_hints": _NULL,
+        "stream_options": _NULL,  # not SGLang's: some OpenAI-minded clients send it as null
+    },
+)
+
+# The keys of /generate's ``sampling_params`` (engine/request.py ``SamplingParams`` honours its own fields)
+SAMPLING_PARAMS = FieldTable(
+    sources=(f"{_SGLANG}: sglang/srt/sampling/sampling_params.py SamplingParams (API parameters)",),
+    honoured=frozenset(
+        {"max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+         "presence_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+         "spaces_between_special_tokens", "no_stop_trim", "seed", "sampling_seed", "n", "json_schema", "regex",
+         "ebnf"}
+    ),
+    off={
+        "stop_regex": _EMPTY_LIST,
+        "beam_width": (None, 1),  # 1: not a beam request
+        "structural_tag": _NULL,
+        "stream_interval": (None, 1),  # pdserve streams every token
+        "logit_bias": _EMPTY_MAP,
+        "custom_params": _NULL,
+        "watermark": _NULL,
+    },
+)
+
+COMPLETIONS = FieldTable(
+    sources=(f"{_SGLANG}: sglang/srt/entrypoints/openai/protocol.py CompletionRequest",
+             f"{_VLLM}: vllm/entrypoints/openai/completion/protocol.py CompletionRequest"),
+    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
     | frozenset({"prompt", "logprobs", "best_of"}),
-    "chat": _OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    off={
+        **_OPENAI_OFF,
+        "echo": _FALSE,
+        "suffix": (None, ""),
+        "add_special_tokens": (None, True),  # pdserve encodes completion prompts with special tokens
+        "prompt_embeds": _NULL,
+    },
+)
+
+CHAT = FieldTable(
+    sources=(f"{_SGLANG}: sglang/srt/entrypoints/openai/protocol.py ChatCompletionRequest",
+             f"{_VLLM}: vllm/entrypoints/openai/chat_completion/protocol.py ChatCompletionRequest",
+             "OpenAI chat completions API (functions, audio, prediction, store, ...)"),
+    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
     | frozenset(
         {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
          "parallel_tool_calls", "chat_template_kwargs"}
     ),
-}
-
-_NULL: tuple[Any, ...] = (None,)
-_FALSE: tuple[Any, ...] = (None, False)
-
-# field -> the values that mean "off" (accepted and, having no effect, honoured trivially)
-OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "generate": {
-        "return_hidden_states": _FALSE,
-        "background": _FALSE,
-        "return_bytes": _FALSE,
-        "return_entropy": _FALSE,
-        "lora_path": _NULL,
-        "image_data": _NULL,
-        "audio_data": _NULL,
-        "video_data": _NULL,
-        "custom_logit_processor": _NULL,
-        "session_params": _NULL,
-        "input_embeds": _NULL,
-        "stream_options": _NULL,
-    },
-    "completions": {
-        "return_hidden_states": _FALSE,
-        "echo": _FALSE,
-        "suffix": (None, ""),
-        "logit_bias": (None, {}),
-        "lora_path": _NULL,
-        "stream_options.continuous_usage_stats": _FALSE,
-    },
-    "chat": {
-        "return_hidden_states": _FALSE,
+    off={
+        **_OPENAI_OFF,
         "continue_final_message": _FALSE,
-        # no reasoning parser: there is no reasoning text to separate or stream, either way
-        "separate_reasoning": (None, True, False),
-        "stream_reasoning": (None, True, False),
+        "echo": _FALSE,
+        "add_generation_prompt": (None, True),  # pdserve always adds it
+        "add_special_tokens": _FALSE,  # the chat template adds them
+        "documents": _NULL,
+        "chat_template": _NULL,
+        "media_io_kwargs": _NULL,
+        "return_prompt_text": _FALSE,
+        "return_prompt_token_ids": _FALSE,
+        "return_meta_info": _FALSE,
+        "return_input_ids_in_sglext": _FALSE,
+        "return_output_ids_in_sglext": _FALSE,
+        "return_sampling_mask": _FALSE,
+        "sampling_logprobs_mode": _NULL,
+        "return_flat_raw_output_top_logprobs": _FALSE,
+        # SGLang defaults this one to true; it only shapes flat raw logprobs, which are never returned
+        "return_flat_raw_top_logprobs_b64": _ANY_BOOL,
+        "thinking": _NULL,
+        "max_dynamic_patch": _NULL,
+        "min_dynamic_patch": _NULL,
+        "use_audio_in_video": _FALSE,
+        "video_config": _NULL,
+        "input_ids": _NULL,
+        # no reasoning parser: there is no reasoning text to separate, stream or include, either way
+        "separate_reasoning": _ANY_BOOL,
+        "stream_reasoning": _ANY_BOOL,
+        "include_reasoning": _ANY_BOOL,
         "reasoning_effort": _NULL,
-        "logit_bias": (None, {}),
-        "lora_path": _NULL,
         "functions": _NULL,
         "function_call": _NULL,
         "audio": _NULL,
@@ -130,9 +293,24 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
         "metadata": _NULL,
         "service_tier": (None, "auto", "default"),
         "web_search_options": _NULL,
-        "stream_options.continuous_usage_stats": _FALSE,
     },
-}
+)
+
+TABLES: dict[str, FieldTable] = {"generate": GENERATE, "completions": COMPLETIONS, "chat": CHAT}
+HONOURED: dict[str, frozenset[str]] = {route: table.honoured for route, table in TABLES.items()}
+# field -> the values that mean "off" (accepted and, having no effect, honoured trivially)
+OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {route: table.off for route, table in TABLES.items()}
+
+
+def is_off(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of the ``allowed`` "off" values (``0`` is not ``False``, nor ``1`` ``True``)."""
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+
+
+def check_sampling_key(key: str, value: Any) -> bool:
+    """Whether a ``sampling_params`` key pdserve does not honour is at an "off" value (then it asks for nothing)."""
+    allowed = SAMPLING_PARAMS.off.get(key)
+    return allowed is not None and is_off(value, allowed)
 
 
 class PDRoutingFields(msgspec.Struct, kw_only=True):
@@ -226,6 +404,23 @@ class ChatBody(CommonBody, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class TokenizeBody(msgspec.Struct, kw_only=True):
+    """``POST /tokenize`` (vLLM's shape; SGLang's ``text`` too)."""
+
+    prompt: str | None = None
+    text: str | None = None
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeBody(msgspec.Struct, kw_only=True):
+    """``POST /detokenize``."""
+
+    tokens: list[int]
+    skip_special_tokens: bool = False
+    model: str | None = None
+
+
 BODIES: dict[str, type[msgspec.Struct]] = {"generate": GenerateBody, "completions": CompletionBody, "chat": ChatBody}
 ROUTE_PATHS = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
 PROMPT_FIELDS = {"generate": ("text", "input_ids"), "completions": ("prompt",), "chat": ("messages",)}  # one required
@@ -267,7 +462,12 @@ def request_schema(route: str, replaced: frozenset[str] = frozenset()) -> dict[s
             if option.get("type") == "object":
                 option["properties"][child] = decodable
                 option["additionalProperties"] = False
-    missing = HONOURED[route] - properties.keys()
+    nested = {name.partition(".")[0] for name in HONOURED[route] if "." in name}
+    for parent in nested:  # a nested object of honoured keys takes no other key
+        for option in properties[parent].get("anyOf", [properties[parent]]):
+            if option.get("type") == "object":
+                option["additionalProperties"] = False
+    missing = {name for name in HONOURED[route] if "." not in name} - properties.keys()
     if missing:  # every honoured key is a typed field
         raise TypeError(f"honoured on {route} but not in {struct.__name__}: {sorted(missing)}")
     for name in replaced:

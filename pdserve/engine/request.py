@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pdserve.request_bodies import SAMPLING_PARAMS, check_sampling_key
+
 MAX_TEMPERATURE = 100.0  # the distribution is near uniform long before; 1e39 overflows float32 to inf
 MIN_REPETITION_PENALTY = 1e-2  # SGLang allows (0, 2]; dividing logits by ~0 overflows to inf
 MAX_INT = 2**31 - 1  # token counts and top_k (the tensors that carry them are int32-safe)
@@ -67,8 +69,13 @@ class SamplingParams:
         for key, value in raw.items():
             name = cls._ALIASES.get(key, key)
             if name not in known:
+                if check_sampling_key(key, value):  # SGLang's, at a value that asks for nothing
+                    continue
+                off = SAMPLING_PARAMS.off.get(key)
                 raise RequestError(
-                    f"unsupported field: sampling_params.{key} (known: {', '.join(sorted(known))})"
+                    f"unsupported field: sampling_params.{key} ("
+                    + (f"only accepted with a value in {list(off)}" if off else f"known: {', '.join(sorted(known))}")
+                    + ")"
                 )
             if value is None:
                 continue

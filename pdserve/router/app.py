@@ -19,12 +19,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pdserve import __version__
 from pdserve.http_common import API_KEY_MESSAGE, ApiKeyMiddleware, freeze_startup_heap
 from pdserve.router.config import RouterConfig, WorkerSpec, check_url
 from pdserve.router.errors import RouterError, error_response
 from pdserve.router.fleet import Fleet, ModeMismatch
 from pdserve.router.http_client import ClientPool
+from pdserve.router.info_routes import info_routes
 from pdserve.router.kv_event_watch import KVEventWatcher
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openapi import openapi_document
@@ -271,15 +271,6 @@ def create_app(config: RouterConfig) -> RouterApp:
     async def liveness(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
-    async def models(request: Request) -> Response:
-        names: dict[str, None] = {}
-        for w in state.fleet.workers.values():
-            name = w.info.get("served_model_name")
-            if w.healthy and isinstance(name, str):
-                names[name] = None
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "pdserve"} for n in names]
-        return JSONResponse({"object": "list", "data": data})
-
     async def get_loads(request: Request) -> Response:
         units = []
         for w in state.fleet.workers.values():
@@ -302,9 +293,6 @@ def create_app(config: RouterConfig) -> RouterApp:
             "dp_coupled": config.dp_coupled,
             "workers": state.fleet.describe(),
         })
-
-    async def server_info(request: Request) -> Response:
-        return JSONResponse({"router": "pdserve", "version": __version__, "workers": state.fleet.describe()})
 
     def single_process(path: str) -> None:
         if config.router_processes > 1:
@@ -371,14 +359,12 @@ def create_app(config: RouterConfig) -> RouterApp:
         Route("/generate", proxied_route, methods=["POST"]),
         Route("/v1/completions", proxied_route, methods=["POST"]),
         Route("/v1/chat/completions", proxied_route, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/readiness", health, methods=["GET"]),
         Route("/liveness", liveness, methods=["GET"]),
         Route("/get_loads", get_loads, methods=["GET"]),
         Route("/workers", workers, methods=["GET"]),
-        Route("/server_info", server_info, methods=["GET"]),
-        Route("/get_server_info", server_info, methods=["GET"]),
+        *info_routes(state),  # /model_info, /server_info, /v1/models, /tokenize, ...
         Route("/add_worker", add_worker, methods=["POST"]),
         Route("/remove_worker", remove_worker, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),

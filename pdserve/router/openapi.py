@@ -9,12 +9,21 @@ from typing import Any
 from starlette.routing import BaseRoute, Route
 
 from pdserve import __version__
-from pdserve.request_bodies import ROUTE_PATHS, openapi_request_body, request_schema
+from pdserve.request_bodies import (
+    ROUTE_PATHS,
+    DetokenizeBody,
+    TokenizeBody,
+    openapi_request_body,
+    request_schema,
+    struct_schema,
+)
 
 QUERY_PARAMETERS: dict[str, list[tuple[str, bool]]] = {  # path -> (name, required)
     "/add_worker": [("url", True), ("type", False), ("worker_type", False), ("bootstrap_port", False)],
     "/remove_worker": [("url", True)],
 }
+OTHER_BODIES = {"/tokenize": TokenizeBody, "/v1/tokenize": TokenizeBody,  # forwarded to a worker as they are
+                "/detokenize": DetokenizeBody, "/v1/detokenize": DetokenizeBody}
 RESPONSES = {"default": {"description": "JSON; an error is {\"error\": {\"message\", \"code\"}} naming the cause"}}
 
 
@@ -30,6 +39,8 @@ def openapi_document(routes: list[BaseRoute], replaced: frozenset[str]) -> dict[
                                          "responses": RESPONSES}
             if route.path in ROUTE_PATHS:
                 operation.update(openapi_request_body(request_schema(ROUTE_PATHS[route.path], replaced)))
+            elif route.path in OTHER_BODIES:
+                operation.update(openapi_request_body(struct_schema(OTHER_BODIES[route.path])))
             if route.path in QUERY_PARAMETERS:
                 operation["parameters"] = [{"name": name, "in": "query", "required": required,
                                             "schema": {"type": "string"}}

@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pdserve import __version__
 from pdserve.engine.output_format import logprob_triples, top_logprob_triples
 from pdserve.engine.request import RequestError, SamplingParams
-from pdserve.request_bodies import GenerateBody, openapi_request_body, request_schema, struct_schema
+from pdserve.request_bodies import (
+    DetokenizeBody,
+    GenerateBody,
+    TokenizeBody,
+    openapi_request_body,
+    request_schema,
+    struct_schema,
+)
 from pdserve.server.access import log_access, rank_headers
 from pdserve.server.api_common import (
     SSE_DONE,
@@ -283,19 +290,6 @@ async def model_info(request: Request) -> Response:
             "context_length": info.context_length,
         }
     )
-
-
-class TokenizeBody(msgspec.Struct, kw_only=True):
-    prompt: str | None = None
-    text: str | None = None
-    add_special_tokens: bool = True
-    model: str | None = None
-
-
-class DetokenizeBody(msgspec.Struct, kw_only=True):
-    tokens: list[int]
-    skip_special_tokens: bool = False
-    model: str | None = None
 
 
 @router.post("/tokenize", openapi_extra=openapi_request_body(struct_schema(TokenizeBody)))

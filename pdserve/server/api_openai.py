@@ -3,7 +3,8 @@
 Request bodies are msgspec Structs (``pdserve/request_bodies.py``); which keys are accepted is decided by ``fields.py``; errors
 use OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Streaming sends one chunk per
 engine output and, when asked through ``stream_options.include_usage``, a final chunk with
-empty ``choices`` and the usage; without ``stream_options`` the usage rides on the last chunk.
+empty ``choices`` and the usage (with vLLM's ``continuous_usage_stats`` also the usage so far on
+every chunk); without ``stream_options`` the usage rides on the last chunk.
 """
 
 from __future__ import annotations
@@ -196,10 +197,21 @@ def _decode_cached_tokens(gen: Generation) -> int | None:
 
 
 def _usage_mode(body: CommonBody) -> str:
-    """'separate' (OpenAI include_usage), 'last' (no stream_options: on the final chunk) or 'none'."""
-    if body.stream_options is None:
+    """'separate' (OpenAI include_usage), 'continuous' (vLLM's include_usage with continuous_usage_stats:
+    the usage so far on every chunk too), 'last' (no stream_options: on the final chunk) or 'none'."""
+    options = body.stream_options
+    if options is None:
         return "last"
-    return "separate" if body.stream_options.include_usage else "none"
+    if not options.include_usage:
+        return "none"  # vLLM: continuous_usage_stats alone adds nothing
+    return "continuous" if options.continuous_usage_stats else "separate"
+
+
+def _chunk_usage(usage_mode: str, gens: Sequence[Generation]) -> dict[str, Any] | None:
+    """The usage a streamed chunk carries, if any."""
+    if usage_mode == "continuous" or (usage_mode == "last" and all(g.finished for g in gens)):
+        return _usage(list(gens))
+    return None
 
 
 # ---------------------------------------------------------------------- logprob formatting
@@ -344,8 +356,9 @@ async def completions(request: Request) -> Response:
         }
         if gen.finished:
             data["choices"][0]["meta_info"] = sample_meta(gen, state.config.disaggregation_mode)
-        if usage_mode == "last" and all(g.finished for g in gens):
-            data["usage"] = _usage(gens)
+        usage = _chunk_usage(usage_mode, gens)
+        if usage is not None:
+            data["usage"] = usage
         return sse(data)
 
     head = {"id": cid, "object": "text_completion", "created": created, "model": model}
@@ -374,8 +387,8 @@ async def _stream_chunks(
     except ServerError as e:
         yield sse(e.openai_body())
     else:
-        if usage_mode == "separate":
-            yield sse({**head, "choices": [], "usage": _usage(gens)})
+        if usage_mode in ("separate", "continuous"):
+            yield sse({**head, "choices": [], "usage": _usage(list(gens))})
     yield SSE_DONE
 
 
@@ -529,8 +542,9 @@ async def chat_completions(request: Request) -> Response:
         }
         if gen.finished:
             data["choices"][0]["meta_info"] = sample_meta(gen, state.config.disaggregation_mode)
-        if usage_mode == "last" and all(g.finished for g in gens):
-            data["usage"] = _usage(gens)
+        usage = _chunk_usage(usage_mode, gens)
+        if usage is not None:
+            data["usage"] = usage
         return sse(data)
 
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}

@@ -2,9 +2,10 @@
 
 Every top-level key of a ``/generate``, ``/v1/completions`` or ``/v1/chat/completions`` body is
 either *honoured* (``HONOURED`` in ``pdserve/request_bodies.py``), or *accepted when off*
-(``OFF_VALUES``): a feature pdserve does not implement, whose value means "off" (the defaults
-sglang-router 0.3.2, the ``openai`` SDK and the vLLM/SGLang benchmark clients send). Anything else, and any other value of an off-only field, is
-answered with HTTP 400 ``unsupported field: <name>``. The README's API table lists these sets.
+(``OFF_VALUES``): a field of SGLang's or vLLM's request surface that pdserve does not implement,
+sent at a value that means "off" (its default, null: what routers, the ``openai`` SDK and the
+benchmark clients send when they do not use it). Anything else, and any other value of an off-only
+field, is answered with HTTP 400 ``unsupported field: <name>``: an "on" value is never a silent no-op.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from pdserve.request_bodies import HONOURED, OFF_VALUES
+from pdserve.request_bodies import HONOURED, OFF_VALUES, is_off
 from pdserve.server.errors import bad_request
 
 _Top = dict[str, msgspec.Raw]
@@ -36,12 +37,13 @@ def check_fields(route: str, body: bytes) -> None:
             _check_stream_options(route, raw, off)
             continue
         allowed = off.get(key)
-        if allowed is None or _decode(raw) not in allowed:
+        if allowed is None or not is_off(_decode(raw), allowed):
             what = "is not supported" if allowed is None else f"is only accepted with a value in {list(allowed)}"
             raise bad_request(f"unsupported field: {key} ({key} {what} on this route)", key)
 
 
 def _check_stream_options(route: str, raw: msgspec.Raw, off: dict[str, tuple[Any, ...]]) -> None:
+    honoured = HONOURED[route]
     if "stream_options" in off:  # /generate: only null
         if _decode(raw) is not None:
             raise bad_request("unsupported field: stream_options (not supported on /generate)", "stream_options")
@@ -51,10 +53,10 @@ def _check_stream_options(route: str, raw: msgspec.Raw, off: dict[str, tuple[Any
         return  # the typed decode reports the wrong type
     for key, item in value.items():
         name = f"stream_options.{key}"
-        if key == "include_usage":
+        if name in honoured:
             continue
         allowed = off.get(name)
-        if allowed is None or item not in allowed:
+        if allowed is None or not is_off(item, allowed):
             raise bad_request(f"unsupported field: {name}", name)
 
 
