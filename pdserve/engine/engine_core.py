@@ -176,8 +176,6 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Req) -> None:
         self.validate(req)
-        if self.scheduler._find(req.rid) is not None:
-            raise RequestError(f"rid {req.rid!r} is already in use")
         self.scheduler.add_request(req)
 
     def abort(self, rid: str, message: str = "aborted by request") -> bool:
