@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Req, RequestError, SamplingParams
+from pdserve.engine.request_ids import request_ids
 
 GREEDY = {"temperature": 0}
 
@@ -132,3 +135,157 @@ def test_a_rid_equal_to_a_live_sample_id_is_refused():
     assert all(sum(len(o.new_token_ids) for o in outs) == 4 for outs in outputs.values())
     assert sum(o.finished for outs in outputs.values() for o in outs) == 3
     core.kv_pool.check_integrity(expect_used=0)
+
+
+# ---------------------------------------------------------------------- property test
+
+CAP = 3
+_ENGINES: dict[int, object] = {}
+
+
+def shared_core(chunk: int):
+    """One small engine per chunk size (10 pages of 4 tokens, no decode reserve: retractions are common), reused
+    across examples; each example leaves it idle with no page in use."""
+    if chunk not in _ENGINES:
+        _ENGINES[chunk] = Engine(None, page_size=4, max_total_tokens=40, chunked_prefill_size=chunk,
+                                 max_running_requests=CAP, num_reserved_decode_tokens=0, torch_threads=1).core
+    return _ENGINES[chunk]
+
+
+arrival = st.fixed_dictionaries({
+    "prompt": st.integers(1, 16), "new": st.integers(0, 20), "n": st.integers(1, 3),
+    "logprobs": st.booleans(), "prefilled": st.booleans(),
+})
+operation = st.one_of(
+    st.tuples(st.just("add"), arrival),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("abort"), st.integers(0, 50)),
+    st.tuples(st.just("activate"), st.integers(0, 50)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunk=st.sampled_from([4, 7, 16]), ops=st.lists(operation, min_size=1, max_size=30))
+def test_scheduler_keeps_its_books_under_random_traffic(chunk, ops):
+    """Random arrivals (colocated and P/D decode, with n samples and input logprobs), steps,
+    aborts and P/D activations on a pool small enough to retract: after every operation the
+    integrity check holds and at most CAP requests hold slots; every request and sample ends
+    once; input logprobs are counted once; no page stays in use."""
+    core = shared_core(chunk)
+    scheduler = core.scheduler
+    allocated: list[Req] = []
+    scheduler.on_pages_allocated = allocated.append
+    reqs: dict[str, Req] = {}
+    samples: dict[str, int] = {}
+    finished: dict[str, int] = {}
+    input_lps: dict[str, int] = {}
+
+    def collect(outputs) -> None:
+        for out in outputs:
+            if out.input_logprobs is not None:
+                input_lps[out.rid] = input_lps.get(out.rid, 0) + len(out.input_logprobs.ids)
+            if out.finished:
+                finished[out.rid] = finished.get(out.rid, 0) + 1
+
+    def checked() -> None:
+        scheduler.check_integrity()
+        assert in_slots(scheduler) <= CAP
+
+    for i, (kind, arg) in enumerate(ops):
+        if kind == "add":
+            rid = f"q{i}"
+            ids = [(i * 31 + k * 7) % 500 + 1 for k in range(arg["prompt"])]
+            new = max(arg["new"], 1) if arg["prefilled"] else arg["new"]  # prefill's first token comes with the KV
+            p = params(max_new_tokens=new, n=arg["n"], temperature=1.0 if arg["n"] > 1 else 0.0, seed=i)
+            req = Req(rid, ids, p, return_logprob=arg["logprobs"], logprob_start_len=0 if arg["logprobs"] else -1)
+            core.validate(req)
+            if arg["prefilled"]:
+                scheduler.add_prefilled_request(req)
+            else:
+                core.add_request(req)
+            reqs[rid] = req
+            samples[rid] = arg["n"]
+        elif kind == "step":
+            for _ in range(arg):
+                collect(core.step())
+                checked()
+        elif kind == "abort" and reqs:
+            rids = sorted(reqs)
+            core.abort(rids[arg % len(rids)])
+        elif kind == "activate" and allocated:
+            req = allocated.pop(arg % len(allocated))
+            if req.rid in scheduler.awaiting_kv:
+                scheduler.activate_prefilled(req.rid, 7)
+        checked()
+    for _ in range(3000):  # drain: activate whatever gets its pages
+        while allocated:
+            req = allocated.pop(0)
+            if req.rid in scheduler.awaiting_kv:
+                scheduler.activate_prefilled(req.rid, 7)
+        if not core.has_work() and not scheduler.awaiting_kv:
+            break
+        collect(core.step())
+        checked()
+    assert not core.has_work() and not scheduler.awaiting_kv
+    expected = {name for rid, n in samples.items() for name in request_ids(rid, n)}
+    assert set(finished) == expected and all(count == 1 for count in finished.values()), finished
+    for rid, req in reqs.items():
+        if req.return_logprob and not req.prefilled_externally and rid in input_lps:
+            assert input_lps[rid] == len(req.input_ids), (rid, input_lps[rid], len(req.input_ids))
+    assert len(scheduler.ids) == 0 and scheduler.slots.num_free == CAP
+    core.kv_pool.check_integrity(expect_used=0)
+
+
+
+# ---------------------------------------------------------------------- the stall policy, outside the loop
+def stalled(rid: str, order: int, since: float | None, earlier_s: float = 0.0, preempted: int = 0) -> Req:
+    req = Req(rid, [1], params(), arrival_order=order, stalled_since=since, stalled_s=earlier_s,
+              num_preempted=preempted)
+    req.output_ids = [2]
+    return req
+
+
+def test_stall_policy_orders_retraction_by_wait_then_age():
+    from pdserve.engine.stall_policy import StallPolicy
+
+    policy = StallPolicy(priority_s=5.0, timeout_s=60.0)
+    fresh_old, fresh_new, waited = stalled("a", 0, None), stalled("b", 1, None), stalled("c", 2, None, earlier_s=3.0)
+    order = sorted([waited, fresh_old, fresh_new], key=policy.retraction_order(now=100.0))
+    assert [r.rid for r in order] == ["b", "a", "c"]  # least waited first, newest among equals
+
+
+def test_stall_policy_priority_victims_and_timeout():
+    from pdserve.engine.stall_policy import MAX_PRIORITY_PREEMPTIONS, StallPolicy
+
+    policy = StallPolicy(priority_s=5.0, timeout_s=60.0)
+    now = 1000.0
+    young = stalled("young", 3, now - 1.0)
+    urgent = stalled("urgent", 0, now - 6.0)
+    older = stalled("older", 1, now - 7.0, earlier_s=1.0)
+    assert not policy.has_priority(young, now) and policy.has_priority(urgent, now)
+    assert policy.deadline_passed([young, urgent], now)
+    assert policy.most_urgent([young, urgent, older], now) is older
+    assert urgent.priority_tried and older.priority_tried and not young.priority_tried
+    assert not policy.deadline_passed([young, urgent], now)  # priority applied: only the hard bound wakes it
+    running = [stalled("r1", 4, None), stalled("r2", 5, None), stalled("worn", 6, None, preempted=MAX_PRIORITY_PREEMPTIONS),
+               stalled("patient", 2, None, earlier_s=30.0)]
+    assert [r.rid for r in policy.victims(urgent, running, now)] == ["r2", "r1"]
+    assert policy.expired([young, urgent], now + 54.5) == [urgent]
+
+
+def test_idle_integrity_check_logs_the_first_violation_with_history(caplog):
+    """Production runs the check when a rank becomes idle: a leaked slot is reported once, naming
+    the recent requests' histories; balanced books pass silently."""
+    engine = Engine(None, page_size=4, max_total_tokens=512, torch_threads=1)
+    engine.generate(input_ids=[3, 4, 5], sampling_params={"max_new_tokens": 2}, rid="done")
+    scheduler = engine.core.scheduler
+    scheduler.clock = lambda: 1e9  # past the interval since the offline engine's own idle check
+    assert engine.core.check_idle()
+    leak = Req("leak", [1], params())
+    scheduler.slots.acquire(leak)  # a slot nobody running holds
+    scheduler._idle_checked_at = float("-inf")
+    with caplog.at_level("ERROR", logger="pdserve.engine.scheduler"):
+        assert not engine.core.check_idle()
+        assert not engine.core.check_idle()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "slot holders" in errors[0] and "done: step" in errors[0], errors

@@ -187,6 +187,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def check_idle(self) -> bool:
+        """The scheduler's integrity check, when idle (see ``Scheduler.check_idle``)."""
+        return self.scheduler.check_idle()
+
     def runnable(self) -> bool:
         """False while everything queued waits for pages that no step of this engine can free."""
         return self.scheduler.runnable()
