@@ -290,6 +290,39 @@ def test_abort_request(client):
     assert_idle(client)
 
 
+def test_rid_of_a_live_sample_is_refused_and_the_first_client_keeps_its_tokens(client, offline_engine):
+    """Issue 22 case 3: a client rid ``x.s1`` beside a request ``x`` with n=2 left two live
+    ``x.s1``, and the front handed the first client's handle to the sample (it got the other's
+    tokens). The ids of a request and its samples are reserved together: the second request is
+    refused naming the rid, whichever comes first, and the first stream is unharmed."""
+    params = {"max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0}
+    ref = offline_engine.generate(PROMPTS[1], sampling_params=params)["output_ids"]
+    sample = {"max_new_tokens": 4, "n": 2, "temperature": 1.0, "seed": 5}
+    with client.stream("POST", "/generate", json={"text": PROMPTS[1], "rid": "x.s1", "stream": True,
+                                                  "data_parallel_rank": 0, "sampling_params": params}) as resp:
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["output_ids"], first
+        refused = client.post("/generate", json={"text": "Hi", "rid": "x", "data_parallel_rank": 0,
+                                                 "sampling_params": sample})
+        assert refused.status_code == 400, refused.text
+        assert "'x.s1'" in refused.text and "rid" in refused.text
+        events = [json.loads(line[len("data: "):]) for line in lines
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert events[-1]["output_ids"] == ref and events[-1]["meta_info"]["id"] == "x.s1"
+    with client.stream("POST", "/generate", json={"text": "Hi", "rid": "y", "stream": True, "data_parallel_rank": 0,
+                                                  "sampling_params": {**sample, "max_new_tokens": 48,
+                                                                      "min_new_tokens": 48}}) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        refused = client.post("/generate", json={"text": "Hi", "rid": "y.s1", "sampling_params": params})
+        assert refused.status_code == 400 and "'y.s1'" in refused.text, refused.text
+        ids = {json.loads(line[len("data: "):])["index"] for line in lines
+               if line.startswith("data: ") and line != "data: [DONE]"}
+    assert ids == {0, 1}
+    assert_idle(client)
+
+
 # ---------------------------------------------------------------------- OpenAI API
 
 
