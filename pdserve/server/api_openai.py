@@ -414,15 +414,44 @@ def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
-    """The chat template applied to ``messages``, tokenized (run off the event loop)."""
+TEMPLATE_FIELD = "chat_template_kwargs.chat_template"
+
+
+async def _chat_prompt_ids(state: ServerState, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
+    """The chat template applied to ``messages``, tokenized, off the event loop. A template the
+    request supplies itself is code: refused (400 naming the field and the flag) unless the server
+    runs with ``--trust-request-chat-template``, then rendered on its own thread within a deadline
+    and an output cap."""
+    from pdserve.models.tokenizer import is_inline_template
+
+    service = state.require_service()
+    template = (body.chat_template_kwargs or {}).get("chat_template")
+    if not is_inline_template(template, getattr(service.tokenizer, "chat_templates", {})):
+        return await service.offload(_render_and_encode, service, messages, body)
+    if not state.config.trust_request_chat_template:
+        raise bad_request(f"{TEMPLATE_FIELD}: this server does not run chat templates supplied by a request "
+                          "(start it with --trust-request-chat-template to allow them)", TEMPLATE_FIELD)
+    prompt = await service.run_request_code(_render, service, messages, body, service.request_template_limits)
+    return await service.offload(service.encode, prompt, False, "messages")
+
+
+def _render(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody,
+            limits: tuple[float, int] | None = None) -> str:
+    from pdserve.models.tokenizer import TemplateLimitError
+
     try:
-        prompt = service.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tools=body.tools or None, **(body.chat_template_kwargs or {})
+        return service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=body.tools or None, request_limits=limits,
+            **(body.chat_template_kwargs or {})
         )
+    except TemplateLimitError as e:
+        raise bad_request(f"{TEMPLATE_FIELD}: {e}", TEMPLATE_FIELD) from None
     except Exception as e:
         raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
-    return service.encode(prompt, add_special_tokens=False, field="messages")
+
+
+def _render_and_encode(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
+    return service.encode(_render(service, messages, body), add_special_tokens=False, field="messages")
 
 
 def _call_for_template(call: Any) -> Any:
@@ -460,7 +489,7 @@ async def chat_completions(request: Request) -> Response:
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params, given = _sampling(body, max_tokens, max_field, constraint)
-    ids = await service.offload(_chat_prompt_ids, service, messages, body)
+    ids = await _chat_prompt_ids(state, messages, body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top,
                      constraint)

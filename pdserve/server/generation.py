@@ -30,6 +30,7 @@ MAX_CHARS_PER_TOKEN = 32  # a text prompt longer than context_length * this cann
 MAX_BATCH = 1024  # prompts in one request
 OFFLOAD_THREADS = 2  # tokenization and chat templates run here, never on the event loop
 GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+REQUEST_TEMPLATE_DEADLINE_S = 2.0  # a chat template a request supplies must render within this
 
 
 @dataclass
@@ -67,12 +68,24 @@ class GenerationService:
         self._token_text: dict[int, str] = {}
         self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
         self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
+        # code a request supplies (its own chat template) runs here, never on the threads everyone tokenizes on
+        self._request_code = ThreadPoolExecutor(1, thread_name_prefix="pdserve-request-template")
         self._grammars: GrammarCompiler | None = None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
         request cannot stall other clients' streams or ``/health``."""
         return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
+
+    async def run_request_code(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run code a request supplied (bounded by its own deadline) on its own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._request_code, fn, *args)
+
+    @property
+    def request_template_limits(self) -> tuple[float, int]:
+        """Deadline (s) and output cap (characters: what could still fit the context) of a
+        request's own chat template."""
+        return REQUEST_TEMPLATE_DEADLINE_S, self.max_prompt_chars
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
