@@ -437,6 +437,32 @@ def test_bad_input(client, path, body, status, needle):
         assert set(error) == {"message", "type", "param", "code"}
 
 
+ONE_VALIDATOR_CASES = [
+    {"input_ids": []},
+    {"input_ids": [1, 10**9]},
+    {"input_ids": [1] * 4000},
+    {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**6}},
+    {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [10**9]}},
+    {"input_ids": [1, 2], "return_logprob": True, "top_logprobs_num": 21},
+    {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 5},
+    {"input_ids": [1, 2], "sampling_params": {"top_p": 0}},
+]
+
+
+@pytest.mark.parametrize("body", ONE_VALIDATOR_CASES)
+def test_server_and_offline_engine_share_one_validator(client, offline_engine, body):
+    """Issue 22: one validator and one set of limits for every route and the offline engine: the
+    same request gets the same message from both."""
+    from pdserve.engine.request import RequestError
+
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 400, resp.text
+    kwargs = {k: v for k, v in body.items() if k != "sampling_params"}
+    with pytest.raises(RequestError) as err:
+        offline_engine.generate(sampling_params=body.get("sampling_params"), **kwargs)
+    assert str(err.value) in resp.json()["error"]["message"], (resp.text, str(err.value))
+
+
 def test_bad_rank_header(client):
     resp = client.post("/generate", json={"text": "hi"}, headers={"X-Data-Parallel-Rank": "9"})
     assert resp.status_code == 400 and "X-Data-Parallel-Rank" in resp.json()["error"]["message"]

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
+from pdserve.engine.validation import MAX_TOP_LOGPROBS
 from pdserve.request_bodies import ChatBody, CommonBody, CompletionBody, openapi_request_body, request_schema
 from pdserve.server.access import log_access, rank_headers, sample_meta, served_ranks
 from pdserve.server.api_common import (
@@ -48,7 +49,7 @@ from pdserve.server.state import ServerState
 from pdserve.server.structured import Constraint, openai_constraint
 from pdserve.server.tool_parsers import PARSERS, ToolCall, ToolParser, ToolPlan, parse_forced, plan_tools
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = MAX_TOP_LOGPROBS  # OpenAI's logprobs / top_logprobs: the engine's one limit
 
 router = APIRouter(prefix="/v1")
 
