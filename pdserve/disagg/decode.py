@@ -518,8 +518,10 @@ class DecodeDisaggManager:
                                m.Cause.BOOTSTRAP_TIMEOUT, tell_prefill=False)
             elif not r.pages_ready:
                 if age > cfg.waiting_timeout:
-                    self._fail(r, f"{self._who(r)}: no free KV pages for the {len(r.req.input_ids)}-token prompt "
-                               f"within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
+                    slots = self.scheduler.slots
+                    self._fail(r, f"{self._who(r)}: no free KV pages or running slot ({slots.num_held} of "
+                               f"--max-running-requests {slots.size} in use) for the {len(r.req.input_ids)}-token "
+                               f"prompt within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
                                m.Cause.NO_PAGES, tell_prefill=True)
             elif r.acked_at is None:
                 assert r.kvreq_at is not None
