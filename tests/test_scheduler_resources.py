@@ -190,6 +190,9 @@ def test_scheduler_keeps_its_books_under_random_traffic(chunk, ops):
     def checked() -> None:
         scheduler.check_integrity()
         assert in_slots(scheduler) <= CAP
+        live = [*scheduler.running, *scheduler.awaiting_kv.values(), *scheduler.waiting, *scheduler.pending_alloc]
+        held = {page for req in live for page in req.pages}  # no transfer here: requests are the only holders
+        assert core.kv_pool.num_used == len(held), (core.kv_pool.num_used, len(held))
 
     for i, (kind, arg) in enumerate(ops):
         if kind == "add":
