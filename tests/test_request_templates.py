@@ -6,6 +6,7 @@ output cap, and another client's stream keeps its pace meanwhile."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -74,17 +75,14 @@ def test_trusted_request_template_renders(trusting):
     assert resp.json()["usage"]["prompt_tokens"] > 0
 
 
-def test_hostile_template_meets_its_deadline_while_another_stream_keeps_its_pace(trusting):
-    """Three hostile templates (each burns its whole deadline) while a stream runs: each gets a
-    400 naming the field, no later than the queue of deadlines allows, and the stream's gap
-    between two tokens stays under 1 s; an ordinary chat answers meanwhile."""
+def stream_gaps(base_url: str, during=None) -> list[float]:
+    """Seconds between the events of a 400-token stream; ``during()`` runs once it has started."""
     stamps: list[float] = []
 
     def stream() -> None:
         body = {"text": "Once upon a time", "stream": True,
                 "sampling_params": {"max_new_tokens": 400, "min_new_tokens": 400, "temperature": 0}}
-        with httpx.Client(base_url=str(trusting.base_url), timeout=TIMEOUT) as c, \
-                c.stream("POST", "/generate", json=body) as resp:
+        with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c, c.stream("POST", "/generate", json=body) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     stamps.append(time.monotonic())
@@ -95,33 +93,50 @@ def test_hostile_template_meets_its_deadline_while_another_stream_keeps_its_pace
     while len(stamps) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert stamps, "the stream did not start"
-    results: list[httpx.Response] = []
-
-    def hostile() -> None:
-        with httpx.Client(base_url=str(trusting.base_url), timeout=TIMEOUT) as c:
-            results.append(chat(c, SILENT_LOOP))
-
-    attackers = [threading.Thread(target=hostile) for _ in range(3)]
-    started = time.monotonic()
-    for t in attackers:
-        t.start()
-    time.sleep(0.2)
-    ordinary = chat(trusting, None)  # tokenizer threads are not the template's
-    ordinary_s = time.monotonic() - started
-    for t in attackers:
-        t.join(30)
-    hostile_s = time.monotonic() - started
+    if during is not None:
+        during()
     streamer.join(60)
+    assert len(stamps) > 100
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def test_hostile_template_meets_its_deadline_while_another_stream_keeps_its_pace(trusting):
+    """Three hostile templates (each burns its whole 2 s deadline) while a stream runs: each gets a
+    400 naming the field, an ordinary chat is not queued behind them, and the stream's gap between
+    two events stays under 1 s (or, on a machine too loaded for that even without them, within
+    twice its gap without them)."""
+    base_url = str(trusting.base_url)
+    assert chat(trusting, OWN_TEMPLATE, max_tokens=1).status_code == 200  # the template process is up
+    baseline = max(stream_gaps(base_url))
+    results: list[httpx.Response] = []
+    timing: dict[str, float] = {}
+
+    def attack() -> None:
+        def hostile() -> None:
+            with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c:
+                results.append(chat(c, SILENT_LOOP))
+
+        attackers = [threading.Thread(target=hostile) for _ in range(3)]
+        started = time.monotonic()
+        for t in attackers:
+            t.start()
+        time.sleep(0.2)
+        timing["ordinary"] = (chat(trusting, None), time.monotonic() - started)  # type: ignore[assignment]
+        for t in attackers:
+            t.join(30)
+        timing["hostile"] = time.monotonic() - started
+
+    gaps = stream_gaps(base_url, attack)
+    ordinary, ordinary_s = timing["ordinary"]  # type: ignore[misc]
+    print(f"\n3 hostile templates refused after {timing['hostile']:.1f} s; an ordinary chat took {ordinary_s:.2f} s; "
+          f"longest stream gap {max(gaps) * 1000:.0f} ms ({baseline * 1000:.0f} ms without them)")
     assert ordinary.status_code == 200, ordinary.text
     assert len(results) == 3
     for resp in results:
         assert resp.status_code == 400, resp.text
         assert FIELD in resp.text and "did not render within" in resp.text
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    print(f"\n3 hostile templates refused after {hostile_s:.1f} s; an ordinary chat took {ordinary_s:.2f} s; "
-          f"stream of {len(stamps)} events, longest gap {max(gaps) * 1000:.0f} ms")
-    assert len(stamps) > 100 and max(gaps) < 1.0, max(gaps)
-    assert ordinary_s < 3.0  # not queued behind the three renders (6 s)
+    assert ordinary_s < 4.0  # queued behind the three renders it would take more than 6 s
+    assert max(gaps) < max(1.0, 2 * baseline), (max(gaps), baseline)
 
 
 def test_renderer_caps_what_one_operation_builds():
@@ -134,3 +149,25 @@ def test_renderer_caps_what_one_operation_builds():
     assert render_request_template(OWN_TEMPLATE, {"messages": MESSAGES}, 5.0, 100_000) == \
         "[user] Hello there\n[assistant]"
     assert json.loads(render_request_template("{{ messages|tojson }}", {"messages": MESSAGES}, 5.0, 100_000)) == MESSAGES
+
+
+def test_a_child_past_its_deadline_is_killed_and_replaced():
+    """The backstop for what the renderer's own caps miss (one long C-level operation): the child
+    is killed at the deadline plus the grace period, and the next job gets a fresh child."""
+    import asyncio
+    import operator
+
+    from pdserve.server.request_code import RequestCodeRunner, RequestCodeTimeout
+
+    async def scenario() -> None:
+        runner = RequestCodeRunner(grace_s=0.0)
+        try:
+            first = await runner.run(5.0, os.getpid)
+            with pytest.raises(RequestCodeTimeout):
+                await runner.run(0.05, time.sleep, 600)  # stands in for a job that ignores its deadline
+            assert await runner.run(5.0, operator.add, 2, 3) == 5
+            assert await runner.run(5.0, os.getpid) != first
+        finally:
+            runner.close()
+
+    asyncio.run(scenario())

@@ -274,17 +274,23 @@ class Tokenizer:
         """Render ``messages`` with the checkpoint's chat template (same variables as HF), or with
         an inline ``chat_template``: then only under ``request_limits`` (deadline in seconds, output
         cap in characters; see :func:`render_request_template`)."""
+        variables = self.chat_template_variables(messages, add_generation_prompt, tools, **kwargs)
+        if is_inline_template(chat_template, self.chat_templates):
+            if request_limits is None:
+                raise TokenizerError("an inline chat template needs a deadline and an output cap")
+            return render_request_template(chat_template, variables, *request_limits)
+        return _compile_template(self.get_chat_template(chat_template, tools)).render(**variables)
+
+    def chat_template_variables(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                                tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """What a chat template sees: the special tokens, the caller's extra variables, the messages."""
         taken = sorted({"messages", "tools", "add_generation_prompt"} & kwargs.keys())
         if taken:
             raise TokenizerError(f"template variables may not redefine {', '.join(taken)}")
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update(kwargs)
         variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        if is_inline_template(chat_template, self.chat_templates):
-            if request_limits is None:
-                raise TokenizerError("an inline chat template needs a deadline and an output cap")
-            return render_request_template(chat_template, variables, *request_limits)
-        return _compile_template(self.get_chat_template(chat_template, tools)).render(**variables)
+        return variables
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -421,38 +421,46 @@ TEMPLATE_FIELD = "chat_template_kwargs.chat_template"
 async def _chat_prompt_ids(state: ServerState, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
     """The chat template applied to ``messages``, tokenized, off the event loop. A template the
     request supplies itself is code: refused (400 naming the field and the flag) unless the server
-    runs with ``--trust-request-chat-template``, then rendered on its own thread within a deadline
-    and an output cap."""
+    runs with ``--trust-request-chat-template``, then rendered in a child process of its own within
+    a deadline and an output cap (``server/request_code.py``)."""
     from pdserve.models.tokenizer import is_inline_template
 
     service = state.require_service()
-    template = (body.chat_template_kwargs or {}).get("chat_template")
+    kwargs = dict(body.chat_template_kwargs or {})
+    template = kwargs.pop("chat_template", None)
     if not is_inline_template(template, getattr(service.tokenizer, "chat_templates", {})):
         return await service.offload(_render_and_encode, service, messages, body)
     if not state.config.trust_request_chat_template:
         raise bad_request(f"{TEMPLATE_FIELD}: this server does not run chat templates supplied by a request "
                           "(start it with --trust-request-chat-template to allow them)", TEMPLATE_FIELD)
-    prompt = await service.run_request_code(_render, service, messages, body, service.request_template_limits)
+    prompt = await _render_request_template(service, template, messages, body, kwargs)
     return await service.offload(service.encode, prompt, False, "messages")
 
 
-def _render(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody,
-            limits: tuple[float, int] | None = None) -> str:
-    from pdserve.models.tokenizer import TemplateLimitError
+async def _render_request_template(service: GenerationService, template: str, messages: list[dict[str, Any]],
+                                   body: ChatBody, kwargs: dict[str, Any]) -> str:
+    from pdserve.models.tokenizer import TemplateLimitError, render_request_template
+    from pdserve.server.request_code import RequestCodeTimeout
 
+    deadline_s, max_chars = service.request_template_limits
     try:
-        return service.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tools=body.tools or None, request_limits=limits,
-            **(body.chat_template_kwargs or {})
-        )
-    except TemplateLimitError as e:
+        variables = service.tokenizer.chat_template_variables(messages, True, body.tools or None, **kwargs)
+        return await service.request_code.run(deadline_s, render_request_template, template, variables,
+                                              deadline_s, max_chars)
+    except (TemplateLimitError, RequestCodeTimeout) as e:
         raise bad_request(f"{TEMPLATE_FIELD}: {e}", TEMPLATE_FIELD) from None
     except Exception as e:
         raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
 
 
 def _render_and_encode(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
-    return service.encode(_render(service, messages, body), add_special_tokens=False, field="messages")
+    try:
+        prompt = service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=body.tools or None, **(body.chat_template_kwargs or {})
+        )
+    except Exception as e:
+        raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
+    return service.encode(prompt, add_special_tokens=False, field="messages")
 
 
 def _call_for_template(call: Any) -> Any:

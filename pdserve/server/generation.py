@@ -23,6 +23,7 @@ from pdserve.engine.validation import FieldError, RequestLimits
 from pdserve.server import messages as msg
 from pdserve.server.controller import DPController, RequestHandle
 from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.request_code import RequestCodeRunner
 
 T = TypeVar("T")
 
@@ -70,8 +71,7 @@ class GenerationService:
         self._token_text: dict[int, str] = {}
         self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
         self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
-        # code a request supplies (its own chat template) runs here, never on the threads everyone tokenizes on
-        self._request_code = ThreadPoolExecutor(1, thread_name_prefix="pdserve-request-template")
+        self.request_code = RequestCodeRunner()  # a request's own chat template: a child process of its own
         self._grammars: GrammarCompiler | None = None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
@@ -79,9 +79,8 @@ class GenerationService:
         request cannot stall other clients' streams or ``/health``."""
         return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
 
-    async def run_request_code(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run code a request supplied (bounded by its own deadline) on its own thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._request_code, fn, *args)
+    def close(self) -> None:
+        self.request_code.close()
 
     @property
     def request_template_limits(self) -> tuple[float, int]:
