@@ -306,7 +306,7 @@ def _drive(core, reqs: list[Req]) -> tuple[dict[str, list[int]], dict[str, dict]
         if not core.has_work():
             break
         for out in core.step():
-            tokens[out.rid].extend(out.new_token_ids)
+            tokens.setdefault(out.rid, []).extend(out.new_token_ids)
             if out.finished:
                 finished[out.rid] = out.finish_reason
     return tokens, finished
@@ -319,13 +319,17 @@ def _drive(core, reqs: list[Req]) -> tuple[dict[str, list[int]], dict[str, dict]
     ids=["repetition_penalty", "temperature"],
 )
 def test_non_finite_sampling_fails_only_its_row(tiny_engine, params):
-    """Params that slip past validation (built directly, as an engine bug could) make the sampler
-    produce NaN: that request fails with a named 400 error, the rest of its batch is exact."""
+    """Params that slip past validation (built directly and queued behind the validator's back, as
+    an engine bug could) make the sampler produce NaN: that request fails with a named 400 error,
+    the rest of its batch is exact."""
     core = tiny_engine.core
     greedy = {"max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0}
     prompt = tiny_engine.tokenizer.encode("Failure isolation")
     expected = tiny_engine.generate(input_ids=prompt, sampling_params=greedy)["output_ids"]
-    tokens, finished = _drive(core, [Req("bad", list(prompt), params), Req("good", list(prompt), SamplingParams.from_dict(greedy))])
+    with pytest.raises(RequestError):
+        core.validate(Req("bad", list(prompt), params))  # the one validator refuses them
+    core.scheduler.add_request(Req("bad", list(prompt), params))
+    tokens, finished = _drive(core, [Req("good", list(prompt), SamplingParams.from_dict(greedy))])
     assert finished["bad"]["type"] == "abort" and finished["bad"]["status_code"] == 400
     assert "non-finite" in finished["bad"]["message"]
     assert tokens["good"] == expected

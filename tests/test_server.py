@@ -290,6 +290,46 @@ def test_abort_request(client):
     assert_idle(client)
 
 
+def test_rid_of_a_live_sample_is_refused_and_the_first_client_keeps_its_tokens(client, offline_engine):
+    """Issue 22 case 3: a client rid ``x.s1`` beside a request ``x`` with n=2 left two live
+    ``x.s1``, and the front handed the first client's handle to the sample (it got the other's
+    tokens). The ids of a request and its samples are reserved together: the second request is
+    refused naming the rid, whichever comes first, and the first stream is unharmed. The streams
+    are long (1500 tokens) so that they are still live when the second request comes; each is
+    read for its first 64 tokens, then dropped."""
+    compare = 64
+    ref = offline_engine.generate(PROMPTS[1], sampling_params={
+        "max_new_tokens": compare, "min_new_tokens": compare, "temperature": 0})["output_ids"]
+    long = {"max_new_tokens": 1500, "min_new_tokens": 1500, "temperature": 0}
+    sample = {"max_new_tokens": 4, "n": 2, "temperature": 1.0, "seed": 5}
+
+    def first_tokens(lines, count: int) -> dict:
+        for line in lines:
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[len("data: "):])
+                if len(event["output_ids"]) >= count:
+                    return event
+        raise AssertionError("the stream ended early")
+
+    with client.stream("POST", "/generate", json={"text": PROMPTS[1], "rid": "x.s1", "stream": True,
+                                                  "data_parallel_rank": 0, "sampling_params": long}) as resp:
+        lines = resp.iter_lines()
+        first_tokens(lines, 1)
+        refused = client.post("/generate", json={"text": "Hi", "rid": "x", "data_parallel_rank": 0,
+                                                 "sampling_params": sample})
+        assert refused.status_code == 400, refused.text
+        assert "'x.s1'" in refused.text and "rid" in refused.text
+        event = first_tokens(lines, compare)
+    assert event["output_ids"][:compare] == ref and event["meta_info"]["id"] == "x.s1"
+    with client.stream("POST", "/generate", json={"text": "Hi", "rid": "y", "stream": True, "data_parallel_rank": 0,
+                                                  "sampling_params": {**sample, **long}}) as resp:
+        lines = resp.iter_lines()
+        first_tokens(lines, 1)
+        refused = client.post("/generate", json={"text": "Hi", "rid": "y.s1", "sampling_params": long})
+        assert refused.status_code == 400 and "'y.s1'" in refused.text, refused.text
+    assert_idle(client)
+
+
 # ---------------------------------------------------------------------- OpenAI API
 
 
@@ -402,6 +442,32 @@ def test_bad_input(client, path, body, status, needle):
     assert needle in error["message"], error
     if path.startswith("/v1/"):
         assert set(error) == {"message", "type", "param", "code"}
+
+
+ONE_VALIDATOR_CASES = [
+    {"input_ids": []},
+    {"input_ids": [1, 10**9]},
+    {"input_ids": [1] * 4000},
+    {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**6}},
+    {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [10**9]}},
+    {"input_ids": [1, 2], "return_logprob": True, "top_logprobs_num": 21},
+    {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 5},
+    {"input_ids": [1, 2], "sampling_params": {"top_p": 0}},
+]
+
+
+@pytest.mark.parametrize("body", ONE_VALIDATOR_CASES)
+def test_server_and_offline_engine_share_one_validator(client, offline_engine, body):
+    """Issue 22: one validator and one set of limits for every route and the offline engine: the
+    same request gets the same message from both."""
+    from pdserve.engine.request import RequestError
+
+    resp = client.post("/generate", json=body)
+    assert resp.status_code == 400, resp.text
+    kwargs = {k: v for k, v in body.items() if k != "sampling_params"}
+    with pytest.raises(RequestError) as err:
+        offline_engine.generate(sampling_params=body.get("sampling_params"), **kwargs)
+    assert str(err.value) in resp.json()["error"]["message"], (resp.text, str(err.value))
 
 
 def test_bad_rank_header(client):

@@ -191,8 +191,9 @@ class DecodeDisaggManager:
             raise RequestError(f"bootstrap_host {bootstrap_host!r} is outside --disaggregation-allowed-bootstrap "
                                f"({', '.join(self.config.allowed_networks())})")
         self.core.validate(req)
-        if req.rid in self.by_rid or self.scheduler._find(req.rid) is not None:
+        if req.rid in self.by_rid:
             raise RequestError(f"rid {req.rid!r} is already in use")
+        self.scheduler.ids.check_free(req.rid, req.num_samples)
         port = self.config.bootstrap_port if bootstrap_port is None else bootstrap_port
         r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
         self.rooms[room] = r
@@ -460,9 +461,7 @@ class DecodeDisaggManager:
         self.meta[r.rid] = self._meta(r, transfer_s, now - r.added_at)
         aux = r.aux
         if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
-            req = self.scheduler.awaiting_kv.pop(r.rid)
-            self.pool.unref(req.pages)
-            req.pages = []
+            req = self.scheduler.drop_prefilled(r.rid)
             self._extra.append(
                 StepOutput(r.rid, [], finished=True, finish_reason={"type": "length", "length": 0},
                            prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
@@ -519,8 +518,10 @@ class DecodeDisaggManager:
                                m.Cause.BOOTSTRAP_TIMEOUT, tell_prefill=False)
             elif not r.pages_ready:
                 if age > cfg.waiting_timeout:
-                    self._fail(r, f"{self._who(r)}: no free KV pages for the {len(r.req.input_ids)}-token prompt "
-                               f"within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
+                    slots = self.scheduler.slots
+                    self._fail(r, f"{self._who(r)}: no free KV pages or running slot ({slots.num_held} of "
+                               f"--max-running-requests {slots.size} in use) for the {len(r.req.input_ids)}-token "
+                               f"prompt within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
                                m.Cause.NO_PAGES, tell_prefill=True)
             elif r.acked_at is None:
                 assert r.kvreq_at is not None

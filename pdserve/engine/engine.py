@@ -96,6 +96,7 @@ class Engine:
             for _, rid in samples:
                 self.core.abort(rid)
             self.core.step()  # drain abort notices of anything left unfinished
+            self.core.check_idle()
         detok = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)) if text_in_logprobs else None
         latency = time.perf_counter() - start
         results = []

@@ -11,13 +11,13 @@ from pdserve.engine.grammar import GrammarCompiler, grammar_field
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.radix_cache import RadixCache
-from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.engine.request import Req, StepOutput
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.validation import RequestLimits
 
 if TYPE_CHECKING:
     from pdserve.models.loader import LoadedModel
 
-MAX_TOP_LOGPROBS = 20
 CPU_KV_BUDGET_CAP = 8 << 30  # on CPU, mem_fraction_static applies to at most this many bytes
 
 
@@ -129,40 +129,17 @@ class EngineCore:
                                         self.max_total_tokens, config.page_size)
 
     # ------------------------------------------------------------------ validation
+    @property
+    def limits(self) -> RequestLimits:
+        """What this rank can serve: the one validator's limits (``pdserve.engine.validation``)."""
+        return RequestLimits(self.context_length, self.max_total_tokens, self.vocab_size)
+
     def validate(self, req: Req) -> None:
-        """Reject what the engine could never serve, naming the field and the allowed range."""
-        ids = req.input_ids
-        n = len(ids)
-        if n == 0:
-            raise RequestError("the prompt is empty: text or input_ids must contain at least one token")
-        for i, tok in enumerate(ids):
-            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
-                raise RequestError(f"input_ids[{i}] = {tok!r} is outside the vocabulary [0, {self.vocab_size})")
-        if n >= self.context_length:
-            raise RequestError(
-                f"the prompt has {n} tokens, the context length is {self.context_length}: at most "
-                f"{self.context_length - 1} prompt tokens"
-            )
-        max_new = req.params.max_new_tokens
-        if n + max_new > self.context_length:
-            raise RequestError(
-                f"max_new_tokens={max_new} with a {n}-token prompt exceeds the context length "
-                f"{self.context_length}: max_new_tokens must be in [0, {self.context_length - n}]"
-            )
-        if n + max_new > self.max_total_tokens:
-            raise RequestError(
-                f"the prompt ({n} tokens) plus max_new_tokens ({max_new}) exceeds the KV cache capacity "
-                f"max_total_tokens={self.max_total_tokens}"
-            )
-        if not -1 <= req.logprob_start_len < max(n, 1):
-            raise RequestError(f"logprob_start_len must be in [-1, {n - 1}], got {req.logprob_start_len}")
-        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}")
-        for tok in req.params.stop_token_ids:
-            if not 0 <= tok < self.vocab_size:
-                raise RequestError(f"stop_token_ids entry {tok} is outside the vocabulary [0, {self.vocab_size})")
+        """Reject what the engine could never serve, naming the field and the allowed range (the
+        front runs the same check first); then resolve ``logprob_start_len`` and the grammar."""
+        self.limits.check(req.input_ids, req.params, req.top_logprobs_num, req.logprob_start_len)
         if req.logprob_start_len == -1:
-            req.logprob_start_len = n - 1
+            req.logprob_start_len = len(req.input_ids) - 1
         req.grammar = self._grammar_matcher(req)
 
     def _grammar_matcher(self, req: Req) -> Any:
@@ -176,8 +153,6 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Req) -> None:
         self.validate(req)
-        if self.scheduler._find(req.rid) is not None:
-            raise RequestError(f"rid {req.rid!r} is already in use")
         self.scheduler.add_request(req)
 
     def abort(self, rid: str, message: str = "aborted by request") -> bool:
@@ -188,6 +163,10 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def check_idle(self) -> bool:
+        """The scheduler's integrity check, when idle (see ``Scheduler.check_idle``)."""
+        return self.scheduler.check_idle()
 
     def runnable(self) -> bool:
         """False while everything queued waits for pages that no step of this engine can free."""

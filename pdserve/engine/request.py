@@ -204,8 +204,21 @@ class ReqState(enum.Enum):
 
 
 @dataclass
+class Attempt:
+    """One try at running a request: what a retraction drops (nano-vllm's "free the block table,
+    requeue"). A retracted request starts a fresh attempt; its identity, parameters and output stay
+    on the :class:`Req`."""
+
+    slot: int | None = None  # its running slot (resources.SlotTable), held while it may run
+    pages: list[int] = field(default_factory=list)  # one page reference each
+    num_computed: int = 0  # tokens whose KV is in the pool (chunk progress)
+    input_logprobs: TokenLogprobs | None = None  # accumulated across this attempt's prefill chunks
+
+
+@dataclass
 class Req:
-    """One generation request as the scheduler sees it."""
+    """One generation request as the scheduler sees it: identity, parameters and output, plus the
+    :class:`Attempt` now running it."""
 
     rid: str
     input_ids: list[int]
@@ -215,11 +228,9 @@ class Req:
     logprob_start_len: int = -1
     stop_after_prefill: bool = False  # P/D prefill side: keep KV after the first token
     prefilled_externally: bool = False  # P/D decode side: KV arrives from a prefill server
-    # --- mutable state ---
+    # --- durable state (survives retraction) ---
     state: ReqState = ReqState.WAITING
     output_ids: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the pool
     finish_reason: dict[str, Any] | None = None
     generator: Any = None  # torch.Generator when seeded
     penalty_counts: Any = None  # sampler.PenaltyCounts of output tokens, for penalties
@@ -231,8 +242,31 @@ class Req:
     priority_tried: bool = False  # its priority was applied during the current wait
     cached_tokens: int = 0
     decode_cached_tokens: int = 0  # P/D decode: leading prompt tokens whose KV this rank's cache held
-    input_logprobs: TokenLogprobs | None = None  # accumulated across prefill chunks
     grammar: Any = None  # llguidance matcher when the output is constrained (engine/grammar.py)
+    history: list[str] = field(default_factory=list)  # state changes, for integrity reports
+    # --- this attempt (dropped by retraction) ---
+    attempt: Attempt = field(default_factory=Attempt)
+
+    @property
+    def pages(self) -> list[int]:
+        return self.attempt.pages
+
+    @pages.setter
+    def pages(self, pages: list[int]) -> None:
+        self.attempt.pages = pages
+
+    @property
+    def num_computed(self) -> int:
+        return self.attempt.num_computed
+
+    @num_computed.setter
+    def num_computed(self, count: int) -> None:
+        self.attempt.num_computed = count
+
+    @property
+    def num_samples(self) -> int:
+        """Ids this request answers for: itself and its samples (the P/D prefill side never forks)."""
+        return 1 if self.stop_after_prefill else self.params.n
 
     @property
     def fill_target(self) -> int:

@@ -1,24 +1,25 @@
-"""Continuous-batching scheduler with chunked prefill.
+"""Continuous-batching scheduler with chunked prefill: the loop and the queues.
 
 Each :meth:`Scheduler.step` builds one batch: every decoding request contributes one token, and
-prefill chunks fill the remaining ``chunked_prefill_size`` token budget. A request gets the KV
-pages for its whole prompt when admitted; decode grows it a page at a time, and when the pool runs
-dry the most recently admitted request is retracted (its page references dropped, re-queued at the
-front for recompute).
+prefill chunks fill the remaining ``chunked_prefill_size`` token budget. Its vocabulary is its
+resources (:mod:`pdserve.engine.resources`): a request runs only while it holds a slot of the
+table sized by ``max_running_requests``, and one :class:`Admission` per round decides every path
+that makes a request runnable (colocated prefill, P/D page pre-allocation; sample forks take a
+slot too). A request gets the KV pages for its whole prompt when admitted; decode grows it a page
+at a time, and when the pool runs dry a running request is retracted: its :class:`Attempt` (pages,
+slot, progress, input logprobs) is dropped and it is re-queued at the front to be recomputed by a
+fresh one, keeping its identity and output.
 
 Admission is fair to requests already started: a new request (or a P/D decode request asking for
 pages) is admitted only if the pool keeps ``reserved_decode_tokens`` of decode headroom for every
 running request, and not while a retracted request (one that already has output) waits: those are
-re-admitted first, so a request that has its first token cannot starve behind new arrivals.
+re-admitted first, so a request that has its first token cannot starve behind new arrivals. The
+wait after a first token is bounded by :class:`StallPolicy` (priority, then a hard timeout; both
+counted in ``num_preemptions`` and ``num_stall_timeouts``).
 
-The wait after a first token is bounded. Retraction under KV pressure picks the running request
-that has waited least so far (time spent retracted after its first token), the newest among equals.
-A retracted request that has waited ``stall_priority_s`` gets priority: it is admitted without the
-others' decode reserve, and when even its own pages or a running slot are missing, running
-requests that have waited less are retracted for it (newest first; each request at most
-:data:`MAX_PRIORITY_PREEMPTIONS` times, and only when that makes it fit, so nothing thrashes). One
-that still cannot run within ``stall_timeout_s`` of its retraction fails alone with a named error.
-Both are counted (``num_preemptions``, ``num_stall_timeouts``).
+A request's id and its samples' ids are reserved on arrival (:class:`RequestIds`) and freed when
+each ends, so no two live requests share an id. :meth:`check_integrity` checks slots, pages, ids
+and queues against each other; tests call it after every step, workers at idle.
 
 With a prefix cache (:class:`RadixCache`), the scheduler calls it at three points: admission
 (:meth:`Scheduler._match_prefix`: the request takes references to the cached pages of its
@@ -39,7 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -50,16 +51,23 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ExtendChunk, ForwardBatch, ModelRunner
 from pdserve.engine.output_format import merge_logprobs
 from pdserve.engine.radix_cache import RadixCache
-from pdserve.engine.request import Req, ReqState, StepOutput, TokenLogprobs, sample_rid
+from pdserve.engine.request import Attempt, Req, ReqState, StepOutput, TokenLogprobs, sample_rid
+from pdserve.engine.request_ids import RequestIds
+from pdserve.engine.resources import Admission, IntegrityError, SlotTable
 from pdserve.engine.sampler import NON_FINITE, new_generator, sample, token_logprobs
+from pdserve.engine.stall_policy import MAX_PRIORITY_PREEMPTIONS, StallPolicy
 
 logger = logging.getLogger("pdserve.engine.scheduler")
 
-MAX_PRIORITY_PREEMPTIONS = 2  # times one request may be retracted for a request that waited longer
+__all__ = ["MAX_PRIORITY_PREEMPTIONS", "Scheduler"]
+
+MAX_HISTORY = 32  # state changes kept per request for integrity reports
+RECENT_REQUESTS = 8  # ended requests whose history an idle integrity report shows
+IDLE_CHECK_INTERVAL_S = 10.0  # least time between two integrity checks at idle
 
 
 class Scheduler:
-    """Owns request queues and KV page assignment for one engine."""
+    """The loop and the queues of one engine; slots, admission and the stall bound are its resources."""
 
     def __init__(
         self,
@@ -88,8 +96,9 @@ class Scheduler:
         self.context_length = context_length
         self.reserved_decode_tokens = reserved_decode_tokens
         self.cache = cache
-        self.stall_priority_s = stall_priority_s
-        self.stall_timeout_s = stall_timeout_s
+        self.slots = SlotTable(max_running_requests)
+        self.ids = RequestIds()
+        self.stall = StallPolicy(stall_priority_s, stall_timeout_s)
         self.clock = clock  # tests drive a fake one
         self.prompt_tokens_total = 0  # prompt tokens admitted (first admission of each request)
         self.cached_tokens_total = 0  # of those, read from the prefix cache instead of computed
@@ -109,36 +118,51 @@ class Scheduler:
         self.num_preemptions = 0  # retractions made for a request that had waited longer (priority)
         self.num_stall_timeouts = 0  # requests failed for waiting too long after their first token
         self._stalled_at: tuple[int, ...] | None = None  # state when a step last found nothing to do
+        self._recent: deque[Req] = deque(maxlen=RECENT_REQUESTS)  # ended requests, for integrity reports
+        self.integrity_violation: str | None = None  # the first one found at idle (logged once)
+        self._idle_checked_at = float("-inf")
 
     # ------------------------------------------------------------------ queues
     def add_request(self, req: Req) -> None:
-        self._init_request(req)
+        """Queue ``req``; its id and its samples' ids must not be live (``IdInUse`` otherwise)."""
+        self._arrive(req)
         self.waiting.append(req)
 
     def add_prefilled_request(self, req: Req) -> None:
         """P/D decode: reserve pages for ``req``'s prompt; ``on_pages_allocated`` fires once they are."""
         req.prefilled_externally = True
-        self._init_request(req)
+        self._arrive(req)
         self.pending_alloc.append(req)
-        self._allocate_pending()
+        self._allocate_pending(self._admission())
 
     def activate_prefilled(
         self, rid: str, first_token: int, logprobs: TokenLogprobs | None = None, cached_tokens: int = 0
     ) -> None:
-        """P/D decode: the prompt's KV is in place; continue decoding after ``first_token``."""
+        """P/D decode: the prompt's KV is in place; continue decoding after ``first_token`` (in the
+        slot its page pre-allocation took)."""
         req = self.awaiting_kv.pop(rid)
         req.num_computed = len(req.input_ids)
         req.cached_tokens = cached_tokens
-        req.state = ReqState.DECODING
+        self._set_state(req, ReqState.DECODING)
         self.running.append(req)
         self._fork_samples(req)
         self._emit_token(req, first_token, logprobs, input_logprobs=None)
+
+    def drop_prefilled(self, rid: str) -> Req:
+        """P/D decode: ``rid``'s prefill produced no token (``max_new_tokens`` = 0): it ends here,
+        its pages and slot freed."""
+        req = self.awaiting_kv.pop(rid)
+        self._end_attempt(req, cache=False)
+        self._set_state(req, ReqState.FINISHED)
+        self._forget(req, [rid, *self._unborn_samples(req)])
+        return req
 
     def release(self, rid: str) -> None:
         """P/D prefill: the held KV has been shipped; free its pages."""
         req = self.held.pop(rid, None)
         if req is not None:
-            self._free(req)
+            self._end_attempt(req)
+            self._forget(req, [rid])
 
     def abort(self, rid: str, message: str = "aborted", status_code: int | None = None) -> bool:
         """Stop ``rid`` wherever it is and free its pages; its abort output comes with the next step.
@@ -149,12 +173,14 @@ class Scheduler:
         if req is None:
             return False
         self._remove(req)
-        self._free(req)
-        req.state = ReqState.FINISHED
+        self._end_attempt(req)
+        self._set_state(req, ReqState.FINISHED, f"abort: {message}")
         req.finish_reason = {"type": "abort", "message": message}
         if status_code is not None:
             req.finish_reason["status_code"] = status_code
-        for out_rid in [rid, *self._unborn_samples(req)]:
+        ended = [rid, *self._unborn_samples(req)]
+        self._forget(req, ended)
+        for out_rid in ended:
             self._outputs.append(
                 StepOutput(out_rid, [], finished=True, finish_reason=req.finish_reason,
                            prompt_tokens=len(req.input_ids))
@@ -169,19 +195,11 @@ class Scheduler:
         blocked (waiting for pages) in the very state the scheduler is still in."""
         if not self.has_work():
             return False
-        return self._stalled_at != self._state() or self._stall_deadline_passed(self.clock())
-
-    def _stall_deadline_passed(self, now: float) -> bool:
-        """A retracted request reached its priority or its hard bound since the last step looked."""
-        for req in self.waiting:
-            if req.stalled_since is not None:
-                waited = now - req.stalled_since
-                if waited >= self.stall_timeout_s or (waited >= self.stall_priority_s and not req.priority_tried):
-                    return True
-        return False
+        return self._stalled_at != self._state() or self.stall.deadline_passed(self.waiting, self.clock())
 
     def _state(self) -> tuple[int, ...]:
-        return (self.pool.num_free, self.pool.num_evictable, len(self.waiting), len(self.pending_alloc), len(self.running), len(self._outputs))
+        return (self.pool.num_free, self.pool.num_evictable, self.slots.num_free, len(self.waiting),
+                len(self.pending_alloc), len(self.running), len(self._outputs))
 
     def num_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.awaiting_kv) + len(self.pending_alloc) + len(self.held)
@@ -203,8 +221,9 @@ class Scheduler:
             self._enforce_stall_timeout(now)
             self._prioritize_stalled(now)  # before anything is scheduled: it may retract running requests
             batch = ForwardBatch(decodes=self._schedule_decodes())
-            self._schedule_prefills(batch)
-            self._allocate_pending()
+            admission = self._admission(budget=self.chunked_prefill_size)
+            self._schedule_prefills(batch, admission)
+            self._allocate_pending(admission)
             if batch:
                 result = self.runner.forward(batch)
                 self._process(batch, result)
@@ -234,7 +253,7 @@ class Scheduler:
 
     def _schedule_decodes(self) -> list[Req]:
         # most protected first: a retraction victim is never a request already scheduled in this loop
-        order = self._retraction_order(self.clock())
+        order = self.stall.retraction_order(self.clock())
         decodes = sorted((r for r in self.running if r.state == ReqState.DECODING), key=order, reverse=True)
         scheduled: list[Req] = []
         for req in decodes:
@@ -253,58 +272,40 @@ class Scheduler:
             scheduled.append(req)
         return scheduled
 
-    def _schedule_prefills(self, batch: ForwardBatch) -> None:
-        budget = self.chunked_prefill_size
+    def _admission(self, budget: int = 0) -> Admission:
+        """This round's admission: free slots and pages, ``budget`` prefill tokens, and the decode
+        reserve of everything that runs or whose KV is arriving."""
+        return Admission(self.pool, self.slots, self._decode_reserve(), bool(self.running or self.awaiting_kv), budget)
+
+    def _schedule_prefills(self, batch: ForwardBatch, admission: Admission) -> None:
         for req in sorted(self.running, key=lambda r: r.arrival_order):
-            if req.state == ReqState.PREFILLING and budget > 0:
-                budget -= self._add_chunk(batch, req, budget)
+            if req.state == ReqState.PREFILLING and admission.budget > 0:
+                admission.budget -= self._add_chunk(batch, req, admission.budget)
         now = self.clock()
-        reserve = self._decode_reserve()
-        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+        while self.waiting and admission.budget > 0 and self.slots.num_free:
             req = self.waiting[0]
             self._match_prefix(req)
             need = self.pool.pages_for(req.fill_target) - len(req.pages)
             own = self._reserve_pages(req, req.fill_target + 1)
-            urgent = self._has_priority(req, now)
-            if not self.pool.can_alloc(need) or (
-                self.running and not urgent and not self.pool.can_alloc(need + reserve + own)
-            ):
-                self._free(req, cache=False)
-                req.num_computed = 0
+            if not admission.fits(need, own, urgent=self.stall.has_priority(req, now)):
+                self._end_attempt(req, cache=False)
                 break
-            reserve += own
             self.waiting.popleft()
             req.priority_tried = False
             self._count_admission(req)
-            req.pages.extend(self.pool.alloc(need))
-            req.state = ReqState.PREFILLING
+            req.pages.extend(admission.admit(req, need, own))
+            self._set_state(req, ReqState.PREFILLING)
             self.running.append(req)
-            budget -= self._add_chunk(batch, req, budget)
+            admission.budget -= self._add_chunk(batch, req, admission.budget)
 
     # ------------------------------------------------------------------ bounded wait after a first token
-    def _waited(self, req: Req, now: float) -> float:
-        """Seconds ``req`` has spent retracted after its first token, the current wait included."""
-        return req.stalled_s + (now - req.stalled_since if req.stalled_since is not None else 0.0)
-
-    def _retraction_order(self, now: float) -> Callable[[Req], tuple[float, int]]:
-        """Sort key, at time ``now``: retract first whoever has waited least after its first token,
-        the newest among equals."""
-        return lambda req: (self._waited(req, now), -req.arrival_order)
-
-    def _has_priority(self, req: Req, now: float) -> bool:
-        return req.stalled_since is not None and now - req.stalled_since >= self.stall_priority_s
-
     def _prioritize_stalled(self, now: float) -> None:
-        """Put the retracted request that has waited longest (past ``stall_priority_s``) at the head
-        of the queue; if its pages or a running slot are missing, retract running requests that
-        have waited less for it, newest first, each at most :data:`MAX_PRIORITY_PREEMPTIONS` times,
-        and only if that makes it fit."""
-        urgent = [r for r in self.waiting if self._has_priority(r, now)]
-        if not urgent:
+        """Put the stalled request the policy names most urgent at the head of the queue; if its
+        pages or a slot are missing, retract the running requests the policy offers for it, and
+        only if that makes it fit."""
+        req = self.stall.most_urgent(self.waiting, now)
+        if req is None:
             return
-        for r in urgent:  # considered now; only a change of state (or the hard bound) wakes a blocked rank again
-            r.priority_tried = True
-        req = max(urgent, key=lambda r: self._waited(r, now))
         self.waiting.remove(req)
         self.waiting.appendleft(req)
         need = self.pool.pages_for(req.fill_target) - len(req.pages)
@@ -313,13 +314,11 @@ class Scheduler:
             return sum(1 for r in reqs if r.state == ReqState.DECODING and self.pool.pages_for(r.seq_len) > len(r.pages))
 
         def fits() -> bool:
-            return self.pool.can_alloc(need + growth(self.running)) and len(self.running) < self.max_running_requests
+            return self.pool.can_alloc(need + growth(self.running)) and self.slots.num_free > 0
 
         if fits():
             return
-        waited = self._waited(req, now)
-        victims = sorted((r for r in self.running if r.num_preempted < MAX_PRIORITY_PREEMPTIONS
-                          and self._waited(r, now) < waited), key=self._retraction_order(now))
+        victims = self.stall.victims(req, self.running, now)
         staying = [r for r in self.running if r not in victims]
         reclaimable = self.pool.num_free + (self.pool.reclaimer.reclaimable() if self.pool.reclaimer else 0)
         if not victims or reclaimable + self.pool.releasable([v.pages for v in victims]) < need + growth(staying):
@@ -330,20 +329,18 @@ class Scheduler:
             victim.num_preempted += 1
             self.num_preemptions += 1
             logger.info("retracting %s (waited %.1f s) for %s, which has waited %.1f s after its first token",
-                        victim.rid, self._waited(victim, now), req.rid, waited)
+                        victim.rid, self.stall.waited(victim, now), req.rid, self.stall.waited(req, now))
             self._retract(victim)
         self.waiting.remove(req)
         self.waiting.appendleft(req)
 
     def _enforce_stall_timeout(self, now: float) -> None:
-        for req in [r for r in self.waiting if r.stalled_since is not None]:
-            waited = now - req.stalled_since
-            if waited >= self.stall_timeout_s:
-                self.num_stall_timeouts += 1
-                self._fail_request(
-                    req, f"request {req.rid} was retracted under KV pressure after {len(req.output_ids)} output tokens "
-                    f"and could not run again within {self.stall_timeout_s:g} s (--stall-timeout; waited "
-                    f"{waited:.1f} s, {self._waited(req, now):.1f} s in all)", 503)
+        for req in self.stall.expired(self.waiting, now):
+            self.num_stall_timeouts += 1
+            self._fail_request(
+                req, f"request {req.rid} was retracted under KV pressure after {len(req.output_ids)} output tokens "
+                f"and could not run again within {self.stall.timeout_s:g} s (--stall-timeout; waited "
+                f"{now - req.stalled_since:.1f} s, {self.stall.waited(req, now):.1f} s in all)", 503)
 
     def _add_chunk(self, batch: ForwardBatch, req: Req, budget: int) -> int:
         length = min(budget, req.fill_target - req.num_computed)
@@ -378,7 +375,7 @@ class Scheduler:
                     self.on_prefill_progress(req, req.num_computed)
                 continue
             if req.output_ids:  # a retracted request finished recomputing its KV: it decodes again
-                req.state = ReqState.DECODING
+                self._set_state(req, ReqState.DECODING)
                 if req.stalled_since is not None:
                     req.stalled_s += self.clock() - req.stalled_since
                     req.stalled_since = None
@@ -393,7 +390,7 @@ class Scheduler:
             if tokens[0] == NON_FINITE:
                 self._non_finite(req)
                 continue
-            req.state = ReqState.DECODING
+            self._set_state(req, ReqState.DECODING)
             self._emit_token(req, tokens[0], infos[0], input_lp)
 
     def _emit_token(
@@ -449,12 +446,14 @@ class Scheduler:
     ) -> None:
         req.finish_reason = reason
         self.running.remove(req)
+        self.slots.release(req)  # held KV (P/D prefill) is no longer running: its pages stay, its slot goes
         if req.stop_after_prefill:
-            req.state = ReqState.PREFILL_DONE
+            self._set_state(req, ReqState.PREFILL_DONE)
             self.held[req.rid] = req
         else:
-            req.state = ReqState.FINISHED
-            self._free(req)
+            self._end_attempt(req)
+            self._set_state(req, ReqState.FINISHED, f"finish: {reason['type']}")
+            self._forget(req, [req.rid])
         self._outputs.append(
             StepOutput(
                 req.rid,
@@ -479,18 +478,18 @@ class Scheduler:
         part = token_logprobs(
             torch.log_softmax(logits[rows], dim=-1), [req.input_ids[q + 1] for q in positions], req.top_logprobs_num
         )
-        req.input_logprobs = merge_logprobs(req.input_logprobs, part)
+        req.attempt.input_logprobs = merge_logprobs(req.attempt.input_logprobs, part)
 
     def _finish_input_logprobs(self, req: Req) -> TokenLogprobs | None:
         if not req.return_logprob:
             return None
-        part = req.input_logprobs or TokenLogprobs(top=[] if req.top_logprobs_num else None)
+        part = req.attempt.input_logprobs or TokenLogprobs(top=[] if req.top_logprobs_num else None)
         if req.logprob_start_len == 0:  # the first prompt token has no prediction
             part.ids.insert(0, req.input_ids[0])
             part.values.insert(0, None)
             if part.top is not None:
                 part.top.insert(0, [])
-        req.input_logprobs = None
+        req.attempt.input_logprobs = None
         return part
 
     # ------------------------------------------------------------------ parallel sampling (n > 1)
@@ -499,8 +498,9 @@ class Scheduler:
 
         Each sample shares the prompt's KV (:meth:`_copy_prompt_kv`) but for the last prompt token, which it recomputes
         (one token) to sample its own first token with its own seed (``seed + i``). A sample that
-        finds no free pages is queued to prefill on its own. The P/D prefill side never forks: its
-        decode server does, after the KV arrived."""
+        finds no free slot or pages is queued to prefill on its own. The P/D prefill side never
+        forks: its decode server does, after the KV arrived. The samples' ids were reserved with
+        ``req``'s on arrival."""
         n = req.params.n
         if n <= 1 or req.stop_after_prefill:
             return
@@ -519,10 +519,12 @@ class Scheduler:
             )
             self._init_request(child)
             child.cached_tokens = req.cached_tokens
-            if self._copy_prompt_kv(req, child):
-                child.state = ReqState.PREFILLING
+            if self.slots.num_free and self._copy_prompt_kv(req, child):
+                self.slots.acquire(child)
+                self._set_state(child, ReqState.PREFILLING, f"forked from {req.rid}")
                 self.running.append(child)
             else:
+                child.history.append(f"forked from {req.rid}, queued")
                 self.waiting.append(child)
 
     def _copy_prompt_kv(self, parent: Req, child: Req) -> bool:
@@ -571,26 +573,24 @@ class Scheduler:
         tokens = seq_len + min(self.reserved_decode_tokens, remaining)
         return max(self.pool.pages_for(tokens) - max(len(req.pages), self.pool.pages_for(seq_len)), 0)
 
-    def _allocate_pending(self) -> None:
-        """P/D decode: pages for requests whose KV comes from prefill, in arrival order, after the
-        retracted requests waiting to be recomputed and with the running requests' decode reserve."""
+    def _allocate_pending(self, admission: Admission) -> None:
+        """P/D decode: a slot and pages for requests whose KV comes from prefill, in arrival order,
+        after the retracted requests waiting to be recomputed and with the running requests' decode
+        reserve."""
         if any(r.output_ids for r in self.waiting):
             return
-        reserve = self._decode_reserve() if self.pending_alloc else 0
-        while self.pending_alloc:
+        while self.pending_alloc and self.slots.num_free:
             req = self.pending_alloc[0]
             prefix = self._match_remote_prefix(req)
             need = self.pool.pages_for(len(req.input_ids)) - len(prefix)
             own = self._reserve_pages(req, len(req.input_ids) + 1)
-            busy = self.running or self.awaiting_kv
-            if not self.pool.can_alloc(need) or (busy and not self.pool.can_alloc(need + reserve + own)):
+            if not admission.fits(need, own):
                 self.pool.unref(prefix)
                 return
-            reserve += own
             self.pending_alloc.popleft()
-            req.pages = prefix + self.pool.alloc(need)
+            req.pages = prefix + admission.admit(req, need, own)
             req.decode_cached_tokens = len(prefix) * self.pool.page_size
-            req.state = ReqState.WAITING_KV
+            self._set_state(req, ReqState.WAITING_KV)
             self.awaiting_kv[req.rid] = req
             if self.on_pages_allocated is not None:
                 try:
@@ -600,16 +600,23 @@ class Scheduler:
                     self._fail_request(req, f"internal error after allocating its KV pages: {_describe(e)}", 500)
 
     def _retract(self, req: Req) -> None:
-        """Free ``req``'s KV and put it at the front of the queue to be recomputed later."""
+        """Drop ``req``'s attempt (pages, slot, progress, input logprobs) and put it at the front of
+        the queue to be recomputed later by a fresh one."""
         self.running.remove(req)
-        self._free(req)
-        req.num_computed = 0
+        self._end_attempt(req)
         req.num_retractions += 1
         self.num_retractions += 1
-        req.state = ReqState.WAITING
+        self._set_state(req, ReqState.WAITING, "retracted")
         if req.output_ids and req.stalled_since is None:
             req.stalled_since = self.clock()  # its wait runs until it decodes again
         self.waiting.appendleft(req)
+
+    def _end_attempt(self, req: Req, cache: bool = True) -> None:
+        """Drop ``req``'s attempt: its page references (with ``cache``, computed full pages enter
+        the prefix cache first), its slot, its progress; the next attempt starts afresh."""
+        self._free(req, cache)
+        self.slots.release(req)
+        req.attempt = Attempt()
 
     def _free(self, req: Req, cache: bool = True) -> None:
         """Drop the request's references to its pages (a transfer or cache may still hold them);
@@ -619,6 +626,101 @@ class Scheduler:
                 self._cache_computed(req)
             self.pool.unref(req.pages)
             req.pages = []
+
+    def _arrive(self, req: Req) -> None:
+        self.ids.reserve(req.rid, req.num_samples)
+        self._init_request(req)
+        req.history.append(f"step {self.num_steps}: arrived")
+
+    def _forget(self, req: Req, ids: list[str]) -> None:
+        """``req`` has ended: free the ids it answered for."""
+        for name in ids:
+            self.ids.release(name)
+        self._recent.append(req)
+
+    def _set_state(self, req: Req, state: ReqState, note: str = "") -> None:
+        req.state = state
+        req.history.append(f"step {self.num_steps}: {state.value}" + (f" ({note})" if note else ""))
+        if len(req.history) > MAX_HISTORY:
+            del req.history[: len(req.history) - MAX_HISTORY]
+
+    # ------------------------------------------------------------------ integrity
+    def check_integrity(self) -> None:
+        """Raise :class:`IntegrityError` unless slots, pages, ids and queues agree: every request in
+        exactly one queue in that queue's state, exactly the running and KV-receiving ones holding a
+        slot, queued ones holding no pages, each request's pages referenced at least once per
+        holder, every live id owned by a live request, and the pool's (and cache's) own books."""
+        queues = {
+            ReqState.WAITING: list(self.waiting), ReqState.WAITING_KV: list(self.awaiting_kv.values()),
+            ReqState.PREFILL_DONE: list(self.held.values()),
+        }
+        pending = list(self.pending_alloc)
+        running = list(self.running)
+        live = [*running, *pending, *itertools.chain.from_iterable(queues.values())]
+        seen: dict[str, Req] = {}
+        for req in live:
+            if req.rid in seen:
+                raise IntegrityError(f"request {req.rid} is queued twice{_history(req)}")
+            seen[req.rid] = req
+            if req.rid not in self.ids:
+                raise IntegrityError(f"live request {req.rid} holds no id{_history(req)}")
+        for name in self.ids:
+            owner = self.ids.owner(name)
+            if name not in seen and owner not in seen:
+                raise IntegrityError(f"id {name} is reserved for {owner}, which is not live")
+        for state, reqs in queues.items():
+            for req in reqs:
+                if req.state != state:
+                    raise IntegrityError(f"request {req.rid} is {req.state.value} in the {state.value} queue{_history(req)}")
+        for req in running:
+            if req.state not in (ReqState.PREFILLING, ReqState.DECODING):
+                raise IntegrityError(f"request {req.rid} runs in state {req.state.value}{_history(req)}")
+        for req in pending:
+            if req.state != ReqState.WAITING:
+                raise IntegrityError(f"request {req.rid} awaits pages in state {req.state.value}{_history(req)}")
+        for req in [*self.waiting, *pending]:
+            if req.pages or req.attempt.slot is not None or req.num_computed:
+                raise IntegrityError(f"queued request {req.rid} holds pages {req.pages}, slot {req.attempt.slot}, "
+                                     f"{req.num_computed} computed tokens{_history(req)}")
+        self.slots.check([*running, *self.awaiting_kv.values()])
+        holders: Counter[int] = Counter()
+        for req in live:
+            if req.num_computed > len(req.pages) * self.pool.page_size:
+                raise IntegrityError(f"request {req.rid} counts {req.num_computed} computed tokens in "
+                                     f"{len(req.pages)} pages{_history(req)}")
+            logprobs = req.attempt.input_logprobs
+            if logprobs is not None and len(logprobs.ids) > req.num_computed:
+                raise IntegrityError(f"request {req.rid} holds {len(logprobs.ids)} input logprobs for "
+                                     f"{req.num_computed} computed tokens{_history(req)}")
+            holders.update(req.pages)
+        for page, count in holders.items():
+            if self.pool.refcount(page) < count:
+                raise IntegrityError(f"page {page} has {self.pool.refcount(page)} references for {count} requests "
+                                     "holding it")
+        self.pool.check_integrity()
+        if self.cache is not None:
+            self.cache.check_integrity()
+
+    def check_idle(self) -> bool:
+        """The integrity check production runs when the engine has just become idle (as
+        mini-sglang does), at most every :data:`IDLE_CHECK_INTERVAL_S` (the pool walk costs about
+        0.35 s per million pages): the first violation is logged once, with the history of the
+        requests that ended last. Returns False once a violation was found."""
+        now = self.clock()
+        if self.integrity_violation is not None:
+            return False
+        if self.num_requests() or now - self._idle_checked_at < IDLE_CHECK_INTERVAL_S:
+            return True
+        self._idle_checked_at = now
+        try:
+            self.check_integrity()
+        except (IntegrityError, AssertionError, RuntimeError) as e:
+            if self.integrity_violation is None:
+                self.integrity_violation = str(e)
+                recent = "; ".join(f"{r.rid}: {' / '.join(r.history)}" for r in self._recent)
+                logger.error("scheduler integrity violated at idle: %s (recent requests: %s)", e, recent or "none")
+            return False
+        return True
 
     # ------------------------------------------------------------------ prefix cache
     def _match_prefix(self, req: Req) -> None:
@@ -671,3 +773,7 @@ class Scheduler:
 
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _history(req: Req) -> str:
+    return f" (history: {' / '.join(req.history)})" if req.history else ""

@@ -8,6 +8,9 @@ that never split a multi-byte character.
 from __future__ import annotations
 
 import json
+import re
+import sys
+import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +57,109 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+class TemplateLimitError(TokenizerError):
+    """A request's own chat template ran past its deadline or output cap."""
+
+
+class _RequestTemplateEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus caps on what one operation may build: repetition (``*``),
+    powers, format widths (``%``, ``str.format``) and integer arguments of calls and filters at
+    ``max_chars``, and no constant folding of those operators at compile time."""
+
+    intercepted_binops = frozenset(["*", "**", "%"])
+
+    def __init__(self, max_chars: int) -> None:
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        self.max_chars = max_chars
+        self.filters["tojson"] = _tojson
+        self.filters = {name: self._capped(fn) for name, fn in self.filters.items()}
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = _strftime_now
+
+    def _check_args(self, args: tuple, kwargs: dict) -> None:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > self.max_chars:
+                raise TemplateLimitError(f"an argument of {value} exceeds the output cap of {self.max_chars} characters")
+
+    def _capped(self, fn: Any) -> Any:
+        def capped(*args: Any, **kwargs: Any) -> Any:
+            self._check_args(args, kwargs)
+            return fn(*args, **kwargs)
+
+        for attr in ("jinja_pass_arg",):  # keep filters that take the context / environment working
+            if hasattr(fn, attr):
+                setattr(capped, attr, getattr(fn, attr))
+        return capped
+
+    def _check_format(self, fmt: Any) -> None:
+        """Widths and precisions in a format string (``'{:>9999}'``, ``'%9999d'``) within the cap."""
+        if isinstance(fmt, str):
+            for number in re.findall(r"\d+", fmt):
+                if len(number) > 12 or int(number) > self.max_chars:
+                    raise TemplateLimitError(f"a format width of {number} exceeds the output cap of "
+                                             f"{self.max_chars} characters")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        __self._check_args(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, str) and attribute in ("format", "format_map"):
+            self._check_format(obj)
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, str) and argument in ("format", "format_map"):
+            self._check_format(obj)
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise TemplateLimitError(f"a power of {right} is too large for a chat template")
+        if operator == "%":
+            self._check_format(left)
+        if operator == "*":
+            sized, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(sized, (str, list, tuple)) and isinstance(count, int) and len(sized) * count > self.max_chars:
+                raise TemplateLimitError(f"repeating {len(sized)} items {count} times exceeds the output cap of "
+                                         f"{self.max_chars} characters")
+        return super().call_binop(context, operator, left, right)
+
+
+def is_inline_template(chat_template: Any, known: dict[str, str]) -> bool:
+    """Whether ``chat_template`` (as a request names it) is template code rather than the name of
+    one of the checkpoint's templates (``known``)."""
+    return isinstance(chat_template, str) and chat_template not in known and "{" in chat_template
+
+
+def render_request_template(source: str, variables: dict[str, Any], deadline_s: float, max_chars: int) -> str:
+    """Compile and render a chat template a request supplied, within ``deadline_s`` seconds and
+    ``max_chars`` characters of output (:class:`TemplateLimitError` otherwise). The deadline is
+    checked at every line of Python the compiler and the template run (a trace function on this
+    thread only); one C-level operation is bounded by the environment's caps instead."""
+    deadline = time.monotonic() + deadline_s
+
+    def past_deadline(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateLimitError(f"the template did not render within {deadline_s:g} s")
+        return past_deadline
+
+    previous = sys.gettrace()
+    sys.settrace(past_deadline)
+    try:
+        template = _RequestTemplateEnvironment(max_chars).from_string(source)
+        pieces: list[str] = []
+        size = 0
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > max_chars:
+                raise TemplateLimitError(f"the rendered prompt exceeds {max_chars} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        sys.settrace(previous)
 
 
 class Tokenizer:
@@ -162,15 +268,29 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
+        request_limits: tuple[float, int] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render ``messages`` with the checkpoint's chat template (same variables as HF)."""
-        template = _compile_template(self.get_chat_template(chat_template, tools))
+        """Render ``messages`` with the checkpoint's chat template (same variables as HF), or with
+        an inline ``chat_template``: then only under ``request_limits`` (deadline in seconds, output
+        cap in characters; see :func:`render_request_template`)."""
+        variables = self.chat_template_variables(messages, add_generation_prompt, tools, **kwargs)
+        if is_inline_template(chat_template, self.chat_templates):
+            if request_limits is None:
+                raise TokenizerError("an inline chat template needs a deadline and an output cap")
+            return render_request_template(chat_template, variables, *request_limits)
+        return _compile_template(self.get_chat_template(chat_template, tools)).render(**variables)
+
+    def chat_template_variables(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                                tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """What a chat template sees: the special tokens, the caller's extra variables, the messages."""
+        taken = sorted({"messages", "tools", "add_generation_prompt"} & kwargs.keys())
+        if taken:
+            raise TokenizerError(f"template variables may not redefine {', '.join(taken)}")
         variables: dict[str, Any] = dict(self.special_tokens)
         variables.update(kwargs)
-        return template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables
-        )
+        variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        return variables
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
+from pdserve.engine.validation import MAX_TOP_LOGPROBS
 from pdserve.request_bodies import ChatBody, CommonBody, CompletionBody, openapi_request_body, request_schema
 from pdserve.server.access import log_access, rank_headers, sample_meta, served_ranks
 from pdserve.server.api_common import (
@@ -49,7 +50,7 @@ from pdserve.server.state import ServerState
 from pdserve.server.structured import Constraint, openai_constraint
 from pdserve.server.tool_parsers import PARSERS, ToolCall, ToolParser, ToolPlan, parse_forced, plan_tools
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = MAX_TOP_LOGPROBS  # OpenAI's logprobs / top_logprobs: the engine's one limit
 
 router = APIRouter(prefix="/v1")
 
@@ -427,8 +428,45 @@ def _chat_messages(raw: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_prompt_ids(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
-    """The chat template applied to ``messages``, tokenized (run off the event loop)."""
+TEMPLATE_FIELD = "chat_template_kwargs.chat_template"
+
+
+async def _chat_prompt_ids(state: ServerState, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
+    """The chat template applied to ``messages``, tokenized, off the event loop. A template the
+    request supplies itself is code: refused (400 naming the field and the flag) unless the server
+    runs with ``--trust-request-chat-template``, then rendered in a child process of its own within
+    a deadline and an output cap (``server/request_code.py``)."""
+    from pdserve.models.tokenizer import is_inline_template
+
+    service = state.require_service()
+    kwargs = dict(body.chat_template_kwargs or {})
+    template = kwargs.pop("chat_template", None)
+    if not is_inline_template(template, getattr(service.tokenizer, "chat_templates", {})):
+        return await service.offload(_render_and_encode, service, messages, body)
+    if not state.config.trust_request_chat_template:
+        raise bad_request(f"{TEMPLATE_FIELD}: this server does not run chat templates supplied by a request "
+                          "(start it with --trust-request-chat-template to allow them)", TEMPLATE_FIELD)
+    prompt = await _render_request_template(service, template, messages, body, kwargs)
+    return await service.offload(service.encode, prompt, False, "messages")
+
+
+async def _render_request_template(service: GenerationService, template: str, messages: list[dict[str, Any]],
+                                   body: ChatBody, kwargs: dict[str, Any]) -> str:
+    from pdserve.models.tokenizer import TemplateLimitError, render_request_template
+    from pdserve.server.request_code import RequestCodeTimeout
+
+    deadline_s, max_chars = service.request_template_limits
+    try:
+        variables = service.tokenizer.chat_template_variables(messages, True, body.tools or None, **kwargs)
+        return await service.request_code.run(deadline_s, render_request_template, template, variables,
+                                              deadline_s, max_chars)
+    except (TemplateLimitError, RequestCodeTimeout) as e:
+        raise bad_request(f"{TEMPLATE_FIELD}: {e}", TEMPLATE_FIELD) from None
+    except Exception as e:
+        raise bad_request(f"cannot apply the chat template to messages: {e}", "messages") from None
+
+
+def _render_and_encode(service: GenerationService, messages: list[dict[str, Any]], body: ChatBody) -> list[int]:
     try:
         prompt = service.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tools=body.tools or None, **(body.chat_template_kwargs or {})
@@ -473,7 +511,7 @@ async def chat_completions(request: Request) -> Response:
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params, given = _sampling(body, max_tokens, max_field, constraint)
-    ids = await service.offload(_chat_prompt_ids, service, messages, body)
+    ids = await _chat_prompt_ids(state, messages, body)
     top = (body.top_logprobs or 0) if body.logprobs else None
     reqs = _requests(state, request, body, [ids], params, given, "chatcmpl", "messages", max_field, top,
                      constraint)

@@ -57,6 +57,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             startup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await startup
+            if state.service is not None:
+                state.service.close()
             await state.controller.shutdown()
             logger.info("all workers stopped")
 

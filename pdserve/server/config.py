@@ -33,6 +33,7 @@ class ServerConfig:
     worker_restart_backoff_max_s: float = 30.0
     max_n: int = 16  # most parallel samples (n) one request may ask for
     tool_call_parser: str | None = None  # server/tool_parsers: the model family's tool-call format
+    trust_request_chat_template: bool = False  # render chat templates a request supplies (deadline and cap apply)
 
     @property
     def disaggregation_mode(self) -> str:
@@ -115,6 +116,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="how tool calls are written by the model, for tool_choice 'auto' (default: none; 'required' "
         "and named functions work without one)",
     )
+    parser.add_argument(
+        "--trust-request-chat-template", action="store_true",
+        help="render a chat template a request supplies (chat_template_kwargs.chat_template) instead of refusing it "
+        "with 400; it runs on its own thread within a deadline and an output cap (default: off, as vLLM's flag)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -143,6 +149,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         worker_restart_backoff_max_s=args.worker_restart_backoff_max,
         tool_call_parser=args.tool_call_parser,
         max_n=args.max_n,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
 
 

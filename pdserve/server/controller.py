@@ -38,6 +38,7 @@ import zmq.asyncio
 from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput, sample_rid
+from pdserve.engine.request_ids import IdInUse, RequestIds
 from pdserve.plane_secret import SECRET_ENV
 from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
@@ -127,6 +128,7 @@ class DPController:
         self.policy = make_policy(config.load_balance_method, config.dp_size)
         self.ranks = [RankState(rank) for rank in range(config.dp_size)]
         self.requests: dict[str, RequestHandle] = {}
+        self.ids = RequestIds()  # every live rid and sample id (rid.sK), reserved together on submit
         self.rooms: dict[int, str] = {}  # P/D: bootstrap_room -> rid of the request in flight
         self.bootstrap = None  # BootstrapServer of a prefill server
         self.disagg_reports: dict[int, object] = {}  # rank -> latest DisaggReport
@@ -318,15 +320,19 @@ class DPController:
         except NoRankAvailable as e:
             raise ServerError(503, str(e)) from None
 
-    def submit(self, req: msg.GenerateReq) -> RequestHandle:
-        """Send a request to ``req.dp_rank``; outputs then arrive on the returned handle's queue."""
+    def submit(self, req: msg.GenerateReq, num_samples: int = 1) -> RequestHandle:
+        """Send a request to ``req.dp_rank``; outputs then arrive on the returned handle's queue.
+        Its rid and the ids of its ``num_samples - 1`` further samples are reserved together: a
+        request naming an id that a live request or sample holds is refused (400 naming ``rid``)."""
         if not self.ready or self._closing:
             raise ServerError(503, "the server is not ready")
         state = self.ranks[req.dp_rank]
         if state.phase != RankPhase.READY:
             raise ServerError(503, self.rank_unavailable(state))
-        if req.rid in self.requests:
-            raise ServerError(400, f"rid {req.rid!r} is already in use by a running request", "rid")
+        try:
+            self.ids.check_free(req.rid, num_samples)
+        except IdInUse as e:
+            raise ServerError(400, str(e), "rid") from None
         room = req.bootstrap_room if self.config.disagg.mode != "null" else None
         refusal = self._refused_rooms.pop(room, None) if room is not None else None
         if refusal is not None and refusal[0].room == room and refusal[1] > time.monotonic():
@@ -347,6 +353,7 @@ class DPController:
             self.bootstrap.clear_refusal(room)  # refused before (say, its rank was restarting), accepted now
         if not self._send(state, req):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
+        self.ids.reserve(req.rid, num_samples)
         self.requests[req.rid] = handle
         if room is not None:
             self.rooms[room] = req.rid
@@ -365,7 +372,7 @@ class DPController:
     def submit_samples(self, req: msg.GenerateReq) -> list[RequestHandle]:
         """Like :meth:`submit`, plus one handle per further sample when ``n`` > 1 (the worker forks
         them after the prompt's KV is computed; see ``Scheduler._fork_samples``)."""
-        parent = self.submit(req)
+        parent = self.submit(req, req.sampling_params.n)
         handles = [parent]
         for i in range(1, req.sampling_params.n):
             handle = RequestHandle(rid=sample_rid(req.rid, i), rank=parent.rank, prompt_tokens=len(req.input_ids),
@@ -621,6 +628,7 @@ class DPController:
             return
         handle.done = True
         self.requests.pop(handle.rid, None)
+        self.ids.release(handle.rid)
         if handle.room is not None and self.rooms.get(handle.room) == handle.rid:
             del self.rooms[handle.room]
         state = self.ranks[handle.rank]

@@ -19,17 +19,19 @@ from typing import Any, TypeVar
 from pdserve.engine.grammar import GrammarCompiler, GrammarError, grammar_field
 from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
+from pdserve.engine.validation import FieldError, RequestLimits
 from pdserve.server import messages as msg
 from pdserve.server.controller import DPController, RequestHandle
 from pdserve.server.errors import ServerError, bad_request
+from pdserve.server.request_code import RequestCodeRunner
 
 T = TypeVar("T")
 
-MAX_TOP_LOGPROBS = 20
 MAX_CHARS_PER_TOKEN = 32  # a text prompt longer than context_length * this cannot fit: refused before tokenizing
 MAX_BATCH = 1024  # prompts in one request
 OFFLOAD_THREADS = 2  # tokenization and chat templates run here, never on the event loop
 GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+REQUEST_TEMPLATE_DEADLINE_S = 2.0  # a chat template a request supplies must render within this
 
 
 @dataclass
@@ -64,15 +66,27 @@ class GenerationService:
         self.context_length = info.context_length
         self.max_total_tokens = info.max_total_tokens
         self.vocab_size = info.vocab_size
+        self.limits = RequestLimits(self.context_length, self.max_total_tokens, self.vocab_size,
+                                    max_n=controller.config.max_n)
         self._token_text: dict[int, str] = {}
         self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
         self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
+        self.request_code = RequestCodeRunner()  # a request's own chat template: a child process of its own
         self._grammars: GrammarCompiler | None = None
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
         request cannot stall other clients' streams or ``/health``."""
         return await asyncio.get_running_loop().run_in_executor(self._offload, fn, *args)
+
+    def close(self) -> None:
+        self.request_code.close()
+
+    @property
+    def request_template_limits(self) -> tuple[float, int]:
+        """Deadline (s) and output cap (characters: what could still fit the context) of a
+        request's own chat template."""
+        return REQUEST_TEMPLATE_DEADLINE_S, self.max_prompt_chars
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
@@ -97,55 +111,14 @@ class GenerationService:
 
     # ------------------------------------------------------------------ checks
     def check(self, req: GenRequest) -> None:
-        """The engine's own checks, done here first so errors arrive before a stream starts."""
-        n = len(req.input_ids)
-        if n == 0:
-            raise bad_request(f"{req.prompt_field} is empty: the prompt must have at least one token", req.prompt_field)
-        for i, tok in enumerate(req.input_ids):
-            if not 0 <= tok < self.vocab_size:
-                raise bad_request(
-                    f"{req.prompt_field} token {i} = {tok} is outside the vocabulary [0, {self.vocab_size})",
-                    req.prompt_field,
-                )
-        limit = min(self.context_length, self.max_total_tokens)
-        if n >= self.context_length:
-            raise bad_request(
-                f"the prompt has {n} tokens; the context length is {self.context_length}, so at most "
-                f"{self.context_length - 1} prompt tokens fit",
-                req.prompt_field,
-            )
-        if n > self.max_total_tokens:
-            raise bad_request(
-                f"the prompt has {n} tokens; the KV cache holds max_total_tokens={self.max_total_tokens}",
-                req.prompt_field,
-            )
-        params = req.params
-        max_n = self.controller.config.max_n
-        if not 1 <= params.n <= max_n:
-            raise bad_request(f"n must be in [1, {max_n}] (--max-n), got {params.n}", "n")
-        if not req.max_new_tokens_given:
-            params.max_new_tokens = max(0, min(params.max_new_tokens, limit - n))
-            params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
-        if n + params.max_new_tokens > limit:
-            which = "context length" if limit == self.context_length else "KV cache capacity (max_total_tokens)"
-            raise bad_request(
-                f"{req.max_tokens_field}={params.max_new_tokens} with a {n}-token prompt exceeds the {which} "
-                f"{limit}: {req.max_tokens_field} must be in [0, {limit - n}]",
-                req.max_tokens_field,
-            )
-        for tok in params.stop_token_ids:
-            if not 0 <= tok < self.vocab_size:
-                raise bad_request(
-                    f"stop_token_ids entry {tok} is outside the vocabulary [0, {self.vocab_size})", "stop_token_ids"
-                )
-        if not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
-            raise bad_request(
-                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs_num}", "top_logprobs_num"
-            )
-        if not -1 <= req.logprob_start_len < n:
-            raise bad_request(
-                f"logprob_start_len must be in [-1, {n - 1}], got {req.logprob_start_len}", "logprob_start_len"
-            )
+        """The engine's own checks (the one validator, with the limits the workers reported), done
+        here first so errors arrive before a stream starts; then what only the front knows (ranks,
+        bootstrap addresses)."""
+        try:
+            self.limits.check(req.input_ids, req.params, req.top_logprobs_num, req.logprob_start_len,
+                              req.prompt_field, req.max_tokens_field, fit_max_new_tokens=not req.max_new_tokens_given)
+        except FieldError as e:
+            raise bad_request(str(e), e.field) from None
         if req.dp_rank is not None and not 0 <= req.dp_rank < self.controller.dp_size:
             raise bad_request(
                 f"data_parallel_rank must be in [0, {self.controller.dp_size - 1}], got {req.dp_rank}",

@@ -193,6 +193,8 @@ class Worker:
             if engine.has_work() or self._step_due:
                 self._step_due = False
                 outputs = engine.step()
+                if not engine.scheduler.num_requests():
+                    engine.check_idle()  # just became idle: the books must balance
             meta = {}
             if disagg is not None:
                 outputs, meta = disagg.process(outputs)
