@@ -18,7 +18,7 @@ from typing import Any
 from pdserve.conformance.client import Answer, new_client, payload, send
 from pdserve.conformance.fleet import Fleet, Served, Server
 
-FAST_S = 5.0  # "fails the other leg fast": well under the servers' own 20 s bootstrap/waiting timeouts
+FAST_S = 5.0  # "fails the other leg fast": well under the servers' own 10 s bootstrap/waiting timeouts
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 DECODE_RANK_FIELDS = ("data_parallel_rank", "routed_dp_rank")
 PREFILL_RANK_FIELDS = ("prefill_data_parallel_rank", "disagg_prefill_dp_rank")
@@ -146,15 +146,21 @@ class Suite:
         return True, f"{answer.summary()}, {legs.describe()}, room {legs.decode.room}", legs
 
     def idle_or_note(self) -> str:
-        busy = self.fleet.wait_idle(25.0)
+        busy = self.fleet.wait_idle(15.0)
         return f" (fleet still busy before the case: {', '.join(busy)})" if busy else ""
 
     # ------------------------------------------------------------------ the cases
     def case_first_request_explicit_prefill_rank(self) -> tuple[bool, str]:
-        """The first request the fleet ever sees names a prefill rank only the DP-3 servers have (sglang#22990)."""
+        """The first requests the fleet ever sees name a prefill rank only the DP-3 servers have, and a
+        decode rank (sglang#22990: the first one failed); one alone could match by luck, so three more follow."""
         top = max(s.dp_size for s in self.fleet.prefills) - 1
-        answer = self.request("first", disagg_prefill_dp_rank=top)
-        return self.judge_pin(answer, PREFILL_RANK_FIELDS, prefill=top)
+        d_top = max(s.dp_size for s in self.fleet.decodes) - 1
+        first = self.request("first", disagg_prefill_dp_rank=top, data_parallel_rank=d_top)
+        ok, evidence = self.judge_pin(first, (*PREFILL_RANK_FIELDS, *DECODE_RANK_FIELDS), top, d_top)
+        pins = [(0, d_top), (top, 0), (top, d_top)]
+        rest_ok, rest = self.pinned_case("first", (*PREFILL_RANK_FIELDS, *DECODE_RANK_FIELDS), pins,
+                                         lambda p, d: {"disagg_prefill_dp_rank": p, "data_parallel_rank": d})
+        return ok and rest_ok, f"first request: {evidence}; the next {rest}"
 
     def case_every_rank_pair_reachable(self) -> tuple[bool, str]:
         """Unpinned traffic reaches every (prefill rank, decode rank) pair and every unit of both sides."""
@@ -340,7 +346,7 @@ class Suite:
         note = self.idle_or_note()
         plan = self.fleet.fail_next(role, status)
         try:
-            answer = self.request("legfail", timeout=40.0)
+            answer = self.request("legfail", timeout=30.0)
         finally:
             self.fleet.clear_faults()
         if not plan.failed:

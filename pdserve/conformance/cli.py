@@ -3,7 +3,8 @@
 TEMPLATE is the router's command line; placeholders: ``{port}`` (where it must listen),
 ``{prefill_args}`` (``--prefill URL BOOTSTRAP_PORT`` per prefill server), ``{decode_args}``
 (``--decode URL`` per decode server), ``{prefill_urls}``, ``{decode_urls}`` (space-separated) and
-``{python}`` (this interpreter, e.g. ``{python} -m pdserve.cli router ...``). The suite starts a sim
+``{python}`` (this interpreter, e.g. ``{python} -m pdserve.cli router ...``) and ``{free_port}`` (one
+more free port, e.g. for a metrics listener). The suite starts a sim
 fleet with unequal DP sizes behind fault relays, starts the router, runs every case and prints one
 row per case; exit status 0 only when every case passed.
 """
@@ -70,10 +71,10 @@ def run_suite(template: str, log_dir: Path, prefill_dp: list[int], decode_dp: li
     fleet = Fleet(log_dir, prefill_dp, decode_dp, decode_max_total_tokens)
     try:
         fleet_s = time.monotonic() - start
-        fleet.start_router(template)
+        ready = fleet.start_router(template)
         if echo:
             print(f"fleet: prefill DP {prefill_dp}, decode DP {decode_dp} (sim), healthy in {fleet_s:.1f} s; "
-                  f"router: {template}", flush=True)
+                  f"router: {template} ({ready})", flush=True)
 
         def progress(r: CaseResult) -> None:
             if echo:
@@ -81,7 +82,7 @@ def run_suite(template: str, log_dir: Path, prefill_dp: list[int], decode_dp: li
         results = Suite(fleet, seed).run(only, progress)
     finally:
         fleet.close()
-    return {"router": template, "prefill_dp": prefill_dp, "decode_dp": decode_dp,
+    return {"router": template, "router_ready": ready, "prefill_dp": prefill_dp, "decode_dp": decode_dp,
             "wall_s": round(time.monotonic() - start, 1), "cases": [r.as_json() for r in results]}
 
 
