@@ -38,10 +38,13 @@ ROUTE_CASES = {f"{r}[{s}]" for r in ("/generate", "/v1/completions", "/v1/chat/c
 # --honor-client-ranks it reads the body's rank fields but not the X-Data-Parallel-Rank header,
 # which it neither forwards nor refuses, so the decode rank the header names is ignored.
 PDSERVE_ROUTER_GAPS = {"explicit_decode_rank[X-Data-Parallel-Rank]": "ignored"}
-# What sglang-router 0.3.2 (PD mode, no --dp-aware) passes on this fleet, from its recorded run.
+# What sglang-router 0.3.2 (PD mode, no --dp-aware) passes on this fleet, from its recorded runs.
+# Not here, as it depends on timing: explicit_decode_rank[data_parallel_rank]. It forwards the
+# client's data_parallel_rank to both legs, so prefill runs on that rank while decode, without a
+# prefill rank, looks the room up when prefill registered it first (served) and else takes
+# room % 3 (the servers refuse the mismatch with 400 "prefill rank i holds bootstrap_room ...").
 SGLANG_PASSES = {
-    "every_rank_pair_reachable", "prefill_dp_1",
-    "explicit_decode_rank[data_parallel_rank]", *ROUTE_CASES, "kv_transferred_not_recomputed",
+    "every_rank_pair_reachable", "prefill_dp_1", *ROUTE_CASES, "kv_transferred_not_recomputed",
     "arrival_order[prefill_first]", "arrival_order[decode_first]", "retraction_under_kv_pressure",
 }
 

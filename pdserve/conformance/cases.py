@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from pdserve.conformance.client import Answer, new_client, payload, send
 from pdserve.conformance.fleet import Fleet, Served, Server
 
@@ -362,24 +364,37 @@ class Suite:
             return False, f"{evidence}; still held {FAST_S:g} s later: {', '.join(busy)}{note}"
         return True, f"{evidence}; every server idle {idle_after:.2f} s later{note}"
 
-    def _in_flight_then(self, case: str, server: Server, act: Callable[[], str]) -> tuple[bool, str]:
-        """Long requests in flight, some on ``server``; ``act`` breaks it; every request must end and the
-        prefill side be idle within FAST_S."""
+    def _in_flight_then(self, case: str, act: Callable[[Server], str]) -> tuple[bool, str]:
+        """Long requests in flight; ``act`` breaks the first decode server seen holding some; every
+        request must end (failures within FAST_S of the break) and the prefill side be idle within FAST_S."""
         note = self.idle_or_note()
+
         def timed() -> tuple[Answer, float]:
             answer = self.request(case, max_new_tokens=1500, timeout=60.0)
             return answer, time.monotonic()
 
+        def holding() -> Server | None:
+            for s in self.fleet.decodes:
+                try:
+                    if sum(int(r.get("num_reqs") or 0) for r in s.loads()) > 0:
+                        return s
+                except (httpx.HTTPError, ValueError):
+                    continue
+            return None
+
         with ThreadPoolExecutor(max_workers=6) as pool:
             futures = [pool.submit(timed) for _ in range(6)]
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if sum(int(r.get("num_reqs") or 0) for r in server.loads()) > 0:
+            deadline, victim = time.monotonic() + 10, None
+            while time.monotonic() < deadline and not all(f.done() for f in futures):
+                victim = holding()
+                if victim is not None:
                     break
-                time.sleep(0.1)
-            else:
-                return False, f"no request reached {server.name} within 10 s{note}"
-            what = act()
+                time.sleep(0.05)
+            if victim is None:
+                done = [f.result()[0].summary()[:150] for f in futures if f.done()]
+                return False, (f"no request reached a decode server within 10 s; {len(done)} of 6 had ended: "
+                               f"{'; '.join(done[:2])}{note}")
+            what = act(victim)
             broke = time.monotonic()
             ended = [f.result() for f in futures]
         busy_prefill = [b for b in self.fleet.wait_idle(FAST_S) if b.startswith("p")]
@@ -397,18 +412,14 @@ class Suite:
         return not problems, evidence + ("; " + "; ".join(problems) if problems else "; prefill side idle") + note
 
     def case_closed_port_fails_fast(self) -> tuple[bool, str]:
-        victim = self.fleet.decodes[0]
-
-        def close() -> str:
+        def close(victim: Server) -> str:
             assert victim.proxy is not None
             victim.proxy.close_port()
             return f"closed {victim.name}'s port mid-request"
-        ok, evidence = self._in_flight_then("closed", victim, close)
-        return ok, evidence
+        return self._in_flight_then("closed", close)
 
     def case_killed_rank_fails_fast(self) -> tuple[bool, str]:
-        victim = self.fleet.decodes[-1]
-        return self._in_flight_then("killed", victim, lambda: f"SIGKILLed {victim.name}'s ranks "
+        return self._in_flight_then("killed", lambda victim: f"SIGKILLed {victim.name}'s ranks "
                                     f"(pid {self.fleet.kill_ranks(victim)})")
 
     def case_no_capacity_answers_503(self) -> tuple[bool, str]:
