@@ -38,6 +38,10 @@ ROUTE_CASES = {f"{r}[{s}]" for r in ("/generate", "/v1/completions", "/v1/chat/c
 # --honor-client-ranks it reads the body's rank fields but not the X-Data-Parallel-Rank header,
 # which it neither forwards nor refuses, so the decode rank the header names is ignored.
 PDSERVE_ROUTER_GAPS = {"explicit_decode_rank[X-Data-Parallel-Rank]": "ignored"}
+# And one race, seen in some runs only: after a 5xx on one leg it retries with the client's rid while
+# the decode server still holds the cancelled first attempt, which refuses the retry with 400 "rid ...
+# is already in use" (the router awaits only the aborts it sent, and none for a leg it cancelled).
+PDSERVE_ROUTER_RACE = ("leg_fails_fast[prefill 503]", "leg_fails_fast[decode 503]")
 # What sglang-router 0.3.2 (PD mode, no --dp-aware) passes on this fleet, from its recorded runs.
 # Not here, as it depends on timing: explicit_decode_rank[data_parallel_rank]. It forwards the
 # client's data_parallel_rank to both legs, so prefill runs on that rank while decode, without a
@@ -86,7 +90,8 @@ def test_the_suite_passes_on_pdserve_router(tmp_path):
     result = run_suite(PDSERVE_ROUTER, tmp_path, [3, 3, 1], [2, 2], echo=False)
     cases = by_name(result)
     assert len(cases) == 27
-    failed = {name: c["evidence"] for name, c in cases.items() if not c["passed"] and name not in PDSERVE_ROUTER_GAPS}
+    failed = {name: c["evidence"] for name, c in cases.items() if not c["passed"] and name not in PDSERVE_ROUTER_GAPS
+              and not (name in PDSERVE_ROUTER_RACE and "is already in use" in c["evidence"])}
     assert not failed, json.dumps(failed, indent=1)
     for name, reason in PDSERVE_ROUTER_GAPS.items():  # fixed? then move it out of the gaps
         assert not cases[name]["passed"] and reason in cases[name]["evidence"], cases[name]

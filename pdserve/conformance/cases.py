@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from pdserve.conformance.client import Answer, new_client, payload, send
 from pdserve.conformance.fleet import Fleet, Served, Server
 
@@ -360,6 +358,8 @@ class Suite:
         evidence = f"relay {hit} answered the {role} leg HTTP {status}; client got {answer.summary()}"
         if answer.error or answer.elapsed > FAST_S:
             return False, f"{evidence}: not within {FAST_S:g} s (the other leg waited){note}"
+        if status >= 500 and 400 <= answer.status < 500:
+            return False, f"{evidence}: a server's {status} reached the client as a client error{note}"
         if busy:
             return False, f"{evidence}; still held {FAST_S:g} s later: {', '.join(busy)}{note}"
         return True, f"{evidence}; every server idle {idle_after:.2f} s later{note}"
@@ -373,14 +373,11 @@ class Suite:
             answer = self.request(case, max_new_tokens=1500, timeout=60.0)
             return answer, time.monotonic()
 
-        def holding() -> Server | None:
-            for s in self.fleet.decodes:
-                try:
-                    if sum(int(r.get("num_reqs") or 0) for r in s.loads()) > 0:
-                        return s
-                except (httpx.HTTPError, ValueError):
-                    continue
-            return None
+        seen = {s.name: len(s.proxy.arrivals) for s in self.fleet.decodes if s.proxy is not None}
+
+        def holding() -> Server | None:  # the relays see a decode leg arrive at once; /get_load lags
+            return next((s for s in self.fleet.decodes if s.proxy is not None
+                         and len(s.proxy.arrivals) > seen[s.name]), None)
 
         with ThreadPoolExecutor(max_workers=6) as pool:
             futures = [pool.submit(timed) for _ in range(6)]
@@ -389,11 +386,12 @@ class Suite:
                 victim = holding()
                 if victim is not None:
                     break
-                time.sleep(0.05)
+                time.sleep(0.02)
             if victim is None:
                 done = [f.result()[0].summary()[:150] for f in futures if f.done()]
                 return False, (f"no request reached a decode server within 10 s; {len(done)} of 6 had ended: "
                                f"{'; '.join(done[:2])}{note}")
+            time.sleep(0.3)  # decoding by now: a 1500-token request takes over a second here
             what = act(victim)
             broke = time.monotonic()
             ended = [f.result() for f in futures]

@@ -22,6 +22,7 @@ from pdserve.conformance.faultproxy import FailPlan, FaultProxy, ProxyLoop
 from pdserve.router.launch import free_ports
 
 ACCESS = re.compile(r"pdserve\.access: (\S+) (\S+) (\d+) rid=(\S+) room=(\S+) prefill_rank=(\S+) decode_rank=(\S+)")
+_HTTP = httpx.Client(timeout=5.0)  # the suite's own calls to the servers (thread-safe, kept alive)
 PLACEHOLDERS = ("port", "prefill_args", "decode_args", "prefill_urls", "decode_urls", "python", "free_port")
 
 
@@ -79,7 +80,7 @@ class Server:
 
     def loads(self) -> list[dict[str, Any]]:
         """This server's ``/get_load`` (straight to the server, not through the relay)."""
-        return httpx.get(self.proc.url + "/get_load", timeout=5.0).json()
+        return _HTTP.get(self.proc.url + "/get_load").json()
 
     def sim_host_pids(self) -> list[int]:
         """The processes of this server's group other than its front: the sim host holding its ranks."""
