@@ -89,7 +89,7 @@ def test_answer_meta_reads_openai_stream_chunks_and_rank_headers():
 def test_the_suite_passes_on_pdserve_router(tmp_path):
     result = run_suite(PDSERVE_ROUTER, tmp_path, [3, 3, 1], [2, 2], echo=False)
     cases = by_name(result)
-    assert len(cases) == 27
+    assert len(cases) == 28
     failed = {name: c["evidence"] for name, c in cases.items() if not c["passed"] and name not in PDSERVE_ROUTER_GAPS
               and not (name in PDSERVE_ROUTER_RACE and "is already in use" in c["evidence"])}
     assert not failed, json.dumps(failed, indent=1)

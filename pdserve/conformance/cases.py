@@ -420,6 +420,31 @@ class Suite:
         return self._in_flight_then("killed", lambda victim: f"SIGKILLed {victim.name}'s ranks "
                                     f"(pid {self.fleet.kill_ranks(victim)})")
 
+    def case_killed_prefill_ranks_fail_fast(self) -> tuple[bool, str]:
+        """A prefill server's ranks die (its front stays up and refuses with 503); requests sent at once
+        must all be answered, and every decode leg paired with a dead prefill gone, within FAST_S."""
+        note = self.idle_or_note()
+        victim = self.fleet.prefills[0]
+        assert victim.proxy is not None
+        before = len(victim.proxy.arrivals)
+        pids = self.fleet.kill_ranks(victim)
+        time.sleep(0.2)
+        answers = self.many([lambda: self.request("pkilled", timeout=30.0) for _ in range(8)])
+        hits = len(victim.proxy.arrivals) - before
+        busy = [b for b in self.fleet.wait_idle(FAST_S) if b.startswith("d")]
+        statuses = sorted(0 if a.error else a.status for a in answers)
+        evidence = (f"SIGKILLed {victim.name}'s ranks (pid {pids}); {hits} prefill legs reached it; 8 requests "
+                    f"ended with HTTP {statuses}, slowest {max(a.elapsed for a in answers):.2f} s")
+        problems = []
+        if not hits:
+            problems.append(f"no prefill leg reached {victim.name} (not exercised)")
+        late = [a for a in answers if a.error or a.elapsed > FAST_S]
+        if late:
+            problems.append(f"{len(late)} not answered within {FAST_S:g} s: {late[0].summary()[:200]}")
+        if busy:
+            problems.append(f"decode still held {FAST_S:g} s later: {', '.join(busy)}")
+        return not problems, evidence + ("; " + "; ".join(problems) if problems else "; decode side idle") + note
+
     def case_no_capacity_answers_503(self) -> tuple[bool, str]:
         """No reachable decode unit: once the router could notice (a request every 0.5 s for up to
         15 s), it answers 503, never hanging."""
@@ -473,7 +498,8 @@ class Suite:
             for status in (400, 503):
                 out.append((f"leg_fails_fast[{role} {status}]", lambda r=role, s=status: self.leg_failure_case(r, s)))
         out += [
-            ("leg_fails_fast[killed rank]", self.case_killed_rank_fails_fast),
+            ("leg_fails_fast[killed prefill ranks]", self.case_killed_prefill_ranks_fail_fast),
+            ("leg_fails_fast[killed decode ranks]", self.case_killed_rank_fails_fast),
             ("leg_fails_fast[closed port]", self.case_closed_port_fails_fast),
             ("no_capacity_answers_503", self.case_no_capacity_answers_503),
         ]
