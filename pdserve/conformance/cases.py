@@ -310,9 +310,10 @@ class Suite:
 
     def case_retraction_under_kv_pressure(self) -> tuple[bool, str]:
         """Decode runs out of KV pages mid-generation; retracted requests finish, their KV from the right prefill rank."""
+        count, tokens = 32, 600  # ~4x the decode ranks' KV pages in all, so every rank runs out
         before = self.fleet.load_totals("decode")
-        answers = self.many([lambda: self.request("retract", prompt=self.ids(160), max_new_tokens=400, timeout=120)
-                             for _ in range(24)], workers=24)
+        answers = self.many([lambda: self.request("retract", prompt=self.ids(160), max_new_tokens=tokens,
+                                                  timeout=120) for _ in range(count)], workers=count)
         after = self.fleet.load_totals("decode")
         retractions = after.get("num_retractions", 0) - before.get("num_retractions", 0)
         recomputed = after.get("prefill_tokens_computed", 0) - before.get("prefill_tokens_computed", 0)
@@ -322,8 +323,8 @@ class Suite:
             if not ok or legs is None or legs.decode is None or legs.prefill is None:
                 problems.append(why)
                 continue
-            if a.meta().get("completion_tokens") not in (None, 400):
-                problems.append(f"rid {a.rid}: {a.meta().get('completion_tokens')} of 400 tokens")
+            if a.meta().get("completion_tokens") not in (None, tokens):
+                problems.append(f"rid {a.rid}: {a.meta().get('completion_tokens')} of {tokens} tokens")
             named = a.meta().get("prefill_dp_rank")
             if named is not None and named != legs.prefill.prefill_rank:
                 problems.append(f"rid {a.rid}: the answer names prefill rank {named}, "
@@ -337,7 +338,7 @@ class Suite:
             problems.append("no retraction happened on decode (the case was not exercised)")
         how = (f"re-served by local recompute on decode ({recomputed} tokens)" if recomputed
                else "no local recompute on decode") + f", {extra_legs} extra prefill legs"
-        evidence = f"24 requests x 400 tokens: {retractions} retractions on decode, {how}"
+        evidence = f"{count} requests x {tokens} tokens: {retractions} retractions on decode, {how}"
         return not problems, evidence + ("; " + "; ".join(problems[:3]) if problems else "; all served in full")
 
     def leg_failure_case(self, role: str, status: int) -> tuple[bool, str]:
