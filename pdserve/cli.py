@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("pdserve.router.cli", "route requests to prefill/decode (or mixed) servers"),
     "launch": ("pdserve.router.launch", "start prefill and decode servers plus a router"),
     "bench": ("pdserve.bench.cli", "benchmarks: serving (online load), transfer (KV), engine (offline)"),
+    "conformance": ("pdserve.conformance.cli", "check a P/D router against the DP-rank contract on a sim fleet"),
 }
 
 

@@ -129,6 +129,10 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def spawn(self, name: str, cmd: list[str], port: int) -> Proc:
+        """Any command (e.g. a third-party router) as a child listening on ``port``; stopped by :meth:`close`."""
+        return self._spawn(name, cmd, port)
+
     def server(self, name: str, mode: str | None = None, dp_size: int = 1, max_total_tokens: int | None = None,
                transfer_backend: str = "tcp", extra: list[str] | tuple[str, ...] = ()) -> Proc:
         """A ``pdserve serve`` process: mixed (``mode=None``), ``prefill`` or ``decode``."""
