@@ -109,9 +109,16 @@ def test_honor_client_ranks(pair):
             assert r.status_code == 400 and "disagg_prefill_dp_rank" in r.text
             r = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert r.json()["decode_dp_rank"] == 0 and r.json()["prefill_dp_rank"] == 0
-        async with router_client(specs) as (c, _):  # default: the router replaces rank fields
+        async with router_client(specs, honor_client_ranks=True) as (c, _):  # the header names the decode rank
+            r = await c.post("/generate", json=body, headers={"X-Data-Parallel-Rank": "0"})
+            assert r.status_code == 200 and r.json()["meta_info"]["decode_dp_rank"] == 0, r.text
+            r = await c.post("/generate", json=body, headers={"X-Data-Parallel-Rank": "7"})
+            assert r.status_code == 400 and "X-Data-Parallel-Rank=7" in r.text, r.text
+            r = await c.post("/generate", json=body, headers={"X-Data-Parallel-Rank": "-1"})
+            assert r.status_code == 400 and "X-Data-Parallel-Rank" in r.text, r.text
+        async with router_client(specs) as (c, _):  # default: a named rank is refused, never replaced
             r = await c.post("/generate", json={**body, "data_parallel_rank": 5})
-            assert r.status_code == 200, r.text
+            assert r.status_code == 400 and "--honor-client-ranks" in r.text, r.text
 
     asyncio.run(run())
 

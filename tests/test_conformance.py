@@ -37,7 +37,7 @@ ROUTE_CASES = {f"{r}[{s}]" for r in ("/generate", "/v1/completions", "/v1/chat/c
 # pdserve router's one known gap (its hot path, app.py/proxy.py, is other work): with
 # --honor-client-ranks it reads the body's rank fields but not the X-Data-Parallel-Rank header,
 # which it neither forwards nor refuses, so the decode rank the header names is ignored.
-PDSERVE_ROUTER_GAPS = {"explicit_decode_rank[X-Data-Parallel-Rank]": "ignored"}
+PDSERVE_ROUTER_GAPS: dict[str, str] = {}
 # And one race, seen in some runs only: after a 5xx on one leg it retries with the client's rid while
 # the decode server still holds the cancelled first attempt, which refuses the retry with 400 "rid ...
 # is already in use" (the router awaits only the aborts it sent, and none for a leg it cancelled).

@@ -24,7 +24,12 @@ async def _pair_fields() -> None:
     p = EchoUpstream(mode="prefill", dp_size=2, bootstrap_port=7001, input_logprobs=[[None, 5, None], [-1.0, 6, None]])
     d = EchoUpstream(mode="decode", dp_size=3)
     async with upstreams(p, d), router_client(pd_specs([p], [d])) as (c, _):
-        r = await c.post("/generate", json={"text": "hello", "return_logprob": True, "data_parallel_rank": 9})
+        for field in ("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank", "prefill_data_parallel_rank"):
+            r = await c.post("/generate", json={"text": "hello", field: 0})  # never silently replaced
+            assert r.status_code == 400 and field in r.text and "--honor-client-ranks" in r.text, r.text
+        r = await c.post("/generate", json={"text": "hello"}, headers={"X-Data-Parallel-Rank": "0"})
+        assert r.status_code == 400 and "X-Data-Parallel-Rank" in r.text, r.text
+        r = await c.post("/generate", json={"text": "hello", "return_logprob": True})
         assert r.status_code == 200, r.text
         pb, db = p.received[-1], d.received[-1]
         assert pb["bootstrap_room"] == db["bootstrap_room"] and 0 <= pb["bootstrap_room"] < 2**63

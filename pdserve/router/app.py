@@ -33,7 +33,7 @@ from pdserve.router.policies import make_policy
 from pdserve.router.prefix_index import CacheIndex
 from pdserve.router.processes import mark_ready, sibling_count, unready_siblings
 from pdserve.router.prompt_tokens import PromptTokenizer
-from pdserve.router.proxy import MIXED_SET_FIELDS, PD_SET_FIELDS, Proxy
+from pdserve.router.proxy import MIXED_SET_FIELDS, PD_SET_FIELDS, RANK_HEADER_FIELD, Proxy
 from pdserve.router.request_info import RequestInfo, request_info
 from pdserve.router.upstream import Upstream
 
@@ -203,6 +203,15 @@ async def until_disconnected(receive: Receive, work: Awaitable[ASGIApp]) -> ASGI
         watcher.cancel()
 
 
+def header_rank(value: bytes) -> int:
+    """The decode DP rank an ``X-Data-Parallel-Rank`` header names; 400 unless a non-negative integer."""
+    text = value.decode("latin-1").strip()
+    if not (text.isdigit() and len(text) <= 9):
+        raise RouterError(400, f"X-Data-Parallel-Rank header must be a non-negative integer, got {text[:40]!r}",
+                          "invalid_rank")
+    return int(text)
+
+
 PROXIED_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 
 
@@ -239,6 +248,8 @@ def create_app(config: RouterConfig) -> RouterApp:
             for name, value in scope["headers"]:
                 if name in forwarded:
                     headers[forwarded[name]] = value.decode("latin-1")
+                elif name == b"x-data-parallel-rank":  # beats the body's field, as in SGLang and vLLM
+                    body[RANK_HEADER_FIELD] = header_rank(value)
             state.metrics.inflight.inc()
             try:
                 response = await until_disconnected(

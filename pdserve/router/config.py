@@ -147,9 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--honor-client-ranks", action="store_true",
-        help="P/D: serve a request on the DP ranks its body names (data_parallel_rank: decode; "
-        "disagg_prefill_dp_rank or prefill_data_parallel_rank: prefill), 400 when no healthy unit has that rank. "
-        "Default: the router picks both ranks and replaces any rank fields a client sent",
+        help="serve a request on the DP ranks it names (decode: the X-Data-Parallel-Rank header, else the body's "
+        "data_parallel_rank or routed_dp_rank; prefill: disagg_prefill_dp_rank or prefill_data_parallel_rank), "
+        "400 when no healthy unit has that rank. Default: the router picks the ranks, and a request that names "
+        "one is refused with 400 naming the field and this flag",
     )
     parser.add_argument("--cache-threshold", type=float, default=d.cache_threshold,
                         help="cache_aware: least share of the prompt a unit's cached prefix must cover to win "

@@ -9,6 +9,7 @@ rank ``r % dp_size`` (equal ranks when the DP sizes match).
 from __future__ import annotations
 
 from collections.abc import Set
+from dataclasses import dataclass
 
 from pdserve.router.fleet import Fleet
 from pdserve.router.policies import Policy
@@ -54,6 +55,19 @@ def _pinned(units: list[Unit], rank: int | None, field: str) -> list[Unit]:
     return kept
 
 
+@dataclass(frozen=True)
+class ClientPins:
+    """The DP ranks a client named, and the field (or header) each came from, for error messages."""
+
+    prefill: int | None = None
+    decode: int | None = None
+    prefill_field: str = "disagg_prefill_dp_rank"
+    decode_field: str = "data_parallel_rank"
+
+
+NO_PINS = ClientPins()
+
+
 class Pairing:
     def __init__(self, fleet: Fleet, prefill_policy: Policy, decode_policy: Policy, dp_coupled: bool = False) -> None:
         self.fleet = fleet
@@ -74,16 +88,18 @@ class Pairing:
         return units
 
     def pick_pair(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset(),
-                  pins: tuple[int | None, int | None] = (None, None)) -> tuple[Unit, Unit]:
-        """A (prefill, decode) pair; ``pins`` (prefill rank, decode rank) restrict each side to units
-        of that DP rank (``--honor-client-ranks``)."""
-        prefills = _pinned(self.candidates("prefill", exclude), pins[0], "disagg_prefill_dp_rank")
-        decodes = _pinned(self.candidates("decode", exclude), pins[1], "data_parallel_rank")
+                  pins: ClientPins = NO_PINS) -> tuple[Unit, Unit]:
+        """A (prefill, decode) pair; ``pins`` restrict each side to units of the DP rank the client
+        named (``--honor-client-ranks``)."""
+        prefills = _pinned(self.candidates("prefill", exclude), pins.prefill, pins.prefill_field)
+        decodes = _pinned(self.candidates("decode", exclude), pins.decode, pins.decode_field)
         if not self.dp_coupled:
             return self.prefill_policy.select(prefills, info), self.decode_policy.select(decodes, info)
         decode = self.decode_policy.select(decodes, info)
         matching = [u for u in prefills if u.rank == decode.rank % u.worker.dp_size]
         return self.prefill_policy.select(matching, info), decode
 
-    def pick_one(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset()) -> Unit:
-        return self.prefill_policy.select(self.candidates("mixed", exclude), info)
+    def pick_one(self, info: RequestInfo, exclude: Set[Worker | Unit] = frozenset(), pins: ClientPins = NO_PINS) -> Unit:
+        """A mixed unit; the decode pin restricts the choice to units of that DP rank (``--honor-client-ranks``)."""
+        units = _pinned(self.candidates("mixed", exclude), pins.decode, pins.decode_field)
+        return self.prefill_policy.select(units, info)

@@ -34,7 +34,7 @@ from pdserve.router.errors import RouterError, error_body, error_response
 from pdserve.router.fleet import Fleet
 from pdserve.router.http_client import UpstreamError
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pairing import BadClientRank, Pairing, client_rank
+from pdserve.router.pairing import NO_PINS, BadClientRank, ClientPins, Pairing, client_rank
 from pdserve.router.request_info import RequestInfo
 from pdserve.router.upstream import ABORT_TIMEOUT_S, Reply, Stream, Upstream, rank_headers
 from pdserve.router.worker import Unit, Worker
@@ -119,7 +119,11 @@ def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
     return msgspec.json.encode(d)
 
 
-# body fields the router sets itself (whatever the client sent): by _pd_bodies in P/D, by _mixed otherwise
+# where the client names DP ranks: body fields, and the header (app.py puts its value under RANK_HEADER_FIELD)
+RANK_HEADER_FIELD = "X-Data-Parallel-Rank"
+CLIENT_RANK_FIELDS = (RANK_HEADER_FIELD, "data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank",
+                      "prefill_data_parallel_rank")
+# body fields the router sets itself: by _pd_bodies in P/D, by _mixed otherwise (a client's ranks are pins)
 PD_SET_FIELDS = frozenset({"bootstrap_host", "bootstrap_port", "bootstrap_room", "data_parallel_rank",
                            "prefill_data_parallel_rank", "disagg_prefill_dp_rank"})
 MIXED_SET_FIELDS = frozenset({"data_parallel_rank"})
@@ -200,22 +204,31 @@ class Proxy:
         assert failure is not None
         return self._failed(route, failure, started)
 
-    def _client_pins(self, body: dict[str, Any]) -> tuple[int | None, int | None]:
-        """(prefill rank, decode rank) the client pinned, with ``--honor-client-ranks``; else none."""
+    def _client_pins(self, body: dict[str, Any]) -> ClientPins:
+        """The ranks the client pinned. Without ``--honor-client-ranks`` a request
+        that names a rank is refused (400 naming the field and the flag): the router would otherwise
+        replace it, silently serving on ranks the client did not ask for."""
         if not self.config.honor_client_ranks:
-            return None, None
+            named = next((f for f in CLIENT_RANK_FIELDS if body.get(f) is not None), None)
+            if named is not None:
+                what = "the X-Data-Parallel-Rank header" if named == RANK_HEADER_FIELD else named
+                raise RouterError(400, f"{what} names a DP rank, but this router picks the ranks itself: start it "
+                                       "with --honor-client-ranks to serve requests on the ranks they name",
+                                  "invalid_rank")
+            return NO_PINS
         try:
-            _, prefill = client_rank(body, "disagg_prefill_dp_rank", "prefill_data_parallel_rank")
-            _, decode = client_rank(body, "data_parallel_rank", "routed_dp_rank")
+            prefill_field, prefill = client_rank(body, "disagg_prefill_dp_rank", "prefill_data_parallel_rank")
+            decode_field, decode = client_rank(body, RANK_HEADER_FIELD, "data_parallel_rank", "routed_dp_rank")
         except BadClientRank as e:
             raise RouterError(400, str(e), "invalid_rank") from None
-        return prefill, decode
+        return ClientPins(prefill, decode, prefill_field, decode_field)
 
     def _pd_bodies(self, body: dict[str, Any], prefill: Unit, decode: Unit, rid: Any,
                    info: RequestInfo) -> tuple[bytes, bytes]:
         n = info.batch_size
         room: int | list[int] = _rng.getrandbits(63) if n is None else [_rng.getrandbits(63) for _ in range(n)]
         common = dict(body)
+        common.pop(RANK_HEADER_FIELD, None)
         common["bootstrap_host"] = prefill.worker.host
         common["bootstrap_port"] = prefill.worker.bootstrap_port
         common["bootstrap_room"] = room
@@ -308,15 +321,20 @@ class Proxy:
                      started: float) -> Answer:
         stream = body.get("stream") is True
         tokens = info.decode_tokens
+        pins = self._client_pins(body)
         exclude: set[Worker] = set()
         failure: Failure | None = None
         for attempt in range(self.config.retry_max_retries):
             if attempt:
                 self.metrics.retries.labels(route).inc()
                 await asyncio.sleep(self._backoff(attempt))
-            unit = self.pairing.pick_one(info, exclude)
+            try:
+                unit = self.pairing.pick_one(info, exclude, pins)
+            except BadClientRank as e:
+                raise RouterError(400, str(e), "invalid_rank") from None
             self.metrics.selected("mixed", unit)
             routed = dict(body)
+            routed.pop(RANK_HEADER_FIELD, None)
             routed["data_parallel_rank"] = unit.rank
             url = unit.worker.url + route
             data = msgspec.json.encode(routed)
