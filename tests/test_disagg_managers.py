@@ -236,6 +236,26 @@ def test_abort_before_the_other_side_arrives(engines, cluster_factory):
     c.run_until_pools_empty()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pages_long_after_the_accepted_keep_their_connection(engines, backend, cluster_factory):
+    """Decode's KV request is accepted at once and the prefill request comes twice the idle bound
+    later: the connection that carried the ``Accepted`` carries the room, so neither end drops it
+    as idle and the room completes (it failed with "lost the KV transfer connection" before)."""
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1], idle_timeout=1.0)
+    ids = prompt(31, 30)
+    c.decode[0].add(req("d", ids), 93, "127.0.0.1", c.bootstrap.port)
+    c.run(lambda: 93 in c.prefill[0].early, "the KV request to arrive")
+    c.run(lambda: c.decode[0].rooms[93].acked_at is not None, "the Accepted")
+    until = time.monotonic() + 2.0
+    c.run(lambda: time.monotonic() > until, "twice the idle bound")
+    c.prefill[0].add(req("p", ids), 93)
+    c.run_until_finished("d", "p")
+    expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert c.tokens("d") == expected, c.finished("d").finish_reason
+    assert not c.decode[0].metrics().failures and not c.prefill[0].metrics().failures
+    c.run_until_pools_empty()
+
+
 def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
     """The prefill front refused a room's request: decode's KV request for it fails at once, whether
     it came before or after; an active room is left alone, and the tombstone expires."""

@@ -5,8 +5,11 @@ with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`), the rec
 byte (so a sender with the wrong secret fails at once, named); the receiver reads no frame
 before that, closes connections that do not authenticate within the guard's handshake timeout,
 closes authenticated ones that carry no frame for its idle timeout while none of their rooms is
-open (senders keep connections between rooms, and drop and reopen one idle half that long or
-closed by the receiver before reuse), and accepts at most ``max_connections`` at once. Frames are
+open (senders keep connections between rooms, and drop and reopen one that carries no room and sat
+idle half that long, or that the receiver closed, before reuse; a connection that carries a room
+— a frame of it went out and its ``Status`` did not yet — is never idle on either end, so a room
+whose pages come long after its ``Accepted`` keeps its connection), and accepts at most
+``max_connections`` at once. Frames are
 ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; a header may not exceed
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
@@ -198,12 +201,19 @@ class _Destination:
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.sock: socket.socket | None = None
         self.last_used = 0.0  # time.monotonic() when the connection last carried a job
+        # rooms the connection carries: a frame of theirs went out on it and their Status did not yet. The
+        # receiver fails them all if the connection ends, so it is not dropped for idleness while any is open.
+        self.rooms: set[int] = set()
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{info.address}", daemon=True)
         self.thread.start()
 
+    def idle(self) -> bool:
+        """Whether the kept connection may be closing at the receiver: it carries no room and sat unused
+        for half the receivers' idle bound (the receiver closes one idle for the whole bound)."""
+        return not self.rooms and time.monotonic() - self.last_used > self.sender.idle_timeout / 2
+
     def connect(self) -> socket.socket:
-        if self.sock is not None and (time.monotonic() - self.last_used > self.sender.idle_timeout / 2
-                                      or peer_closed(self.sock)):
+        if self.sock is not None and (self.idle() or peer_closed(self.sock)):
             self.drop_connection()  # the receiver closes idle connections: reconnect rather than write into one
         if self.sock is None:
             try:
@@ -236,6 +246,14 @@ class _Destination:
             self.sender._unwatch(self.sock)
             self.sock.close()
             self.sock = None
+        self.rooms.clear()  # the receiver reports what the connection carried lost
+
+    def carried(self, job: _Job) -> None:
+        """Account a frame that went out on the connection: its room is open on it until its Status."""
+        if job.kind == "message" and isinstance(job.msg, m.Status):
+            self.rooms.discard(job.room)
+        else:
+            self.rooms.add(job.room)
 
     def _run(self) -> None:
         while True:
@@ -305,6 +323,7 @@ class StreamSender(KVSender):
                     result.nbytes = self.write_pages(dest, job)
                 else:
                     send_buffers(dest.connect(), frame(job.msg))
+                dest.carried(job)
             except Exception as e:  # any failure fails this job; the next one reconnects
                 dest.drop_connection()
                 result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
