@@ -256,6 +256,23 @@ def test_pages_long_after_the_accepted_keep_their_connection(engines, backend, c
     c.run_until_pools_empty()
 
 
+def test_no_new_tokens_with_samples_finishes_every_sample(engines, cluster_factory):
+    """``max_new_tokens`` 0 with ``n`` > 1: prefill produces no token, and decode ends the request
+    and every one of its samples (``rid.s1`` ...) with length 0, so none waits and no page leaks."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(32, 21)
+    params = {"max_new_tokens": 0, "n": 3, "temperature": 1.0}
+    c.decode[0].add(req("d", ids, params), 94, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(req("p", ids, params), 94)
+    c.run_until_finished("p", "d", "d.s1", "d.s2")
+    for rid in ("d", "d.s1", "d.s2"):
+        out = c.finished(rid)
+        assert out.finish_reason == {"type": "length", "length": 0} and c.tokens(rid) == [], (rid, out)
+        assert out.prompt_tokens == len(ids)
+    assert c.decode[0].core.scheduler.num_requests() == 0
+    c.run_until_pools_empty()
+
+
 def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
     """The prefill front refused a room's request: decode's KV request for it fails at once, whether
     it came before or after; an active room is left alone, and the tombstone expires."""

@@ -44,7 +44,7 @@ from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.engine.request import Req, RequestError, StepOutput, sample_rid
 from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
@@ -460,15 +460,21 @@ class DecodeDisaggManager:
         self.meta[r.rid] = self._meta(r, transfer_s, now - r.added_at)
         aux = r.aux
         if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
-            req = self.scheduler.awaiting_kv.pop(r.rid)
-            self.pool.unref(req.pages)
-            req.pages = []
-            self._extra.append(
-                StepOutput(r.rid, [], finished=True, finish_reason={"type": "length", "length": 0},
-                           prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
-            )
+            self._finish_without_tokens(r.rid, aux)
             return
         self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens)
+
+    def _finish_without_tokens(self, rid: str, aux: m.Aux) -> None:
+        """``max_new_tokens`` 0: end the request and each of its samples (never forked: there is
+        nothing to decode) with length 0, and free the prompt's pages."""
+        req = self.scheduler.awaiting_kv.pop(rid)
+        self.pool.unref(req.pages)
+        req.pages = []
+        for out_rid in [rid, *(sample_rid(rid, i) for i in range(1, req.params.n))]:
+            self._extra.append(
+                StepOutput(out_rid, [], finished=True, finish_reason={"type": "length", "length": 0},
+                           prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
+            )
 
     # ------------------------------------------------------------------ failure
     def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False,
