@@ -14,7 +14,9 @@ whose pages come long after its ``Accepted`` keeps its connection), and accepts 
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
-rooms, and one liveness thread that watches every connection it holds (the receiver writes nothing
+rooms, with two lanes: control frames (``Accepted``, a failed ``Status``: see :func:`is_control`) go
+out before any queued bulk job (pages, ``Aux``, a successful ``Status``, which must follow its room's
+pages), so a room's acknowledgement never waits behind another room's large transfer; and one liveness thread that watches every connection it holds (the receiver writes nothing
 after the handshake but the one-byte goodbye of a deliberate close, so a readable connection has ended
 or is being closed on purpose, which is not a loss; TCP keepalive probes every :data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
 reports a lost receiver through ``on_lost`` at once, even while its thread is busy or idle;
@@ -28,12 +30,12 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +175,13 @@ def max_header_bytes(num_pages: int) -> int:
     return (64 << 10) + 9 * num_pages
 
 
+def is_control(msg: m.StreamMsg) -> bool:
+    """Whether a message takes the control lane, ahead of queued bulk jobs: an ``Accepted`` (the first
+    frame of its room) or a failed ``Status`` (its room's queued sends are cancelled before it is sent).
+    A successful ``Status`` and ``Aux`` stay in order behind their room's pages."""
+    return isinstance(msg, m.Accepted) or (isinstance(msg, m.Status) and not msg.ok)
+
+
 def frame(msg: m.StreamMsg) -> list[memoryview]:
     header = m.encode(msg)
     return [memoryview(HEADER.pack(len(header))), memoryview(header)]
@@ -193,12 +202,14 @@ class _Job:
 
 
 class _Destination:
-    """One receiver: a queue, a thread and a (re)connected socket."""
+    """One receiver: a control and a bulk lane, a thread and a (re)connected socket."""
 
     def __init__(self, sender: StreamSender, info: m.ReceiverInfo) -> None:
         self.sender = sender
         self.info = info
-        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._ready = threading.Condition()
+        self._control: deque[_Job] = deque()
+        self._bulk: deque[_Job | None] = deque()  # None: stop once what was queued before is done
         self.sock: socket.socket | None = None
         self.last_used = 0.0  # time.monotonic() when the connection last carried a job
         # rooms the connection carries: a frame of theirs went out on it and their Status did not yet. The
@@ -255,9 +266,21 @@ class _Destination:
         else:
             self.rooms.add(job.room)
 
+    def put(self, job: _Job | None) -> None:
+        """Queue a job (control frames ahead of bulk ones), or None to stop after the queued bulk jobs."""
+        with self._ready:
+            lane = self._control if job is not None and job.kind == "message" and is_control(job.msg) else self._bulk
+            lane.append(job)
+            self._ready.notify()
+
+    def _next(self) -> _Job | None:
+        with self._ready:
+            self._ready.wait_for(lambda: self._control or self._bulk)
+            return self._control.popleft() if self._control else self._bulk.popleft()
+
     def _run(self) -> None:
         while True:
-            job = self.queue.get()
+            job = self._next()
             if job is None:
                 self.drop_connection()
                 return
@@ -306,7 +329,7 @@ class StreamSender(KVSender):
             if dest is None:
                 dest = self._dests[dst.address] = _Destination(self, dst)
             self._pending.setdefault(job.room, []).append(job)
-        dest.queue.put(job)
+        dest.put(job)
 
     def _execute(self, dest: _Destination, job: _Job) -> None:
         start = time.perf_counter()
@@ -395,7 +418,7 @@ class StreamSender(KVSender):
             dests = list(self._dests.values())
             self._dests.clear()
         for dest in dests:
-            dest.queue.put(None)
+            dest.put(None)
         for dest in dests:
             dest.thread.join(CLOSE_WAIT_S)
 
