@@ -273,6 +273,33 @@ def test_no_new_tokens_with_samples_finishes_every_sample(engines, cluster_facto
     c.run_until_pools_empty()
 
 
+@pytest.mark.parametrize("max_new_tokens", [4, 0])
+def test_decode_answers_with_prefills_input_logprobs_for_every_sample(engines, cluster_factory, max_new_tokens):
+    """The prompt's input logprobs travel in ``Aux``: decode's answer carries them whole, for the
+    request and each of its samples, so a router relays decode's answer without reading prefill's."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(33, 18)
+    params = {"max_new_tokens": max_new_tokens, "n": 2, "temperature": 1.0, "seed": 4}
+
+    def logprob_req(rid: str) -> Req:
+        return Req(rid, list(ids), SamplingParams.from_dict(params), return_logprob=True, logprob_start_len=0,
+                   top_logprobs_num=2)
+
+    c.decode[0].add(logprob_req("d"), 95, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(logprob_req("p"), 95)
+    c.run_until_finished("p", "d", "d.s1")
+
+    def input_logprobs(rid: str):
+        found = [out.input_logprobs for out in c.outputs[rid] if out.input_logprobs is not None]
+        assert len(found) == 1, (rid, c.outputs[rid])
+        return found[0]
+
+    expected = input_logprobs("p")
+    assert len(expected.ids) == len(ids) and expected.top is not None
+    assert input_logprobs("d") == expected and input_logprobs("d.s1") == expected
+    c.run_until_pools_empty()
+
+
 def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
     """The prefill front refused a room's request: decode's KV request for it fails at once, whether
     it came before or after; an active room is left alone, and the tombstone expires."""

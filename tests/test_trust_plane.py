@@ -27,6 +27,7 @@ from pdserve.disagg.transfer import PeerLost, ReceiverGuard, SendResult, create_
 from pdserve.disagg.transfer.shm import open_segment
 from pdserve.disagg.transfer.stream import HEADER, STREAM_PURPOSE
 from pdserve.engine.kv_pool import SHM_TRAILER_BYTES
+from pdserve.engine.request import TokenLogprobs
 from tests.test_disagg_transfer import HOST, SHAPE, Collector, filled_pool
 
 SECRET = "s3cret-for-tests"
@@ -363,6 +364,11 @@ def test_stream_header_limit_follows_the_pool():
     pages = list(range(10_000))
     header = m.encode(m.Pages(2**63 - 1, [2**32 - 1] * len(pages), 2**63 - 1))
     assert len(header) <= max_header_bytes(len(pages))
+    tokens = 4 * 100  # a prompt filling a pool of 100 pages of 4, every input logprob with 20 alternatives
+    worst = TokenLogprobs([2**32 - 1] * tokens, [-1e300] * tokens, [[(2**32 - 1, -1e300)] * 20] * tokens)
+    first = TokenLogprobs([2**32 - 1], [-1e300], [[(2**32 - 1, -1e300)] * 20])
+    header = m.encode(m.Aux(2**63 - 1, 2**32 - 1, first, 2**31, worst))
+    assert len(header) <= max_header_bytes(100, 4)
     assert struct.calcsize("<I") == HEADER.size
 
 

@@ -44,7 +44,7 @@ from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.request import Req, RequestError, StepOutput, sample_rid
+from pdserve.engine.request import Req, RequestError, StepOutput, TokenLogprobs, sample_rid
 from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
@@ -137,6 +137,7 @@ class DecodeDisaggManager:
         self.quarantine: dict[int, tuple[list[int], float]] = {}  # receive references a writer may still use
         self.meta: dict[str, DisaggMeta] = {}  # P/D meta_info of requests until their last output
         self._extra: list[StepOutput] = []
+        self._sample_input_logprobs: dict[str, TokenLogprobs] = {}  # for each forked sample's first output
         self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
         self._zmq = zmq.Context()
         self._push: dict[str, zmq.Socket] = {}  # used on the event-loop thread only
@@ -230,6 +231,8 @@ class DecodeDisaggManager:
         self._extra = []
         meta: dict[str, DisaggMeta] = {}
         for out in result:
+            if self._sample_input_logprobs and out.rid in self._sample_input_logprobs:
+                out.input_logprobs = self._sample_input_logprobs.pop(out.rid)
             fields = self.meta.pop(out.rid, None) if out.finished else self.meta.get(out.rid)
             if fields is not None:
                 meta[out.rid] = fields
@@ -462,7 +465,11 @@ class DecodeDisaggManager:
         if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
             self._finish_without_tokens(r.rid, aux)
             return
-        self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens)
+        samples = r.req.params.n  # forking sets the request's own n to 1
+        self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens, aux.input_logprobs)
+        if aux.input_logprobs is not None:  # each sample reports the prompt's input logprobs too
+            for i in range(1, samples):
+                self._sample_input_logprobs[sample_rid(r.rid, i)] = aux.input_logprobs
 
     def _finish_without_tokens(self, rid: str, aux: m.Aux) -> None:
         """``max_new_tokens`` 0: end the request and each of its samples (never forked: there is
@@ -473,7 +480,8 @@ class DecodeDisaggManager:
         for out_rid in [rid, *(sample_rid(rid, i) for i in range(1, req.params.n))]:
             self._extra.append(
                 StepOutput(out_rid, [], finished=True, finish_reason={"type": "length", "length": 0},
-                           prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
+                           input_logprobs=aux.input_logprobs, prompt_tokens=len(req.input_ids),
+                           cached_tokens=aux.cached_tokens)
             )
 
     # ------------------------------------------------------------------ failure

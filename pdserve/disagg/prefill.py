@@ -376,7 +376,8 @@ class PrefillDisaggManager:
         self._ship(r, len(r.req.pages))
         out = r.output
         first = out.new_token_ids[0] if out.new_token_ids else None
-        for msg in (m.Aux(r.room, first, out.output_logprobs, out.cached_tokens), m.Status(r.room, True)):
+        aux = m.Aux(r.room, first, out.output_logprobs, out.cached_tokens, out.input_logprobs)
+        for msg in (aux, m.Status(r.room, True)):
             self._count_send(r)
             self.sender.send_message(r.kvreq.receiver, msg, tag=r)
         r.finishing = True

@@ -53,6 +53,7 @@ from pdserve.disagg.transfer.base import (
     ReceiverLost,
     SendResult,
 )
+from pdserve.engine.engine_core import MAX_TOP_LOGPROBS
 from pdserve.engine.kv_pool import KVPool
 from pdserve.ports import bound_socket, no_delay
 
@@ -169,10 +170,15 @@ def peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def max_header_bytes(num_pages: int) -> int:
-    """Largest frame header a receiver with ``num_pages`` pages reads: a page list (at most 9 bytes of
-    msgpack per page) plus room for a reason string and one token's logprobs."""
-    return (64 << 10) + 9 * num_pages
+# msgpack bytes of one prompt token's input logprobs at most: id and value, and MAX_TOP_LOGPROBS (id, value) pairs
+INPUT_LOGPROB_BYTES = 9 + 9 + 5 + MAX_TOP_LOGPROBS * (1 + 9 + 9)
+
+
+def max_header_bytes(num_pages: int, page_size: int = 1) -> int:
+    """Largest frame header a receiver with ``num_pages`` pages of ``page_size`` tokens reads: a page
+    list (at most 9 bytes of msgpack per page), or an ``Aux`` with the input logprobs of a prompt that
+    fills the pool, plus room for a reason string and one token's logprobs."""
+    return (64 << 10) + 9 * num_pages + INPUT_LOGPROB_BYTES * num_pages * page_size
 
 
 def is_control(msg: m.StreamMsg) -> bool:
@@ -462,7 +468,7 @@ class StreamReceiver(KVReceiver):
         self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float, guard=None
     ) -> None:
         super().__init__(pool, on_event, host, io_timeout, guard)
-        self.max_header = max_header_bytes(pool.num_pages)
+        self.max_header = max_header_bytes(pool.num_pages, pool.page_size)
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {}
         self._conns: set[socket.socket] = set()
