@@ -167,10 +167,9 @@ class World:
                 t.fire(self.clock, Event.FAILED, m.Cause.PEER_LOST, "process died")
             other = Side.PREFILL if side is Side.DECODE else Side.DECODE
             self.at(self.rng.choice([0.001, 0.1]), "peer_failed", other, m.Cause.PEER_LOST)
-        elif what == "refused":  # the prefill front refused the prefill half (RejectRoom / bootstrap 409)
-            if p is None:
-                self.tombstone = "refused"
-                self.at(self.net(), "peer_failed", Side.DECODE, m.Cause.PREFILL_REJECTED)
+        elif what == "refused" and p is None:  # the prefill front refused the prefill half (RejectRoom, 409)
+            self.tombstone = "refused"
+            self.at(self.net(), "peer_failed", Side.DECODE, m.Cause.PREFILL_REJECTED)
 
     def maybe_request(self) -> None:
         d = self.decode
