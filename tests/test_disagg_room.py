@@ -137,15 +137,21 @@ class World:
                 self.pair()
         elif what == "accepted" and self.live(d) and d.machine.state is State.REQUESTED:
             d.fire(self.clock, Event.ACCEPTED)
+        elif what == "chunk_computed" and self.live(p):
+            p.fire(self.clock, Event.SENDS_QUEUED)
+            self.schedule_send()
         elif what == "send_done" and self.live(p):
             self.sends_left -= 1
             p.fire(self.clock, Event.DATA)
             self.at(self.net() / 10, "data")
-            if self.sends_left:
-                self.schedule_send()
-            else:
+            if not self.sends_left:
                 p.fire(self.clock, Event.COMPLETED)
                 self.at(self.net() / 10, "status_ok")  # behind the pages on the same connection
+            elif self.rng.random() < 0.5:
+                self.schedule_send()  # the next chunk was computed while this one was sent
+            else:
+                p.fire(self.clock, Event.SENDS_DRAINED)
+                self.schedule_chunk()
         elif what == "data" and self.live(d) and d.machine.state in (State.REQUESTED, State.ACCEPTED,
                                                                     State.STREAMING):
             d.fire(self.clock, Event.DATA)
@@ -184,7 +190,12 @@ class World:
                 State.WAITING_FOR_DECODE, State.WAITING_FOR_PREFILL):
             p.fire(self.clock, Event.PAIRED)
             self.sends_left = self.rng.randint(1, 6)
-            self.schedule_send()
+            self.schedule_chunk(queued=True)
+
+    def schedule_chunk(self, queued: bool = False) -> None:
+        """The next prefill chunk computes (the first one may wait behind a backlog of other requests)."""
+        backlog = queued and self.rng.random() < 0.2
+        self.at(self.rng.uniform(1.0, 8.0) if backlog else self.rng.uniform(0.001, 0.3), "chunk_computed")
 
     def schedule_send(self) -> None:
         stall = self.rng.random() < 0.03  # a send stuck past the transfer timeout
@@ -297,5 +308,5 @@ def test_random_interleavings_end_done_or_failed_within_their_bounds(block):
             assert world.prefill is not None and world.prefill.machine.state is State.DONE, seed
         key = (world.decode.machine.state, world.prefill.machine.state if world.prefill else None)
         outcomes[key] = outcomes.get(key, 0) + 1
-    assert outcomes.get((State.DONE, State.DONE), 0) > 400, outcomes  # the model exercises success too
+    assert outcomes.get((State.DONE, State.DONE), 0) > 300, outcomes  # the model exercises success too
     assert sum(v for k, v in outcomes.items() if k[0] is State.FAILED) > 100, outcomes

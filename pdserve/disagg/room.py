@@ -39,7 +39,8 @@ class State(enum.Enum):
     # prefill
     WAITING_FOR_DECODE = "waiting_for_decode"  # the prefill request is here, no KV request yet
     WAITING_FOR_PREFILL = "waiting_for_prefill_request"  # a KV request is here, no prefill request yet
-    SENDING = "sending"  # paired: pages ship as chunks compute, then Aux and Status
+    COMPUTING = "computing"  # paired; the prompt is queued or computing, no send in flight
+    SENDING = "sending"  # paired; sends in flight (pages as chunks complete, then Aux and Status)
     # both
     DONE = "done"
     FAILED = "failed"
@@ -57,6 +58,8 @@ class Event(enum.Enum):
     DATA = "data"  # KV data arrived
     # prefill
     PAIRED = "paired"  # both halves are here
+    SENDS_QUEUED = "sends_queued"  # pages (or Aux and Status) queued to the decode receiver
+    SENDS_DRAINED = "sends_drained"  # every queued send completed, more chunks to compute
     # both
     COMPLETED = "completed"  # decode: Status ok; prefill: every send done
     FAILED = "failed"  # any named failure: refusal, abort, peer lost, a bound passed
@@ -84,9 +87,12 @@ TRANSITIONS: dict[tuple[Side, State, Event], State] = {
     (Side.DECODE, State.STREAMING, Event.DATA): State.STREAMING,
     (Side.DECODE, State.ACCEPTED, Event.COMPLETED): State.DONE,  # a prompt whose pages decode had cached
     (Side.DECODE, State.STREAMING, Event.COMPLETED): State.DONE,
-    (Side.PREFILL, State.WAITING_FOR_DECODE, Event.PAIRED): State.SENDING,
-    (Side.PREFILL, State.WAITING_FOR_PREFILL, Event.PAIRED): State.SENDING,
+    (Side.PREFILL, State.WAITING_FOR_DECODE, Event.PAIRED): State.COMPUTING,
+    (Side.PREFILL, State.WAITING_FOR_PREFILL, Event.PAIRED): State.COMPUTING,
+    (Side.PREFILL, State.COMPUTING, Event.SENDS_QUEUED): State.SENDING,
+    (Side.PREFILL, State.SENDING, Event.SENDS_QUEUED): State.SENDING,
     (Side.PREFILL, State.SENDING, Event.DATA): State.SENDING,
+    (Side.PREFILL, State.SENDING, Event.SENDS_DRAINED): State.COMPUTING,  # the next chunk computes
     (Side.PREFILL, State.SENDING, Event.COMPLETED): State.DONE,
 }
 LIVE: dict[Side, frozenset[State]] = {
@@ -129,6 +135,9 @@ def bounds(side: Side, config: DisaggConfig, peer_grace_s: float) -> dict[State,
                                         "--disaggregation-waiting-timeout"),
         State.WAITING_FOR_PREFILL: Bound(c.waiting_timeout, Since.ARRIVAL, m.Cause.WAITING_TIMEOUT,
                                          "--disaggregation-waiting-timeout"),
+        # a backstop: decode's ACCEPTED bound normally fails the room first and aborts it here
+        State.COMPUTING: Bound(c.waiting_timeout + 2 * peer_grace_s, Since.ARRIVAL, m.Cause.WAITING_TIMEOUT,
+                               "--disaggregation-waiting-timeout"),
         State.SENDING: Bound(c.transfer_timeout, Since.PROGRESS, m.Cause.TRANSFER_TIMEOUT,
                              "--disaggregation-transfer-timeout"),
     }
