@@ -248,20 +248,27 @@ def test_tcp_closed_room_is_not_written(staged, closing):
     assert not any(layer[[p for p in range(dst.num_pages) if p not in written]].any() for layer in dst.layers)
 
 
+class HeldSender:
+    """A sender whose thread waits in its first completion until ``gate`` is set, so later jobs stay queued."""
+
+    def __init__(self, backend: str, closing) -> None:
+        self.src = filled_pool(3, "float32")
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.done: list[SendResult] = []
+        self.sender = create_sender(backend, self.src, self._on_done, 2.0)
+        closing(self.sender)
+
+    def _on_done(self, result: SendResult) -> None:
+        self.entered.set()
+        self.gate.wait(WAIT_S)
+        self.done.append(result)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cancel_and_unreachable_receiver(backend, closing):
     """Cancelled jobs are reported as such; a receiver nobody listens on fails the job, not the sender."""
-    src = filled_pool(3, "float32")
-    gate, entered = threading.Event(), threading.Event()
-    done: list[SendResult] = []
-
-    def on_done(result: SendResult) -> None:
-        entered.set()
-        gate.wait(WAIT_S)  # hold the sender thread so later jobs stay queued
-        done.append(result)
-
-    sender = create_sender(backend, src, on_done, 2.0)
-    closing(sender)
+    held = HeldSender(backend, closing)
+    gate, entered, done, sender = held.gate, held.entered, held.done, held.sender
     dst = KVPool(dtype=torch.float32, device="cpu", shared_memory=True, **SHAPE)
     receiver = create_receiver(backend, dst, Collector(), HOST, 5.0)
     closing(receiver)
@@ -295,17 +302,8 @@ def test_control_frames_overtake_queued_bulk_pages(backend, closing):
     """An ``Accepted`` (and a failed ``Status``) queued behind another room's large transfer goes out
     next, not after it: a healthy room is acknowledged while pages stream. A successful ``Status``
     stays behind its room's pages."""
-    src = filled_pool(3, "float32")
-    gate, entered = threading.Event(), threading.Event()
-    done: list[SendResult] = []
-
-    def on_done(result: SendResult) -> None:
-        entered.set()
-        gate.wait(WAIT_S)  # hold the sender thread so later jobs stay queued
-        done.append(result)
-
-    sender = create_sender(backend, src, on_done, 2.0)
-    closing(sender)
+    held = HeldSender(backend, closing)
+    src, gate, entered, sender = held.src, held.gate, held.entered, held.sender
     dst = KVPool(dtype=torch.float32, device="cpu", shared_memory=True, **SHAPE)
     events = Collector()
     receiver = create_receiver(backend, dst, events, HOST, 5.0)
