@@ -15,10 +15,10 @@ import pytest
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode import PEER_GRACE_S
 from pdserve.disagg.room import (
     INITIAL,
     LIVE,
+    PEER_GRACE_S,
     TERMINAL,
     TRANSITIONS,
     Event,

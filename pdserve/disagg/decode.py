@@ -41,7 +41,7 @@ from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
-from pdserve.disagg.room import Event, IllegalTransition, RoomMachine, Side, State, bounds
+from pdserve.disagg.room import PEER_GRACE_S, Event, IllegalTransition, RoomMachine, Side, State, bounds
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
@@ -51,7 +51,6 @@ from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
 
-PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
 HEARTBEAT_INTERVAL_S = 5.0  # ZMQ heartbeat on each control connection (as SGLang); dropped after 2 missed
 MONITOR_POLL_S = 0.1  # how often control-connection events are read
 REFUSAL_TIMEOUT_S = 2.0  # telling a prefill server's bootstrap service that decode refused a room

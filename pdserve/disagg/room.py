@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
 
+PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
+
 
 class Side(enum.Enum):
     PREFILL = "prefill"
@@ -183,7 +185,8 @@ class RoomMachine:
                 raise IllegalTransition(f"{self.side.value} room failed while {self.state.value} without a named cause")
             self.failure = (cause, reason)
         now = self.clock()
-        self.progress_at = now
+        if nxt is not self.state or event is Event.DATA:  # queueing more sends is not progress
+            self.progress_at = now
         if nxt is not self.state:
             self.state, self.entered_at = nxt, now
             self.history.append(nxt)
