@@ -264,6 +264,11 @@ def test_illegal_events_and_unnamed_failures_are_refused():
         room.fire(Event.DATA)
     with pytest.raises(IllegalTransition):
         RoomMachine(Side.PREFILL, {}, clock, State.SENDING)
+    failed: list[str] = []  # the managers' form: a disallowed event fails the room instead of raising
+    other = RoomMachine(Side.PREFILL, bounds(Side.PREFILL, CONFIG, PEER_GRACE_S), clock, State.WAITING_FOR_DECODE)
+    assert not other.fire_or(Event.COMPLETED, failed.append)
+    assert failed and "completed is not allowed while waiting_for_decode" in failed[0]
+    assert other.fire_or(Event.PAIRED, failed.append) and other.state is State.COMPUTING
 
 
 def test_bounds_run_on_the_injected_clock():

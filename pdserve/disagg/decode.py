@@ -41,7 +41,7 @@ from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
-from pdserve.disagg.room import PEER_GRACE_S, Event, IllegalTransition, RoomMachine, Side, State, bounds
+from pdserve.disagg.room import PEER_GRACE_S, Event, RoomMachine, Side, State, bounds
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
@@ -524,15 +524,9 @@ class DecodeDisaggManager:
             self.meta.pop(r.rid, None)
 
     def _fire(self, r: _Room, event: Event) -> bool:
-        """Move the room's state machine; an event its table does not allow fails the room, named,
-        instead of leaving it in a state nobody bounds. Whether the room lives on."""
-        try:
-            r.machine.fire(event)
-            return True
-        except IllegalTransition as e:
-            logger.error("decode rank %d: room %d: %s", self.rank, r.room, e)
-            self._fail(r, f"{self._who(r)}: internal error: {e}", m.Cause.TRANSFER_ERROR, tell_prefill=True)
-            return False
+        """Move the room's state machine (an event it does not allow fails the room); whether it lives on."""
+        return r.machine.fire_or(event, lambda why: self._fail(r, f"{self._who(r)}: {why}", m.Cause.TRANSFER_ERROR,
+                                                               tell_prefill=True))
 
     def _forget(self, r: _Room) -> None:
         self.rooms.pop(r.room, None)

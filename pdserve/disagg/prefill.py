@@ -37,7 +37,7 @@ from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
-from pdserve.disagg.room import PEER_GRACE_S, Event, IllegalTransition, RoomMachine, Side, State, bounds
+from pdserve.disagg.room import PEER_GRACE_S, Event, RoomMachine, Side, State, bounds
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import ReceiverLost, SendResult, create_sender
@@ -469,15 +469,9 @@ class PrefillDisaggManager:
         self._settle(r)
 
     def _fire(self, r: _Room, event: Event) -> bool:
-        """Move the room's state machine; an event its table does not allow fails the room, named,
-        instead of leaving it in a state nobody bounds. Whether the room lives on."""
-        try:
-            r.machine.fire(event)
-            return True
-        except IllegalTransition as e:
-            logger.error("prefill rank %d: room %d: %s", self.rank, r.room, e)
-            self._fail(r, f"room {r.room} (prefill rank {self.rank}): internal error: {e}", m.Cause.TRANSFER_ERROR)
-            return False
+        """Move the room's state machine (an event it does not allow fails the room); whether it lives on."""
+        return r.machine.fire_or(event, lambda why: self._fail(r, f"room {r.room} (prefill rank {self.rank}): "
+                                                               f"{why}", m.Cause.TRANSFER_ERROR))
 
     def _on_abort(self, a: m.Abort) -> None:
         reason = f"decode rank {a.decode_rank} aborted room {a.room}: {a.reason}"

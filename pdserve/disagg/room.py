@@ -16,12 +16,15 @@ progress (:attr:`Since.PROGRESS`: a transfer may take as long as it keeps moving
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.disagg import messages as m
 from pdserve.disagg.config import DisaggConfig
+
+logger = logging.getLogger("pdserve.disagg.room")
 
 PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
 
@@ -203,6 +206,17 @@ class RoomMachine:
             return None
         start = {Since.ARRIVAL: self.arrived_at, Since.ENTRY: self.entered_at, Since.PROGRESS: self.progress_at}
         return start[bound.since] + bound.seconds
+
+    def fire_or(self, event: Event, fail: Callable[[str], None]) -> bool:
+        """:meth:`fire` for the managers: an event the table does not allow calls ``fail(why)`` (which
+        fails the room, named) instead of raising into the engine loop. Whether the room lives on."""
+        try:
+            self.fire(event)
+            return True
+        except IllegalTransition as e:
+            logger.error("%s", e)
+            fail(f"internal error: {e}")
+            return False
 
     def overdue(self, now: float | None = None) -> Bound | None:
         """The current state's bound if it has passed, else None."""
