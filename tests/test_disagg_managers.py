@@ -236,6 +236,70 @@ def test_abort_before_the_other_side_arrives(engines, cluster_factory):
     c.run_until_pools_empty()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pages_long_after_the_accepted_keep_their_connection(engines, backend, cluster_factory):
+    """Decode's KV request is accepted at once and the prefill request comes twice the idle bound
+    later: the connection that carried the ``Accepted`` carries the room, so neither end drops it
+    as idle and the room completes (it failed with "lost the KV transfer connection" before)."""
+    c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1], idle_timeout=1.0)
+    ids = prompt(31, 30)
+    c.decode[0].add(req("d", ids), 93, "127.0.0.1", c.bootstrap.port)
+    c.run(lambda: 93 in c.prefill[0].early, "the KV request to arrive")
+    c.run(lambda: c.decode[0].rooms[93].acked_at is not None, "the Accepted")
+    until = time.monotonic() + 2.0
+    c.run(lambda: time.monotonic() > until, "twice the idle bound")
+    c.prefill[0].add(req("p", ids), 93)
+    c.run_until_finished("d", "p")
+    expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert c.tokens("d") == expected, c.finished("d").finish_reason
+    assert not c.decode[0].metrics().failures and not c.prefill[0].metrics().failures
+    c.run_until_pools_empty()
+
+
+def test_no_new_tokens_with_samples_finishes_every_sample(engines, cluster_factory):
+    """``max_new_tokens`` 0 with ``n`` > 1: prefill produces no token, and decode ends the request
+    and every one of its samples (``rid.s1`` ...) with length 0, so none waits and no page leaks."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(32, 21)
+    params = {"max_new_tokens": 0, "n": 3, "temperature": 1.0}
+    c.decode[0].add(req("d", ids, params), 94, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(req("p", ids, params), 94)
+    c.run_until_finished("p", "d", "d.s1", "d.s2")
+    for rid in ("d", "d.s1", "d.s2"):
+        out = c.finished(rid)
+        assert out.finish_reason == {"type": "length", "length": 0} and c.tokens(rid) == [], (rid, out)
+        assert out.prompt_tokens == len(ids)
+    assert c.decode[0].core.scheduler.num_requests() == 0
+    c.run_until_pools_empty()
+
+
+@pytest.mark.parametrize("max_new_tokens", [4, 0])
+def test_decode_answers_with_prefills_input_logprobs_for_every_sample(engines, cluster_factory, max_new_tokens):
+    """The prompt's input logprobs travel in ``Aux``: decode's answer carries them whole, for the
+    request and each of its samples, so a router relays decode's answer without reading prefill's."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    ids = prompt(33, 18)
+    params = {"max_new_tokens": max_new_tokens, "n": 2, "temperature": 1.0, "seed": 4}
+
+    def logprob_req(rid: str) -> Req:
+        return Req(rid, list(ids), SamplingParams.from_dict(params), return_logprob=True, logprob_start_len=0,
+                   top_logprobs_num=2)
+
+    c.decode[0].add(logprob_req("d"), 95, "127.0.0.1", c.bootstrap.port)
+    c.prefill[0].add(logprob_req("p"), 95)
+    c.run_until_finished("p", "d", "d.s1")
+
+    def input_logprobs(rid: str):
+        found = [out.input_logprobs for out in c.outputs[rid] if out.input_logprobs is not None]
+        assert len(found) == 1, (rid, c.outputs[rid])
+        return found[0]
+
+    expected = input_logprobs("p")
+    assert len(expected.ids) == len(ids) and expected.top is not None
+    assert input_logprobs("d") == expected and input_logprobs("d.s1") == expected
+    c.run_until_pools_empty()
+
+
 def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
     """The prefill front refused a room's request: decode's KV request for it fails at once, whether
     it came before or after; an active room is left alone, and the tombstone expires."""

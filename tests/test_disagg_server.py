@@ -256,6 +256,8 @@ def test_streaming_and_logprobs(servers, pool):
     assert last["output_ids"] == expected["output_ids"]
     ours = [round(lp[0], 4) for lp in last["meta_info"]["output_token_logprobs"]]
     assert ours == [round(lp[0], 4) for lp in expected["meta_info"]["output_token_logprobs"]]
+    # decode's answer is whole: prefill's input logprobs came in the KV transfer's Aux
+    assert last["meta_info"]["input_token_logprobs"] == p.json()["meta_info"]["input_token_logprobs"]
     assert_pages_freed(servers)
 
 

@@ -248,20 +248,27 @@ def test_tcp_closed_room_is_not_written(staged, closing):
     assert not any(layer[[p for p in range(dst.num_pages) if p not in written]].any() for layer in dst.layers)
 
 
+class HeldSender:
+    """A sender whose thread waits in its first completion until ``gate`` is set, so later jobs stay queued."""
+
+    def __init__(self, backend: str, closing) -> None:
+        self.src = filled_pool(3, "float32")
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.done: list[SendResult] = []
+        self.sender = create_sender(backend, self.src, self._on_done, 2.0)
+        closing(self.sender)
+
+    def _on_done(self, result: SendResult) -> None:
+        self.entered.set()
+        self.gate.wait(WAIT_S)
+        self.done.append(result)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cancel_and_unreachable_receiver(backend, closing):
     """Cancelled jobs are reported as such; a receiver nobody listens on fails the job, not the sender."""
-    src = filled_pool(3, "float32")
-    gate, entered = threading.Event(), threading.Event()
-    done: list[SendResult] = []
-
-    def on_done(result: SendResult) -> None:
-        entered.set()
-        gate.wait(WAIT_S)  # hold the sender thread so later jobs stay queued
-        done.append(result)
-
-    sender = create_sender(backend, src, on_done, 2.0)
-    closing(sender)
+    held = HeldSender(backend, closing)
+    gate, entered, done, sender = held.gate, held.entered, held.done, held.sender
     dst = KVPool(dtype=torch.float32, device="cpu", shared_memory=True, **SHAPE)
     receiver = create_receiver(backend, dst, Collector(), HOST, 5.0)
     closing(receiver)
@@ -277,7 +284,9 @@ def test_cancel_and_unreachable_receiver(backend, closing):
     deadline = time.monotonic() + WAIT_S
     while len(done) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [r.cancelled for r in done] == [False, True, True, False]
+    # the failed Status takes the control lane, ahead of the cancelled page jobs
+    assert [(r.kind, r.cancelled) for r in done] == [("message", False), ("message", False), ("pages", True),
+                                                     ("pages", True)]
 
     with socket_nobody_listens_on() as port:
         dead = m.ReceiverInfo(backend, HOST, port, SHAPE["num_pages"], info.shm)
@@ -286,6 +295,36 @@ def test_cancel_and_unreachable_receiver(backend, closing):
         while len(done) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert done[4].error and str(port) in done[4].error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_control_frames_overtake_queued_bulk_pages(backend, closing):
+    """An ``Accepted`` (and a failed ``Status``) queued behind another room's large transfer goes out
+    next, not after it: a healthy room is acknowledged while pages stream. A successful ``Status``
+    stays behind its room's pages."""
+    held = HeldSender(backend, closing)
+    src, gate, entered, sender = held.src, held.gate, held.entered, held.sender
+    dst = KVPool(dtype=torch.float32, device="cpu", shared_memory=True, **SHAPE)
+    events = Collector()
+    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    closing(receiver)
+    info = receiver.info()
+    receiver.open_room(1, list(range(8)))
+    receiver.open_room(2, [10])
+    receiver.open_room(3, [11])
+    sender.send_message(info, m.Accepted(1, 0))
+    assert entered.wait(WAIT_S)
+    for page in range(8):  # room 1's bulk transfer, queued
+        sender.send_pages(info, 1, [page], [page])
+    sender.send_message(info, m.Status(1, True))
+    sender.send_message(info, m.Accepted(2, 0))
+    sender.send_message(info, m.Status(3, False, "refused"))
+    gate.set()
+    events.wait_for(lambda ev: sum(isinstance(e, m.Status) for e in ev) == 2, "both Status frames")
+    order = [(type(e).__name__, e.room) for e in events.events]
+    assert order[:3] == [("Accepted", 1), ("Accepted", 2), ("Status", 3)], order
+    assert order[3:] == [("Pages", 1)] * 8 + [("Status", 1)], order
+    assert_pages_equal(src, dst, list(range(8)), list(range(8)))
 
 
 class socket_nobody_listens_on:

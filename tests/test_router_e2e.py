@@ -177,7 +177,7 @@ def test_streaming_openai_and_logprobs_through_router(fleet, mixed, reference):
                             "top_logprobs_num": 2}
             meta = (await c.post("/generate", json=logprob_body)).json()["meta_info"]
             direct = httpx.post(mixed.url + "/generate", json=logprob_body, timeout=60).json()["meta_info"]
-            assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]  # prefill's, merged in
+            assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]  # prefill's, through decode's Aux
             for name in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs"):
                 assert_logprobs_close(meta[name], direct[name])
             r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0})

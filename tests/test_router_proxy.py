@@ -21,8 +21,8 @@ def pd_specs(prefills: list[EchoUpstream], decodes: list[EchoUpstream]) -> list[
 
 
 async def _pair_fields() -> None:
-    p = EchoUpstream(mode="prefill", dp_size=2, bootstrap_port=7001, input_logprobs=[[None, 5, None], [-1.0, 6, None]])
-    d = EchoUpstream(mode="decode", dp_size=3)
+    p = EchoUpstream(mode="prefill", dp_size=2, bootstrap_port=7001, input_logprobs=[[None, 5, None], [-9.0, 6, None]])
+    d = EchoUpstream(mode="decode", dp_size=3, input_logprobs=[[None, 5, None], [-1.0, 6, None]])
     async with upstreams(p, d), router_client(pd_specs([p], [d])) as (c, _):
         for field in ("data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank", "prefill_data_parallel_rank"):
             r = await c.post("/generate", json={"text": "hello", field: 0})  # never silently replaced
@@ -39,7 +39,7 @@ async def _pair_fields() -> None:
         assert db["prefill_data_parallel_rank"] == db["disagg_prefill_dp_rank"] == pb["data_parallel_rank"]
         assert 0 <= db["data_parallel_rank"] < 3
         meta = r.json()["meta_info"]
-        assert meta["input_token_logprobs"] == p.input_logprobs  # prefill's, as decode has none
+        assert meta["input_token_logprobs"] == d.input_logprobs  # decode's answer, relayed whole (prefill's unread)
         assert meta["id"] == db["rid"]
         r = await c.post("/generate", json={"text": ["a", "b"], "rid": "mine"})
         rooms = d.received[-1]["bootstrap_room"]
@@ -51,7 +51,7 @@ async def _pair_fields() -> None:
         assert "stream_options" not in p.received[-1] and d.received[-1]["stream_options"]
 
 
-def test_pair_fields_and_logprob_merge() -> None:
+def test_pair_fields_and_decodes_whole_answer() -> None:
     asyncio.run(_pair_fields())
 
 

@@ -330,6 +330,23 @@ def test_rid_of_a_live_sample_is_refused_and_the_first_client_keeps_its_tokens(c
     assert_idle(client)
 
 
+def test_a_rid_is_free_once_abort_request_answers(client):
+    """``/abort_request`` answers once the worker let go of the rid, so a router retrying with the
+    client's rid is not refused 400 ("already in use") by the server it just aborted."""
+    long = {"max_new_tokens": 1800, "ignore_eos": True}
+    for i in range(3):
+        rid = f"reuse-me-{i}"
+        thread = threading.Thread(target=client.post, args=("/generate",),
+                                  kwargs={"json": {"text": "Hi", "rid": rid, "sampling_params": long}})
+        thread.start()
+        assert wait_until(lambda: pages_in_use(client) > 0, 10.0)
+        assert client.post("/abort_request", json={"rid": rid}).json() == {"aborted": 1}
+        again = client.post("/generate", json={"text": "Hi", "rid": rid, "sampling_params": {"max_new_tokens": 1}})
+        assert again.status_code == 200, again.text
+        thread.join(20)
+    assert_idle(client)
+
+
 # ---------------------------------------------------------------------- OpenAI API
 
 

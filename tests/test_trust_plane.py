@@ -27,6 +27,7 @@ from pdserve.disagg.transfer import PeerLost, ReceiverGuard, SendResult, create_
 from pdserve.disagg.transfer.shm import open_segment
 from pdserve.disagg.transfer.stream import HEADER, STREAM_PURPOSE
 from pdserve.engine.kv_pool import SHM_TRAILER_BYTES
+from pdserve.engine.request import TokenLogprobs
 from tests.test_disagg_transfer import HOST, SHAPE, Collector, filled_pool
 
 SECRET = "s3cret-for-tests"
@@ -240,8 +241,9 @@ def test_idle_authenticated_connections_are_closed_and_senders_reconnect():
 
 
 def test_a_sender_reopens_a_connection_idle_half_the_receivers_bound():
-    """The sender does not reuse a connection idle for half the idle bound: the receiver could be
-    closing it at that moment, and a frame written into a closing connection is lost."""
+    """The sender does not reuse a connection that carries no room and sat idle for half the idle
+    bound: the receiver could be closing it at that moment, and a frame written into a closing
+    connection is lost. Reopening it fails nothing: the rooms it carried had ended."""
     pool, src = filled_pool(1, "float32"), filled_pool(2, "float32")
     events = Collector()
     receiver = create_receiver("tcp", pool, events, HOST, 5.0, guard=ReceiverGuard(PlaneAuth(SECRET), Refusals()))
@@ -252,12 +254,47 @@ def test_a_sender_reopens_a_connection_idle_half_the_receivers_bound():
         for i, room in enumerate((1, 2, 3)):
             receiver.open_room(room, [room])
             sender.send_pages(receiver.info(), room, [room + 3], [room])
-            assert all(r.error is None for r in _wait_done(done, i + 1))
+            sender.send_message(receiver.info(), m.Status(room, True))
+            assert all(r.error is None for r in _wait_done(done, 2 * i + 2))
             socks.append(sender._dests[receiver.info().address].sock)
             if room == 2:
-                time.sleep(1.2)  # past half the bound (1 s)
+                time.sleep(1.2)  # past half the bound (1 s), carrying no room
         assert socks[0] is socks[1] and socks[2] is not socks[1]
         assert all(torch.equal(d[r], s[r + 3]) for d, s in zip(pool.layers, src.layers) for r in (1, 2, 3))
+        events.wait_for(lambda ev: sum(isinstance(e, m.Status) for e in ev) == 3, "three Status frames")
+        time.sleep(0.2)  # the dropped connection's end has been read
+        assert all(not isinstance(e, PeerLost) for e in events.events)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_connection_carrying_an_open_room_is_never_idle():
+    """A room whose pages come long after its first frame (an ``Accepted`` sent when decode's KV
+    request came, the prefill request queued behind others) keeps its connection on both ends: the
+    sender does not drop it at half the idle bound and the receiver does not close it at the bound,
+    so the room is not reported lost."""
+    pool, src = filled_pool(1, "float32"), filled_pool(2, "float32")
+    events = Collector()
+    idle = 0.6
+    guard = ReceiverGuard(PlaneAuth(SECRET), Refusals(), idle_timeout=idle)
+    receiver = create_receiver("tcp", pool, events, HOST, 5.0, guard=guard)
+    done: list[SendResult] = []
+    sender = create_sender("tcp", src, done.append, 5.0, auth=PlaneAuth(SECRET), idle_timeout=idle)
+    try:
+        receiver.open_room(1, [1])
+        sender.send_message(receiver.info(), m.Accepted(1, 0))
+        _wait_done(done, 1)
+        first = sender._dests[receiver.info().address].sock
+        time.sleep(idle * 2)  # past both ends' bounds
+        sender.send_pages(receiver.info(), 1, [4], [1])
+        sender.send_message(receiver.info(), m.Status(1, True))
+        assert all(r.error is None for r in _wait_done(done, 3))
+        events.wait_for(lambda ev: any(isinstance(e, m.Status) for e in ev), "the room's Status")
+        assert sender._dests[receiver.info().address].sock is first
+        assert all(not isinstance(e, PeerLost) for e in events.events), events.events
+        assert all(torch.equal(d[1], s[4]) for d, s in zip(pool.layers, src.layers))
+        assert guard.refusals.snapshot().get(f"KV receiver {receiver.port}:idle_timeout", 0) == 0
     finally:
         sender.close()
         receiver.close()
@@ -327,6 +364,11 @@ def test_stream_header_limit_follows_the_pool():
     pages = list(range(10_000))
     header = m.encode(m.Pages(2**63 - 1, [2**32 - 1] * len(pages), 2**63 - 1))
     assert len(header) <= max_header_bytes(len(pages))
+    tokens = 4 * 100  # a prompt filling a pool of 100 pages of 4, every input logprob with 20 alternatives
+    worst = TokenLogprobs([2**32 - 1] * tokens, [-1e300] * tokens, [[(2**32 - 1, -1e300)] * 20] * tokens)
+    first = TokenLogprobs([2**32 - 1], [-1e300], [[(2**32 - 1, -1e300)] * 20])
+    header = m.encode(m.Aux(2**63 - 1, 2**32 - 1, first, 2**31, worst))
+    assert len(header) <= max_header_bytes(100, 4)
     assert struct.calcsize("<I") == HEADER.size
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -40,16 +41,16 @@ from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
 from pdserve.disagg.prefill import IDLE_CHECK_S, model_id
+from pdserve.disagg.room import PEER_GRACE_S, Event, RoomMachine, Side, State, bounds
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import PeerLost, ReceiverEvent, ReceiverGuard, create_receiver
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.request import Req, RequestError, StepOutput
+from pdserve.engine.request import Req, RequestError, StepOutput, TokenLogprobs, sample_rid
 from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.decode")
 
-PEER_GRACE_S = 2.0  # when the peer enforces the same bound and reports it better, wait this much longer
 HEARTBEAT_INTERVAL_S = 5.0  # ZMQ heartbeat on each control connection (as SGLang); dropped after 2 missed
 MONITOR_POLL_S = 0.1  # how often control-connection events are read
 REFUSAL_TIMEOUT_S = 2.0  # telling a prefill server's bootstrap service that decode refused a room
@@ -101,10 +102,10 @@ class _Room:
     kvreq_at: float | None = None
     acked_at: float | None = None
     first_data_at: float | None = None
-    last_event_at: float = 0.0
     aux: m.Aux | None = None
     nbytes: int = 0
     receiving: list[int] | None = None  # pages the open receive holds a reference to
+    machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
 
     @property
     def bootstrap(self) -> str:
@@ -114,8 +115,11 @@ class _Room:
 class DecodeDisaggManager:
     """P/D bookkeeping of one decode DP rank. Not thread-safe: call it from the engine thread."""
 
-    def __init__(self, core: EngineCore, config: DisaggConfig, dp_rank: int, model: str | None = None) -> None:
+    def __init__(self, core: EngineCore, config: DisaggConfig, dp_rank: int, model: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         config.validate()
+        self.clock = clock  # the rooms' bounds run on it
+        self.bounds = bounds(Side.DECODE, config, PEER_GRACE_S)
         self.core = core
         self.scheduler = core.scheduler
         self.pool = core.kv_pool
@@ -137,6 +141,7 @@ class DecodeDisaggManager:
         self.quarantine: dict[int, tuple[list[int], float]] = {}  # receive references a writer may still use
         self.meta: dict[str, DisaggMeta] = {}  # P/D meta_info of requests until their last output
         self._extra: list[StepOutput] = []
+        self._sample_input_logprobs: dict[str, TokenLogprobs] = {}  # for each forked sample's first output
         self._io = EventLoopThread(f"decode-ctl-{dp_rank}")
         self._zmq = zmq.Context()
         self._push: dict[str, zmq.Socket] = {}  # used on the event-loop thread only
@@ -196,6 +201,7 @@ class DecodeDisaggManager:
         self.scheduler.ids.check_free(req.rid, req.num_samples)
         port = self.config.bootstrap_port if bootstrap_port is None else bootstrap_port
         r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
+        r.machine = RoomMachine(Side.DECODE, self.bounds, self.clock)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
         future = self._io.submit(self._resolve(r))
@@ -231,6 +237,8 @@ class DecodeDisaggManager:
         self._extra = []
         meta: dict[str, DisaggMeta] = {}
         for out in result:
+            if self._sample_input_logprobs and out.rid in self._sample_input_logprobs:
+                out.input_logprobs = self._sample_input_logprobs.pop(out.rid)
             fields = self.meta.pop(out.rid, None) if out.finished else self.meta.get(out.rid)
             if fields is not None:
                 meta[out.rid] = fields
@@ -239,10 +247,10 @@ class DecodeDisaggManager:
     def metrics(self) -> DisaggReport:
         rooms = list(self.rooms.values())
         return self.stats.snapshot({
-            "resolving": sum(1 for r in rooms if r.info is None),
-            "waiting_for_pages": sum(1 for r in rooms if not r.pages_ready),
-            "waiting_for_prefill": sum(1 for r in rooms if r.kvreq_at is not None and r.first_data_at is None),
-            "transferring": sum(1 for r in rooms if r.first_data_at is not None),
+            "resolving": sum(1 for r in rooms if r.machine.state is State.RESOLVING),
+            "waiting_for_pages": sum(1 for r in rooms if not r.pages_ready),  # also while resolving
+            "waiting_for_prefill": sum(1 for r in rooms if r.machine.state in (State.REQUESTED, State.ACCEPTED)),
+            "transferring": sum(1 for r in rooms if r.machine.state is State.STREAMING),
             "quarantined": len(self.quarantine),
         })
 
@@ -376,11 +384,12 @@ class DecodeDisaggManager:
             self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=True, status=status)
             return
         r.info = res.info
-        self._maybe_request(r)
+        if self._fire(r, Event.RESOLVED):
+            self._maybe_request(r)
 
     def _on_pages(self, req: Req) -> None:
         r = self.by_rid.get(req.rid)
-        if r is not None:
+        if r is not None and self._fire(r, Event.PAGES):
             r.pages_ready = True
             self._maybe_request(r)
 
@@ -408,7 +417,8 @@ class DecodeDisaggManager:
             self.pool.layout, self.model, cached, hashes[-1] if hashes else 0,
         )
         r.kvreq_at = time.monotonic()
-        self._send_control(r, request)
+        if self._fire(r, Event.REQUEST_SENT):
+            self._send_control(r, request)
 
     # ------------------------------------------------------------------ stream events
     def _on_stream(self, msg: m.StreamMsg, now: float) -> None:
@@ -417,15 +427,18 @@ class DecodeDisaggManager:
             self._release_quarantine(msg.room)
         if r is None or r.kvreq_at is None:
             return  # a late message for a room already finished or failed here
-        r.last_event_at = now
         if isinstance(msg, m.Accepted):
             r.acked_at = now
+            if r.machine.state is State.REQUESTED:  # a repeated Accepted changes nothing
+                self._fire(r, Event.ACCEPTED)
         elif isinstance(msg, m.Pages):
             r.acked_at = r.acked_at or now
             r.first_data_at = r.first_data_at or now
             r.nbytes += len(msg.dst_pages) * self.pool.layout.num_layers * self.pool.page_bytes()
+            self._fire(r, Event.DATA)
         elif isinstance(msg, m.Aux):
             r.aux = msg
+            r.machine.progress()
         elif msg.ok:
             self._activate(r, now)
         else:
@@ -453,6 +466,8 @@ class DecodeDisaggManager:
             self._fail(r, f"{self._who(r)}: prefill reported success without the first-token record",
                        m.Cause.TRANSFER_ERROR, tell_prefill=False, writer_done=True)
             return
+        if not self._fire(r, Event.COMPLETED):
+            return
         self.receiver.close_room(r.room)
         self._end_receive(r)
         self._forget(r)
@@ -461,13 +476,24 @@ class DecodeDisaggManager:
         self.meta[r.rid] = self._meta(r, transfer_s, now - r.added_at)
         aux = r.aux
         if aux.first_token is None:  # max_new_tokens=0: prefill produced no token, nothing to decode
-            req = self.scheduler.drop_prefilled(r.rid)
-            self._extra.append(
-                StepOutput(r.rid, [], finished=True, finish_reason={"type": "length", "length": 0},
-                           prompt_tokens=len(req.input_ids), cached_tokens=aux.cached_tokens)
-            )
+            self._finish_without_tokens(r.rid, aux)
             return
-        self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens)
+        samples = r.req.params.n  # forking sets the request's own n to 1
+        self.scheduler.activate_prefilled(r.rid, aux.first_token, aux.logprobs, aux.cached_tokens, aux.input_logprobs)
+        if aux.input_logprobs is not None:  # each sample reports the prompt's input logprobs too
+            for i in range(1, samples):
+                self._sample_input_logprobs[sample_rid(r.rid, i)] = aux.input_logprobs
+
+    def _finish_without_tokens(self, rid: str, aux: m.Aux) -> None:
+        """``max_new_tokens`` 0: end the request and each of its samples (never forked: there is
+        nothing to decode) with length 0, and free the prompt's pages."""
+        req = self.scheduler.drop_prefilled(rid)  # pages, slot and the request's ids (samples' too) freed
+        for out_rid in [rid, *(sample_rid(rid, i) for i in range(1, req.params.n))]:
+            self._extra.append(
+                StepOutput(out_rid, [], finished=True, finish_reason={"type": "length", "length": 0},
+                           input_logprobs=aux.input_logprobs, prompt_tokens=len(req.input_ids),
+                           cached_tokens=aux.cached_tokens)
+            )
 
     # ------------------------------------------------------------------ failure
     def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False,
@@ -476,6 +502,8 @@ class DecodeDisaggManager:
         out), tell prefill when asked (on its control socket, or through its bootstrap service while
         the rank is unknown), and drop the receive's page references now, or once the remote writer is
         known to be done with the pages (``writer_done``: it said so)."""
+        if r.machine is not None and not r.machine.done:
+            r.machine.fire(Event.FAILED, cause, reason or cause)
         self._forget(r)
         self.stats.record_failure(cause)
         logger.info("decode rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
@@ -494,6 +522,11 @@ class DecodeDisaggManager:
         if not self.scheduler.abort(r.rid, reason, status_code=status):
             self.meta.pop(r.rid, None)
 
+    def _fire(self, r: _Room, event: Event) -> bool:
+        """Move the room's state machine (an event it does not allow fails the room); whether it lives on."""
+        return r.machine.fire_or(event, lambda why: self._fail(r, f"{self._who(r)}: {why}", m.Cause.TRANSFER_ERROR,
+                                                               tell_prefill=True))
+
     def _forget(self, r: _Room) -> None:
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
@@ -508,37 +541,34 @@ class DecodeDisaggManager:
         self.pool.unref(pages)
 
     def _check_timeouts(self, now: float) -> None:
+        """Fail every room that outlived its state's bound (the table in :func:`disagg.room.bounds`)."""
         cfg = self.config
+        clock_now = self.clock()
         for r in list(self.rooms.values()):
-            age = now - r.added_at
-            if r.info is None:
-                if age > cfg.bootstrap_timeout + PEER_GRACE_S:  # backstop: the resolver reports its own timeout
-                    self._fail(r, f"{self._who(r)}: no answer from the bootstrap service at {r.bootstrap} within "
-                               f"{cfg.bootstrap_timeout:g} s (--disaggregation-bootstrap-timeout)",
-                               m.Cause.BOOTSTRAP_TIMEOUT, tell_prefill=False)
-            elif not r.pages_ready:
-                if age > cfg.waiting_timeout:
-                    slots = self.scheduler.slots
-                    self._fail(r, f"{self._who(r)}: no free KV pages or running slot ({slots.num_held} of "
-                               f"--max-running-requests {slots.size} in use) for the {len(r.req.input_ids)}-token "
-                               f"prompt within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout)",
-                               m.Cause.NO_PAGES, tell_prefill=True)
-            elif r.acked_at is None:
-                assert r.kvreq_at is not None
-                if now - r.kvreq_at > cfg.bootstrap_timeout:
-                    self._forget_server(r.host, r.port)
-                    self._fail(r, f"{self._who(r)}: the prefill rank at {r.info.control_endpoint} did not acknowledge "
-                               f"the KV request within {cfg.bootstrap_timeout:g} s "
-                               "(--disaggregation-bootstrap-timeout); is the prefill server down?",
-                               m.Cause.HANDSHAKE_TIMEOUT, tell_prefill=True)
-            elif r.first_data_at is None:
-                if age > cfg.waiting_timeout + PEER_GRACE_S:  # prefill's own waiting timeout normally says why first
-                    self._fail(r, f"{self._who(r)}: prefill acknowledged the KV request but sent no KV within "
-                               f"{cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout): the prefill request "
-                               "did not reach that rank or is still queued", m.Cause.WAITING_TIMEOUT, tell_prefill=True)
-            elif now - r.last_event_at > cfg.transfer_timeout:
+            bound = r.machine.overdue(clock_now)
+            if bound is None:
+                continue
+            state = r.machine.state
+            if state is State.RESOLVING:  # backstop: the resolver reports its own timeout
+                self._fail(r, f"{self._who(r)}: no answer from the bootstrap service at {r.bootstrap} within "
+                           f"{cfg.bootstrap_timeout:g} s ({bound.flag})", bound.cause, tell_prefill=False)
+            elif state is State.WAITING_FOR_PAGES:
+                slots = self.scheduler.slots
+                self._fail(r, f"{self._who(r)}: no free KV pages or running slot ({slots.num_held} of "
+                           f"--max-running-requests {slots.size} in use) for the {len(r.req.input_ids)}-token "
+                           f"prompt within {cfg.waiting_timeout:g} s ({bound.flag})", bound.cause, tell_prefill=True)
+            elif state is State.REQUESTED:
+                self._forget_server(r.host, r.port)
+                self._fail(r, f"{self._who(r)}: the prefill rank at {r.info.control_endpoint} did not acknowledge "
+                           f"the KV request within {cfg.bootstrap_timeout:g} s ({bound.flag}); is the prefill "
+                           "server down?", bound.cause, tell_prefill=True)
+            elif state is State.ACCEPTED:  # prefill's own waiting timeout normally says why first
+                self._fail(r, f"{self._who(r)}: prefill acknowledged the KV request but sent no KV within "
+                           f"{cfg.waiting_timeout:g} s ({bound.flag}): the prefill request did not reach that rank "
+                           "or is still queued", bound.cause, tell_prefill=True)
+            else:
                 self._fail(r, f"{self._who(r)}: the KV transfer stalled for {cfg.transfer_timeout:g} s "
-                           "(--disaggregation-transfer-timeout)", m.Cause.TRANSFER_TIMEOUT, tell_prefill=True)
+                           f"({bound.flag})", bound.cause, tell_prefill=True)
         for room, (_, expiry) in list(self.quarantine.items()):
             if now > expiry:
                 logger.warning("decode rank %d: room %d: prefill never confirmed it stopped writing; "

@@ -186,12 +186,15 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
 
 
 class Aux(msgspec.Struct, tag="aux", frozen=True):
-    """The first output token and what decode needs to continue from it."""
+    """The first output token and what decode needs to continue from it and answer completely: the
+    prompt's input logprobs when asked for (decode never runs the prompt), so decode's answer is whole
+    and a router relays it without reading prefill's."""
 
     room: int
     first_token: int | None
     logprobs: TokenLogprobs | None = None
     cached_tokens: int = 0
+    input_logprobs: TokenLogprobs | None = None
 
 
 class Status(msgspec.Struct, tag="status", frozen=True):

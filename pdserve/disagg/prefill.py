@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -36,6 +37,7 @@ from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.errors import PD_FAILURE_STATUS, RoomConflictError
+from pdserve.disagg.room import PEER_GRACE_S, Event, RoomMachine, Side, State, bounds
 from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import ReceiverLost, SendResult, create_sender
@@ -76,6 +78,7 @@ class _Room:
     nbytes: int = 0
     first_send_at: float | None = None
     last_progress: float = 0.0
+    machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
 
 
 @dataclass
@@ -98,8 +101,11 @@ class PrefillDisaggManager:
         bootstrap_port: int | None = None,
         register_rooms: bool = False,
         model: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         config.validate()
+        self.clock = clock  # the rooms' bounds run on it
+        self.bounds = bounds(Side.PREFILL, config, PEER_GRACE_S)
         self.core = core
         self.scheduler = core.scheduler
         self.pool = core.kv_pool
@@ -186,6 +192,7 @@ class PrefillDisaggManager:
         req.stop_after_prefill = True
         self.core.add_request(req)
         r = _Room(room, req.rid, req, time.monotonic())
+        r.machine = RoomMachine(Side.PREFILL, self.bounds, self.clock, State.WAITING_FOR_DECODE)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
         if self.register_rooms:
@@ -277,9 +284,9 @@ class PrefillDisaggManager:
     def metrics(self) -> DisaggReport:
         live = [r for r in self.rooms.values() if not r.failed]
         return self.stats.snapshot({
-            "waiting_for_decode": sum(1 for r in live if r.kvreq is None),
+            "waiting_for_decode": sum(1 for r in live if r.machine.state is State.WAITING_FOR_DECODE),
             "waiting_for_prefill_request": len(self.early),
-            "transferring": sum(1 for r in live if r.kvreq is not None),
+            "transferring": sum(1 for r in live if r.machine.state in (State.COMPUTING, State.SENDING)),
         })
 
     # ------------------------------------------------------------------ pairing
@@ -349,6 +356,8 @@ class PrefillDisaggManager:
                        m.Cause.PROMPT_MISMATCH)
             return
         r.pages_sent = r.skip = skip
+        if not self._fire(r, Event.PAIRED):
+            return
         if r.output is not None:
             self._finish(r)
         elif r.req.state == ReqState.PREFILLING:
@@ -376,12 +385,15 @@ class PrefillDisaggManager:
         self._ship(r, len(r.req.pages))
         out = r.output
         first = out.new_token_ids[0] if out.new_token_ids else None
-        for msg in (m.Aux(r.room, first, out.output_logprobs, out.cached_tokens), m.Status(r.room, True)):
+        aux = m.Aux(r.room, first, out.output_logprobs, out.cached_tokens, out.input_logprobs)
+        for msg in (aux, m.Status(r.room, True)):
             self._count_send(r)
             self.sender.send_message(r.kvreq.receiver, msg, tag=r)
         r.finishing = True
 
     def _count_send(self, r: _Room) -> None:
+        if not r.failed:
+            self._fire(r, Event.SENDS_QUEUED)
         now = time.monotonic()
         if r.first_send_at is None:
             r.first_send_at = now
@@ -415,13 +427,15 @@ class PrefillDisaggManager:
         elif not res.error and not res.cancelled:
             r.nbytes += res.nbytes
             r.last_progress = res.done_at
+            if not r.failed and self._fire(r, Event.DATA) and not r.inflight and not r.finishing:
+                self._fire(r, Event.SENDS_DRAINED)  # the next chunk computes
         self._settle(r)
 
     def _settle(self, r: _Room) -> None:
         """Drop a room once nothing in flight reads its pages."""
         if r.inflight or not (r.failed or r.finishing):
             return
-        if not r.failed:
+        if not r.failed and self._fire(r, Event.COMPLETED):
             self.scheduler.release(r.rid)
             if r.first_send_at is not None:
                 self.stats.record_transfer(r.nbytes, r.last_progress - r.first_send_at)
@@ -436,6 +450,8 @@ class PrefillDisaggManager:
         become free when the last send in flight lets go of them."""
         if r.failed:
             return
+        if not r.machine.done:
+            r.machine.fire(Event.FAILED, cause, reason or cause)
         r.failed = True
         r.finishing = False
         r.output = None
@@ -451,6 +467,11 @@ class PrefillDisaggManager:
         else:
             self._tombstone(r.room, reason, cause, status)
         self._settle(r)
+
+    def _fire(self, r: _Room, event: Event) -> bool:
+        """Move the room's state machine (an event it does not allow fails the room); whether it lives on."""
+        return r.machine.fire_or(event, lambda why: self._fail(r, f"room {r.room} (prefill rank {self.rank}): "
+                                                               f"{why}", m.Cause.TRANSFER_ERROR))
 
     def _on_abort(self, a: m.Abort) -> None:
         reason = f"decode rank {a.decode_rank} aborted room {a.room}: {a.reason}"
@@ -485,18 +506,26 @@ class PrefillDisaggManager:
 
     def _check_timeouts(self, now: float) -> None:
         cfg = self.config
+        clock_now = self.clock()
         for r in list(self.rooms.values()):
-            if r.failed:
+            bound = r.machine.overdue(clock_now)
+            if bound is None:
                 continue
-            if r.kvreq is None and now - r.added_at > cfg.waiting_timeout:
+            state = r.machine.state
+            if state is State.WAITING_FOR_DECODE:
                 self._fail(r, f"no decode server sent a KV request for bootstrap_room {r.room} to prefill rank "
-                           f"{self.rank} within {cfg.waiting_timeout:g} s (--disaggregation-waiting-timeout); "
-                           "its KV was freed", m.Cause.WAITING_TIMEOUT)
-            elif r.inflight and now - r.last_progress > cfg.transfer_timeout:
+                           f"{self.rank} within {cfg.waiting_timeout:g} s ({bound.flag}); its KV was freed",
+                           bound.cause)
+            elif state is State.SENDING:
                 assert r.kvreq is not None
                 self._fail(r, f"room {r.room}: KV transfer from prefill rank {self.rank} to decode rank "
                            f"{r.kvreq.decode_rank} at {r.kvreq.receiver.address} stalled for "
-                           f"{cfg.transfer_timeout:g} s (--disaggregation-transfer-timeout)", m.Cause.TRANSFER_TIMEOUT)
+                           f"{cfg.transfer_timeout:g} s ({bound.flag})", bound.cause)
+            else:  # COMPUTING: a backstop, decode's own bound normally aborts the room first
+                assert r.kvreq is not None
+                self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {r.kvreq.decode_rank}): the "
+                           f"prompt was not computed and sent within {bound.seconds:g} s of the request's arrival "
+                           f"({bound.flag}); its KV was freed", bound.cause)
         for room, (k, deadline) in list(self.early.items()):
             if now > deadline:
                 del self.early[room]

@@ -136,17 +136,18 @@ class Scheduler:
         self._allocate_pending(self._admission())
 
     def activate_prefilled(
-        self, rid: str, first_token: int, logprobs: TokenLogprobs | None = None, cached_tokens: int = 0
+        self, rid: str, first_token: int, logprobs: TokenLogprobs | None = None, cached_tokens: int = 0,
+        input_logprobs: TokenLogprobs | None = None,
     ) -> None:
         """P/D decode: the prompt's KV is in place; continue decoding after ``first_token`` (in the
-        slot its page pre-allocation took)."""
+        slot its page pre-allocation took; the first output carries prefill's ``input_logprobs``)."""
         req = self.awaiting_kv.pop(rid)
         req.num_computed = len(req.input_ids)
         req.cached_tokens = cached_tokens
         self._set_state(req, ReqState.DECODING)
         self.running.append(req)
         self._fork_samples(req)
-        self._emit_token(req, first_token, logprobs, input_logprobs=None)
+        self._emit_token(req, first_token, logprobs, input_logprobs=input_logprobs)
 
     def drop_prefilled(self, rid: str) -> Req:
         """P/D decode: ``rid``'s prefill produced no token (``max_new_tokens`` = 0): it ends here,

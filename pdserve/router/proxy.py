@@ -42,7 +42,6 @@ from pdserve.router.worker import Unit, Worker
 logger = logging.getLogger("pdserve.router")
 
 SSE_DONE = b"data: [DONE]\n\n"
-LOGPROB_FIELDS = ("input_token_logprobs", "input_top_logprobs")
 SETTLE_S = 10.0  # how long a finished stream waits for its prefill half's answer
 _rng = random.Random()
 
@@ -99,24 +98,6 @@ def served_headers(server: dict[str, str], prefill_rank: int | None, decode_rank
     if prefill_rank is not None:
         headers[PREFILL_RANK_HEADER] = str(prefill_rank)
     return {**headers, **server}
-
-
-def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
-    """Decode's answer with prefill's input logprobs (decode has none: it never ran the prompt)."""
-    try:
-        p, d = msgspec.json.decode(prefill_body), msgspec.json.decode(decode_body)
-    except msgspec.DecodeError:
-        return decode_body
-    pairs = zip(p, d) if isinstance(p, list) and isinstance(d, list) else [(p, d)]
-    for p_item, d_item in pairs:
-        if not (isinstance(p_item, dict) and isinstance(d_item, dict)):
-            return decode_body
-        p_meta, d_meta = p_item.get("meta_info"), d_item.get("meta_info")
-        if isinstance(p_meta, dict) and isinstance(d_meta, dict):
-            for name in LOGPROB_FIELDS:
-                if p_meta.get(name) is not None:
-                    d_meta[name] = p_meta[name]
-    return msgspec.json.encode(d)
 
 
 # where the client names DP ranks: body fields, and the header (app.py puts its value under RANK_HEADER_FIELD)
@@ -193,7 +174,7 @@ class Proxy:
             self.metrics.selected("decode", decode)
             rid = client_rid if client_rid is not None else f"{_rng.getrandbits(128):032x}"
             p_body, d_body = self._pd_bodies(body, prefill, decode, rid, info)
-            result = await self._pair(route, body, prefill, decode, p_body, d_body, rid, headers, stream, info,
+            result = await self._pair(route, prefill, decode, p_body, d_body, rid, headers, stream, info,
                                       started, aborts)
             if not isinstance(result, tuple):
                 return result
@@ -243,7 +224,7 @@ class Proxy:
         d["disagg_prefill_dp_rank"] = prefill.rank
         return msgspec.json.encode(p), msgspec.json.encode(d)
 
-    async def _pair(self, route: str, body: dict[str, Any], prefill: Unit, decode: Unit, p_body: bytes,
+    async def _pair(self, route: str, prefill: Unit, decode: Unit, p_body: bytes,
                     d_body: bytes, rid: Any, headers: dict[str, str], stream: bool, info: RequestInfo,
                     started: float, aborts: list[asyncio.Task]) -> Answer | Failure:
         """One attempt with one pair: the reply, or the failure that ended it (aborts sent go to ``aborts``)."""
@@ -281,8 +262,7 @@ class Proxy:
                                        p_task, release_decode, served_headers({}, prefill.rank, decode.rank))
                 if d is not None and p is not None:
                     release_decode()
-                    return self._reply(route, body, p, d, started, served_headers(d.ranks, prefill.rank,
-                                                                                  decode.rank))
+                    return self._reply(route, d, started, served_headers(d.ranks, prefill.rank, decode.rank))
                 if p is not None and not p.ok:
                     aborts += self._drop(d_task, decode.worker, rid, headers, by_rid=p.retryable)
                     release_decode()
@@ -293,13 +273,11 @@ class Proxy:
                 self._drop(d_task, decode.worker, rid, headers)
                 release_decode()
 
-    def _reply(self, route: str, body: dict[str, Any], p: Reply, d: Reply, started: float,
-               ranks: dict[str, str]) -> Answer:
-        content = d.body
-        if route == "/generate" and p.ok and body.get("return_logprob"):
-            content = merge_input_logprobs(p.body, d.body)
+    def _reply(self, route: str, d: Reply, started: float, ranks: dict[str, str]) -> Answer:
+        """Decode's whole answer as it came: it is complete (prefill's input logprobs reach decode in
+        the KV transfer's ``Aux``), so prefill's body is never read."""
         self.metrics.answered(route, d.status, time.perf_counter() - started)
-        return BytesResponse(content, d.status, d.content_type, ranks)
+        return BytesResponse(d.body, d.status, d.content_type, ranks)
 
     def _drop(self, task: asyncio.Task, worker: Worker, rid: Any, headers: dict[str, str],
               by_rid: bool = True) -> list[asyncio.Task]:

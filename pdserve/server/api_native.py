@@ -385,10 +385,11 @@ async def abort_request(request: Request) -> Response:
         return JSONResponse({"aborted": controller.abort_all()})
     if body.rid is None:
         raise bad_request("rid is required (or abort_all: true)", "rid")
-    aborted = controller.abort(body.rid)
-    if not aborted:  # a batch request with this rid as prefix
-        aborted = any([controller.abort(rid) for rid in list(controller.requests) if rid.startswith(body.rid + "-")])
-    return JSONResponse({"aborted": int(aborted)})
+    rids = [body.rid] if controller.abort(body.rid) else []
+    if not rids:  # a batch request with this rid as prefix
+        rids = [rid for rid in list(controller.requests) if rid.startswith(body.rid + "-") and controller.abort(rid)]
+    await controller.forgotten(rids)  # answered once the rid may be reused (a router's retry reuses the client's)
+    return JSONResponse({"aborted": int(bool(rids))})
 
 
 @router.get("/metrics")

@@ -54,6 +54,8 @@ WATCHDOG_INTERVAL_S = 0.2
 MAX_PREFILL_CLIENTS = 64  # P/D decode: bootstrap clients kept for telling prefill servers of refusals
 REFUSAL_TIMEOUT_S = 2.0
 MAX_REFUSED_ROOMS = 100_000  # P/D prefill: rooms decode refused before their prefill half came
+FORGET_TIMEOUT_S = 2.0  # /abort_request waits this long for its worker to let go of the rids it aborted
+FORGET_POLL_S = 0.002
 RESTART_STREAK_RESET_S = 60.0  # a rank that served this long starts a fresh run of restarts
 SHUTDOWN_JOIN_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
@@ -390,6 +392,19 @@ class DPController:
         if handle is None:
             return False
         self._send(self.ranks[handle.rank], msg.AbortReq(rid, message))
+        return True
+
+    async def forgotten(self, rids: list[str], timeout: float = FORGET_TIMEOUT_S) -> bool:
+        """Wait until none of ``rids`` (nor their samples) is in flight here: an aborted rid stays taken
+        until its worker's abort output comes back, so a caller reusing it at once (a router retrying with
+        the client's rid) would be refused 400. Bounded (a worker that died fails its requests anyway);
+        whether they all went."""
+        taken = [r for rid in rids if (h := self.requests.get(rid)) is not None for r in (rid, *h.samples)]
+        deadline = time.monotonic() + timeout
+        while any(rid in self.requests for rid in taken):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(FORGET_POLL_S)
         return True
 
     def reject_room(self, room: int, rank: int | None, reason: str, status: int = 0) -> None:

@@ -5,13 +5,18 @@ with its MAC under the deployment's secret (:mod:`pdserve.disagg.auth`), the rec
 byte (so a sender with the wrong secret fails at once, named); the receiver reads no frame
 before that, closes connections that do not authenticate within the guard's handshake timeout,
 closes authenticated ones that carry no frame for its idle timeout while none of their rooms is
-open (senders keep connections between rooms, and drop and reopen one idle half that long or
-closed by the receiver before reuse), and accepts at most ``max_connections`` at once. Frames are
+open (senders keep connections between rooms, and drop and reopen one that carries no room and sat
+idle half that long, or that the receiver closed, before reuse; a connection that carries a room
+— a frame of it went out and its ``Status`` did not yet — is never idle on either end, so a room
+whose pages come long after its ``Accepted`` keeps its connection), and accepts at most
+``max_connections`` at once. Frames are
 ``u32 little-endian header length | msgpack header (StreamMsg) | payload``; a header may not exceed
 :func:`max_header_bytes` of the receiving pool. Only a
 ``Pages`` header with ``nbytes > 0`` has a payload: the pages' bytes, layer by layer, pages in list
 order. :class:`StreamSender` runs one thread per receiver so a slow peer delays only its own
-rooms, and one liveness thread that watches every connection it holds (the receiver writes nothing
+rooms, with two lanes: control frames (``Accepted``, a failed ``Status``: see :func:`is_control`) go
+out before any queued bulk job (pages, ``Aux``, a successful ``Status``, which must follow its room's
+pages), so a room's acknowledgement never waits behind another room's large transfer; and one liveness thread that watches every connection it holds (the receiver writes nothing
 after the handshake but the one-byte goodbye of a deliberate close, so a readable connection has ended
 or is being closed on purpose, which is not a loss; TCP keepalive probes every :data:`KEEPALIVE_S` s, dropped after :data:`KEEPALIVE_PROBES` unanswered, catch a silent host) and
 reports a lost receiver through ``on_lost`` at once, even while its thread is busy or idle;
@@ -25,12 +30,12 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import select
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +54,7 @@ from pdserve.disagg.transfer.base import (
     SendResult,
 )
 from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.validation import MAX_TOP_LOGPROBS
 from pdserve.ports import bound_socket, no_delay
 
 logger = logging.getLogger("pdserve.disagg.transfer")
@@ -164,10 +170,22 @@ def peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def max_header_bytes(num_pages: int) -> int:
-    """Largest frame header a receiver with ``num_pages`` pages reads: a page list (at most 9 bytes of
-    msgpack per page) plus room for a reason string and one token's logprobs."""
-    return (64 << 10) + 9 * num_pages
+# msgpack bytes of one prompt token's input logprobs at most: id and value, and MAX_TOP_LOGPROBS (id, value) pairs
+INPUT_LOGPROB_BYTES = 9 + 9 + 5 + MAX_TOP_LOGPROBS * (1 + 9 + 9)
+
+
+def max_header_bytes(num_pages: int, page_size: int = 1) -> int:
+    """Largest frame header a receiver with ``num_pages`` pages of ``page_size`` tokens reads: a page
+    list (at most 9 bytes of msgpack per page), or an ``Aux`` with the input logprobs of a prompt that
+    fills the pool, plus room for a reason string and one token's logprobs."""
+    return (64 << 10) + 9 * num_pages + INPUT_LOGPROB_BYTES * num_pages * page_size
+
+
+def is_control(msg: m.StreamMsg) -> bool:
+    """Whether a message takes the control lane, ahead of queued bulk jobs: an ``Accepted`` (the first
+    frame of its room) or a failed ``Status`` (its room's queued sends are cancelled before it is sent).
+    A successful ``Status`` and ``Aux`` stay in order behind their room's pages."""
+    return isinstance(msg, m.Accepted) or (isinstance(msg, m.Status) and not msg.ok)
 
 
 def frame(msg: m.StreamMsg) -> list[memoryview]:
@@ -190,20 +208,29 @@ class _Job:
 
 
 class _Destination:
-    """One receiver: a queue, a thread and a (re)connected socket."""
+    """One receiver: a control and a bulk lane, a thread and a (re)connected socket."""
 
     def __init__(self, sender: StreamSender, info: m.ReceiverInfo) -> None:
         self.sender = sender
         self.info = info
-        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._ready = threading.Condition()
+        self._control: deque[_Job] = deque()
+        self._bulk: deque[_Job | None] = deque()  # None: stop once what was queued before is done
         self.sock: socket.socket | None = None
         self.last_used = 0.0  # time.monotonic() when the connection last carried a job
+        # rooms the connection carries: a frame of theirs went out on it and their Status did not yet. The
+        # receiver fails them all if the connection ends, so it is not dropped for idleness while any is open.
+        self.rooms: set[int] = set()
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{info.address}", daemon=True)
         self.thread.start()
 
+    def idle(self) -> bool:
+        """Whether the kept connection may be closing at the receiver: it carries no room and sat unused
+        for half the receivers' idle bound (the receiver closes one idle for the whole bound)."""
+        return not self.rooms and time.monotonic() - self.last_used > self.sender.idle_timeout / 2
+
     def connect(self) -> socket.socket:
-        if self.sock is not None and (time.monotonic() - self.last_used > self.sender.idle_timeout / 2
-                                      or peer_closed(self.sock)):
+        if self.sock is not None and (self.idle() or peer_closed(self.sock)):
             self.drop_connection()  # the receiver closes idle connections: reconnect rather than write into one
         if self.sock is None:
             try:
@@ -236,10 +263,30 @@ class _Destination:
             self.sender._unwatch(self.sock)
             self.sock.close()
             self.sock = None
+        self.rooms.clear()  # the receiver reports what the connection carried lost
+
+    def carried(self, job: _Job) -> None:
+        """Account a frame that went out on the connection: its room is open on it until its Status."""
+        if job.kind == "message" and isinstance(job.msg, m.Status):
+            self.rooms.discard(job.room)
+        else:
+            self.rooms.add(job.room)
+
+    def put(self, job: _Job | None) -> None:
+        """Queue a job (control frames ahead of bulk ones), or None to stop after the queued bulk jobs."""
+        with self._ready:
+            lane = self._control if job is not None and job.kind == "message" and is_control(job.msg) else self._bulk
+            lane.append(job)
+            self._ready.notify()
+
+    def _next(self) -> _Job | None:
+        with self._ready:
+            self._ready.wait_for(lambda: self._control or self._bulk)
+            return self._control.popleft() if self._control else self._bulk.popleft()
 
     def _run(self) -> None:
         while True:
-            job = self.queue.get()
+            job = self._next()
             if job is None:
                 self.drop_connection()
                 return
@@ -288,7 +335,7 @@ class StreamSender(KVSender):
             if dest is None:
                 dest = self._dests[dst.address] = _Destination(self, dst)
             self._pending.setdefault(job.room, []).append(job)
-        dest.queue.put(job)
+        dest.put(job)
 
     def _execute(self, dest: _Destination, job: _Job) -> None:
         start = time.perf_counter()
@@ -305,6 +352,7 @@ class StreamSender(KVSender):
                     result.nbytes = self.write_pages(dest, job)
                 else:
                     send_buffers(dest.connect(), frame(job.msg))
+                dest.carried(job)
             except Exception as e:  # any failure fails this job; the next one reconnects
                 dest.drop_connection()
                 result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -376,7 +424,7 @@ class StreamSender(KVSender):
             dests = list(self._dests.values())
             self._dests.clear()
         for dest in dests:
-            dest.queue.put(None)
+            dest.put(None)
         for dest in dests:
             dest.thread.join(CLOSE_WAIT_S)
 
@@ -420,7 +468,7 @@ class StreamReceiver(KVReceiver):
         self, pool: KVPool, on_event: Callable[[ReceiverEvent], None], host: str, io_timeout: float, guard=None
     ) -> None:
         super().__init__(pool, on_event, host, io_timeout, guard)
-        self.max_header = max_header_bytes(pool.num_pages)
+        self.max_header = max_header_bytes(pool.num_pages, pool.page_size)
         self._cond = threading.Condition()
         self._slots: dict[int, _Slot] = {}
         self._conns: set[socket.socket] = set()
