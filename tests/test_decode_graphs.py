@@ -209,7 +209,7 @@ def test_scratch_page_is_reserved_apart_from_pages_in_use():
         greedy = {"max_new_tokens": 20, "min_new_tokens": 20, "temperature": 0}
         out = engine.generate(input_ids=list(range(4, 44)), sampling_params=greedy)  # all 60 tokens of capacity
         assert len(out["output_ids"]) == 20 and graphs.runs
-        with pytest.raises(RequestError, match="max_total_tokens=60"):
+        with pytest.raises(RequestError, match=r"capacity \(max_total_tokens\) 60"):
             engine.generate(input_ids=list(range(4, 45)), sampling_params=greedy)
         with pytest.raises(PageRefError, match="reserves"):
             pool.ref([graphs.scratch_page])

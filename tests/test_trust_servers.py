@@ -358,9 +358,15 @@ def test_router_client_errors_are_400_naming_the_field_and_keep_the_connection(p
             assert name.lower() in text.lower(), (name, text[:300])
             assert resp.getheader("Connection") != "close"
         sock = conn.sock
-        # the router picks ranks itself: an absurd client rank header is not read, let alone a 500
+        # an absurd client rank header is a 400 naming it (never a 500, never silently replaced), and
+        # the connection stays usable
         conn.request("POST", "/generate", json.dumps({"text": "still here", "sampling_params": GREEDY}),
                      {"Content-Type": "application/json", **AUTH, "X-Data-Parallel-Rank": "9" * 3000})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.status == 400 and "X-Data-Parallel-Rank" in text and conn.sock is sock, (resp.status, text)
+        conn.request("POST", "/generate", json.dumps({"text": "still here", "sampling_params": GREEDY}),
+                     {"Content-Type": "application/json", **AUTH})
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200 and conn.sock is sock, resp.status
