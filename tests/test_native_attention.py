@@ -10,6 +10,7 @@ import torch
 
 from pdserve.models import attention, native
 from pdserve.models.attention import AttentionMetadata, _decode_group
+from pdserve.models.cpu_features import cpu_flags
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: native kernel unavailable")
 
@@ -69,3 +70,40 @@ def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_h
     assert torch.equal(kv_native, kv_torch)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def bf16_variant():
+    """Switch the bf16 decode path for one test; the run-time choice is restored afterwards."""
+    chosen = native.bf16_variant()
+    yield native.bf16_variant
+    native.bf16_variant(chosen)
+
+
+def test_bf16_decode_path_is_chosen_by_the_cpu():
+    expected = "avx512_bf16" if "avx512_bf16" in cpu_flags() else "generic"
+    assert native.bf16_variant() == expected
+
+
+@pytest.mark.parametrize("variant", native.BF16_VARIANTS)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (16, 2, 64), (4, 1, 256),
+                                                (6, 2, 40)])
+def test_bf16_decode_variants_match_the_gather_path(bf16_variant, variant, heads, kv_heads, dim):
+    """Both bf16 decode paths (the AVX512-BF16 one where the CPU has it; head_dim 40 is not a multiple of
+    32 and takes the generic code in both) against SDPA over gathered float32 copies of the same bf16 K/V."""
+    if bf16_variant(variant) != variant:
+        pytest.skip(f"this CPU has no {variant}")
+    torch.manual_seed(3)
+    page_size, num_pages = 16, 160
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
+    lens = [1, 2, 15, 16, 17, 33, 300, 129, 500]
+    order = torch.randperm(num_pages).tolist()
+    pages = [[order.pop() for _ in range((n + page_size - 1) // page_size)] for n in lens]
+    meta = AttentionMetadata.build(page_size, pages, lens, [], torch.device("cpu"))
+    q = (torch.randn(len(lens), heads, dim) * 2).to(torch.bfloat16)
+    ours, reference = torch.empty_like(q), torch.empty(q.shape)
+    table, rows, kv_lens = meta.native_tables
+    native.paged_attention(q, kv, table, rows, kv_lens, dim**-0.5, ours)
+    for group in meta.decode_groups:
+        _decode_group(q.float(), kv.float(), group, meta.workspace, dim**-0.5, reference)
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output: 2^-8 relative
