@@ -7,8 +7,8 @@ normalised into one frozen dataclass so the rest of pdserve never reads raw conf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch

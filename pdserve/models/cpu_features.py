@@ -65,3 +65,26 @@ def cpu_isa() -> str:
     if "avx2" in flags:
         return "avx2"
     return platform.machine() or "unknown"
+
+
+def compute_path(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Which dtype and instruction-set path an engine runs: ``dtype``, ``device`` and, on CPU, ``cpu_isa``
+    (the GEMMs' best: oneDNN uses AMX or AVX512-BF16 for bf16) and ``native_attention`` (the paged
+    attention kernel: ``avx512_bf16``, ``generic`` C, or ``off``: PyTorch gather + SDPA)."""
+    path = {"dtype": str(dtype).removeprefix("torch."), "device": device.type}
+    if device.type != "cpu":
+        return path
+    from pdserve.models import native
+
+    path["cpu_isa"] = cpu_isa()
+    if native.kernels() is None or dtype not in native.NATIVE_DTYPES:
+        path["native_attention"] = "off"
+    else:
+        path["native_attention"] = native.bf16_variant() if dtype == torch.bfloat16 else "generic"
+    return path
+
+
+def describe(path: dict[str, str]) -> str:
+    """One line for logs: ``bfloat16 on cpu (cpu_isa amx_bf16, native_attention avx512_bf16)``."""
+    extra = ", ".join(f"{k} {v}" for k, v in path.items() if k not in ("dtype", "device"))
+    return f"{path['dtype']} on {path['device']}" + (f" ({extra})" if extra else "")

@@ -176,6 +176,9 @@ BF16_TARGET static void decode_token_bf16(const uint16_t *q, const uint16_t *kv,
                 case 801: accumulate_values_bf16(a, w, vrow, end, 1, 8); break;
                 case 802: accumulate_values_bf16(a, w, vrow, end, 2, 8); break;
                 case 201: accumulate_values_bf16(a, w, vrow, end, 1, 2); break;
+                case 202: accumulate_values_bf16(a, w, vrow, end, 2, 2); break;
+                case 204: accumulate_values_bf16(a, w, vrow, end, 4, 2); break;
+                case 208: accumulate_values_bf16(a, w, vrow, end, 8, 2); break;
                 case 1201: accumulate_values_bf16(a, w, vrow, end, 1, 12); break;
                 case 1601: accumulate_values_bf16(a, w, vrow, end, 1, 16); break;
                 default:
