@@ -107,3 +107,40 @@ def test_bf16_decode_variants_match_the_gather_path(bf16_variant, variant, heads
     for group in meta.decode_groups:
         _decode_group(q.float(), kv.float(), group, meta.workspace, dim**-0.5, reference)
     torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output: 2^-8 relative
+
+
+@pytest.mark.parametrize("variant", native.BF16_VARIANTS)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32), (4, 1, 256)])
+def test_bf16_mixed_batch_variants_match_float32_sdpa(bf16_variant, variant, heads, kv_heads, dim):
+    """Decode rows and prefill chunks (no prefix, a prefix ending mid-page, a chunk longer than a query
+    tile over a long prefix, one token) in one bf16 call, both paths, against the SDPA paths run in
+    float32 on the same bf16 values."""
+    if bf16_variant(variant) != variant:
+        pytest.skip(f"this CPU has no {variant}")
+    torch.manual_seed(4)
+    page_size, num_pages = 16, 120
+    order = torch.randperm(num_pages).tolist()
+
+    def take(n: int) -> list[int]:
+        return [order.pop() for _ in range((n + page_size - 1) // page_size)]
+
+    decode_lens = [3, 40, 257]
+    extends = [(0, 37, take(37)), (21, 11, take(32)), (300, 140, take(440)), (0, 1, take(1))]
+    decode_pages = [take(n) for n in decode_lens]
+    meta = AttentionMetadata.build(page_size, decode_pages, decode_lens, extends, torch.device("cpu"))
+    tokens = len(decode_lens) + sum(n for _, n, _ in extends)
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
+    q, k, v = ((torch.randn(tokens, h, dim) * 2).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    kv_native, kv_torch = kv.clone(), kv.float()
+    ours = attention.paged_attention(q, k, v, kv_native, meta, dim**-0.5)
+    reference = _reference_attention(q.float(), k.float(), v.float(), kv_torch, meta, dim**-0.5)
+    assert torch.equal(kv_native.float(), kv_torch)  # the same K/V were written
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+def _reference_attention(q, k, v, kv_layer, meta, scale):
+    """The PyTorch gather + SDPA paths (float32)."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(native, "supports", lambda *_: False):
+        return attention.paged_attention(q, k, v, kv_layer, meta, scale)
