@@ -113,7 +113,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            if native.fused_ok(gate_up):
+            if native.fused_ok(gate_up) and gate_up.dtype == torch.float32:  # bf16: torch's ops are faster
                 return self.down_proj(native.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:
