@@ -236,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
             for round_ in range(max(1, args.repeats)):
                 for dtype_name in dtypes:  # every dtype in every round: a slow minute hits all of them
                     _run_round(results[dtype_name], round_, path, prompts, outputs, device, args)
+            for result in results.values():  # the peak again after the rounds; the best of both tries counts
+                result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(getattr(torch, result["dtype"]),
+                                                                                      device))
             peak = max(r["gemm_peak_flops"] for r in results.values())
             for dtype_name in dtypes:
                 result = results[dtype_name]
@@ -302,9 +305,7 @@ def _finish(result: dict[str, Any], best_peak: float) -> None:
         bs = key.removeprefix("hf_generate_b").removesuffix("_runs_s")
         result[f"hf_generate_b{bs}_s"] = statistics.median(result[key])
         result[f"ratio_b{bs}_per_round"] = [h / o for h, o in zip(result[key], ours_runs)]
-    dtype = getattr(torch, result["dtype"])
-    result["gemm_peak_flops"] = max(result["gemm_peak_flops"], gemm_peak(dtype, torch.device(result["device"])))
-    result["best_gemm_peak_flops"] = max(best_peak, result["gemm_peak_flops"])
+    result["best_gemm_peak_flops"] = best_peak
     result["mfu"] = result["model_flops"] / result["pdserve_s"] / result["gemm_peak_flops"]
     result["mfu_vs_best_peak"] = result["model_flops"] / result["pdserve_s"] / result["best_gemm_peak_flops"]
 
