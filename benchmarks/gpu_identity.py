@@ -101,7 +101,7 @@ def main() -> int:
                 _, theirs = run_hf_static(hf, prompts, outputs, batch_size=1)  # no padding: exact reference
                 runs = {}
                 for mode, disable in (("cuda graphs", False), ("eager", True)):
-                    secs, ours = run_pdserve(path, prompts, outputs, dtype, args.device, disable_cuda_graph=disable)
+                    secs, ours, _ = run_pdserve(path, prompts, outputs, dtype, args.device, disable_cuda_graph=disable)
                     runs[mode] = (secs, ours)
                     same, tokens = agreement(ours, theirs)
                     print(f"{name} {dtype} on {args.device}, {mode}: {100 * same:.0f} % of requests identical to "

@@ -10,6 +10,7 @@ import torch
 
 from pdserve.models import attention, native
 from pdserve.models.attention import AttentionMetadata, _decode_group
+from pdserve.models.cpu_features import cpu_flags
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: native kernel unavailable")
 
@@ -69,3 +70,77 @@ def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_h
     assert torch.equal(kv_native, kv_torch)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def bf16_variant():
+    """Switch the bf16 decode path for one test; the run-time choice is restored afterwards."""
+    chosen = native.bf16_variant()
+    yield native.bf16_variant
+    native.bf16_variant(chosen)
+
+
+def test_bf16_decode_path_is_chosen_by_the_cpu():
+    expected = "avx512_bf16" if "avx512_bf16" in cpu_flags() else "generic"
+    assert native.bf16_variant() == expected
+
+
+@pytest.mark.parametrize("variant", native.BF16_VARIANTS)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (16, 2, 64), (4, 1, 256),
+                                                (6, 2, 40)])
+def test_bf16_decode_variants_match_the_gather_path(bf16_variant, variant, heads, kv_heads, dim):
+    """Both bf16 decode paths (the AVX512-BF16 one where the CPU has it; head_dim 40 is not a multiple of
+    32 and takes the generic code in both) against SDPA over gathered float32 copies of the same bf16 K/V."""
+    if bf16_variant(variant) != variant:
+        pytest.skip(f"this CPU has no {variant}")
+    torch.manual_seed(3)
+    page_size, num_pages = 16, 160
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
+    lens = [1, 2, 15, 16, 17, 33, 300, 129, 500]
+    order = torch.randperm(num_pages).tolist()
+    pages = [[order.pop() for _ in range((n + page_size - 1) // page_size)] for n in lens]
+    meta = AttentionMetadata.build(page_size, pages, lens, [], torch.device("cpu"))
+    q = (torch.randn(len(lens), heads, dim) * 2).to(torch.bfloat16)
+    ours, reference = torch.empty_like(q), torch.empty(q.shape)
+    table, rows, kv_lens = meta.native_tables
+    native.paged_attention(q, kv, table, rows, kv_lens, dim**-0.5, ours)
+    for group in meta.decode_groups:
+        _decode_group(q.float(), kv.float(), group, meta.workspace, dim**-0.5, reference)
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output: 2^-8 relative
+
+
+@pytest.mark.parametrize("variant", native.BF16_VARIANTS)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32), (4, 1, 256)])
+def test_bf16_mixed_batch_variants_match_float32_sdpa(bf16_variant, variant, heads, kv_heads, dim):
+    """Decode rows and prefill chunks (no prefix, a prefix ending mid-page, a chunk longer than a query
+    tile over a long prefix, one token) in one bf16 call, both paths, against the SDPA paths run in
+    float32 on the same bf16 values."""
+    if bf16_variant(variant) != variant:
+        pytest.skip(f"this CPU has no {variant}")
+    torch.manual_seed(4)
+    page_size, num_pages = 16, 120
+    order = torch.randperm(num_pages).tolist()
+
+    def take(n: int) -> list[int]:
+        return [order.pop() for _ in range((n + page_size - 1) // page_size)]
+
+    decode_lens = [3, 40, 257]
+    extends = [(0, 37, take(37)), (21, 11, take(32)), (300, 140, take(440)), (0, 1, take(1))]
+    decode_pages = [take(n) for n in decode_lens]
+    meta = AttentionMetadata.build(page_size, decode_pages, decode_lens, extends, torch.device("cpu"))
+    tokens = len(decode_lens) + sum(n for _, n, _ in extends)
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
+    q, k, v = ((torch.randn(tokens, h, dim) * 2).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    kv_native, kv_torch = kv.clone(), kv.float()
+    ours = attention.paged_attention(q, k, v, kv_native, meta, dim**-0.5)
+    reference = _reference_attention(q.float(), k.float(), v.float(), kv_torch, meta, dim**-0.5)
+    assert torch.equal(kv_native.float(), kv_torch)  # the same K/V were written
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+def _reference_attention(q, k, v, kv_layer, meta, scale):
+    """The PyTorch gather + SDPA paths (float32)."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(native, "supports", lambda *_: False):
+        return attention.paged_attention(q, k, v, kv_layer, meta, scale)

@@ -83,6 +83,8 @@ def test_health_info_and_models(server, client):
         assert info["page_size"] == 16 and info["max_total_tokens"] == MAX_TOTAL_TOKENS
         assert info["context_length"] > 0 and info["version"]
         assert info["served_model_name"]
+        assert info["dtype"] == info["compute_path"]["dtype"] == "float32"  # the embedded model under --dtype auto
+        assert info["device"] == "cpu" and info["compute_path"]["native_attention"] in ("generic", "off")
     for path in ("/model_info", "/get_model_info"):
         model = client.get(path).json()
         assert model["is_generation"] is True and model["model_path"] == info["model_path"]

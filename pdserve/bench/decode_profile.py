@@ -132,7 +132,8 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
     return out
 
 
-def profile_workload(model: str, num_prompts: int, threads: int, clock=time.perf_counter) -> dict[str, float]:
+def profile_workload(model: str, num_prompts: int, threads: int, clock=time.perf_counter,
+                     dtype: str = "float32") -> dict[str, float]:
     """Run the throughput workload of ``pdserve bench engine`` on ``model`` and split its time."""
     import tempfile
     from pathlib import Path
@@ -146,7 +147,7 @@ def profile_workload(model: str, num_prompts: int, threads: int, clock=time.perf
         path = bench.build_model(model, Path(tmp))
         cfg = load_model(path, device="cpu").config
         prompts, outputs = bench.workload(num_prompts, cfg.vocab_size, 0, (128, 512), (64, 128))
-        engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype="float32",
+        engine = Engine(path, page_size=16, chunked_prefill_size=512, max_running_requests=256, dtype=dtype,
                         device="cpu", max_total_tokens=sum(len(p) + o for p, o in zip(prompts, outputs)) + 1024)
         params = [{"max_new_tokens": o, "ignore_eos": True, "temperature": 0} for o in outputs]
         engine.generate(input_ids=prompts[:2], sampling_params=params[:2])
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.workload:
-        _print_workload(profile_workload(args.workload, args.num_prompts, args.threads, clock))
+        _print_workload(profile_workload(args.workload, args.num_prompts, args.threads, clock, args.dtype))
         return 0
     r = profile_decode(args.shape, args.batch, args.context, args.steps, getattr(torch, args.dtype),
                        torch.device(args.device), clock=clock)

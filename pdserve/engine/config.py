@@ -11,7 +11,9 @@ class EngineConfig:
     """Options of one engine (one DP rank). Names follow SGLang's server arguments."""
 
     model_path: str | None = None  # None: the embedded default model
-    dtype: str | None = None  # float32 | bfloat16 | float16 | auto; None: float32 on CPU, bfloat16 on CUDA
+    # float32 | bfloat16 | float16 | auto (None: auto). auto: the checkpoint's bf16/fp16 where the device runs it
+    # natively (CPU: AMX-BF16 or AVX512-BF16, else float32), float32 checkpoints in float32 (CUDA: bfloat16)
+    dtype: str | None = "auto"
     device: str | None = None  # cpu | cuda | cuda:N; None: cuda when available
     page_size: int = 16
     max_total_tokens: int | None = None  # KV capacity in tokens; None: from mem_fraction_static
@@ -68,8 +70,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI flags for every :class:`EngineConfig` field (``--model-path``, ``--page-size`` ...)."""
     defaults = EngineConfig()
     parser.add_argument("--model-path", default=None, help="HF checkpoint folder (default: embedded tiny model)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
-                        help="weights and KV dtype; auto: the checkpoint's (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and KV dtype. auto: a bf16/fp16 checkpoint runs in bfloat16 where the CPU has "
+                             "AMX-BF16 or AVX512-BF16 (float32 elsewhere, logged), a float32 checkpoint (the "
+                             "embedded model) in float32; on CUDA the checkpoint's half dtype, else bfloat16")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per KV page")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")

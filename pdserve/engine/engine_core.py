@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,8 @@ from pdserve.engine.validation import RequestLimits
 
 if TYPE_CHECKING:
     from pdserve.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_CAP = 8 << 30  # on CPU, mem_fraction_static applies to at most this many bytes
 
@@ -78,6 +81,10 @@ class EngineCore:
             stall_timeout_s=config.stall_timeout_s,
         )
         self._trace_steps(config, rank)
+        from pdserve.models.cpu_features import compute_path, describe
+
+        self.compute_path = compute_path(self.device, kv_dtype)
+        log.info("dp rank %d computes in %s", rank, describe(self.compute_path))
 
     def _init_simulated(self, config: EngineConfig, rank: int) -> None:
         """Sim mode (pdserve.sim): no weights; the runner waits out a cost model's step time."""
@@ -94,6 +101,7 @@ class EngineCore:
         self.vocab_size = sim.shape.vocab_size
         self.kv_pool = sim.pool
         self.runner = sim.runner
+        self.compute_path = {"dtype": str(sim.pool.dtype).removeprefix("torch."), "device": "simulated"}
         self._grammars = None
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(

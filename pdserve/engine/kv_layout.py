@@ -28,5 +28,7 @@ class KVLayout:
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "dtype"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
-                return f"{name} differs: {mine} vs {theirs}"
+                hint = (" (prefill and decode must run the same --dtype; auto picks bfloat16 only on CPUs with "
+                        "AMX-BF16 or AVX512-BF16)" if name == "dtype" else "")
+                return f"{name} differs: {mine} vs {theirs}{hint}"
         return None

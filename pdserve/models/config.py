@@ -7,6 +7,7 @@ normalised into one frozen dataclass so the rest of pdserve never reads raw conf
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,19 +149,41 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
-    """Pick the compute dtype: explicit choice, else float32 on CPU and bfloat16 on CUDA.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-    ``"auto"`` means the checkpoint's own dtype (falling back to the device default).
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The compute dtype picked for a model, and why when ``auto`` did not follow the checkpoint."""
+
+    dtype: torch.dtype
+    fallback_reason: str | None = None  # set when auto ran float32 instead of the checkpoint's half dtype
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device, checkpoint_dtype: str | None,
+                  detect_bf16_isa: Callable[[], str | None] | None = None) -> DtypeChoice:
+    """Pick the compute dtype: an explicit choice, else ``auto`` (``None`` means ``auto``).
+
+    ``auto`` on CUDA: the checkpoint's bf16/fp16, else bfloat16. ``auto`` on CPU: a bf16 or fp16
+    checkpoint runs in bfloat16 where the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16;
+    ``detect_bf16_isa``, by default :func:`pdserve.models.cpu_features.bf16_isa`), else float32 with the
+    reason; a float32 checkpoint (the embedded default model's) runs in float32.
     """
     if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "", "default"):
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name == "auto":
-        if checkpoint_dtype and checkpoint_dtype in DTYPES:
-            return DTYPES[checkpoint_dtype]
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return DtypeChoice(name)
+    if name in (None, "", "default", "auto"):
+        stored = DTYPES.get(checkpoint_dtype or "")
+        if device.type != "cpu":
+            return DtypeChoice(stored if stored in HALF_DTYPES else torch.bfloat16)
+        if stored not in HALF_DTYPES:
+            return DtypeChoice(torch.float32)
+        if detect_bf16_isa is None:
+            from pdserve.models.cpu_features import bf16_isa as detect_bf16_isa
+        if detect_bf16_isa():
+            return DtypeChoice(torch.bfloat16)
+        return DtypeChoice(torch.float32, f"the checkpoint is {checkpoint_dtype} but this CPU has neither AMX-BF16 nor "
+                                          "AVX512-BF16, where bf16 runs emulated and slower than float32 "
+                                          "(--dtype bfloat16 forces it)")
     if name not in DTYPES:
         raise ModelConfigError(f"unsupported dtype {name!r}; supported: float32, bfloat16, float16, auto")
-    return DTYPES[name]
+    return DtypeChoice(DTYPES[name])

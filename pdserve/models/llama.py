@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and native.fused_ok(x) and x.is_contiguous():
+        if x.dim() == 2 and native.fused_ok(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
             return native.add_rms_norm(x, None, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x + residual`` and its norm; the fused kernel adds into ``x`` in place (a layer's own input)."""
-        if native.fused_ok(x) and x.is_contiguous() and residual.is_contiguous() and x.dim() == 2:
+        if (native.fused_ok(x) and x.is_contiguous() and residual.is_contiguous() and x.dim() == 2
+                and residual.dtype == x.dtype == self.weight.dtype):
             return x, native.add_rms_norm(x, residual, self.weight, self.eps)
         x = x + residual
         return x, self(x)
@@ -73,7 +74,8 @@ class Attention(nn.Module):
         nq, nkv = self.num_heads, self.num_kv_heads
         if self.qkv_proj is not None and not self.qk_norm:
             qkv = self.qkv_proj(x)
-            if native.fused_ok(qkv) and cos.is_contiguous() and sin.is_contiguous():  # one pass, contiguous q and k
+            if native.fused_ok(qkv) and cos.dtype == qkv.dtype and cos.is_contiguous() and sin.is_contiguous():
+                # one pass, contiguous q and k
                 q, k = native.rope(qkv, cos, sin, nq, nkv, self.head_dim)
                 v = qkv.view(t, nq + 2 * nkv, self.head_dim)[:, nq + nkv :]
             else:
@@ -111,7 +113,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            if native.fused_ok(gate_up):
+            if native.fused_ok(gate_up) and gate_up.dtype == torch.float32:  # bf16: torch's ops are faster
                 return self.down_proj(native.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         else:

@@ -7,6 +7,7 @@ weights are materialised once, directly on the target device and dtype.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from pdserve.models.rope import RotaryEmbedding
 from pdserve.models.tokenizer import Tokenizer, TokenizerError
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -38,13 +41,15 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     context_length: int
+    dtype_fallback_reason: str | None = None  # why ``auto`` ran float32 instead of the checkpoint's dtype
 
 
 def load_model(model_path: str | None = None, dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """Load ``model_path`` (default: the embedded tiny model) onto ``device`` in ``dtype``.
 
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` follows
-    :func:`~pdserve.models.config.resolve_dtype` (``"auto"`` = the checkpoint's dtype).
+    :func:`~pdserve.models.config.resolve_dtype` (``None`` or ``"auto"``: the checkpoint's dtype where
+    the device runs it natively, else float32, logged once with the reason).
     """
     if model_path is None:
         from pdserve.models.tiny import default_model_path
@@ -62,9 +67,12 @@ def load_model(model_path: str | None = None, dtype: str | None = None, device: 
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     try:
-        torch_dtype = resolve_dtype(dtype, target, config.dtype)
+        choice = resolve_dtype(dtype, target, config.dtype)
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from e
+    torch_dtype = choice.dtype
+    if choice.fallback_reason:
+        log.info("dtype auto: float32, %s", choice.fallback_reason)
     try:
         tokenizer = Tokenizer(folder)
     except TokenizerError as e:
@@ -79,6 +87,7 @@ def load_model(model_path: str | None = None, dtype: str | None = None, device: 
         dtype=torch_dtype,
         device=target,
         context_length=config.max_position_embeddings,
+        dtype_fallback_reason=choice.fallback_reason,
     )
 
 

@@ -113,6 +113,7 @@ class WorkerReady(msgspec.Struct, tag="ready"):
     max_total_tokens: int
     page_size: int
     load: RankLoad
+    compute_path: dict[str, str] = {}  # dtype, device, CPU instruction sets (pdserve.models.cpu_features)
 
 
 class OutputBatch(msgspec.Struct, tag="outputs"):

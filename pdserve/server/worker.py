@@ -83,6 +83,7 @@ class Worker:
                 max_total_tokens=engine.max_total_tokens,
                 page_size=pool.page_size,
                 load=self.load(),
+                compute_path=engine.compute_path,
             )
         )
         logger.info("dp rank %d ready: %d KV pages of %d tokens", self.rank, pool.num_pages, pool.page_size)

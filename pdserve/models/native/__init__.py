@@ -1,8 +1,10 @@
 """Small native CPU kernels, compiled on first use with the system C compiler and called via ctypes.
 
 ``paged_attention.c`` attends one query token per row directly over the KV pages (no gather copy);
-``elementwise.c`` fuses a layer's float32 element-wise steps (SiLU-and-multiply, residual add and
-RMSNorm, RoPE into contiguous q/k). The shared object is built once per source version and CPU into a cache folder
+its bfloat16 decode path uses AVX512-BF16 where the CPU has it, chosen at run time (compiled with a
+target attribute, so the same source builds and runs on an AVX2 machine: :func:`bf16_variant`).
+``elementwise.c`` fuses a layer's element-wise steps: residual add and RMSNorm, RoPE into contiguous
+q/k (float32 and bfloat16), SiLU-and-multiply (float32; torch's is faster in bfloat16). The shared object is built once per source version and CPU into a cache folder
 (``$PDSERVE_NATIVE_CACHE`` or ``~/.cache/pdserve/native``) with an atomic rename, so concurrent
 processes never see half a file. When no compiler is present, or the build fails, :func:`kernels`
 returns None and callers use their PyTorch path; ``PDSERVE_NATIVE=0`` forces that.
@@ -96,8 +98,9 @@ def kernels() -> ctypes.CDLL | None:
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         for name, args in (("pd_silu_mul", [ptr, ptr, i64, i64, c_int]),
-                           ("pd_add_rms_norm", [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, c_int]),
-                           ("pd_rope", [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, c_int])):
+                           ("pd_add_rms_norm", [c_int, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, c_int]),
+                           ("pd_rope", [c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, c_int]),
+                           ("pd_bf16_variant", [c_int])):
             getattr(lib, name).restype = ctypes.c_int
             getattr(lib, name).argtypes = args
         _loaded = lib
@@ -133,13 +136,27 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table: torch.
         raise RuntimeError(f"native paged attention failed (code {rc})")
 
 
+BF16_VARIANTS = ("generic", "avx512_bf16")
+
+
+def bf16_variant(force: str | None = None) -> str | None:
+    """The bfloat16 decode attention path in use: ``"avx512_bf16"`` (chosen where the CPU has it) or
+    ``"generic"``; None without the library. ``force`` switches to one (tests and A/B runs compare both;
+    ``avx512_bf16`` stays ``generic`` on a CPU without it)."""
+    lib = kernels()
+    if lib is None:
+        return None
+    return BF16_VARIANTS[lib.pd_bf16_variant(-1 if force is None else BF16_VARIANTS.index(force))]
+
+
 def fused_ok(x: torch.Tensor) -> bool:
-    """Whether the fused element-wise kernels take ``x`` (CPU float32; the library built)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels() is not None
+    """Whether the fused element-wise kernels take ``x`` (CPU float32 or bfloat16; the library built)."""
+    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and kernels() is not None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of contiguous rows ``[gate | up]`` [T, 2I]: a new [T, I] tensor."""
+    """``silu(gate) * up`` of contiguous float32 rows ``[gate | up]`` [T, 2I]: a new [T, I] tensor (in
+    bfloat16 torch's own ops measured faster: benchmarks/bf16_kernels.py)."""
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     kernels().pd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads())
@@ -151,8 +168,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     contiguous [T, D] tensors)."""
     rows, dim = x.shape
     out = torch.empty_like(x)
-    kernels().pd_add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                              out.data_ptr(), rows, dim, eps, torch.get_num_threads())
+    kernels().pd_add_rms_norm(NATIVE_DTYPES[x.dtype], x.data_ptr(), None if residual is None else residual.data_ptr(),
+                              weight.data_ptr(), out.data_ptr(), rows, dim, eps, torch.get_num_threads())
     return out
 
 
@@ -163,6 +180,6 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, 
     rows = qkv.shape[0]
     q = torch.empty(rows, q_heads, head_dim, dtype=qkv.dtype)
     k = torch.empty(rows, k_heads, head_dim, dtype=qkv.dtype)
-    kernels().pd_rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(),
-                      rows, q_heads, k_heads, head_dim, torch.get_num_threads())
+    kernels().pd_rope(NATIVE_DTYPES[qkv.dtype], qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+                      q.data_ptr(), k.data_ptr(), rows, q_heads, k_heads, head_dim, torch.get_num_threads())
     return q, k

@@ -1,14 +1,18 @@
-/* Fused float32 element-wise steps of a Llama layer: one pass over memory each, instead of the three
- * to five tensor operations (and temporaries) PyTorch runs for them.
- *   pd_silu_mul: out[t, i] = silu(x[t, i]) * x[t, inter + i] for x = [gate | up] rows;
+/* Fused element-wise steps of a Llama layer: one pass over memory each, instead of the three to five
+ * tensor operations (and temporaries) PyTorch runs for them.
+ *   pd_silu_mul: out[t, i] = silu(x[t, i]) * x[t, inter + i] for x = [gate | up] rows (float32);
  *   pd_add_rms_norm: optionally x += residual, then out = weight * x / sqrt(mean(x^2) + eps) per row;
  *   pd_rope: rotate-half RoPE of the q and k heads of fused qkv rows into contiguous q and k.
+ * dtype: 0 = float32, 1 = bfloat16 (every tensor of a call; arithmetic in float32). In bfloat16 each
+ * result is rounded where the PyTorch expression rounds (after the residual add, after the
+ * normalisation, after each RoPE product), so the fused step gives what the unfused one gives.
  * Rows are split across OpenMP threads. Every function returns 0. */
 #include <math.h>
 #include <stdint.h>
 
 #include "simd.h"
 
+/* float32 only: in bfloat16 torch's own SiLU and multiply measured faster (benchmarks/bf16_kernels.py) */
 int pd_silu_mul(const float *x, float *out, int64_t rows, int64_t inter, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * inter > 32768)
     for (int64_t t = 0; t < rows; t++) {
@@ -24,8 +28,8 @@ int pd_silu_mul(const float *x, float *out, int64_t rows, int64_t inter, int num
     return 0;
 }
 
-int pd_add_rms_norm(float *x, const float *residual, const float *weight, float *out, int64_t rows, int64_t dim,
-                    float eps, int num_threads) {
+static void add_rms_norm_f32(float *x, const float *residual, const float *weight, float *out, int64_t rows,
+                             int64_t dim, float eps, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim > 32768)
     for (int64_t t = 0; t < rows; t++) {
         float *xr = x + t * dim;
@@ -45,13 +49,54 @@ int pd_add_rms_norm(float *x, const float *residual, const float *weight, float 
         const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
         for (d = 0; d < dim; d++) o[d] = weight[d] * (xr[d] * inv);
     }
+}
+
+/* torch in bfloat16: x + residual rounded; the norm in float32, rounded; times the weight, rounded */
+static void add_rms_norm_bf16(uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
+                              int64_t rows, int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim > 32768)
+    for (int64_t t = 0; t < rows; t++) {
+        uint16_t *xr = x + t * dim;
+        uint16_t *o = out + t * dim;
+        v8 acc = {0};
+        int64_t d = 0;
+        for (; d + 8 <= dim; d += 8) {
+            v8 v = load8_bf16(xr + d);
+            if (residual != NULL) {
+                v = round8_bf16(v + load8_bf16(residual + t * dim + d));
+                store8_bf16(xr + d, v);
+            }
+            acc += v * v;
+        }
+        float sum = hsum8(acc);
+        for (; d < dim; d++) {
+            float v = bf16_to_float(xr[d]);
+            if (residual != NULL) {
+                v = round_bf16(v + bf16_to_float(residual[t * dim + d]));
+                xr[d] = float_to_bf16(v);
+            }
+            sum += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (d = 0; d + 8 <= dim; d += 8)
+            store8_bf16(o + d, load8_bf16(weight + d) * round8_bf16(load8_bf16(xr + d) * inv));
+        for (; d < dim; d++) o[d] = float_to_bf16(bf16_to_float(weight[d]) * round_bf16(bf16_to_float(xr[d]) * inv));
+    }
+}
+
+int pd_add_rms_norm(int dtype, void *x, const void *residual, const void *weight, void *out, int64_t rows,
+                    int64_t dim, float eps, int num_threads) {
+    if (dtype == 0)
+        add_rms_norm_f32((float *)x, (const float *)residual, (const float *)weight, (float *)out, rows, dim, eps,
+                         num_threads);
+    else
+        add_rms_norm_bf16((uint16_t *)x, (const uint16_t *)residual, (const uint16_t *)weight, (uint16_t *)out, rows,
+                          dim, eps, num_threads);
     return 0;
 }
 
-/* qkv rows: [q heads | k heads | ...] of head_dim each, row stride qkv_stride floats; cos/sin rows
- * [head_dim] per token. q_out [rows, q_heads, head_dim], k_out [rows, k_heads, head_dim]. */
-int pd_rope(const float *qkv, int64_t qkv_stride, const float *cos, const float *sin, float *q_out, float *k_out,
-            int64_t rows, int64_t q_heads, int64_t k_heads, int64_t head_dim, int num_threads) {
+static void rope_f32(const float *qkv, int64_t qkv_stride, const float *cos, const float *sin, float *q_out,
+                     float *k_out, int64_t rows, int64_t q_heads, int64_t k_heads, int64_t head_dim, int num_threads) {
     const int64_t half = head_dim / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * (q_heads + k_heads) * head_dim > 32768)
     for (int64_t t = 0; t < rows; t++) {
@@ -63,5 +108,38 @@ int pd_rope(const float *qkv, int64_t qkv_stride, const float *cos, const float 
             for (int64_t d = half; d < head_dim; d++) o[d] = x[d] * c[d] + x[d - half] * s[d];
         }
     }
+}
+
+/* torch in bfloat16: x * cos and rotate_half(x) * sin rounded, then their sum rounded */
+static void rope_bf16(const uint16_t *qkv, int64_t qkv_stride, const uint16_t *cos, const uint16_t *sin,
+                      uint16_t *q_out, uint16_t *k_out, int64_t rows, int64_t q_heads, int64_t k_heads,
+                      int64_t head_dim, int num_threads) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * (q_heads + k_heads) * head_dim > 32768)
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < q_heads + k_heads; h++) {
+            const uint16_t *x = qkv + t * qkv_stride + h * head_dim;
+            uint16_t *o = h < q_heads ? q_out + (t * q_heads + h) * head_dim
+                                      : k_out + (t * k_heads + h - q_heads) * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) {
+                const float rotated = d < half ? -bf16_to_float(x[d + half]) : bf16_to_float(x[d - half]);
+                o[d] = float_to_bf16(round_bf16(bf16_to_float(x[d]) * bf16_to_float(c[d])) +
+                                     round_bf16(rotated * bf16_to_float(s[d])));
+            }
+        }
+    }
+}
+
+/* qkv rows: [q heads | k heads | ...] of head_dim each, row stride qkv_stride elements; cos/sin rows
+ * [head_dim] per token. q_out [rows, q_heads, head_dim], k_out [rows, k_heads, head_dim]. */
+int pd_rope(int dtype, const void *qkv, int64_t qkv_stride, const void *cos, const void *sin, void *q_out,
+            void *k_out, int64_t rows, int64_t q_heads, int64_t k_heads, int64_t head_dim, int num_threads) {
+    if (dtype == 0)
+        rope_f32((const float *)qkv, qkv_stride, (const float *)cos, (const float *)sin, (float *)q_out,
+                 (float *)k_out, rows, q_heads, k_heads, head_dim, num_threads);
+    else
+        rope_bf16((const uint16_t *)qkv, qkv_stride, (const uint16_t *)cos, (const uint16_t *)sin,
+                  (uint16_t *)q_out, (uint16_t *)k_out, rows, q_heads, k_heads, head_dim, num_threads);
     return 0;
 }

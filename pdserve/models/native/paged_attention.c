@@ -12,19 +12,10 @@
 
 #include "simd.h"
 
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = ((uint32_t)h) << 16;
-    return v.f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
-    uint32_t rounding = 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)((v.u + rounding) >> 16);
-}
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PD_X86 1
+#endif
 
 static inline void load_row(const void *base, int dtype, int64_t offset, int64_t dim, float *dst) {
     if (dtype == 0) {
@@ -50,6 +41,9 @@ static inline void prefetch_row(const void *kv, int dtype, int64_t offset, int64
 #define MAX_GROUP 64  /* query heads per KV head */
 
 #define QUERY_TILE 16
+#ifndef BF16_QUERY_TILE
+#define BF16_QUERY_TILE 32 /* the bf16 path's: more queries per K transposition */
+#endif
 #define KBLOCK 16  /* positions whose scores two vectors hold */
 #define VBLOCK 32  /* positions accumulated per pass over V */
 
@@ -101,6 +95,234 @@ static inline __attribute__((always_inline)) void accumulate_values(float *a, co
     for (int64_t c = 0; c < chunks; c++) store8(a + 8 * c, sum[c]);
 }
 
+
+#ifdef PD_X86
+/* The AVX512-BF16 decode path: compiled for that instruction set whatever -march says, and chosen at
+ * run time (pd_bf16_variant) only on a CPU that has it, so the same build runs on an AVX2 machine. */
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define BF16_VBLOCK 16 /* positions whose V rows are reused from L1 by all query heads */
+#ifndef SCORE_ROWS
+#define SCORE_ROWS 8 /* query rows scored per pass over a transposed K block */
+#endif
+
+/* a, b: dim bf16 values each (dim % 32 == 0); the dot product with float32 accumulation */
+BF16_TARGET static inline __attribute__((always_inline)) float dot_bf16(const uint16_t *a, const uint16_t *b,
+                                                                         int64_t dim) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+    return _mm512_reduce_add_ps(acc);
+}
+
+BF16_TARGET static inline __attribute__((always_inline)) __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* acc[h][0, 16 * vec) += sum over positions jj < end of w[h][jj] * vrow[jj][0, 16 * vec) for `heads` query
+ * heads of one KV head, V rows bf16 (rows_f32 0) or already float32 (1); inlined with constants the
+ * accumulators stay in registers */
+BF16_TARGET static inline __attribute__((always_inline)) void accumulate_values_x16(
+    float *const *acc, const float *const *w, const void *const *vrow, int64_t end, int heads, int vec, int rows_f32) {
+    __m512 sum[16];
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < vec; c++) sum[h * vec + c] = _mm512_loadu_ps(acc[h] + 16 * c);
+    for (int64_t jj = 0; jj < end; jj++) {
+        for (int c = 0; c < vec; c++) {
+            const __m512 v = rows_f32 ? _mm512_loadu_ps((const float *)vrow[jj] + 16 * c)
+                                      : load16_bf16((const uint16_t *)vrow[jj] + 16 * c);
+            for (int h = 0; h < heads; h++) sum[h * vec + c] = _mm512_fmadd_ps(_mm512_set1_ps(w[h][jj]), v, sum[h * vec + c]);
+        }
+    }
+    for (int h = 0; h < heads; h++)
+        for (int c = 0; c < vec; c++) _mm512_storeu_ps(acc[h] + 16 * c, sum[h * vec + c]);
+}
+
+#define ACCUMULATE_CASES(F32)                                                                            \
+    switch (vec * 100 + heads) { /* constants, so the accumulators stay in registers */                  \
+    case 201: accumulate_values_x16(a, w, vrow, end, 1, 2, F32); break;                                  \
+    case 202: accumulate_values_x16(a, w, vrow, end, 2, 2, F32); break;                                  \
+    case 204: accumulate_values_x16(a, w, vrow, end, 4, 2, F32); break;                                  \
+    case 208: accumulate_values_x16(a, w, vrow, end, 8, 2, F32); break;                                  \
+    case 401: accumulate_values_x16(a, w, vrow, end, 1, 4, F32); break;                                  \
+    case 402: accumulate_values_x16(a, w, vrow, end, 2, 4, F32); break;                                  \
+    case 403: accumulate_values_x16(a, w, vrow, end, 3, 4, F32); break;                                  \
+    case 404: accumulate_values_x16(a, w, vrow, end, 4, 4, F32); break;                                  \
+    case 801: accumulate_values_x16(a, w, vrow, end, 1, 8, F32); break;                                  \
+    case 802: accumulate_values_x16(a, w, vrow, end, 2, 8, F32); break;                                  \
+    case 1201: accumulate_values_x16(a, w, vrow, end, 1, 12, F32); break;                                \
+    case 1601: accumulate_values_x16(a, w, vrow, end, 1, 16, F32); break;                                \
+    default:                                                                                             \
+        for (int i = 0; i < heads; i++) accumulate_values_x16(a + i, w + i, vrow, end, 1, vec, F32);     \
+    }
+
+/* heads * (vec / 16) <= 16 accumulators: per_pass = 16 / vec query heads at a time */
+BF16_TARGET static void accumulate_heads(float *const *a, const float *const *w, const void *const *vrow, int64_t end,
+                                         int heads, int vec, int rows_f32) {
+    if (rows_f32) {
+        ACCUMULATE_CASES(1)
+    } else {
+        ACCUMULATE_CASES(0)
+    }
+}
+
+/* out[m][d] = bf16(acc[m][d] * norm[m]) for rows m < rows (head_dim % 16 == 0) */
+BF16_TARGET static void store_normalised_bf16(uint16_t *out, const float *acc, const float *norm, int64_t rows,
+                                              int64_t head_dim) {
+    for (int64_t m = 0; m < rows; m++) {
+        const __m512 scale = _mm512_set1_ps(norm[m]);
+        for (int64_t d = 0; d < head_dim; d += 16) {
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + m * head_dim + d), scale);
+            store8_bf16(out + m * head_dim + d, _mm512_extractf32x8_ps(v, 0));
+            store8_bf16(out + m * head_dim + d + 8, _mm512_extractf32x8_ps(v, 1));
+        }
+    }
+}
+
+/* One decode token over its row: scores by dpbf16 dot products (float32 accumulation), float32 softmax,
+ * then values converted to float32 once per position and accumulated for every query head of the KV
+ * head. out: bf16 [num_q_heads * head_dim]. Requires head_dim % 32 == 0, head_dim <= 256. */
+BF16_TARGET static void decode_token_bf16(const uint16_t *q, const uint16_t *kv, uint16_t *out, const int64_t *kbase,
+                                          int64_t len, int64_t len8, int64_t num_q_heads, int64_t num_kv_heads,
+                                          int64_t head_dim, int64_t half_stride, int64_t row_stride, float scale,
+                                          float *scores, float *acc, float *norm) {
+    const int64_t group = num_q_heads / num_kv_heads;
+    const int vec = (int)(head_dim / 16);
+    for (int64_t j = 0; j < len; j++) {
+        if (j + PREFETCH_AHEAD < len) {
+            const char *next = (const char *)(kv + kbase[j + PREFETCH_AHEAD]);
+            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+        const uint16_t *k = kv + kbase[j];
+        for (int64_t hq = 0; hq < num_q_heads; hq++)
+            scores[hq * len8 + j] = scale * dot_bf16(q + hq * head_dim, k + (hq / group) * head_dim, head_dim);
+    }
+    for (int64_t hq = 0; hq < num_q_heads; hq++) norm[hq] = softmax_unnormalised(scores + hq * len8, len);
+    memset(acc, 0, sizeof(float) * (size_t)(num_q_heads * head_dim));
+    const int per_pass = 16 / vec; /* query heads whose accumulators fit in 16 registers */
+    for (int64_t j0 = 0; j0 < len; j0 += BF16_VBLOCK) {
+        const int64_t end = len - j0 < BF16_VBLOCK ? len - j0 : BF16_VBLOCK;
+        for (int64_t jj = 0; jj < end && j0 + BF16_VBLOCK + jj < len; jj++) {
+            const char *next = (const char *)(kv + kbase[j0 + BF16_VBLOCK + jj] + half_stride);
+            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const uint16_t *vrow[BF16_VBLOCK];
+            for (int64_t jj = 0; jj < end; jj++) vrow[jj] = kv + kbase[j0 + jj] + half_stride + h * head_dim;
+            for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
+                const int heads = (int)(group - g0 < per_pass ? group - g0 : per_pass);
+                float *a[16];
+                const float *w[16];
+                for (int i = 0; i < heads; i++) {
+                    const int64_t hq = h * group + g0 + i;
+                    a[i] = acc + hq * head_dim;
+                    w[i] = scores + hq * len8 + j0;
+                }
+                accumulate_heads(a, w, (const void *const *)vrow, end, heads, vec, 0);
+            }
+        }
+    }
+    store_normalised_bf16(out, acc, norm, num_q_heads, head_dim);
+}
+
+/* A prefill tile of n <= BF16_QUERY_TILE tokens of one row (token i attends kv_len[i] positions). Scores:
+ * KBLOCK positions of one KV head are transposed into dimension pairs [head_dim / 2][KBLOCK] (two bf16
+ * each), so one dpbf16 per pair gives a query KBLOCK partial scores, four query rows per pass sharing
+ * each K load. Values: VBLOCK rows converted to float32 once, accumulated in 16-lane registers. */
+BF16_TARGET static void prefill_tile_bf16(const uint16_t *q, const uint16_t *kv, uint16_t *out, const int64_t *kbase,
+                                          const int32_t *kv_len, int64_t n, int64_t len, int64_t len8,
+                                          int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                          int64_t half_stride, int64_t row_stride, float scale, float *scores,
+                                          float *acc, float *norm, float *block) {
+    const int64_t group = num_q_heads / num_kv_heads, pairs = head_dim / 2;
+    const int vec = (int)(head_dim / 16);
+    uint32_t kt[MAX_DIM / 2 * KBLOCK];
+    int64_t *ms = (int64_t *)(block + VBLOCK * row_stride); /* [n * group] query rows, after the V block */
+    for (int64_t j0 = 0; j0 < len; j0 += KBLOCK) {
+        const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            for (int64_t jj = 0; jj < KBLOCK; jj++) {
+                if (jj < kb) {
+                    const uint32_t *src = (const uint32_t *)(kv + kbase[j0 + jj] + h * head_dim);
+                    for (int64_t p = 0; p < pairs; p++) kt[p * KBLOCK + jj] = src[p];
+                } else {
+                    for (int64_t p = 0; p < pairs; p++) kt[p * KBLOCK + jj] = 0;
+                }
+            }
+            int64_t count = 0;
+            for (int64_t i = 0; i < n; i++)
+                if (j0 < kv_len[i])
+                    for (int64_t g = 0; g < group; g++) ms[count++] = i * num_q_heads + h * group + g;
+            for (int64_t c = 0; c < count; c += SCORE_ROWS) { /* independent accumulators hide dpbf16's latency */
+                const int64_t r = count - c < SCORE_ROWS ? count - c : SCORE_ROWS;
+                const uint32_t *qp[SCORE_ROWS];
+                for (int64_t i = 0; i < SCORE_ROWS; i++) qp[i] = (const uint32_t *)(q + ms[c + (i < r ? i : 0)] * head_dim);
+                __m512 res[SCORE_ROWS];
+                for (int64_t i = 0; i < SCORE_ROWS; i++) res[i] = _mm512_setzero_ps();
+                for (int64_t p = 0; p < pairs; p++) {
+                    const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + p * KBLOCK);
+                    for (int64_t i = 0; i < SCORE_ROWS; i++)
+                        res[i] = _mm512_dpbf16_ps(res[i], (__m512bh)_mm512_set1_epi32((int)qp[i][p]), k);
+                }
+                const __m512 sc = _mm512_set1_ps(scale);
+                for (int64_t i = 0; i < r; i++) _mm512_storeu_ps(scores + ms[c + i] * len8 + j0, _mm512_mul_ps(res[i], sc));
+            }
+        }
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t hq = 0; hq < num_q_heads; hq++)
+            norm[i * num_q_heads + hq] = softmax_unnormalised(scores + (i * num_q_heads + hq) * len8, kv_len[i]);
+    memset(acc, 0, sizeof(float) * (size_t)(n * num_q_heads * head_dim));
+    const int per_pass = 16 / vec;
+    for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
+        const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;
+        for (int64_t jj = 0; jj < vb; jj++) {
+            const int64_t j = j0 + jj;
+            if (j + VBLOCK < len) prefetch_row(kv, 1, kbase[j + VBLOCK] + half_stride, row_stride);
+            const uint16_t *src = kv + kbase[j] + half_stride;
+            for (int64_t d = 0; d < row_stride; d += 16) _mm512_storeu_ps(block + jj * row_stride + d, load16_bf16(src + d));
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t li = kv_len[i];
+            if (j0 >= li) continue;
+            const int64_t end = li - j0 < vb ? li - j0 : vb;
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                const float *vrow[VBLOCK];
+                for (int64_t jj = 0; jj < end; jj++) vrow[jj] = block + jj * row_stride + h * head_dim;
+                for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
+                    const int heads = (int)(group - g0 < per_pass ? group - g0 : per_pass);
+                    float *a[16];
+                    const float *w[16];
+                    for (int k = 0; k < heads; k++) {
+                        const int64_t m = i * num_q_heads + h * group + g0 + k;
+                        a[k] = acc + m * head_dim;
+                        w[k] = scores + m * len8 + j0;
+                    }
+                    accumulate_heads(a, w, (const void *const *)vrow, end, heads, vec, 1);
+                }
+            }
+        }
+    }
+    store_normalised_bf16(out, acc, norm, n * num_q_heads, head_dim);
+}
+#endif
+
+static int bf16_variant = -1; /* -1: not chosen yet; 0: the generic code; 1: AVX512-BF16 decode */
+
+/* request -1: the variant in use (chosen on first call: AVX512-BF16 where the CPU has it); 0 or 1:
+ * use that one (1 only where supported; tests compare both). Returns the variant now in use. */
+int pd_bf16_variant(int request) {
+#ifdef PD_X86
+    const int supported = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    const int supported = 0;
+#endif
+    if (request >= 0)
+        bf16_variant = request && supported;
+    else if (bf16_variant < 0)
+        bf16_variant = supported;
+    return bf16_variant;
+}
+
 /* Tasks are tiles of up to QUERY_TILE consecutive tokens of the same block-table row (a prefill chunk
  * is one row; each decode token is its own row, so its tile is one token). A tile reads every K and V
  * position of its row once, front to back, for all its queries (each over its own causal length).
@@ -123,8 +345,10 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
     int64_t *tile_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_tokens + 1));
     if (tile_start == NULL) return 2;
     int64_t num_tiles = 0;
+    const int bf16_fast = dtype == 1 && head_dim % 32 == 0 && pd_bf16_variant(-1) == 1;
+    const int64_t tile_rows = bf16_fast ? BF16_QUERY_TILE : QUERY_TILE;
     for (int64_t t = 0; t < num_tokens; t++) {
-        if (num_tiles == 0 || row_of_token[t] != row_of_token[t - 1] || t - tile_start[num_tiles - 1] >= QUERY_TILE)
+        if (num_tiles == 0 || row_of_token[t] != row_of_token[t - 1] || t - tile_start[num_tiles - 1] >= tile_rows)
             tile_start[num_tiles++] = t;
     }
     tile_start[num_tiles] = num_tokens;
@@ -139,7 +363,8 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
         float *qf = (float *)malloc(sizeof(float) * (size_t)(n * width));
         float *acc = (float *)calloc((size_t)(n * width), sizeof(float));
         float *norm = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads)); /* 1 / softmax sum per query head */
-        float *block = (float *)malloc(sizeof(float) * (size_t)(VBLOCK * row_stride));
+        /* V rows as float32; the bf16 path keeps its query-row list after them */
+        float *block = (float *)malloc(sizeof(float) * (size_t)(VBLOCK * row_stride) + sizeof(int64_t) * (size_t)(n * group));
         float *scores = (float *)malloc(sizeof(float) * (size_t)(n * num_q_heads * (len8 > 0 ? len8 : 1)));
         int64_t *kbase = (int64_t *)malloc(sizeof(int64_t) * (size_t)(len > 0 ? len : 1));
         if (qf == NULL || acc == NULL || norm == NULL || block == NULL || scores == NULL || kbase == NULL) {
@@ -153,6 +378,22 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
             kbase[j] = (int64_t)pages[page] * 2 * half_stride + slot * row_stride;
             if (++slot == page_size) slot = 0, page++;
         }
+#ifdef PD_X86
+        if (n == 1 && bf16_fast) {
+            decode_token_bf16((const uint16_t *)q + t0 * width, (const uint16_t *)kv, (uint16_t *)out + t0 * width,
+                              kbase, len, len8, num_q_heads, num_kv_heads, head_dim, half_stride, row_stride, scale,
+                              scores, acc, norm);
+            free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
+            continue;
+        }
+        if (n > 1 && bf16_fast) {
+            prefill_tile_bf16((const uint16_t *)q + t0 * width, (const uint16_t *)kv, (uint16_t *)out + t0 * width,
+                              kbase, kv_len + t0, n, len, len8, num_q_heads, num_kv_heads, head_dim, half_stride,
+                              row_stride, scale, scores, acc, norm, block);
+            free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
+            continue;
+        }
+#endif
         load_row(q, dtype, t0 * width, n * width, qf);
         for (int64_t i = 0; i < n * width; i++) qf[i] *= scale;
         if (n == 1) { /* a decode token: too few queries to pay for the transposition, dot each K row */

@@ -1,5 +1,5 @@
-/* 8-lane float vectors (GCC vector extensions: AVX2 with -march=native, plain code elsewhere) and the
- * exponential the native kernels share. */
+/* 8-lane float vectors (GCC vector extensions: AVX2 with -march=native, plain code elsewhere), bfloat16
+ * loads and stores (rounded to nearest even, as torch rounds) and the exponential the native kernels share. */
 #ifndef PD_SIMD_H
 #define PD_SIMD_H
 #include <math.h>
@@ -52,5 +52,46 @@ static inline v8 exp8(v8 x) {
     const v8i pow2n = (__builtin_convertvector(t, v8i) + 127) << 23;
     return y * (v8)pow2n;
 }
+
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = ((uint32_t)h) << 16;
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
+    uint32_t rounding = 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)((v.u + rounding) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+static inline v8 load8_bf16(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    return (v8)(__builtin_convertvector(h, v8u) << 16);
+}
+
+/* rounded to nearest even; NaN stays NaN */
+static inline v8h to_bf16_8(v8 f) {
+    const v8u u = (v8u)f;
+    const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v8u nan = (v8u)(f != f);
+    return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x40u) & nan), v8h);
+}
+
+static inline void store8_bf16(uint16_t *p, v8 f) {
+    const v8h h = to_bf16_8(f);
+    memcpy(p, &h, sizeof h);
+}
+
+/* f rounded to bfloat16 and back (the value torch keeps after a bf16 operation) */
+static inline v8 round8_bf16(v8 f) { return (v8)(__builtin_convertvector(to_bf16_8(f), v8u) << 16); }
 
 #endif
