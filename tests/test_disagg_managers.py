@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pdserve.disagg import messages as m
 from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.decode import DecodeDisaggManager
@@ -535,4 +536,27 @@ def test_prefill_refuses_a_decode_prefix_whose_page_hash_differs(engines, cluste
     c.run_until_finished("d2", "p2")
     assert "page hash" in abort_message(c.finished("d2"))
     assert "page hash" in abort_message(c.finished("p2"))
+    c.run_until_pools_empty()
+
+
+def test_a_decode_abort_drained_with_the_prefill_finish_is_not_reported_as_success(engines, cluster_factory):
+    """The race three full-suite runs hit: the step that finishes a room's prompt and decode's
+    Abort of that room reach the prefill manager in the same round. The step's success output must
+    not go to the client (its half failed); the abort naming decode's reason does."""
+    c = cluster_factory("tcp", engines["prefill"][:1], [])
+    manager = c.prefill[0]
+    manager.add(req("p", prompt(12, 25)), 91)
+    finished: list[StepOutput] = []
+    deadline = time.monotonic() + RUN_S
+    while not finished:  # step the engine alone: no network event is applied yet
+        assert time.monotonic() < deadline, "the prefill never finished its prompt"
+        finished = [out for out in manager.core.step() if out.rid == "p" and out.finished]
+    manager.inbox.put(m.Abort(91, "the client went away", decode_rank=0))
+    delivered, _ = manager.process(finished)
+    assert not [out for out in delivered if out.rid == "p" and out.finish_reason["type"] != "abort"], delivered
+    for out in delivered:
+        c.outputs.setdefault(out.rid, []).append(out)
+    c.run_until_finished("p")
+    assert "decode rank 0 aborted room 91: the client went away" in abort_message(c.finished("p"))
+    assert [out.finish_reason["type"] for out in c.outputs["p"] if out.finished] == ["abort"]
     c.run_until_pools_empty()

@@ -259,6 +259,11 @@ class PrefillDisaggManager:
             r = self.by_rid.get(out.rid)
             if r is None:
                 if out.finished and out.rid in self._abort_meta:
+                    if (out.finish_reason or {}).get("type") != "abort":
+                        # the room failed in this very call (an Abort drained above) after its step had
+                        # finished the prompt: the request's abort output, with the reason, comes with
+                        # the next step; this one must not tell the client its half succeeded
+                        continue
                     meta[out.rid] = self._abort_meta.pop(out.rid)
                 result.append(out)
                 continue
