@@ -105,7 +105,8 @@ def test_router_overhead_script_with_stubs(run_tagged, tmp_path):
             assert r["keepalive_over_fresh_p50"] > 0 and r["other_connection_mode_p50_ms"] > 0
     if "sglang" in targets:
         pd = next(r for r in rows if r["target"] == "pdserve" and r["concurrency"] == 4)
-        assert pd["req_per_s_vs_sglang"] > 0 and pd["cpu_vs_sglang"] > 0 and "added_p50_minus_sglang_ms" in pd
+        # reported, not judged (30 requests can fall within one 10 ms CPU tick: a ratio of 0 is possible)
+        assert pd["req_per_s_vs_sglang"] > 0 and pd["cpu_vs_sglang"] >= 0 and "added_p50_minus_sglang_ms" in pd
 
 
 def test_gpu_identity_script_runs_on_cpu(run_tagged):
