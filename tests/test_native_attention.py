@@ -42,13 +42,9 @@ def test_unsupported_inputs_fall_back():
     assert not native.supports(q, kv)  # float16 goes to the gather path
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,dim", [(torch.float32, 9, 3, 64), (torch.float32, 8, 4, 32),
-                                                      (torch.bfloat16, 8, 2, 64)])
-def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_heads, dim):
-    """Decode rows plus prefill chunks (no prefix; a prefix ending mid-page; a long chunk over a long
-    prefix), attended in one native call, equal the SDPA paths; the K/V written are the same."""
-    torch.manual_seed(1)
-    page_size, num_pages = 16, 200
+def mixed_batch(page_size: int, num_pages: int) -> tuple[AttentionMetadata, int]:
+    """Metadata of three decode rows and four prefill chunks (no prefix; a prefix ending mid-page; a
+    long chunk over a long prefix; one token) on shuffled pages, and the batch's token count."""
     order = torch.randperm(num_pages).tolist()
 
     def take(n: int) -> list[int]:
@@ -58,7 +54,17 @@ def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_h
     extends = [(0, 37, take(37)), (21, 11, take(32)), (300, 140, take(440)), (0, 1, take(1))]
     decode_pages = [take(n) for n in decode_lens]
     meta = AttentionMetadata.build(page_size, decode_pages, decode_lens, extends, torch.device("cpu"))
-    tokens = len(decode_lens) + sum(n for _, n, _ in extends)
+    return meta, len(decode_lens) + sum(n for _, n, _ in extends)
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,dim", [(torch.float32, 9, 3, 64), (torch.float32, 8, 4, 32),
+                                                      (torch.bfloat16, 8, 2, 64)])
+def test_native_mixed_batch_matches_pytorch_path(monkeypatch, dtype, heads, kv_heads, dim):
+    """Decode rows plus prefill chunks (no prefix; a prefix ending mid-page; a long chunk over a long
+    prefix), attended in one native call, equal the SDPA paths; the K/V written are the same."""
+    torch.manual_seed(1)
+    page_size, num_pages = 16, 200
+    meta, tokens = mixed_batch(page_size, num_pages)
     kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(dtype)
     q = torch.randn(tokens, heads, dim).to(dtype)
     k = torch.randn(tokens, kv_heads, dim).to(dtype)
@@ -119,16 +125,7 @@ def test_bf16_mixed_batch_variants_match_float32_sdpa(bf16_variant, variant, hea
         pytest.skip(f"this CPU has no {variant}")
     torch.manual_seed(4)
     page_size, num_pages = 16, 120
-    order = torch.randperm(num_pages).tolist()
-
-    def take(n: int) -> list[int]:
-        return [order.pop() for _ in range((n + page_size - 1) // page_size)]
-
-    decode_lens = [3, 40, 257]
-    extends = [(0, 37, take(37)), (21, 11, take(32)), (300, 140, take(440)), (0, 1, take(1))]
-    decode_pages = [take(n) for n in decode_lens]
-    meta = AttentionMetadata.build(page_size, decode_pages, decode_lens, extends, torch.device("cpu"))
-    tokens = len(decode_lens) + sum(n for _, n, _ in extends)
+    meta, tokens = mixed_batch(page_size, num_pages)
     kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
     q, k, v = ((torch.randn(tokens, h, dim) * 2).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     kv_native, kv_torch = kv.clone(), kv.float()
