@@ -322,3 +322,37 @@ def test_router_depends_on_the_servers_over_http_only() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_upstream_answer_over_the_cap_is_a_named_failure_not_retried():
+    """An upstream whose answer outgrows the cap is cut (connection closed) with a named error; the
+    router does not try it on another pair, which would answer the same."""
+    import asyncio
+
+    from pdserve.router.http_client import ClientPool, Target, UpstreamError
+    from pdserve.router.upstream import _failure
+
+    async def run() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10240\r\n\r\n" + b"x" * 10240)
+            await writer.drain()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = ClientPool()
+        try:
+            conn = await pool.request(Target.parse(f"http://127.0.0.1:{port}/generate"), b"{}", {}, 5.0)
+            try:
+                await conn.read_all(limit=1024)
+                raise AssertionError("an answer over the cap was read whole")
+            except UpstreamError as e:
+                assert e.reason == "oversized" and "1024 bytes" in str(e)
+                assert conn.closed
+                reply = _failure(e)
+                assert reply.status == 0 and not reply.retryable
+        finally:
+            await pool.close()
+            server.close()
+
+    asyncio.run(run())

@@ -25,10 +25,11 @@ import httptools
 from pdserve.ports import no_delay
 
 READ_HIGH_WATER = 1 << 20  # buffered, unread body bytes beyond which the socket stops being read
+MAX_ANSWER_BYTES = 256 << 20  # a whole answer read at once (streams are relayed chunk by chunk instead)
 
 
 class UpstreamError(Exception):
-    """No (complete) answer: ``reason`` is ``connect``, ``timeout`` or ``disconnected``."""
+    """No (complete) answer: ``reason`` is ``connect``, ``timeout``, ``disconnected`` or ``oversized``."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -179,12 +180,18 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
-    async def read_all(self) -> bytes:
-        parts = []
+    async def read_all(self, limit: int = MAX_ANSWER_BYTES) -> bytes:
+        """The whole body; UpstreamError ``oversized`` (connection closed) beyond ``limit`` bytes, so
+        an upstream that lies about its answer cannot fill the router's memory."""
+        parts, size = [], 0
         while True:
             chunk = await self.next_chunk()
             if not chunk:
                 return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamError("oversized", f"the answer exceeds {limit} bytes")
             parts.append(chunk)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ class Reply:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
-    reason: str = ""  # failures: "connect", "timeout", "disconnected", "status", "empty_stream"
+    reason: str = ""  # failures: "connect", "timeout", "disconnected", "oversized", "status", "empty_stream"
     verdict: bool | None = None  # the server's RETRYABLE_HEADER, when it sent one
     ranks: dict[str, str] = field(default_factory=dict)  # the server's rank headers (RANK_HEADERS)
 
@@ -83,7 +83,9 @@ def rank_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _failure(e: UpstreamError) -> Reply:
-    return Reply(0, f"{type(e).__name__}: {e}".encode(), "text/plain", e.reason)
+    # an oversized answer is that server's fault, not the request's, but another pair would answer the same
+    verdict = False if e.reason == "oversized" else None
+    return Reply(0, f"{type(e).__name__}: {e}".encode(), "text/plain", e.reason, verdict)
 
 
 class Upstream:
