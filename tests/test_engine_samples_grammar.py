@@ -67,9 +67,11 @@ def test_bad_grammar_raises_naming_field(engine, params):
 def test_batched_masks_match_each_matchers_own_mask():
     """One batched llguidance call + one vectorized op gives each row exactly its own matcher's mask
     (a dead matcher's too); unconstrained rows are untouched; a row whose allowed tokens were all
-    banned before gets them back, equally likely."""
+    banned before gets them back, equally likely. The batched path really runs: a fallback to row
+    by row (as when ``executor()`` raised NameError on ``torch``) fails the test."""
     import torch
 
+    from pdserve.engine import grammar
     from pdserve.engine.grammar import GrammarCompiler, apply_grammar_masks
     from pdserve.engine.request import Req, SamplingParams
     from pdserve.models import tiny
@@ -87,7 +89,10 @@ def test_batched_masks_match_each_matchers_own_mask():
     logits = torch.randn(len(reqs), vocab, generator=torch.Generator().manual_seed(0))
     logits[3] = float("-inf")  # every token banned before the grammar: the grammar's tokens come back
     before = logits.clone()
+    fallbacks = grammar.batch_fallbacks
     apply_grammar_masks(logits, reqs)
+    assert grammar.batch_fallbacks == fallbacks, "the batched mask call failed and fell back to row by row"
+    assert grammar._executor is not None  # the batch went through llguidance's executor
     for row, allowed in masks.items():
         assert allowed.any() and not allowed.all()
         assert torch.isinf(logits[row][~allowed]).all()

@@ -16,6 +16,7 @@ unpinned torch, triton and transformers) and computes masks on the CPU in tens o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -36,6 +37,8 @@ CACHE_SIZE = 128
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of whitespace from a weak model
 _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
+logger = logging.getLogger("pdserve.grammar")
+batch_fallbacks = 0  # batched mask calls that failed and were redone row by row (a test asserts none)
 
 
 def executor() -> llguidance.LLExecutor:
@@ -44,6 +47,8 @@ def executor() -> llguidance.LLExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
+            import torch  # only a worker masks logits; the front never gets here
+
             threads = int(os.environ.get("PDSERVE_GRAMMAR_THREADS", "0")) or torch.get_num_threads()
             _executor = llguidance.LLExecutor(num_threads=max(1, threads))
         return _executor
@@ -159,7 +164,9 @@ def _allows_any(matcher: llguidance.LLMatcher, vocab: int) -> bool:
 def fill_masks(matchers: Sequence[llguidance.LLMatcher], words: int) -> np.ndarray:
     """The next-token bitmasks [len(matchers), words] (int32, bit ``t % 32`` of word ``t // 32``:
     token ``t`` allowed), all in one batched llguidance call (one matcher: its own call, no pool
-    hand-off); a matcher that fails gets an empty mask."""
+    hand-off); a matcher that fails gets an empty mask. A failed batched call is logged and
+    counted (``batch_fallbacks``) before the rows are redone one by one: never a silent fallback."""
+    global batch_fallbacks
     bits = np.zeros((len(matchers), words), dtype=np.int32)
     try:
         if len(matchers) == 1:
@@ -167,7 +174,11 @@ def fill_masks(matchers: Sequence[llguidance.LLMatcher], words: int) -> np.ndarr
         else:
             executor().unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bits.ctypes.data,
                                                words * 4, len(matchers))
-    except Exception:  # find the failing matcher(s): row by row, each failure an empty mask
+    except Exception as e:  # find the failing matcher(s): row by row, each failure an empty mask
+        if len(matchers) > 1:
+            batch_fallbacks += 1
+            logger.warning("batched grammar mask of %d rows failed (%s: %s); computing them row by row",
+                           len(matchers), type(e).__name__, e)
         bits[:] = 0
         for k, matcher in enumerate(matchers):
             try:
