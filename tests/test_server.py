@@ -333,8 +333,9 @@ def test_rid_of_a_live_sample_is_refused_and_the_first_client_keeps_its_tokens(c
 
 
 def test_a_rid_is_free_once_abort_request_answers(client):
-    """``/abort_request`` answers once the worker let go of the rid, so a router retrying with the
-    client's rid is not refused 400 ("already in use") by the server it just aborted."""
+    """Once ``/abort_request`` answers, the rid is free (the worker finishes the old internal id on
+    its own), so a router retrying with the client's rid is not refused 400 ("already in use") by
+    the server it just aborted."""
     long = {"max_new_tokens": 1800, "ignore_eos": True}
     for i in range(3):
         rid = f"reuse-me-{i}"
@@ -346,6 +347,31 @@ def test_a_rid_is_free_once_abort_request_answers(client):
         again = client.post("/generate", json={"text": "Hi", "rid": rid, "sampling_params": {"max_new_tokens": 1}})
         assert again.status_code == 200, again.text
         thread.join(20)
+    assert_idle(client)
+
+
+def test_abort_by_a_batch_rid_never_hits_another_request(client):
+    """``/abort_request`` with ``job`` aborts the request ``job`` or the items of the batch request
+    ``job``; main aborted by prefix, so another client's request ``job-0`` died with it."""
+    long = {"max_new_tokens": 1800, "ignore_eos": True}
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(resp=client.post("/generate", json={
+        "text": "Hi", "rid": "job-0", "sampling_params": long})))
+    thread.start()
+    assert wait_until(lambda: pages_in_use(client) > 0, 10.0)
+    assert client.post("/abort_request", json={"rid": "job"}).json() == {"aborted": 0}
+    assert client.post("/abort_request", json={"rid": "job-0"}).json() == {"aborted": 1}
+    thread.join(20)
+    assert result["resp"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    batch = {"text": ["Hi", "Hello"], "rid": "b", "sampling_params": long}
+    thread = threading.Thread(target=lambda: result.update(batch=client.post("/generate", json=batch)))
+    thread.start()
+    assert wait_until(lambda: sum(r["num_reqs"] for r in client.get("/get_load").json()) == 2, 10.0)
+    assert client.post("/abort_request", json={"rid": "b"}).json() == {"aborted": 1}
+    thread.join(20)
+    items = result["batch"].json()
+    assert [item["meta_info"]["id"] for item in items] == ["b-0", "b-1"]
+    assert all(item["meta_info"]["finish_reason"]["type"] == "abort" for item in items)
     assert_idle(client)
 
 

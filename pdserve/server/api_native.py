@@ -386,11 +386,10 @@ async def abort_request(request: Request) -> Response:
         return JSONResponse({"aborted": controller.abort_all()})
     if body.rid is None:
         raise bad_request("rid is required (or abort_all: true)", "rid")
-    rids = [body.rid] if controller.abort(body.rid) else []
-    if not rids:  # a batch request with this rid as prefix
-        rids = [rid for rid in list(controller.requests) if rid.startswith(body.rid + "-") and controller.abort(rid)]
-    await controller.forgotten(rids)  # answered once the rid may be reused (a router's retry reuses the client's)
-    return JSONResponse({"aborted": int(bool(rids))})
+    # the request with this rid, else the items of the batch request with this rid; the rid is free at once
+    # (a router's retry reuses the client's): the worker finishes the aborted internal ids on its own
+    aborted = controller.abort(body.rid)
+    return JSONResponse({"aborted": int(bool(aborted))})
 
 
 @router.get("/metrics")

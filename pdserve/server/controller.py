@@ -38,7 +38,7 @@ import zmq.asyncio
 from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput, sample_rid
-from pdserve.engine.request_ids import IdInUse, RequestIds
+from pdserve.engine.request_ids import IdInUse, RequestIds, request_ids
 from pdserve.plane_secret import SECRET_ENV
 from pdserve.server import messages as msg
 from pdserve.server.config import ServerConfig
@@ -54,8 +54,6 @@ WATCHDOG_INTERVAL_S = 0.2
 MAX_PREFILL_CLIENTS = 64  # P/D decode: bootstrap clients kept for telling prefill servers of refusals
 REFUSAL_TIMEOUT_S = 2.0
 MAX_REFUSED_ROOMS = 100_000  # P/D prefill: rooms decode refused before their prefill half came
-FORGET_TIMEOUT_S = 2.0  # /abort_request waits this long for its worker to let go of the rids it aborted
-FORGET_POLL_S = 0.002
 RESTART_STREAK_RESET_S = 60.0  # a rank that served this long starts a fresh run of restarts
 SHUTDOWN_JOIN_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
@@ -65,7 +63,10 @@ logger = logging.getLogger("pdserve.controller")
 
 @dataclass
 class RequestHandle:
-    """One in-flight request as the controller tracks it; the consumer reads ``queue``."""
+    """One in-flight request as the controller tracks it; the consumer reads ``queue``.
+
+    ``rid`` is the client's label (what answers echo and ``/abort_request`` names); ``iid`` is the
+    internal id the worker knows it by, made by the controller and never reused."""
 
     rid: str
     rank: int
@@ -78,8 +79,13 @@ class RequestHandle:
     first_token_at: float | None = None
     last_token_at: float | None = None
     detached: bool = False  # nobody reads the queue any more (client gone): drop outputs
-    samples: list[str] = field(default_factory=list)  # rids of samples 1..n-1 (parallel sampling)
+    samples: list[str] = field(default_factory=list)  # internal ids of samples 1..n-1 (parallel sampling)
     done: bool = False
+    iid: str = ""  # internal id (the worker's rid); the label's when not set
+    batch: str | None = None  # the rid of the batch request this item belongs to (items are named rid-i)
+
+    def __post_init__(self) -> None:
+        self.iid = self.iid or self.rid
 
 
 class RankPhase:
@@ -129,9 +135,12 @@ class DPController:
         self.dp_size = config.dp_size
         self.policy = make_policy(config.load_balance_method, config.dp_size)
         self.ranks = [RankState(rank) for rank in range(config.dp_size)]
-        self.requests: dict[str, RequestHandle] = {}
-        self.ids = RequestIds()  # every live rid and sample id (rid.sK), reserved together on submit
-        self.rooms: dict[int, str] = {}  # P/D: bootstrap_room -> rid of the request in flight
+        self.requests: dict[str, RequestHandle] = {}  # internal id -> handle, until the worker is done with it
+        # the client's labels of live requests (rid and its samples' rid.sK), each held by an internal id
+        self.ids = RequestIds()
+        self.batches: dict[str, list[RequestHandle]] = {}  # a batch request's rid -> its items (named rid-i)
+        self._next_iid = 0
+        self.rooms: dict[int, str] = {}  # P/D: bootstrap_room -> internal id of the request in flight
         self.bootstrap = None  # BootstrapServer of a prefill server
         self.disagg_reports: dict[int, object] = {}  # rank -> latest DisaggReport
         self.ready_event = asyncio.Event()
@@ -322,10 +331,19 @@ class DPController:
         except NoRankAvailable as e:
             raise ServerError(503, str(e)) from None
 
+    def new_iid(self) -> str:
+        """A fresh internal id. Workers know requests only by these: a client's rid is a label, so
+        no client rid (nor a sample's ``rid.sK`` or a batch item's ``rid-i``) can ever collide
+        with another request's id in a worker, and a rid aborted by its client can be reused at once
+        while the worker still finishes the old request."""
+        self._next_iid += 1
+        return f"#{self._next_iid}"
+
     def submit(self, req: msg.GenerateReq, num_samples: int = 1) -> RequestHandle:
         """Send a request to ``req.dp_rank``; outputs then arrive on the returned handle's queue.
-        Its rid and the ids of its ``num_samples - 1`` further samples are reserved together: a
-        request naming an id that a live request or sample holds is refused (400 naming ``rid``)."""
+        Its rid (a label) and the labels of its ``num_samples - 1`` further samples are reserved
+        together: a request naming a label that a live request or sample holds is refused (400
+        naming ``rid``). The worker gets the request under a fresh internal id."""
         if not self.ready or self._closing:
             raise ServerError(503, "the server is not ready")
         state = self.ranks[req.dp_rank]
@@ -342,8 +360,10 @@ class DPController:
         if room is not None and room in self.rooms:
             raise ServerError(409, f"bootstrap_room {room} is already in use by running request {self.rooms[room]!r}",
                               "bootstrap_room")
+        iid = self.new_iid()
         handle = RequestHandle(
             rid=req.rid,
+            iid=iid,
             rank=req.dp_rank,
             prompt_tokens=len(req.input_ids),
             arrival=time.perf_counter(),
@@ -353,12 +373,12 @@ class DPController:
         if room is not None and self.bootstrap is not None:
             self.bootstrap.register_room(room, req.dp_rank)  # also lets the service catch a decode asking another rank
             self.bootstrap.clear_refusal(room)  # refused before (say, its rank was restarting), accepted now
-        if not self._send(state, req):
+        if not self._send(state, msgspec.structs.replace(req, rid=iid)):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
-        self.ids.reserve(req.rid, num_samples)
-        self.requests[req.rid] = handle
+        self.ids.reserve(req.rid, num_samples, request_ids(iid, num_samples))
+        self.requests[iid] = handle
         if room is not None:
-            self.rooms[room] = req.rid
+            self.rooms[room] = iid
         state.num_reqs += 1
         state.num_tokens += handle.num_tokens
         return handle
@@ -377,35 +397,49 @@ class DPController:
         parent = self.submit(req, req.sampling_params.n)
         handles = [parent]
         for i in range(1, req.sampling_params.n):
-            handle = RequestHandle(rid=sample_rid(req.rid, i), rank=parent.rank, prompt_tokens=len(req.input_ids),
-                                   arrival=parent.arrival, num_tokens=len(req.input_ids))
-            self.requests[handle.rid] = handle
+            handle = RequestHandle(rid=sample_rid(req.rid, i), iid=sample_rid(parent.iid, i), rank=parent.rank,
+                                   prompt_tokens=len(req.input_ids), arrival=parent.arrival,
+                                   num_tokens=len(req.input_ids))
+            self.requests[handle.iid] = handle
             state = self.ranks[parent.rank]
             state.num_reqs += 1
             state.num_tokens += handle.num_tokens
-            parent.samples.append(handle.rid)
+            parent.samples.append(handle.iid)
             handles.append(handle)
         return handles
 
-    def abort(self, rid: str, message: str = "aborted by request") -> bool:
-        handle = self.requests.get(rid)
-        if handle is None:
+    def group_batch(self, rid: str, handles: list[RequestHandle]) -> None:
+        """The items of one batch request (named ``rid-i``): ``/abort_request`` with ``rid`` aborts
+        them, and only them (never another request whose own rid merely starts with ``rid-``)."""
+        for handle in handles:
+            handle.batch = rid
+        self.batches[rid] = handles
+
+    def abort(self, rid: str, message: str = "aborted by request") -> int:
+        """Abort what the client calls ``rid``: the live request (or sample) with that label, else
+        the live items of the batch request with that rid. Their labels are free at once (a retry
+        may reuse the rid right away: the worker finishes the old internal ids on its own). How many
+        were aborted."""
+        iid = self.ids.token(rid)
+        handle = self.requests.get(iid) if iid is not None else None
+        if handle is not None:
+            return int(self._abort(handle, message))
+        return sum(self._abort(item, message) for item in self.batches.get(rid, ()))
+
+    def _abort(self, handle: RequestHandle, message: str) -> bool:
+        """Tell the worker to abort ``handle``'s internal id and free its label; False if it is done."""
+        if handle.done:
             return False
-        self._send(self.ranks[handle.rank], msg.AbortReq(rid, message))
+        self._send(self.ranks[handle.rank], msg.AbortReq(handle.iid, message))
+        self._release_label(handle)
         return True
 
-    async def forgotten(self, rids: list[str], timeout: float = FORGET_TIMEOUT_S) -> bool:
-        """Wait until none of ``rids`` (nor their samples) is in flight here: an aborted rid stays taken
-        until its worker's abort output comes back, so a caller reusing it at once (a router retrying with
-        the client's rid) would be refused 400. Bounded (a worker that died fails its requests anyway);
-        whether they all went."""
-        taken = [r for rid in rids if (h := self.requests.get(rid)) is not None for r in (rid, *h.samples)]
-        deadline = time.monotonic() + timeout
-        while any(rid in self.requests for rid in taken):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(FORGET_POLL_S)
-        return True
+    def _release_label(self, handle: RequestHandle) -> None:
+        self.ids.release(handle.rid, handle.iid)
+        if handle.batch is not None:
+            items = self.batches.get(handle.batch)
+            if items is not None and all(self.ids.token(item.rid) != item.iid for item in items):
+                del self.batches[handle.batch]
 
     def reject_room(self, room: int, rank: int | None, reason: str, status: int = 0) -> None:
         """P/D prefill: the front refused a request naming ``room`` before it reached a worker. Tell
@@ -472,7 +506,7 @@ class DPController:
         rid = self.rooms.get(room)
         handle = self.requests.get(rid) if rid is not None else None
         if handle is not None and handle.rank == holder:
-            self._send(self.ranks[holder], msg.AbortReq(handle.rid, reason))
+            self._send(self.ranks[holder], msg.AbortReq(handle.iid, reason))
             self._fail(handle, ServerError(400, reason, "disagg_prefill_dp_rank"))
         asked = self.ranks[ask.rank]
         if asked.phase == RankPhase.READY:
@@ -484,7 +518,7 @@ class DPController:
         rid = self.rooms.get(refusal.room)
         handle = self.requests.get(rid) if rid is not None else None
         if handle is not None:
-            self._send(self.ranks[handle.rank], msg.AbortReq(handle.rid, refusal.reason))
+            self._send(self.ranks[handle.rank], msg.AbortReq(handle.iid, refusal.reason))
             self._fail(handle, ServerError(refusal.status, refusal.reason))
             return
         refused = self._refused_rooms
@@ -497,17 +531,17 @@ class DPController:
             refused.popitem(last=False)
 
     def abort_all(self, message: str = "aborted by request") -> int:
-        rids = list(self.requests)
-        for rid in rids:
-            self.abort(rid, message)
-        return len(rids)
+        handles = list(self.requests.values())
+        for handle in handles:
+            self._abort(handle, message)
+        return len(handles)
 
     def release(self, handle: RequestHandle) -> None:
         """The consumer is gone: stop queueing its outputs and abort it if still running."""
         if handle.done:
             return
         handle.detached = True
-        if not self.abort(handle.rid, "client disconnected"):
+        if not self._abort(handle, "client disconnected"):
             return
         while not handle.queue.empty():
             handle.queue.get_nowait()
@@ -642,9 +676,9 @@ class DPController:
         if handle.done:
             return
         handle.done = True
-        self.requests.pop(handle.rid, None)
-        self.ids.release(handle.rid)
-        if handle.room is not None and self.rooms.get(handle.room) == handle.rid:
+        self.requests.pop(handle.iid, None)
+        self._release_label(handle)
+        if handle.room is not None and self.rooms.get(handle.room) == handle.iid:
             del self.rooms[handle.room]
         state = self.ranks[handle.rank]
         state.num_reqs -= 1

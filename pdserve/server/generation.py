@@ -197,7 +197,19 @@ class GenerationService:
         except BaseException:
             close_all(gens)
             raise
+        batch = batch_rid([req.rid for req in reqs])
+        if batch is not None:
+            self.controller.group_batch(batch, [gen.handle for gen in gens])
         return gens
+
+
+def batch_rid(rids: Sequence[str]) -> str | None:
+    """The rid of a batch request whose items are named ``rid-0``, ``rid-1`` ... (as the routes name
+    them), or None when ``rids`` is no such batch."""
+    if len(rids) < 2 or not rids[0].endswith("-0"):
+        return None
+    base = rids[0][:-2]
+    return base if all(rid == f"{base}-{i}" for i, rid in enumerate(rids)) else None
 
 
 class Generation:
