@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +146,30 @@ def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict
             cwd=REPO_ROOT, start_new_session=True,
         )
     return ServerProcess(proc, port, log_path, api_key)
+
+
+def stream_gaps(base_url: str, during=None, tokens: int = 400) -> list[float]:
+    """Seconds between the events of a ``tokens``-token ``/generate`` stream (another client's pace);
+    ``during()`` runs once it has started, and the stream is read to its end."""
+
+    stamps: list[float] = []
+
+    def stream() -> None:
+        body = {"text": "Once upon a time", "stream": True,
+                "sampling_params": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": 0}}
+        with httpx.Client(base_url=base_url, timeout=60.0) as c, c.stream("POST", "/generate", json=body) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    stamps.append(time.monotonic())
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    deadline = time.monotonic() + 30
+    while len(stamps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stamps, "the stream did not start"
+    if during is not None:
+        during()
+    streamer.join(60)
+    assert len(stamps) > tokens // 4
+    return [b - a for a, b in zip(stamps, stamps[1:])]

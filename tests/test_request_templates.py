@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_harness import launch
+from tests.server_harness import launch, stream_gaps
 
 TIMEOUT = httpx.Timeout(60.0)
 FIELD = "chat_template_kwargs.chat_template"
@@ -73,31 +73,6 @@ def test_trusted_request_template_renders(trusting):
     resp = chat(trusting, OWN_TEMPLATE, max_tokens=2)
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["prompt_tokens"] > 0
-
-
-def stream_gaps(base_url: str, during=None) -> list[float]:
-    """Seconds between the events of a 400-token stream; ``during()`` runs once it has started."""
-    stamps: list[float] = []
-
-    def stream() -> None:
-        body = {"text": "Once upon a time", "stream": True,
-                "sampling_params": {"max_new_tokens": 400, "min_new_tokens": 400, "temperature": 0}}
-        with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c, c.stream("POST", "/generate", json=body) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    stamps.append(time.monotonic())
-
-    streamer = threading.Thread(target=stream)
-    streamer.start()
-    deadline = time.monotonic() + 30
-    while len(stamps) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert stamps, "the stream did not start"
-    if during is not None:
-        during()
-    streamer.join(60)
-    assert len(stamps) > 100
-    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def test_hostile_template_meets_its_deadline_while_another_stream_keeps_its_pace(trusting):
@@ -171,3 +146,153 @@ def test_a_child_past_its_deadline_is_killed_and_replaced():
             runner.close()
 
     asyncio.run(scenario())
+
+
+def test_refused_templates_leave_another_stream_its_pace(untrusting):
+    """Flag off: a burst of request templates (the issue's loop, and a 1 MiB one) is refused 400
+    naming the field and the flag without rendering anything, and another client's stream keeps
+    its gap under 1 s (or within twice its own gap without them, on a machine too loaded for that)."""
+    base_url = str(untrusting.base_url)
+    baseline = max(stream_gaps(base_url))
+    results: list[httpx.Response] = []
+
+    def attack() -> None:
+        def hostile(template: str) -> None:
+            with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c:
+                for _ in range(5):
+                    results.append(chat(c, template))
+
+        attackers = [threading.Thread(target=hostile, args=(t,)) for t in (LOUD_LOOP, SILENT_LOOP, "{{ 'x' }}" + "x" * (1 << 20))]
+        for t in attackers:
+            t.start()
+        for t in attackers:
+            t.join(30)
+
+    gaps = stream_gaps(base_url, attack)
+    print(f"\n15 templates refused; longest stream gap {max(gaps) * 1000:.0f} ms ({baseline * 1000:.0f} ms without them)")
+    assert len(results) == 15
+    for resp in results:
+        assert resp.status_code == 400 and "--trust-request-chat-template" in resp.text, resp.text
+        assert resp.json()["error"]["param"] == FIELD
+    assert max(gaps) < max(1.0, 2 * baseline), (max(gaps), baseline)
+
+
+# ---------------------------------------------------------------------- grammars and tool schemas
+# Allowed by default (as in vLLM and SGLang), so no flag: each is checked in the front's grammar child
+# (deadline, size caps, a crash is a refusal) and compiled by the worker off its engine loop.
+
+def ref_chain(depth: int) -> str:
+    """A JSON schema whose ``$ref`` chain is ``depth`` long: llguidance resolves it recursively, and
+    at ~3000 it overflows an 8 MiB stack (SIGSEGV; on main the whole front died)."""
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(depth)}
+    defs[f"d{depth}"] = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    return json.dumps({"$defs": defs, "$ref": "#/$defs/d0"})
+
+
+# GBNF 3000 rules deep: llguidance's Python converter takes well over the 5 s deadline on it
+DEEP_EBNF = "root ::= a0\n" + "\n".join(f'a{i} ::= "(" a{i + 1} ")" | "x"' for i in range(3000)) + '\na3000 ::= "y"'
+NESTED_SCHEMA = '{"type":"object","properties":{"a":' * 200 + '{"type":"integer"}' + '},"required":["a"]}' * 200
+
+
+def generate(client: httpx.Client, sampling_params: dict) -> httpx.Response:
+    return client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 6, "temperature": 0,
+                                                                             **sampling_params}})
+
+
+def test_hostile_grammars_get_a_bounded_400_while_another_stream_keeps_its_pace(untrusting, tmp_path):
+    """A grammar that crashes llguidance (a 12,000-deep ``$ref`` chain), one that compiles past
+    the deadline (GBNF 3000 rules deep), a 2 MiB regex, a 200-deep nested schema in
+    ``response_format`` and tools whose schema is no schema, all at once while a stream runs:
+    each gets its 400 naming the field within a bound, the server and its workers live, an
+    ordinary grammar request is served meanwhile, and the stream's gap stays under 1 s (or within
+    twice its gap without them). A hostile grammar sent again is refused at once."""
+    from pdserve.server.generation import GRAMMAR_DEADLINE_S
+
+    base_url = str(untrusting.base_url)
+    assert generate(untrusting, {"regex": "[0-9]{2}"}).status_code == 200  # the grammar child and thread are up
+    restarts = sum(r["restarts"] for r in untrusting.get("/get_load").json())
+    baseline = max(stream_gaps(base_url))
+    results: dict[str, tuple[httpx.Response, float]] = {}
+
+    def timed(name: str, send) -> None:
+        with httpx.Client(base_url=base_url, timeout=TIMEOUT) as c:
+            started = time.monotonic()
+            resp = send(c)
+            results[name] = (resp, time.monotonic() - started)
+
+    hostile = {
+        "crash": lambda c: generate(c, {"json_schema": ref_chain(12_000)}),
+        "deadline": lambda c: generate(c, {"ebnf": DEEP_EBNF}),
+        "huge": lambda c: generate(c, {"regex": "a" * (2 << 20)}),
+        "nested": lambda c: c.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": json.loads(
+                NESTED_SCHEMA)}}}),
+        "tools": lambda c: c.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 4, "tool_choice": "none",
+            "tools": [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+                      {"type": "function", "function": {"name": "bad", "parameters": {"type": "no-such-type"}}}]}),
+    }
+
+    def attack() -> None:
+        threads = [threading.Thread(target=timed, args=item) for item in hostile.items()]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        timed("ordinary", lambda c: generate(c, {"json_schema": json.dumps(
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})}))
+        for t in threads:
+            t.join(60)
+
+    gaps = stream_gaps(base_url, attack)
+    summary = ", ".join(f"{name} {resp.status_code} in {s:.2f} s" for name, (resp, s) in results.items())
+    print(f"\n{summary}; longest stream gap {max(gaps) * 1000:.0f} ms ({baseline * 1000:.0f} ms without them)")
+    fields = {"crash": "sampling_params.json_schema", "deadline": "sampling_params.ebnf",
+              "huge": "sampling_params.regex", "nested": "response_format", "tools": "tools"}
+    for name, field in fields.items():
+        resp, seconds = results[name]
+        assert resp.status_code == 400, (name, resp.text)
+        assert resp.json()["error"]["param"] == field, (name, resp.text)
+        assert seconds < 4 * GRAMMAR_DEADLINE_S, (name, seconds)  # bounded: a deadline each, queued one at a time
+    assert "crashed the grammar compiler" in results["crash"][0].text
+    assert "did not compile within" in results["deadline"][0].text
+    assert "tools[1].function.parameters" in results["tools"][0].text
+    assert results["ordinary"][0].status_code == 200, results["ordinary"][0].text
+    assert results["ordinary"][1] < GRAMMAR_DEADLINE_S  # not queued behind the grammar that runs to its deadline
+    assert max(gaps) < max(1.0, 2 * baseline), (max(gaps), baseline)
+    for name in ("crash", "deadline"):  # the verdict is remembered: no second crash or deadline
+        started = time.monotonic()
+        resp = hostile[name](untrusting)
+        assert resp.status_code == 400 and time.monotonic() - started < 1.0, (name, resp.text)
+    assert untrusting.get("/health_generate").status_code == 200
+    assert sum(r["restarts"] for r in untrusting.get("/get_load").json()) == restarts  # no worker died
+    resp = generate(untrusting, {"json_schema": ref_chain(1000)})  # deep, but well within the stack: served
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["text"].startswith('{"a":'), resp.text  # the grammar at the chain's end constrains it
+
+
+def test_a_worker_compiles_grammars_off_its_engine_loop():
+    """The worker's grammar thread: a job finishes with its matcher (or the GrammarError naming the
+    field), signalled on a pipe the loop polls. It runs on its own large stack: the 6000-deep
+    ``$ref`` chain overflows the 8 MiB default (and the check's 16 MiB) but compiles there."""
+    import select
+
+    from pdserve.engine.grammar import CompileThread, GrammarCompiler, GrammarError
+    from pdserve.engine.request import SamplingParams
+    from pdserve.models import tiny
+    from pdserve.models.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny.default_model_path())
+    compiler = GrammarCompiler(tok.to_json(), tiny.VOCAB_SIZE, [tok.eos_token_id or 0])
+    thread = CompileThread(compiler.matcher)
+    thread.submit("deep", SamplingParams(json_schema=ref_chain(6000)))  # overflows an 8 or 16 MiB stack
+    thread.submit("bad", SamplingParams(regex="[a&&b]"))
+    done: list = []
+    deadline = time.monotonic() + 30
+    while len(done) < 2 and time.monotonic() < deadline:
+        select.select([thread.fileno()], [], [], 1.0)
+        done += thread.done()
+    assert [key for key, _, _ in done] == ["deep", "bad"] and thread.pending == 0
+    assert done[0][1] is not None and done[0][2] is None
+    assert done[1][1] is None and isinstance(done[1][2], GrammarError) and done[1][2].field == "regex"
+    assert threading.stack_size() == 0  # the process default is untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,7 +13,7 @@ from pdserve.engine.grammar import GrammarCompiler, grammar_field
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.radix_cache import RadixCache
-from pdserve.engine.request import Req, StepOutput
+from pdserve.engine.request import Req, SamplingParams, StepOutput
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.validation import RequestLimits
 
@@ -65,6 +66,7 @@ class EngineCore:
             self.runner.enable_decode_graphs(min(config.cuda_graph_max_bs, config.max_running_requests),
                                              self.context_length)
         self._grammars = None  # GrammarCompiler, built by the first constrained request
+        self._grammars_lock = threading.Lock()
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(
             self.runner,
@@ -103,6 +105,7 @@ class EngineCore:
         self.runner = sim.runner
         self.compute_path = {"dtype": str(sim.pool.dtype).removeprefix("torch."), "device": "simulated"}
         self._grammars = None
+        self._grammars_lock = threading.Lock()
         self.prefix_cache = None if config.disable_radix_cache else RadixCache(self.kv_pool)
         self.scheduler = Scheduler(
             self.runner,
@@ -142,21 +145,30 @@ class EngineCore:
         """What this rank can serve: the one validator's limits (``pdserve.engine.validation``)."""
         return RequestLimits(self.context_length, self.max_total_tokens, self.vocab_size)
 
-    def validate(self, req: Req) -> None:
+    def check_limits(self, req: Req) -> None:
         """Reject what the engine could never serve, naming the field and the allowed range (the
-        front runs the same check first); then resolve ``logprob_start_len`` and the grammar."""
+        front runs the same check first)."""
         self.limits.check(req.input_ids, req.params, req.top_logprobs_num, req.logprob_start_len)
+
+    def validate(self, req: Req) -> None:
+        """:meth:`check_limits`, then resolve ``logprob_start_len`` and the grammar (unless a matcher
+        compiled off the loop, :meth:`grammar_matcher` on the worker's grammar thread, is set)."""
+        self.check_limits(req)
         if req.logprob_start_len == -1:
             req.logprob_start_len = len(req.input_ids) - 1
-        req.grammar = self._grammar_matcher(req)
+        if req.grammar is None:
+            req.grammar = self.grammar_matcher(req.params)
 
-    def _grammar_matcher(self, req: Req) -> Any:
-        """The request's own grammar matcher (None without a grammar); the compiler is built on first use."""
-        if grammar_field(req.params) is None:
+    def grammar_matcher(self, params: SamplingParams) -> Any:
+        """A fresh matcher of ``params``' grammar (None without one); the compiler is built on first
+        use. Thread-safe: a worker calls it on its grammar thread, never on the engine loop."""
+        if grammar_field(params) is None:
             return None
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.vocab_size, self.loaded.eos_token_ids)
-        return self._grammars.matcher(req.params)
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.vocab_size,
+                                                 self.scheduler.eos_token_ids)
+        return self._grammars.matcher(params)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Req) -> None:

@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # the front compiles grammars and never masks logits: it impo
 
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 CACHE_SIZE = 128
+MAX_GRAMMAR_CHARS = 1 << 20  # a grammar field's text (a JSON schema of ~10^4 properties, a 10^5-word regex)
+MAX_GRAMMAR_SOURCE_CHARS = 8 << 20  # the llguidance grammar it becomes
+# llguidance compiles recursively: a grammar ~3000 rules deep overflows an 8 MiB stack (SIGSEGV, the
+# whole process). The front checks each grammar on a thread with CHECK_STACK_BYTES in a child process;
+# a worker compiles on a thread with four times that, so what passed the check cannot overflow there.
+CHECK_STACK_BYTES = 16 << 20
+COMPILE_STACK_BYTES = 64 << 20
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of whitespace from a weak model
 _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
@@ -73,7 +80,18 @@ def grammar_field(params: SamplingParams) -> tuple[str, str] | None:
 
 
 def _grammar_text(field: str, text: str) -> str:
-    """The llguidance grammar for one field's text (GrammarError when it cannot be read)."""
+    """The llguidance grammar for one field's text (GrammarError when it cannot be read or is too
+    large: the text over MAX_GRAMMAR_CHARS, the grammar over MAX_GRAMMAR_SOURCE_CHARS)."""
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise GrammarError(field, f"the {field} has {len(text)} characters; at most {MAX_GRAMMAR_CHARS} are accepted")
+    grammar = _convert(field, text)
+    if len(grammar) > MAX_GRAMMAR_SOURCE_CHARS:
+        raise GrammarError(field, f"the {field} expands to a grammar of {len(grammar)} characters; at most "
+                                  f"{MAX_GRAMMAR_SOURCE_CHARS} are accepted")
+    return grammar
+
+
+def _convert(field: str, text: str) -> str:
     try:
         if field == "json_schema":
             schema = json.loads(text)
@@ -98,6 +116,10 @@ class GrammarCompiler:
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
+
+    def compile(self, field: str, text: str) -> llguidance.LLMatcher:
+        """The cached matcher of one grammar field's text (GrammarError naming the field)."""
+        return self._template(field, text)
 
     def _template(self, field: str, text: str) -> llguidance.LLMatcher:
         key = (field, text)
@@ -237,3 +259,66 @@ def advance_grammar(req: Req, token: int) -> dict[str, Any] | None:
     if grammar.is_stopped():
         return {"type": "stop", "matched": None}
     return None
+
+
+def on_thread_with_stack(stack_bytes: int, fn: Any, *args: Any, name: str = "pdserve-grammar") -> threading.Thread:
+    """Start ``fn(*args)`` on a daemon thread with a ``stack_bytes`` stack (the size applies to that
+    thread only: the process default is put back at once)."""
+    previous = threading.stack_size(stack_bytes)
+    try:
+        thread = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        thread.start()
+    finally:
+        threading.stack_size(previous)
+    return thread
+
+
+class CompileThread:
+    """Compiles requests' grammars off a worker's engine loop, one at a time, on a thread with a
+    COMPILE_STACK_BYTES stack.
+
+    ``submit(key, params)`` queues a job; when it is done, ``fileno()`` turns readable (the loop
+    polls it with its sockets) and :meth:`done` returns ``(key, matcher, error)``. llguidance drops
+    the GIL while it builds a matcher, so the loop keeps stepping other requests meanwhile."""
+
+    def __init__(self, compile_fn: Any) -> None:
+        import queue
+
+        self._compile = compile_fn
+        self._jobs: queue.SimpleQueue[tuple[Any, SamplingParams]] = queue.SimpleQueue()
+        self._done: list[tuple[Any, Any, Exception | None]] = []
+        self._lock = threading.Lock()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        self.pending = 0  # submitted, not yet returned by done()
+        on_thread_with_stack(COMPILE_STACK_BYTES, self._run)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def submit(self, key: Any, params: SamplingParams) -> None:
+        self.pending += 1
+        self._jobs.put((key, params))
+
+    def done(self) -> list[tuple[Any, Any, Exception | None]]:
+        """The finished jobs, in the order they finished: ``(key, matcher, None)`` or ``(key, None, error)``."""
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            done, self._done = self._done, []
+        self.pending -= len(done)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            key, params = self._jobs.get()
+            try:
+                result = (key, self._compile(params), None)
+            except Exception as e:  # a GrammarError names the field; anything else fails that request only
+                result = (key, None, e)
+            with self._lock:
+                self._done.append(result)
+            os.write(self._write_fd, b"x")

@@ -253,7 +253,8 @@ class Tokenizer:
                 return self.chat_templates[name]
             if "{" in name:  # an inline template string
                 return name
-            raise TokenizerError(f"no chat template named {name!r}; available: {', '.join(self.chat_templates)}")
+            shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
+            raise TokenizerError(f"no chat template named {shown!r}; available: {', '.join(self.chat_templates)}")
         if tools and "tool_use" in self.chat_templates:
             return self.chat_templates["tool_use"]
         if "default" in self.chat_templates:

@@ -503,6 +503,7 @@ async def chat_completions(request: Request) -> Response:
         if not body.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.config.tool_call_parser)
+    await service.check_tool_schemas(plan.schemas)  # compiled in the grammar child, off the event loop
     constraint = openai_constraint(body)
     if plan.schema is not None:
         if constraint is not None:

@@ -10,27 +10,38 @@ while streaming), logprob accumulation and timing. The API modules only format i
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pdserve.engine.grammar import GrammarCompiler, GrammarError, grammar_field
+from pdserve.engine.grammar import MAX_GRAMMAR_CHARS, GrammarError, grammar_field
 from pdserve.engine.output_format import merge_logprobs, trim_stop
 from pdserve.engine.request import SamplingParams, StepOutput, TokenLogprobs
 from pdserve.engine.validation import FieldError, RequestLimits
 from pdserve.server import messages as msg
 from pdserve.server.controller import DPController, RequestHandle
 from pdserve.server.errors import ServerError, bad_request
-from pdserve.server.request_code import RequestCodeRunner
+from pdserve.server.request_code import (
+    RequestCodeCrashed,
+    RequestCodePool,
+    RequestCodeRunner,
+    RequestCodeTimeout,
+)
 
 T = TypeVar("T")
 
 MAX_CHARS_PER_TOKEN = 32  # a text prompt longer than context_length * this cannot fit: refused before tokenizing
 MAX_BATCH = 1024  # prompts in one request
 OFFLOAD_THREADS = 2  # tokenization and chat templates run here, never on the event loop
-GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+GRAMMAR_DEADLINE_S = 5.0  # a request's grammar (or its tools' schemas) must compile within this
+GRAMMAR_VERDICTS = 1024  # grammars whose verdict the front remembers (LRU)
+GRAMMAR_CHILDREN = 3  # grammar checks run at once, each in its own child: one slow grammar holds up no other
 REQUEST_TEMPLATE_DEADLINE_S = 2.0  # a chat template a request supplies must render within this
 
 
@@ -72,7 +83,8 @@ class GenerationService:
         self.max_prompt_chars = self.context_length * MAX_CHARS_PER_TOKEN
         self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="pdserve-tokenize")
         self.request_code = RequestCodeRunner()  # a request's own chat template: a child process of its own
-        self._grammars: GrammarCompiler | None = None
+        self._grammar_code: RequestCodePool | None = None  # grammars and tool schemas: children of their own
+        self._verdicts: OrderedDict[tuple[str, str], str] = OrderedDict()  # (kind, sha256) -> "" or the refusal
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run per-request CPU work (tokenizing, chat templates) off the event loop, so one large
@@ -81,6 +93,8 @@ class GenerationService:
 
     def close(self) -> None:
         self.request_code.close()
+        if self._grammar_code is not None:
+            self._grammar_code.close()
 
     @property
     def request_template_limits(self) -> tuple[float, int]:
@@ -142,25 +156,76 @@ class GenerationService:
                 )
 
     async def check_grammars(self, reqs: Sequence[GenRequest]) -> None:
-        """Compile each request's grammar off the event loop (cached); 400 naming the field if one
-        does not compile or takes longer than GRAMMAR_COMPILE_TIMEOUT_S."""
+        """Check each request's grammar in the grammar child (``server/grammar_check.py``): 400
+        naming the field if it is over MAX_GRAMMAR_CHARS, does not compile, takes longer than
+        GRAMMAR_DEADLINE_S or crashes the compiler. Never on the front's own threads."""
         for req in reqs:
             try:
-                if grammar_field(req.params) is None:
-                    continue
-                if self._grammars is None:
-                    tok = self.tokenizer
-                    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-                    self._grammars = await asyncio.to_thread(GrammarCompiler, tok.to_json(), self.vocab_size, eos)
-                await asyncio.wait_for(asyncio.to_thread(self._grammars.check, req.params), GRAMMAR_COMPILE_TIMEOUT_S)
+                found = grammar_field(req.params)
             except GrammarError as e:
                 field = req.grammar_field or f"sampling_params.{e.field}"
                 raise bad_request(f"{field}: {e.detail}", field) from None
-            except asyncio.TimeoutError:
-                field = req.grammar_field or "grammar"
-                raise bad_request(
-                    f"{field}: the grammar did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:.0f} s", field
-                ) from None
+            if found is None:
+                continue
+            kind, text = found
+            field = req.grammar_field or f"sampling_params.{kind}"
+            if len(text) > MAX_GRAMMAR_CHARS:
+                raise bad_request(f"{field}: the {kind} has {len(text)} characters; at most {MAX_GRAMMAR_CHARS} "
+                                  "are accepted", field)
+            from pdserve.server.grammar_check import check_grammar
+
+            job = functools.partial(self._grammar_runner().run, GRAMMAR_DEADLINE_S, check_grammar, kind, text)
+            refusal = await self._verdict(kind, text, "the grammar", job)
+            if refusal:
+                raise bad_request(f"{field}: {refusal}", field)
+
+    async def check_tool_schemas(self, schemas: Sequence[Any]) -> None:
+        """Check tools' ``function.parameters`` schemas in the grammar child: 400 naming ``tools``
+        for the first that is no usable JSON Schema, or when they do not compile in time."""
+        if not schemas:
+            return
+        from pdserve.server.grammar_check import check_schemas
+
+        async def first_bad() -> str:
+            found = await self._grammar_runner().run(GRAMMAR_DEADLINE_S, check_schemas, list(schemas))
+            return "" if found is None else f"tools[{found[0]}].function.parameters is not a valid JSON Schema: " \
+                                            f"{found[1]}"
+
+        text = json.dumps(list(schemas), sort_keys=True)
+        refusal = await self._verdict("tools", text, "the tools' schemas", first_bad)
+        if refusal:
+            raise bad_request(refusal, "tools")
+
+    async def _verdict(self, kind: str, text: str, what: str, job: Callable[[], Any]) -> str:
+        """The remembered verdict on ``text`` ("" or why it is refused), else ``await job()`` (a
+        check in the grammar child) and remember it; a deadline or a crash is a verdict too."""
+        key = (kind, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        verdict = self._verdicts.get(key)
+        if verdict is not None:
+            self._verdicts.move_to_end(key)
+            return verdict
+        try:
+            verdict = await job()
+        except RequestCodeTimeout:
+            verdict = f"{what} did not compile within {GRAMMAR_DEADLINE_S:g} s"
+        except RequestCodeCrashed:
+            verdict = f"{what} crashed the grammar compiler (too deeply nested?)"
+        self._verdicts[key] = verdict
+        while len(self._verdicts) > GRAMMAR_VERDICTS:
+            self._verdicts.popitem(last=False)
+        return verdict
+
+    def _grammar_runner(self) -> RequestCodePool:
+        """The grammar children (each killed at its job's deadline, no grace: a compile cannot stop
+        itself), started on first use."""
+        if self._grammar_code is None:
+            from pdserve.server.grammar_check import start
+
+            tok = self.tokenizer
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            self._grammar_code = RequestCodePool(GRAMMAR_CHILDREN, grace_s=0.0, initializer=start,
+                                                 initargs=(tok.to_json(), self.vocab_size, eos))
+        return self._grammar_code
 
     # ------------------------------------------------------------------ submit
     def start(self, req: GenRequest) -> list[Generation]:

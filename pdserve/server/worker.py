@@ -10,6 +10,11 @@ In a P/D role the rank also owns a prefill or decode manager (:mod:`pdserve.disa
 with a ``bootstrap_room`` go through it, the loop also wakes on its network events, and every
 step's outputs pass through ``manager.process`` (prefill holds a finished output back until its
 KV is sent; decode activates requests whose KV arrived).
+
+A request with a grammar is checked against the limits at once, then its grammar is compiled on the
+rank's grammar thread (:class:`~pdserve.engine.grammar.CompileThread`), never on the loop: the
+request enters the engine when its matcher is ready (an abort meanwhile is applied right then), and
+other requests keep stepping while it compiles.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class Worker:
         self._stats_sent: tuple[float, object] = (0.0, None)
         self._load_sent: msg.RankLoad | None = None
         self.faults = None  # pdserve.sim.faults.FaultInjector when --inject-faults is set
+        self._poller = zmq.Poller()
+        self._poller.register(self.inbox, zmq.POLLIN)
+        self.grammars = None  # CompileThread, started by the first request with a grammar
+        self._compiling: dict[str, tuple[msg.GenerateReq, object]] = {}  # rid -> its request, grammar compiling
+        self._aborted_compiling: dict[str, str] = {}  # rid -> abort message, applied once it is added
 
     def send(self, message: msg.FromWorker) -> None:
         self.outbox.send(msg.encode(message))
@@ -125,8 +135,55 @@ class Worker:
                 raise RequestError("bootstrap_host is required with bootstrap_room on a decode server")
             self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank)
 
+    def compile_grammar(self, message: msg.GenerateReq, req) -> None:
+        """Check ``req`` against the limits now and compile its grammar on the grammar thread."""
+        from pdserve.engine.grammar import CompileThread
+
+        self.engine.check_limits(req)
+        if self.grammars is None:
+            self.grammars = CompileThread(self.engine.grammar_matcher)
+            self._poller.register(self.grammars.fileno(), zmq.POLLIN)
+        self._compiling[message.rid] = (message, req)
+        self.grammars.submit(message.rid, req.params)
+
+    def admit_compiled(self) -> None:
+        """Requests whose grammar is compiled enter the engine (or are refused naming the field)."""
+        if self.grammars is None or not self.grammars.pending:
+            return
+        for rid, matcher, error in self.grammars.done():
+            message, req = self._compiling.pop(rid)
+            aborted = self._aborted_compiling.pop(rid, None)
+            if error is None:
+                req.grammar = matcher
+            self._add(message, req, error)
+            if aborted is not None and error is None:
+                self._abort(rid, aborted)
+
+    def _add(self, message: msg.GenerateReq, req, error: Exception | None = None) -> None:
+        """Add ``req``; a refusal (``error``, or one raised now) goes back as ReqRejected."""
+        from pdserve.engine.request import RequestError
+
+        try:
+            if error is not None:
+                raise error
+            self.add_request(message, req)
+        except RequestError as e:
+            self.send(msg.ReqRejected(self.rank, message.rid, str(e), getattr(e, "status", 400)))
+        except Exception as e:  # an engine bug must fail the request, not the rank
+            logger.error("dp rank %d: add_request(%s) failed", self.rank, message.rid,
+                         exc_info=(type(e), e, e.__traceback__))
+            self.send(msg.ReqRejected(self.rank, message.rid, f"internal error: {e}", 500))
+
+    def _abort(self, rid: str, message: str) -> None:
+        if self.disagg is not None:
+            self.disagg.abort(rid, message)
+        else:
+            self.engine.abort(rid)
+        self._step_due = True
+
     def handle(self, message: msg.ToWorker) -> bool:
         """Apply one message; False means shut down."""
+        from pdserve.engine.grammar import grammar_field
         from pdserve.engine.request import Req, RequestError
 
         if isinstance(message, msg.GenerateReq):
@@ -139,18 +196,18 @@ class Worker:
                 logprob_start_len=message.logprob_start_len,
             )
             try:
-                self.add_request(message, req)
+                if grammar_field(req.params) is not None:
+                    self.compile_grammar(message, req)
+                    return True
             except RequestError as e:
                 self.send(msg.ReqRejected(self.rank, message.rid, str(e), getattr(e, "status", 400)))
-            except Exception as e:  # an engine bug must fail the request, not the rank
-                logger.exception("dp rank %d: add_request(%s) failed", self.rank, message.rid)
-                self.send(msg.ReqRejected(self.rank, message.rid, f"internal error: {e}", 500))
+                return True
+            self._add(message, req)
         elif isinstance(message, msg.AbortReq):
-            if self.disagg is not None:
-                self.disagg.abort(message.rid, message.message)
+            if message.rid in self._compiling:
+                self._aborted_compiling.setdefault(message.rid, message.message)
             else:
-                self.engine.abort(message.rid)
-            self._step_due = True
+                self._abort(message.rid, message.message)
         elif isinstance(message, msg.RejectRoom):
             if self.spec.disagg.mode == "prefill":
                 self.disagg.reject_room(message.room, message.reason, message.status,
@@ -176,8 +233,7 @@ class Worker:
 
     def run(self) -> int:
         engine, disagg = self.engine, self.disagg
-        poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
+        poller = self._poller
         if disagg is not None:
             poller.register(disagg.fileno(), zmq.POLLIN)
         while self.parent_alive():
@@ -190,6 +246,7 @@ class Worker:
                     continue
             if not self.drain():
                 return 0
+            self.admit_compiled()
             outputs = []
             if engine.has_work() or self._step_due:
                 self._step_due = False

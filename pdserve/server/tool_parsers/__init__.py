@@ -9,7 +9,7 @@ server's ``--tool-call-parser`` (one module per format here) extracts the calls.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.server.errors import bad_request
@@ -36,26 +36,23 @@ class ToolPlan:
     tools: list[dict[str, Any]]
     schema: str | None = None  # JSON schema constraining the output (required / named)
     function: str | None = None  # the named function
+    schemas: list[Any] = field(default_factory=list)  # each tool's parameters, to check off the loop
 
 
 def _check_tools(tools: list[Any]) -> dict[str, dict[str, Any]]:
-    """name -> parameters schema, after checking each tool is a function with a JSON-Schema object."""
-    from pdserve.engine.grammar import check_json_schema
-
+    """name -> parameters schema, after checking each tool is a function with a JSON-Schema object
+    (whether each compiles is checked in the grammar child: ``GenerationService.check_tool_schemas``)."""
     out: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools):
-        field = f"tools[{i}]"
+        where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise bad_request(f"{field}: only tools of type 'function' are supported", "tools")
+            raise bad_request(f"{where}: only tools of type 'function' are supported", "tools")
         fn = tool.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_request(f"{field}.function.name must be a non-empty string", "tools")
+            raise bad_request(f"{where}.function.name must be a non-empty string", "tools")
         params = fn.get("parameters", {"type": "object"})
         if not isinstance(params, dict):
-            raise bad_request(f"{field}.function.parameters must be a JSON Schema object", "tools")
-        error = check_json_schema(params)
-        if error:
-            raise bad_request(f"{field}.function.parameters is not a valid JSON Schema: {error}", "tools")
+            raise bad_request(f"{where}.function.parameters must be a JSON Schema object", "tools")
         out[fn["name"]] = params
     return out
 
@@ -67,16 +64,17 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None,
             raise bad_request("tool_choice needs tools", "tool_choice")
         return ToolPlan("none", [])
     schemas = _check_tools(tools)
+    checks = [tool["function"].get("parameters", {"type": "object"}) for tool in tools]
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return ToolPlan("none", tools)
+        return ToolPlan("none", tools, schemas=checks)
     if choice == "auto":
         if parser is None:
             raise bad_request(
                 "tools with tool_choice 'auto' need a server started with --tool-call-parser "
                 f"({', '.join(sorted(PARSERS))}); or use tool_choice 'required' or a named function", "tool_choice"
             )
-        return ToolPlan("auto", tools)
+        return ToolPlan("auto", tools, schemas=checks)
     if choice == "required":
         item = {
             "anyOf": [
@@ -88,12 +86,12 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None,
         array: dict[str, Any] = {"type": "array", "minItems": 1, "items": item}
         if parallel is False:
             array["maxItems"] = 1
-        return ToolPlan("required", tools, schema=json.dumps(array))
+        return ToolPlan("required", tools, schema=json.dumps(array), schemas=checks)
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in schemas:
             raise bad_request(f"tool_choice names function {name!r}, which is not among tools", "tool_choice")
-        return ToolPlan("named", tools, schema=json.dumps(schemas[name]), function=name)
+        return ToolPlan("named", tools, schema=json.dumps(schemas[name]), function=name, schemas=checks)
     raise bad_request(
         "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
         "tool_choice",
