@@ -373,7 +373,7 @@ class DPController:
         if room is not None and self.bootstrap is not None:
             self.bootstrap.register_room(room, req.dp_rank)  # also lets the service catch a decode asking another rank
             self.bootstrap.clear_refusal(room)  # refused before (say, its rank was restarting), accepted now
-        if not self._send(state, msgspec.structs.replace(req, rid=iid)):
+        if not self._send(state, msgspec.structs.replace(req, rid=iid, label=req.rid)):
             raise ServerError(503, f"DP rank {req.dp_rank} is not reachable")
         self.ids.reserve(req.rid, num_samples, request_ids(iid, num_samples))
         self.requests[iid] = handle

@@ -51,6 +51,7 @@ class GenerateReq(msgspec.Struct, tag="generate"):
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     prefill_dp_rank: int | None = None
+    label: str | None = None  # the client's rid (``rid`` is the front's internal id): for logs and fault plans
 
 
 class AbortReq(msgspec.Struct, tag="abort"):

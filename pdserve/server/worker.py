@@ -127,13 +127,15 @@ class Worker:
         elif self.spec.disagg.mode == "prefill":
             self.disagg.add(req, room)
             if self.faults is not None:
-                self.faults.after_add(self.disagg, req.rid)
+                self.faults.after_add(self.disagg, req.rid, message.label)
         else:
             from pdserve.engine.request import RequestError
 
             if not message.bootstrap_host:
                 raise RequestError("bootstrap_host is required with bootstrap_room on a decode server")
             self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank)
+            if self.faults is not None:
+                self.faults.after_add(self.disagg, req.rid, message.label)
 
     def compile_grammar(self, message: msg.GenerateReq, req) -> None:
         """Check ``req`` against the limits now and compile its grammar on the grammar thread."""

@@ -78,14 +78,16 @@ class FaultInjector:
     def __init__(self, plan: FaultPlan, mode: str) -> None:
         self.plan = plan
         self.mode = mode
+        self.labels: dict[str, str] = {}  # the rank's internal id -> the client's rid, which the plan hashes
 
-    def after_add(self, disagg, rid: str) -> None:
-        if self.mode == "prefill" and self.plan.hits("prefill", rid):
+    def after_add(self, disagg, rid: str, label: str | None = None) -> None:
+        if label is not None:
+            self.labels[rid] = label
+        if self.mode == "prefill" and self.plan.hits("prefill", label or rid):
             disagg.abort(rid, "injected fault: prefill failed")
 
     def after_step(self, disagg, outputs: list) -> None:
-        if self.mode != "decode" or self.plan.decode <= 0:
-            return
         for out in outputs:
-            if out.new_token_ids and not out.finished and self.plan.hits("decode", out.rid):
+            label = self.labels.pop(out.rid, out.rid) if out.finished else self.labels.get(out.rid, out.rid)
+            if self.mode == "decode" and out.new_token_ids and not out.finished and self.plan.hits("decode", label):
                 disagg.abort(out.rid, "injected fault: decode failed")
