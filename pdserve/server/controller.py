@@ -358,7 +358,9 @@ class DPController:
         if refusal is not None and refusal[0].room == room and refusal[1] > time.monotonic():
             raise ServerError(refusal[0].status, refusal[0].reason)
         if room is not None and room in self.rooms:
-            raise ServerError(409, f"bootstrap_room {room} is already in use by running request {self.rooms[room]!r}",
+            holder = self.requests.get(self.rooms[room])
+            raise ServerError(409, f"bootstrap_room {room} is already in use by running request "
+                                   f"{holder.rid if holder is not None else self.rooms[room]!r}",
                               "bootstrap_room")
         iid = self.new_iid()
         handle = RequestHandle(
