@@ -44,7 +44,10 @@ def pair(tmp_path_factory):
     bootstrap_port = free_port()
     prefill = launch(["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap_port),
                       *COMMON, *PD], logs, api_key=API_KEY)
-    decode = launch(["--disaggregation-mode", "decode", *COMMON, *PD], logs, api_key=API_KEY)
+    # these tests harden the decode server's front with requests of its own (no room): the operator's flag lets
+    # it compute them (tests/test_disagg_server.py checks that without the flag they are refused)
+    decode = launch(["--disaggregation-mode", "decode", "--disaggregation-decode-allow-local-prefill", *COMMON, *PD],
+                    logs, api_key=API_KEY)
     try:
         for server in (prefill, decode):
             server.wait_healthy()
