@@ -324,3 +324,29 @@ def test_decode_alone_refuses_what_smg_sends_a_vllm_backend(servers):
     error = resp.json()["error"]
     assert error["param"] == "bootstrap_room" and "names no KV source" in error["message"], error
     assert time.monotonic() - started < 5
+
+
+def test_truncate_prompt_tokens_is_vllms(servers):
+    """vLLM's truncate_prompt_tokens: the last k prompt tokens (truncation_side "right": the first k), -1 as
+    many as fit with the output budget; 0, a k over the budget or an unknown side is a 400 naming the field."""
+    mixed = servers["mixed"].url
+    ids = list(range(100, 130))
+
+    def complete(prompt: list[int], **extra) -> httpx.Response:
+        return httpx.post(mixed + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": TOKENS,
+                                                           "min_tokens": TOKENS, "temperature": 0, **extra}, timeout=60)
+
+    def text_and_prompt_tokens(resp: httpx.Response) -> tuple[str, int]:
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["text"], resp.json()["usage"]["prompt_tokens"]
+
+    assert text_and_prompt_tokens(complete(ids, truncate_prompt_tokens=5)) == text_and_prompt_tokens(complete(ids[-5:]))
+    assert text_and_prompt_tokens(complete(ids, truncate_prompt_tokens=5, truncation_side="right")) == (
+        text_and_prompt_tokens(complete(ids[:5])))
+    assert text_and_prompt_tokens(complete(ids, truncate_prompt_tokens=-1)) == text_and_prompt_tokens(complete(ids))
+    assert text_and_prompt_tokens(complete(ids, truncate_prompt_tokens=50)) == text_and_prompt_tokens(complete(ids))
+    for extra in ({"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": 2**64},
+                  {"truncate_prompt_tokens": 4096}, {"truncate_prompt_tokens": 5, "truncation_side": "middle"}):
+        resp = complete(ids, **extra)
+        assert resp.status_code == 400, (extra, resp.text)
+        assert resp.json()["error"]["param"] in extra, resp.text
