@@ -103,7 +103,10 @@ class Gateway:
             workers = self.workers()
             return len(workers) == 5 and all(w["status"] == "ready" for w in workers)
 
-        assert wait_until(ready, SMG_STARTUP_S, 0.3), self.log()[-3000:]
+        if not wait_until(ready, SMG_STARTUP_S, 0.3):
+            seen = [(w["url"], w["runtime_type"], w["status"]) for w in self.workers()]
+            pytest.fail(f"smg {self.name}: expected 5 ready sglang DP workers (URL@rank) within {SMG_STARTUP_S} s, "
+                        f"registered {seen} (a worker taken for vllm gets no DP discovery)\n{self.log()[-2000:]}")
 
     def choice(self, request_id: str) -> tuple[int, int]:
         """(prefill rank, decode rank) SMG's dp_rank policy picked for ``request_id``, from its log."""
