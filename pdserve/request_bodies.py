@@ -121,8 +121,6 @@ _OPENAI_OFF: dict[str, tuple[Any, ...]] = {
     "length_penalty": (None, 1.0),  # beam search only
     "include_stop_str_in_output": _FALSE,
     "spaces_between_special_tokens": (None, True),
-    "truncate_prompt_tokens": _NULL,
-    "truncation_side": _NULL,
     "allowed_token_ids": _NULL,
     "prompt_logprobs": _NULL,
     "logprob_token_ids": _NULL,
@@ -296,6 +294,28 @@ CHAT = FieldTable(
     },
 )
 
+# ---- issue 23a: fields SMG 1.13, vllm-router 0.1.17 and vLLM's OpenAI server send (decided one by one) ----
+# SMG forwards what the client gave (its typed structs drop defaults); vllm-router re-serializes its own
+# structs; vLLM (vllm/entrypoints/openai/{completion,chat_completion}/protocol.py, Dec 2026) defines them.
+# Honoured: ``truncate_prompt_tokens`` (vLLM's: keep the last k prompt tokens, -1 the most that fit with the
+# output budget) and ``truncation_side`` ("left", the default, or "right": keep the first k).
+_VLLM_TRUNCATION = frozenset({"truncate_prompt_tokens", "truncation_side"})
+# Off only: vLLM's repetition detector (0: off) and logits processors (none).
+_VLLM_23A_OFF: dict[str, tuple[Any, ...]] = {
+    "logits_processors": _NULL,
+    "max_repetition_pattern_size": (None, 0),
+    "min_repetition_pattern_size": (None, 0),
+    "repetition_min_count": (None, 0),
+}
+COMPLETIONS = msgspec.structs.replace(
+    COMPLETIONS, honoured=COMPLETIONS.honoured | _VLLM_TRUNCATION,
+    # vLLM's completions have no reasoning at all (its pydantic model ignores the key); vllm-router and
+    # SMG forward it from clients that set it for both routes: with no reasoning parser it changes nothing
+    off={**COMPLETIONS.off, **_VLLM_23A_OFF, "include_reasoning": _ANY_BOOL},
+)
+CHAT = msgspec.structs.replace(CHAT, honoured=CHAT.honoured | _VLLM_TRUNCATION, off={**CHAT.off, **_VLLM_23A_OFF})
+# ---- end of issue 23a's block ----
+
 TABLES: dict[str, FieldTable] = {"generate": GENERATE, "completions": COMPLETIONS, "chat": CHAT}
 HONOURED: dict[str, frozenset[str]] = {route: table.honoured for route, table in TABLES.items()}
 # field -> the values that mean "off" (accepted and, having no effect, honoured trivially)
@@ -370,6 +390,8 @@ class CommonBody(PDRoutingFields, kw_only=True):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the last k prompt tokens (-1: as many as fit)
+    truncation_side: str | None = None  # vLLM's: "left" (default) drops the first tokens, "right" the last
     rid: str | list[str] | None = None
     user: str | None = None
     log_metrics: bool | None = None

@@ -282,6 +282,31 @@ def test_decode_without_prefill_fails_with_prefill_reason(servers):
     assert_pages_freed(servers)
 
 
+def test_decode_refuses_a_request_naming_no_kv_source(servers):
+    """A decode server never computes a prompt it was meant to receive: a request with no room (what a
+    router that takes the pair for vLLM servers sends) is a 400 naming what is missing, on every route, at
+    once; a prefill rank without a room too. The server's own /health_generate probe still runs."""
+    bodies = {"/generate": {"text": PROMPTS[0], "sampling_params": GREEDY},
+              "/v1/completions": openai_body("/v1/completions", PROMPTS[0]),
+              "/v1/chat/completions": openai_body("/v1/chat/completions", PROMPTS[0], stream=True)}
+    for path, body in bodies.items():
+        for extra in ({}, {"data_parallel_rank": 1}, {"disagg_prefill_dp_rank": 1}):
+            start = time.monotonic()
+            resp = post(servers["decode"], {**body, **extra}, path=path)
+            assert resp.status_code == 400, (path, extra, resp.text)
+            error = resp.json()["error"]
+            assert error["param"] == "bootstrap_room", error
+            assert ("names no KV source" if "disagg_prefill_dp_rank" not in extra else "no bootstrap_room") in error[
+                "message"], error
+            assert time.monotonic() - start < 5
+    metrics = httpx.get(servers["decode"].url + "/metrics", timeout=10).text
+    assert "pdserve:decode_local_prefills_total" in metrics and not any(
+        line.startswith("pdserve:decode_local_prefills_total") and not line.endswith(" 0.0")
+        for line in metrics.splitlines()), "a refused request was counted as computed locally"
+    assert httpx.get(servers["decode"].url + "/health_generate", timeout=60).status_code == 200
+    assert_pages_freed(servers)
+
+
 def test_prefill_without_decode_frees_its_kv(servers):
     resp = post(servers["prefill"], room_body(servers, "Nobody decodes me", 31338))
     assert "no decode server sent a KV request for bootstrap_room 31338" in pd_failure(resp)

@@ -44,7 +44,10 @@ def pair(tmp_path_factory):
     bootstrap_port = free_port()
     prefill = launch(["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap_port),
                       *COMMON, *PD], logs, api_key=API_KEY)
-    decode = launch(["--disaggregation-mode", "decode", *COMMON, *PD], logs, api_key=API_KEY)
+    # these tests harden the decode server's front with requests of its own (no room): the operator's flag lets
+    # it compute them (tests/test_disagg_server.py checks that without the flag they are refused)
+    decode = launch(["--disaggregation-mode", "decode", "--disaggregation-decode-allow-local-prefill", *COMMON, *PD],
+                    logs, api_key=API_KEY)
     try:
         for server in (prefill, decode):
             server.wait_healthy()
@@ -116,6 +119,32 @@ def test_hijack_without_the_secret_is_refused_and_the_victim_output_exact(pair):
         attacker.close()
     metrics = httpx.get(pair["prefill"].url + "/metrics", timeout=5).text
     assert 'reason="unauthenticated_write"' in metrics
+
+
+def test_local_prefill_flag_computes_a_roomless_request_counted_and_marked(pair):
+    """With --disaggregation-decode-allow-local-prefill a decode request naming no KV source is computed on
+    the decode server: marked local_prefill in meta_info (native and OpenAI), counted in /metrics; a P/D
+    request of the same prompt is not marked and gives the same tokens."""
+
+    def counted() -> float:
+        text = httpx.get(pair["decode"].url + "/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("pdserve:decode_local_prefills_total"))
+
+    before = counted()
+    text = "Local prefill, on purpose"
+    local = post(pair["decode"], {"text": text, "sampling_params": GREEDY})
+    assert local.status_code == 200 and local.json()["meta_info"]["local_prefill"] is True, local.text
+    chat = post(pair["decode"], {"messages": [{"role": "user", "content": text}], "max_tokens": 2},
+                path="/v1/chat/completions")
+    assert chat.status_code == 200 and chat.json()["choices"][0]["meta_info"]["local_prefill"] is True, chat.text
+    assert counted() == before + 2
+    p, d = pd_generate(pair, text, 4343)
+    assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+    assert "local_prefill" not in d.json()["meta_info"] and d.json()["meta_info"]["kv_transfer_bytes"] > 0
+    assert d.json()["output_ids"] == local.json()["output_ids"]
+    assert counted() == before + 2
+    assert wait_until(lambda: used_pages(pair["decode"]) == 0, 10)
 
 
 def test_ssrf_target_outside_the_allow_list_is_400(pair):

@@ -31,6 +31,7 @@ class DisaggConfig:
     max_connections: int = 256  # decode: concurrent transfer connections accepted (beyond: closed at once)
     handshake_timeout: float = 5.0  # a transfer connection must authenticate within this
     idle_timeout: float = 60.0  # decode closes a transfer connection idle this long; prefill reconnects before
+    decode_allow_local_prefill: bool = False  # decode: compute a prompt whose request names no KV source (else 400)
 
     def allowed_networks(self) -> list[str]:
         """The outbound allow-list in force: the flag's entries, else loopback when serving on
@@ -155,6 +156,12 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode: seconds an authenticated KV transfer connection may carry no frame (with no room of its "
         "own open) before it is closed; prefill: drops its connections idle half as long and reconnects",
     )
+    parser.add_argument(
+        "--disaggregation-decode-allow-local-prefill", action="store_true",
+        help="decode: compute the prompt of a request that names no KV source (no bootstrap_room) on this server, "
+        "counted in pdserve:decode_local_prefills_total and marked local_prefill in meta_info (default: off, "
+        "such a request is refused with 400 naming what is missing)",
+    )
 
 
 def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
@@ -172,4 +179,5 @@ def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
         max_connections=args.disaggregation_max_connections,
         handshake_timeout=args.disaggregation_handshake_timeout,
         idle_timeout=args.disaggregation_idle_timeout,
+        decode_allow_local_prefill=args.disaggregation_decode_allow_local_prefill,
     )

@@ -41,6 +41,8 @@ def sample_meta(gen: Generation, mode: str) -> dict[str, Any]:
     disagg = gen.handle.disagg_meta
     if disagg is not None:
         meta.update({k: v for k, v in msgspec.structs.asdict(disagg).items() if v is not None})
+    if gen.req.local_prefill:
+        meta["local_prefill"] = True  # a decode server computed this prompt itself (no KV source; operator's flag)
     meta.update(cached_tokens=gen.cached_tokens, ttft=gen.ttft, e2e_latency=gen.e2e_latency)
     return meta
 

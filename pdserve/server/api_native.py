@@ -155,6 +155,8 @@ def response_item(gen: Generation, index: int | None = None) -> dict[str, Any]:
     if disagg is not None:
         meta.update({k: v for k, v in msgspec.structs.asdict(disagg).items() if v is not None})
     req = gen.req
+    if req.local_prefill:
+        meta["local_prefill"] = True  # a decode server computed this prompt itself (no KV source; operator's flag)
     if req.return_logprob:
         detok = gen.service.tokens_text if req.return_text_in_logprobs else None
         meta["input_token_logprobs"] = logprob_triples(gen.input_logprobs, detok)

@@ -120,6 +120,8 @@ def _requests(
     top_logprobs: int | None,
     constraint: Constraint | None = None,
 ) -> list[GenRequest]:
+    prompts = [_truncated(body, ids, state.require_service().context_length, params.max_new_tokens if given else 0)
+               for ids in prompts]
     n = len(prompts)
     batch = n > 1
     rank = pinned_rank(request, body, state.config.dp_size)
@@ -152,6 +154,31 @@ def _requests(
         )
         for i, ids in enumerate(prompts)
     ]
+
+
+def _truncated(body: CommonBody, ids: list[int], context_length: int, max_output_tokens: int) -> list[int]:
+    """The prompt as vLLM's ``truncate_prompt_tokens`` cuts it: the last k tokens (``truncation_side``
+    "right": the first k); -1 keeps as many as fit the context with the output budget. A k above that
+    budget, 0 or below -1 is a 400 naming the field (as vLLM refuses it), never a silent cut."""
+    side = body.truncation_side
+    if side not in (None, "left", "right"):
+        raise bad_request(f"truncation_side must be 'left' or 'right', got {str(side)[:40]!r}", "truncation_side")
+    k = body.truncate_prompt_tokens
+    if k is None:
+        return ids
+    budget = max(0, context_length - (max_output_tokens or 0))
+    if k == -1:
+        k = budget
+    elif k < 1:
+        raise bad_request(f"truncate_prompt_tokens must be -1 or >= 1, got {k}", "truncate_prompt_tokens")
+    elif k > budget:
+        raise bad_request(
+            f"truncate_prompt_tokens {k} exceeds the prompt budget of {budget} tokens (context length "
+            f"{context_length} minus {max_output_tokens} output tokens)", "truncate_prompt_tokens",
+        )
+    if len(ids) <= k:
+        return ids
+    return ids[:k] if side == "right" else ids[len(ids) - k:]
 
 
 def _copy_params(params: SamplingParams) -> SamplingParams:
@@ -658,7 +685,7 @@ async def models(request: Request) -> Response:
                     "id": state.served_model_name,
                     "object": "model",
                     "created": int(time.time()),
-                    "owned_by": "pdserve",
+                    "owned_by": "sglang",
                     "root": info.model_path,
                     "max_model_len": info.context_length,
                 }

@@ -65,6 +65,26 @@ class GenRequest:
     prompt_field: str = "input_ids"  # names used in error messages
     max_tokens_field: str = "max_new_tokens"
     grammar_field: str | None = None  # the client's name for the grammar (response_format, guided_json ...)
+    health_probe: bool = False  # the server's own /health_generate probe: computed on the rank it names
+    local_prefill: bool = False  # decode mode, no KV source, allowed by the operator's flag: the prompt is computed here
+
+
+# A decode server never computes a prompt it was meant to receive: what a request must name instead
+NO_KV_SOURCE = (
+    "this decode server receives each prompt's KV cache from a prefill server, and the request names no KV "
+    "source: give bootstrap_room with bootstrap_host and bootstrap_port (and optionally disagg_prefill_dp_rank), "
+    "as a P/D router does (the server was not started with --disaggregation-decode-allow-local-prefill)"
+)
+
+
+def kv_source(req: GenRequest) -> str | None:
+    """Where a decode-mode request's prompt KV comes from (a short description), or None when it names no
+    source. The one place that decides it: every KV source a decode server accepts (a bootstrap room today;
+    vLLM's ``kv_transfer_params`` once decode reads them) is recognised here, so the refusal of a request
+    with none stays in one check (:meth:`GenerationService.check`)."""
+    if req.bootstrap_room is not None:
+        return f"bootstrap_room {req.bootstrap_room}"
+    return None
 
 
 class GenerationService:
@@ -140,6 +160,8 @@ class GenerationService:
             )
         if req.bootstrap_port is not None and not 0 < req.bootstrap_port < 65536:
             raise bad_request(f"bootstrap_port must be in [1, 65535], got {req.bootstrap_port}", "bootstrap_port")
+        if self.controller.config.disagg.mode == "decode":
+            self._check_kv_source(req)
         if self.controller.config.disagg.mode == "decode" and req.bootstrap_room is not None:
             if not req.bootstrap_host:
                 raise bad_request("bootstrap_host is required with bootstrap_room on a decode server", "bootstrap_host")
@@ -154,6 +176,20 @@ class GenerationService:
                 raise bad_request(
                     f"disagg_prefill_dp_rank must be >= 0, got {req.prefill_dp_rank}", "disagg_prefill_dp_rank"
                 )
+
+    def _check_kv_source(self, req: GenRequest) -> None:
+        """A decode-mode request names where its KV comes from (:func:`kv_source`), else it is refused with 400;
+        or, with ``--disaggregation-decode-allow-local-prefill``, marked to be computed here (counted and shown)."""
+        if req.health_probe or kv_source(req) is not None:
+            return
+        if req.prefill_dp_rank is not None:
+            raise bad_request(
+                f"disagg_prefill_dp_rank {req.prefill_dp_rank} names a prefill rank but no bootstrap_room: a decode "
+                "server fetches a prompt's KV by its room", "bootstrap_room",
+            )
+        if not self.controller.config.disagg.decode_allow_local_prefill:
+            raise bad_request(NO_KV_SOURCE, "bootstrap_room")
+        req.local_prefill = True
 
     async def check_grammars(self, reqs: Sequence[GenRequest]) -> None:
         """Check each request's grammar in the grammar child (``server/grammar_check.py``): 400
@@ -233,6 +269,8 @@ class GenerationService:
         server computes the prompt once for all samples and answers for the first only)."""
         self.check(req)
         rank = self.controller.pick_rank(req.dp_rank, req.bootstrap_room)
+        if req.local_prefill and self.controller.metrics is not None:
+            self.controller.metrics.decode_local_prefills.labels(self.controller.metrics.model_name).inc()
         message = msg.GenerateReq(
             rid=req.rid,
             input_ids=req.input_ids,

@@ -102,6 +102,11 @@ class ServerMetrics:
         self.requests = Counter(
             "sglang:num_requests", "Finished requests", ["model_name"], registry=self.registry
         )
+        self.decode_local_prefills = Counter(
+            "pdserve:decode_local_prefills", "Decode-mode requests with no KV source whose prompt this server computed "
+            "itself (--disaggregation-decode-allow-local-prefill; without it they are refused with 400)",
+            ["model_name"], registry=self.registry,
+        )
         self.refusals = Refusals()  # the front's own listeners (bootstrap service)
         self.disagg = DisaggCollector(self)
         self.registry.register(self.disagg)

@@ -134,6 +134,7 @@ class ServerState:
                 input_ids=ids,
                 params=SamplingParams(max_new_tokens=1, temperature=0.0),
                 dp_rank=state.rank,
+                health_probe=True,
             )
             for state in self.controller.ranks
             if state.phase == "ready"
