@@ -105,6 +105,7 @@ class _Room:
     aux: m.Aux | None = None
     nbytes: int = 0
     receiving: list[int] | None = None  # pages the open receive holds a reference to
+    prefill_instance: str | None = None  # vLLM's protocol: the prefill server its engine id names
     machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
 
     @property
@@ -186,8 +187,11 @@ class DecodeDisaggManager:
         bootstrap_host: str,
         bootstrap_port: int | None = None,
         prefill_rank: int | None = None,
+        prefill_instance: str | None = None,
     ) -> None:
-        """Admit a decode request whose prompt KV comes from the prefill server at ``bootstrap_host``."""
+        """Admit a decode request whose prompt KV comes from the prefill server at ``bootstrap_host``;
+        ``prefill_instance``: that server's instance id as vLLM's ``kv_transfer_params`` named it (checked
+        against its bootstrap service before the KV is asked for)."""
         if room in self.rooms or room in self.quarantine:
             raise RoomConflictError(f"bootstrap_room {room} is already active on decode rank {self.rank}")
         if prefill_rank is not None and prefill_rank < 0:
@@ -200,7 +204,8 @@ class DecodeDisaggManager:
             raise RequestError(f"rid {req.rid!r} is already in use")
         self.scheduler.ids.check_free(req.rid, req.num_samples)
         port = self.config.bootstrap_port if bootstrap_port is None else bootstrap_port
-        r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
+        r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank,
+                  prefill_instance=prefill_instance)
         r.machine = RoomMachine(Side.DECODE, self.bounds, self.clock)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
@@ -263,6 +268,8 @@ class DecodeDisaggManager:
         deadline = r.added_at + self.config.bootstrap_timeout
         rank = r.prefill_rank
         try:
+            if r.prefill_instance is not None:
+                await self._check_instance(r, client, key, deadline)
             if rank is None:
                 server = self._server_info.get(key)
                 if server is None:
@@ -277,6 +284,24 @@ class DecodeDisaggManager:
         except Exception as e:  # a bug here must fail the room, not strand it
             what = "the prefill rank and its info"
             return _Resolved(r, rank, error=BootstrapError(f"lookup failed: {e!r}", what, m.Cause.BOOTSTRAP_ERROR))
+
+    async def _check_instance(self, r: _Room, client: BootstrapClient, key: tuple[str, int], deadline: float) -> None:
+        """The prefill server at ``key`` is the instance the room's engine id names (a cached answer
+        that differs is asked again: the server may have restarted); a BootstrapError (400) otherwise."""
+        server = self._server_info.get(key)
+        if server is None or server.instance_id != r.prefill_instance:
+            server = self._server_info[key] = await client.info(deadline)
+        if server.instance_id != r.prefill_instance:
+            what = "the prefill server's instance id"
+            raise BootstrapError(
+                f"kv_transfer_params.remote_engine_id names prefill instance {r.prefill_instance}, but the prefill "
+                f"server at {r.bootstrap} is instance {server.instance_id or '(none: not a pdserve prefill server)'}",
+                what, m.Cause.BOOTSTRAP_ERROR, 400)
+        if r.prefill_rank is not None and not 0 <= r.prefill_rank < server.dp_size:
+            raise BootstrapError(
+                f"kv_transfer_params.remote_engine_id names prefill DP rank {r.prefill_rank}, but the prefill server at "
+                f"{r.bootstrap} has {server.dp_size} (ranks 0..{server.dp_size - 1})",
+                "the prefill rank", m.Cause.BOOTSTRAP_ERROR, 400)
 
     async def _watch_control(self) -> None:
         """Read the control sockets' monitors; report a lost (or never made) connection to the engine

@@ -76,6 +76,9 @@ class BootstrapInfo(msgspec.Struct, frozen=True):
     follows_room: bool
     load_balance_method: str
     registered_ranks: list[int]
+    # names this prefill server's engines in vLLM's P/D protocol (engine ids ``pdserve-<instance>-dp<rank>``,
+    # server/kv_transfer.py); empty from a peer that predates it
+    instance_id: str = ""
 
 
 class RoomRank(msgspec.Struct, frozen=True):

@@ -51,6 +51,9 @@ class GenRequest:
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     prefill_dp_rank: int | None = None
+    detach_room: bool = False  # vLLM's P/D protocol (server/kv_transfer.py)
+    prefill_instance: str | None = None
+    kv_transfer_leg: Any = None  # its parsed kv_transfer_params (a PrefillLeg or DecodeLeg)
     prompt_field: str = "input_ids"  # names used in error messages
     max_tokens_field: str = "max_new_tokens"
     grammar_field: str | None = None  # the client's name for the grammar (response_format, guided_json ...)
@@ -180,6 +183,8 @@ class GenerationService:
             bootstrap_port=req.bootstrap_port,
             bootstrap_room=req.bootstrap_room,
             prefill_dp_rank=req.prefill_dp_rank,
+            detach_room=req.detach_room,
+            prefill_instance=req.prefill_instance,
         )
         if self.controller.config.disagg.mode == "prefill":
             return [Generation(self, req, self.controller.submit(message))]

@@ -51,6 +51,10 @@ class GenerateReq(msgspec.Struct, tag="generate"):
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     prefill_dp_rank: int | None = None
+    # vLLM's P/D protocol (server/kv_transfer.py): a prefill half answered once computed; the prefill
+    # server instance a decode half's kv_transfer_params.remote_engine_id names (checked at its bootstrap)
+    detach_room: bool = False
+    prefill_instance: str | None = None
 
 
 class AbortReq(msgspec.Struct, tag="abort"):
