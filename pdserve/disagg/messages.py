@@ -48,6 +48,7 @@ class Cause:
     WRONG_RANK = "wrong_rank"  # decode asked another prefill rank than the one holding the room
     DECODE_REFUSED = "decode_refused"  # the decode server refused its half (bad input) or gave up resolving
     PEER_LOST = "peer_lost"  # the other side's process died or restarted (control connection lost)
+    BAD_TRANSFER_PARAMS = "bad_transfer_params"  # vLLM's kv_transfer_params name no engine, rank or room there
 
 
 # ---------------------------------------------------------------- bootstrap service (JSON)

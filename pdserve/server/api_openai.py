@@ -157,6 +157,7 @@ def _requests(
             prefill_dp_rank=prefill_rank,
             detach_room=isinstance(leg, kv_transfer.PrefillLeg),
             prefill_instance=instance,
+            prefill_room_known=isinstance(leg, kv_transfer.DecodeLeg) and leg.room_known,
             kv_transfer_leg=leg,
             prompt_field=prompt_field,
             max_tokens_field=max_tokens_field,

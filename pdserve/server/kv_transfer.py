@@ -69,6 +69,7 @@ class DecodeLeg:
     prefill_rank: int
     instance: str
     block_ids: list[int] | None
+    room_known: bool  # NIXL style: prefill answered, so its server registered the room already
 
 
 def _name(key: str) -> str:
@@ -197,7 +198,7 @@ def _decode_leg(params: dict[str, Any], transfer_id: str | None, bootstrap_allow
         raise bad_request(f"{_name('remote_room')} (or transfer_id) is required with do_remote_prefill: it names "
                           "the room the prefill server holds the KV in", _name("remote_room"))
     blocks = _block_ids(params.get("remote_block_ids"), page_size, prompt_tokens)
-    return DecodeLeg(room, host, port, rank, instance, blocks)
+    return DecodeLeg(room, host, port, rank, instance, blocks, room_known=transfer_id is None)
 
 
 def _block_ids(value: Any, page_size: int, prompt_tokens: int) -> list[int] | None:

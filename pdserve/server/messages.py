@@ -55,6 +55,7 @@ class GenerateReq(msgspec.Struct, tag="generate"):
     # server instance a decode half's kv_transfer_params.remote_engine_id names (checked at its bootstrap)
     detach_room: bool = False
     prefill_instance: str | None = None
+    prefill_room_known: bool = False  # the prefill half answered already: its room must be registered
 
 
 class AbortReq(msgspec.Struct, tag="abort"):

@@ -124,7 +124,7 @@ class Worker:
             if not message.bootstrap_host:
                 raise RequestError("bootstrap_host is required with bootstrap_room on a decode server")
             self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank,
-                            prefill_instance=message.prefill_instance)
+                            prefill_instance=message.prefill_instance, room_known=message.prefill_room_known)
 
     def handle(self, message: msg.ToWorker) -> bool:
         """Apply one message; False means shut down."""
