@@ -283,3 +283,32 @@ def test_guidellm_through_vllm_router(servers, tmp_path):
     print(f"guidellm x vllm-router (nixl): {totals} in {time.monotonic() - start:.1f} s")
     assert totals == {"successful": requests, "errored": 0, "incomplete": 0, "total": requests}
     assert_pages_freed(servers)
+
+
+def test_mooncake_prefill_refusal_reaches_a_waiting_decode_at_once(servers):
+    """Mooncake style, decode half first: when the prefill front refuses its half (bad input), the decode
+    half fails at once with the prefill's reason instead of waiting out the waiting timeout (the front
+    reads the room from ``kv_transfer_params.transfer_id`` as it does from ``bootstrap_room``)."""
+    import concurrent.futures
+
+    engine = httpx.get(f"http://127.0.0.1:{servers['bootstrap_port']}/query", timeout=10).json()["1"]["engine_id"]
+    transfer = f"xfer-refused-{time.monotonic_ns()}"
+    decode_params = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": transfer,
+                     "remote_bootstrap_addr": f"http://127.0.0.1:{servers['bootstrap_port']}",
+                     "remote_engine_id": engine}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        start = time.monotonic()
+        decode = pool.submit(httpx.post, servers["decode"].url + "/v1/completions", headers={"X-data-parallel-rank": "0"},
+                             json={**body("/v1/completions", PROMPTS[3]), "kv_transfer_params": decode_params},
+                             timeout=60)
+        time.sleep(0.5)  # the decode half is waiting for its prefill half
+        prefill = httpx.post(servers["prefill"].url + "/v1/completions", headers={"X-data-parallel-rank": "1"}, timeout=30,
+                             json={**body("/v1/completions", PROMPTS[3], max_tokens=1), "temperature": -1,
+                                   "kv_transfer_params": {"do_remote_decode": True, "transfer_id": transfer}})
+        assert prefill.status_code == 400, prefill.text
+        resp = decode.result()
+    # as with SGLang's room fields: a retryable 503 carrying the prefill server's refusal
+    message = resp.json()["error"]["message"]
+    assert resp.status_code == 503 and message.startswith("prefill failed:") and "temperature" in message, message
+    assert time.monotonic() - start < 8  # well inside the 10 s waiting timeout
+    assert_pages_freed(servers)
