@@ -240,6 +240,12 @@ def test_lying_or_malformed_params_are_400_naming_the_field(servers):
         # a value JSON decoding itself refuses (an integer past 64 bits) is named by the typed decode
         assert error["param"] == field or (error["param"] == "kv_transfer_params" and field in error["message"]), (
             field, resp.text[:300])
+    disagrees = httpx.post(servers["decode"].url + "/v1/completions", timeout=30, json={
+        **body("/v1/completions", PROMPTS[1]), "kv_transfer_params": good, "disagg_prefill_dp_rank": 0})
+    assert disagrees.status_code == 400 and disagrees.json()["error"]["param"] == "disagg_prefill_dp_rank"
+    both = httpx.post(servers["decode"].url + "/v1/completions", timeout=30, json={
+        **body("/v1/completions", PROMPTS[1]), "kv_transfer_params": good, "bootstrap_room": 5})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "bootstrap_room"
     wrong_role = httpx.post(servers["prefill"].url + "/v1/completions", timeout=30,
                             json={**body("/v1/completions", PROMPTS[1]), "kv_transfer_params": good})
     assert wrong_role.status_code == 400 and wrong_role.json()["error"]["param"] == "kv_transfer_params.do_remote_prefill"

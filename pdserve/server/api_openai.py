@@ -183,6 +183,12 @@ def _kv_transfer_leg(state: ServerState, body: CommonBody, prompts: list[list[in
     if len(prompts) != 1:
         raise bad_request(f"{kv_transfer.FIELD} names one room: send one prompt, not {len(prompts)}",
                           kv_transfer.FIELD)
+    if isinstance(leg, kv_transfer.DecodeLeg):
+        for name in ("disagg_prefill_dp_rank", "prefill_data_parallel_rank"):
+            value = getattr(body, name)
+            if value is not None and value != leg.prefill_rank:
+                raise bad_request(f"{name} {value} disagrees with {kv_transfer.FIELD}.remote_engine_id (prefill DP "
+                                  f"rank {leg.prefill_rank})", name)
     if isinstance(leg, kv_transfer.PrefillLeg) and body.stream:
         raise bad_request(f"{kv_transfer.FIELD}.do_remote_decode needs stream: false (the answer carries the "
                           "params decode needs)", "stream")
