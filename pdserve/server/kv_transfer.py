@@ -32,6 +32,7 @@ any KV request (400 naming ``kv_transfer_params.remote_engine_id``, see ``disagg
 
 from __future__ import annotations
 
+import reprlib
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -106,8 +107,13 @@ def _int(params: dict[str, Any], key: str, low: int, high: int) -> int | None:
     return value
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 4, 4
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded rendering of a client's value (a 30 MiB string or a deeply nested list costs nothing)."""
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
