@@ -70,6 +70,10 @@ _OPENAI_SAMPLING = frozenset(
     }
 )
 
+# ---- vLLM's P/D protocol (server/kv_transfer.py): honoured on both OpenAI routes
+_VLLM_PD = frozenset({"kv_transfer_params"})
+# ---- end of vLLM's P/D protocol
+
 _NULL: tuple[Any, ...] = (None,)
 _FALSE: tuple[Any, ...] = (None, False)
 _EMPTY_LIST: tuple[Any, ...] = (None, [])
@@ -132,7 +136,6 @@ _OPENAI_OFF: dict[str, tuple[Any, ...]] = {
     # vLLM ignores these two on its generation routes (render routes only), whichever value
     "return_token_offsets": _ANY_BOOL,
     "return_mm_kwargs": _ANY_BOOL,
-    "kv_transfer_params": _NULL,
     "ec_transfer_params": _NULL,
     "vllm_xargs": _EMPTY_MAP,
     "repetition_detection": _NULL,
@@ -232,7 +235,7 @@ SAMPLING_PARAMS = FieldTable(
 COMPLETIONS = FieldTable(
     sources=(f"{_SGLANG}: sglang/srt/entrypoints/openai/protocol.py CompletionRequest",
              f"{_VLLM}: vllm/entrypoints/openai/completion/protocol.py CompletionRequest"),
-    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS | _VLLM_PD
     | frozenset({"prompt", "logprobs", "best_of"}),
     off={
         **_OPENAI_OFF,
@@ -247,7 +250,7 @@ CHAT = FieldTable(
     sources=(f"{_SGLANG}: sglang/srt/entrypoints/openai/protocol.py ChatCompletionRequest",
              f"{_VLLM}: vllm/entrypoints/openai/chat_completion/protocol.py ChatCompletionRequest",
              "OpenAI chat completions API (functions, audio, prediction, store, ...)"),
-    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS
+    honoured=_OPENAI_SAMPLING | _RANKS_AND_ROOMS | _STRUCTURED | _LOGGING_FLAGS | _VLLM_PD
     | frozenset(
         {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
          "parallel_tool_calls", "chat_template_kwargs"}
@@ -406,6 +409,9 @@ class CommonBody(PDRoutingFields, kw_only=True):
     guided_choice: Any = None
     guided_grammar: str | None = None
     structured_outputs: Any = None
+    # ---- vLLM's P/D protocol (server/kv_transfer.py checks every key and value)
+    kv_transfer_params: Any = None
+    # ---- end of vLLM's P/D protocol
 
 
 class CompletionBody(CommonBody, kw_only=True):

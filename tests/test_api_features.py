@@ -236,7 +236,7 @@ def test_router_and_bench_defaults_accepted(client):
     ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
     ("/v1/completions", {"stream_options": {"bogus": True}}, "stream_options.bogus"),
     ("/generate", {"return_routed_experts": True}, "return_routed_experts"),
-    ("/v1/chat/completions", {"kv_transfer_params": {"do_remote_decode": True}}, "kv_transfer_params"),
+    ("/v1/chat/completions", {"kv_transfer_params": {"bogus": True}}, "kv_transfer_params.bogus"),
     ("/v1/chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
     ("/v1/chat/completions", {"audio": {"voice": "x"}}, "audio"),
     ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),

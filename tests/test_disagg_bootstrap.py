@@ -86,7 +86,18 @@ def test_health_and_info(service, http):
         assert http.put(f"/bootstrap/ranks/{rank}", content=msgspec.json.encode(rank_info(rank))).status_code == 200
     assert http.get("/health").status_code == 200
     info = msgspec.json.decode(http.get("/bootstrap/info").content, type=BootstrapInfo)
-    assert info == BootstrapInfo(2, False, "round_robin", [0, 1])
+    assert info == BootstrapInfo(2, False, "round_robin", [0, 1], service.instance_id)
+    assert len(service.instance_id) == 16
+
+
+def test_mooncake_query_lists_registered_ranks(service, http):
+    """vLLM's Mooncake bootstrap /query: {dp_rank: {engine_id, worker_addr}} of the registered ranks only."""
+    assert http.get("/query").json() == {}
+    assert http.put("/bootstrap/ranks/1", content=msgspec.json.encode(rank_info(1))).status_code == 200
+    query = http.get("/query").json()
+    assert list(query) == ["1"]
+    assert query["1"]["engine_id"] == f"pdserve-{service.instance_id}-dp1"
+    assert query["1"]["worker_addr"] == {"0": {"0": rank_info(1).control_endpoint}}
 
 
 def test_room_registration_long_poll(service, http):

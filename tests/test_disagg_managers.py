@@ -560,3 +560,68 @@ def test_a_decode_abort_drained_with_the_prefill_finish_is_not_reported_as_succe
     assert "decode rank 0 aborted room 91: the client went away" in abort_message(c.finished("p"))
     assert [out.finish_reason["type"] for out in c.outputs["p"] if out.finished] == ["abort"]
     c.run_until_pools_empty()
+
+
+# ---------------------------------------------------------------------- vLLM's P/D protocol: detached rooms
+
+
+def test_detached_room_answers_once_computed_then_ships_to_a_later_decode(engines, cluster_factory):
+    """vLLM's two-step flow: the prefill half's output comes out as soon as the prompt is computed,
+    before any decode exists; its KV stays held, and a decode that comes later gets it (engine id's
+    instance checked at the bootstrap service) and matches the colocated output."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], lb="round_robin")
+    ids = prompt(40, 30)
+    c.bootstrap.register_room(90, 0)  # the front does this when it dispatches the prefill half
+    c.prefill[0].add(req("p", ids), 90, detached=True)
+    c.run_until_finished("p")
+    assert c.finished("p").finish_reason["type"] != "abort" and len(c.tokens("p")) == 1
+    assert c.prefill[0].core.kv_pool.num_used > 0  # held for the decode still to come
+    c.decode[0].add(req("d", ids), 90, "127.0.0.1", c.bootstrap.port, prefill_rank=0,
+                    prefill_instance=c.bootstrap.instance_id, room_known=True)
+    c.run_until_finished("d")
+    expected = engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert c.tokens("d") == expected
+    assert c.meta["d"].kv_transfer_bytes > 0
+    assert len(c.outputs["p"]) == 1  # the shipping released nothing more to the prefill client
+    c.run_until_pools_empty()
+
+
+def test_detached_room_failing_after_its_answer_frees_its_kv_and_tells_nobody(engines, cluster_factory):
+    """A detached room whose decode never comes: freed at the waiting timeout; its abort output is
+    dropped (the client already had its answer)."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], waiting_timeout=0.6)
+    c.prefill[0].add(req("p", prompt(41, 20)), 91, detached=True)
+    c.run_until_finished("p")
+    c.run_until_pools_empty()
+    assert [o.finish_reason["type"] for o in c.outputs["p"] if o.finished] == ["length"]
+    assert c.prefill[0].metrics().failures == {"waiting_timeout": 1}
+    assert not c.prefill[0]._answered_aborts
+
+
+@pytest.mark.parametrize("lie", ["instance", "rank", "room"])
+def test_lying_engine_id_fails_decode_400_and_spares_the_room(engines, cluster_factory, lie):
+    """A decode naming another instance, a rank the room is not on, or an unregistered room fails 400
+    naming the field, tells the prefill side nothing, and the room then serves its honest decode."""
+    c = cluster_factory("tcp", engines["prefill"][:2], engines["decode"][:1], lb="round_robin")
+    ids = prompt(42, 24)
+    c.bootstrap.register_room(92, 1)
+    c.prefill[1].add(req("p", ids), 92, detached=True)
+    c.run_until_finished("p")
+    instance, rank, room = c.bootstrap.instance_id, 1, 92
+    if lie == "instance":
+        instance = "0123456789abcdef"
+    elif lie == "rank":
+        rank = 0
+    else:
+        room = 93  # registered nowhere
+    c.decode[0].add(req("liar", ids), room, "127.0.0.1", c.bootstrap.port, prefill_rank=rank,
+                    prefill_instance=instance, room_known=True)
+    c.run_until_finished("liar")
+    out = c.finished("liar")
+    assert out.finish_reason["status_code"] == 400 and out.finish_reason["param"].startswith("kv_transfer_params.")
+    c.decode[0].add(req("d", ids), 92, "127.0.0.1", c.bootstrap.port, prefill_rank=1,
+                    prefill_instance=c.bootstrap.instance_id, room_known=True)
+    c.run_until_finished("d")
+    assert c.tokens("d") == engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    c.run_until_pools_empty()
+    assert c.decode[0].metrics().failures == {"bad_transfer_params": 1}

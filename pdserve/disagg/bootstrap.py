@@ -20,6 +20,8 @@ Routes::
     DELETE /bootstrap/rooms/{room}
     PUT  /bootstrap/rooms/{room}/asked  body RoomAsk: a rank got a KV request for a room it lacks
     POST /bootstrap/rooms/{room}/refuse body RoomRefusal: decode refused its half of the room
+    GET  /query                         vLLM's Mooncake bootstrap query: {dp_rank: {engine_id, worker_addr}}
+                                        of the registered ranks (vllm-router --kv-connector mooncake reads it)
 
 The front registers every room it dispatches; a room registered to one rank and asked of
 another is reported to ``on_misroute`` (whichever comes first), a refusal to ``on_refusal``;
@@ -54,6 +56,7 @@ from pdserve.disagg.auth import AuthError, PlaneAuth
 from pdserve.disagg.messages import BootstrapInfo, Cause, ErrorBody, RankInfo, RoomAsk, RoomRank, RoomRefusal
 from pdserve.disagg.stats import Refusals
 from pdserve.disagg.threads import EventLoopThread
+from pdserve.disagg.vllm_ids import engine_id
 from pdserve.ports import bound_socket
 
 AUTH_HEADER = "X-PDServe-Auth"
@@ -161,6 +164,7 @@ class BootstrapServer:
         self.auth = auth or PlaneAuth(None)
         self.refusals = refusals or Refusals()
         self.port = 0
+        self.instance_id = secrets.token_hex(8)  # this server's engines in vLLM's P/D protocol (server/kv_transfer.py)
         self._ranks = _Waitable()
         self._down: dict[int, tuple[str, bool]] = {}  # rank -> (why it is not registered, given up for good)
         self._rooms = _Waitable(ROOM_TTL_S, MAX_ROOMS)
@@ -206,6 +210,7 @@ class BootstrapServer:
         app.router.add_delete("/bootstrap/rooms/{room}", self._delete_room)
         app.router.add_put("/bootstrap/rooms/{room}/asked", self._put_asked)
         app.router.add_post("/bootstrap/rooms/{room}/refuse", self._post_refuse)
+        app.router.add_get("/query", self._query)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=KEEPALIVE_S,
             max_line_size=8190, max_field_size=8190,
@@ -306,7 +311,18 @@ class BootstrapServer:
 
     async def _info(self, request: web.Request) -> web.Response:
         registered = sorted(self._ranks.values)
-        return _json(BootstrapInfo(self.dp_size, self.follows_room, self.load_balance_method, registered))
+        return _json(BootstrapInfo(self.dp_size, self.follows_room, self.load_balance_method, registered,
+                                   self.instance_id))
+
+    async def _query(self, request: web.Request) -> web.Response:
+        """vLLM's Mooncake bootstrap ``/query``: per registered DP rank its engine id (what decode names in
+        ``kv_transfer_params.remote_engine_id``) and its control endpoint as the one TP/PP worker."""
+        answer = {
+            str(rank): {"engine_id": engine_id(self.instance_id, rank),
+                        "worker_addr": {"0": {"0": info.control_endpoint}}}
+            for rank, (info, _) in sorted(self._ranks.values.items())
+        }
+        return web.json_response(answer)
 
     async def _put_rank(self, request: web.Request) -> web.Response:
         rank = _int_param(request, "rank")

@@ -53,6 +53,7 @@ logger = logging.getLogger("pdserve.disagg.decode")
 
 HEARTBEAT_INTERVAL_S = 5.0  # ZMQ heartbeat on each control connection (as SGLang); dropped after 2 missed
 MONITOR_POLL_S = 0.1  # how often control-connection events are read
+ROOM_CHECK_S = 1.0  # vLLM's NIXL style: how long decode waits for the answered room's registration
 REFUSAL_TIMEOUT_S = 2.0  # telling a prefill server's bootstrap service that decode refused a room
 
 
@@ -105,6 +106,8 @@ class _Room:
     aux: m.Aux | None = None
     nbytes: int = 0
     receiving: list[int] | None = None  # pages the open receive holds a reference to
+    prefill_instance: str | None = None  # vLLM's protocol: the prefill server its engine id names
+    room_known: bool = False  # vLLM's NIXL style: prefill answered, its server must have registered the room
     machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
 
     @property
@@ -186,8 +189,13 @@ class DecodeDisaggManager:
         bootstrap_host: str,
         bootstrap_port: int | None = None,
         prefill_rank: int | None = None,
+        prefill_instance: str | None = None,
+        room_known: bool = False,
     ) -> None:
-        """Admit a decode request whose prompt KV comes from the prefill server at ``bootstrap_host``."""
+        """Admit a decode request whose prompt KV comes from the prefill server at ``bootstrap_host``;
+        ``prefill_instance``: that server's instance id as vLLM's ``kv_transfer_params`` named it (checked
+        against its bootstrap service before the KV is asked for); ``room_known``: the prefill half has
+        answered, so the room must be registered there, at ``prefill_rank``."""
         if room in self.rooms or room in self.quarantine:
             raise RoomConflictError(f"bootstrap_room {room} is already active on decode rank {self.rank}")
         if prefill_rank is not None and prefill_rank < 0:
@@ -200,7 +208,8 @@ class DecodeDisaggManager:
             raise RequestError(f"rid {req.rid!r} is already in use")
         self.scheduler.ids.check_free(req.rid, req.num_samples)
         port = self.config.bootstrap_port if bootstrap_port is None else bootstrap_port
-        r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank)
+        r = _Room(room, req.rid, req, bootstrap_host, port, time.monotonic(), prefill_rank,
+                  prefill_instance=prefill_instance, room_known=room_known)
         r.machine = RoomMachine(Side.DECODE, self.bounds, self.clock)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
@@ -263,6 +272,8 @@ class DecodeDisaggManager:
         deadline = r.added_at + self.config.bootstrap_timeout
         rank = r.prefill_rank
         try:
+            if r.prefill_instance is not None:
+                await self._check_instance(r, client, key, deadline)
             if rank is None:
                 server = self._server_info.get(key)
                 if server is None:
@@ -277,6 +288,39 @@ class DecodeDisaggManager:
         except Exception as e:  # a bug here must fail the room, not strand it
             what = "the prefill rank and its info"
             return _Resolved(r, rank, error=BootstrapError(f"lookup failed: {e!r}", what, m.Cause.BOOTSTRAP_ERROR))
+
+    async def _check_instance(self, r: _Room, client: BootstrapClient, key: tuple[str, int], deadline: float) -> None:
+        """The prefill server at ``key`` is the instance the room's engine id names (a cached answer
+        that differs is asked again: the server may have restarted); a BootstrapError (400) otherwise."""
+        server = self._server_info.get(key)
+        if server is None or server.instance_id != r.prefill_instance:
+            server = self._server_info[key] = await client.info(deadline)
+        if server.instance_id != r.prefill_instance:
+            raise BootstrapError(
+                f"kv_transfer_params.remote_engine_id names prefill instance {r.prefill_instance}, but the prefill "
+                f"server at {r.bootstrap} is instance {server.instance_id or '(none: not a pdserve prefill server)'}",
+                "kv_transfer_params.remote_engine_id", m.Cause.BAD_TRANSFER_PARAMS, 400)
+        if r.prefill_rank is not None and not 0 <= r.prefill_rank < server.dp_size:
+            raise BootstrapError(
+                f"kv_transfer_params.remote_engine_id names prefill DP rank {r.prefill_rank}, but the prefill server at "
+                f"{r.bootstrap} has {server.dp_size} (ranks 0..{server.dp_size - 1})",
+                "kv_transfer_params.remote_engine_id", m.Cause.BAD_TRANSFER_PARAMS, 400)
+        if not r.room_known:
+            return
+        try:  # registered when the prefill half was dispatched, before it answered: no long wait
+            holder = await client.room_rank(r.room, min(deadline, time.monotonic() + ROOM_CHECK_S))
+        except BootstrapError as e:
+            if e.status:
+                raise
+            raise BootstrapError(
+                f"kv_transfer_params.remote_room {r.room} is not a room of the prefill server at {r.bootstrap} "
+                "(no prefill request for it was dispatched there)", "kv_transfer_params.remote_room",
+                m.Cause.BAD_TRANSFER_PARAMS, 400) from None
+        if holder != r.prefill_rank:
+            raise BootstrapError(
+                f"kv_transfer_params.remote_engine_id names prefill DP rank {r.prefill_rank}, but room {r.room} is on "
+                f"prefill DP rank {holder} of the server at {r.bootstrap}", "kv_transfer_params.remote_engine_id",
+                m.Cause.BAD_TRANSFER_PARAMS, 400)
 
     async def _watch_control(self) -> None:
         """Read the control sockets' monitors; report a lost (or never made) connection to the engine
@@ -375,6 +419,10 @@ class DecodeDisaggManager:
             return
         r.prefill_rank = res.rank
         if res.error is not None:
+            if res.error.cause == m.Cause.BAD_TRANSFER_PARAMS:  # lying params: the room they name may be another's
+                self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=False, status=400,
+                           param=res.error.awaited)
+                return
             if res.error.cause == m.Cause.PREFILL_REJECTED:  # the prefill server refused its half: nothing to tell
                 self._fail(r, f"{self._who(r)}: {res.error}", res.error.cause, tell_prefill=False,
                            status=res.error.status or PD_FAILURE_STATUS)
@@ -497,7 +545,7 @@ class DecodeDisaggManager:
 
     # ------------------------------------------------------------------ failure
     def _fail(self, r: _Room, reason: str, cause: str, tell_prefill: bool, writer_done: bool = False,
-              status: int = PD_FAILURE_STATUS) -> None:
+              status: int = PD_FAILURE_STATUS, param: str | None = None) -> None:
         """Fail a room: abort the request with ``reason`` (answering HTTP ``status`` if no token went
         out), tell prefill when asked (on its control socket, or through its bootstrap service while
         the rank is unknown), and drop the receive's page references now, or once the remote writer is
@@ -519,7 +567,7 @@ class DecodeDisaggManager:
                 self.quarantine[r.room] = (r.receiving, time.monotonic() + self.config.transfer_timeout)
                 r.receiving = None
         self.meta[r.rid] = self._meta(r, 0.0, time.monotonic() - r.added_at)
-        if not self.scheduler.abort(r.rid, reason, status_code=status):
+        if not self.scheduler.abort(r.rid, reason, status_code=status, param=param):
             self.meta.pop(r.rid, None)
 
     def _fire(self, r: _Room, event: Event) -> bool:

@@ -48,6 +48,7 @@ class Cause:
     WRONG_RANK = "wrong_rank"  # decode asked another prefill rank than the one holding the room
     DECODE_REFUSED = "decode_refused"  # the decode server refused its half (bad input) or gave up resolving
     PEER_LOST = "peer_lost"  # the other side's process died or restarted (control connection lost)
+    BAD_TRANSFER_PARAMS = "bad_transfer_params"  # vLLM's kv_transfer_params name no engine, rank or room there
 
 
 # ---------------------------------------------------------------- bootstrap service (JSON)
@@ -76,6 +77,9 @@ class BootstrapInfo(msgspec.Struct, frozen=True):
     follows_room: bool
     load_balance_method: str
     registered_ranks: list[int]
+    # names this prefill server's engines in vLLM's P/D protocol (engine ids ``pdserve-<instance>-dp<rank>``,
+    # server/kv_transfer.py); empty from a peer that predates it
+    instance_id: str = ""
 
 
 class RoomRank(msgspec.Struct, frozen=True):

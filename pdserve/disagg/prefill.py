@@ -18,6 +18,12 @@ Liveness: the sender watches its connection to every decode receiver (see
 :mod:`pdserve.disagg.transfer.stream`); when one ends, every room bound to that receiver fails at
 once (``peer_lost``) and its KV is freed, even while the room's request is still queued, computing
 or waiting behind other sends — not only when a send to it fails.
+
+Detached rooms (vLLM's P/D protocol, ``kv_transfer_params.do_remote_decode``): the router sends the
+decode half only after prefill answered, so a detached room's finished output is released as soon as
+the prompt is computed, while the room keeps holding its KV for the decode's KV request (bounded by
+``waiting_timeout`` like any room). A detached room failing later has no client left to tell: its
+abort output is dropped here, the decode half learns the reason from the room's ``Status``.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class _Room:
     first_send_at: float | None = None
     last_progress: float = 0.0
     machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
+    detached: bool = False  # vLLM's protocol: answer the client when computed, not when shipped
+    answered: bool = False  # a detached room's output went to the client
 
 
 @dataclass
@@ -126,6 +134,7 @@ class PrefillDisaggManager:
         self.tombstones: dict[int, tuple[str, str, float, int]] = {}  # failed rooms: reason, cause, expiry, status
         self._released: list[tuple[StepOutput, DisaggMeta]] = []
         self._abort_meta: dict[str, DisaggMeta] = {}  # meta for abort outputs still to come
+        self._answered_aborts: set[str] = set()  # detached rooms failed after answering: drop their abort output
         self._io = EventLoopThread(f"prefill-ctl-{dp_rank}")
         self._zmq = zmq.asyncio.Context()
         self._pull: zmq.asyncio.Socket | None = None
@@ -185,13 +194,14 @@ class PrefillDisaggManager:
         return IDLE_CHECK_S if (self.rooms or self.early or self.tombstones) else None
 
     # ------------------------------------------------------------------ requests
-    def add(self, req: Req, room: int) -> None:
-        """Admit a prefill request for ``room``: its KV is held after the first token until shipped."""
+    def add(self, req: Req, room: int, detached: bool = False) -> None:
+        """Admit a prefill request for ``room``: its KV is held after the first token until shipped.
+        ``detached``: its output is released once computed, before the KV is shipped (see the module)."""
         if room in self.rooms:
             raise RoomConflictError(f"bootstrap_room {room} is already active on prefill rank {self.rank}")
         req.stop_after_prefill = True
         self.core.add_request(req)
-        r = _Room(room, req.rid, req, time.monotonic())
+        r = _Room(room, req.rid, req, time.monotonic(), detached=detached)
         r.machine = RoomMachine(Side.PREFILL, self.bounds, self.clock, State.WAITING_FOR_DECODE)
         self.rooms[room] = r
         self.by_rid[req.rid] = r
@@ -257,6 +267,10 @@ class PrefillDisaggManager:
         meta: dict[str, DisaggMeta] = {}
         for out in outputs:
             r = self.by_rid.get(out.rid)
+            if r is None and out.rid in self._answered_aborts:
+                if out.finished:
+                    self._answered_aborts.discard(out.rid)
+                continue  # a detached room failed after its client had the answer
             if r is None:
                 if out.finished and out.rid in self._abort_meta:
                     if (out.finish_reason or {}).get("type") != "abort":
@@ -266,6 +280,13 @@ class PrefillDisaggManager:
                         continue
                     meta[out.rid] = self._abort_meta.pop(out.rid)
                 result.append(out)
+                continue
+            if r.answered:  # the client has its answer: later outputs (the abort of a failure) go nowhere
+                if out.finished and (out.finish_reason or {}).get("type") == "abort":
+                    self._answered_aborts.discard(out.rid)
+                    if not r.failed:
+                        self._fail(r, out.finish_reason.get("message", "aborted"), m.Cause.PREFILL_ABORTED)
+                        self._answered_aborts.discard(out.rid)
                 continue
             meta[out.rid] = self._meta(r)
             if not out.finished:
@@ -277,6 +298,9 @@ class PrefillDisaggManager:
                 result.append(out)
             else:
                 r.output = out
+                if r.detached and not r.answered:
+                    r.answered = True
+                    result.append(out)
                 if r.kvreq is not None:
                     self._finish(r)
         self._check_timeouts(time.monotonic())
@@ -445,7 +469,8 @@ class PrefillDisaggManager:
             if r.first_send_at is not None:
                 self.stats.record_transfer(r.nbytes, r.last_progress - r.first_send_at)
             assert r.output is not None
-            self._released.append((r.output, self._meta(r)))
+            if not r.answered:
+                self._released.append((r.output, self._meta(r)))
         self.rooms.pop(r.room, None)
         self.by_rid.pop(r.rid, None)
 
@@ -464,7 +489,10 @@ class PrefillDisaggManager:
         logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         self.sender.cancel(r.room)
         if self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
-            self._abort_meta[r.rid] = self._meta(r)
+            if r.answered:
+                self._answered_aborts.add(r.rid)
+            else:
+                self._abort_meta[r.rid] = self._meta(r)
         if r.kvreq is not None:
             if tell_decode:
                 self._count_send(r)

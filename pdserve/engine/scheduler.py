@@ -165,11 +165,12 @@ class Scheduler:
             self._end_attempt(req)
             self._forget(req, [rid])
 
-    def abort(self, rid: str, message: str = "aborted", status_code: int | None = None) -> bool:
+    def abort(self, rid: str, message: str = "aborted", status_code: int | None = None,
+              param: str | None = None) -> bool:
         """Stop ``rid`` wherever it is and free its pages; its abort output comes with the next step.
 
         ``status_code`` (as SGLang's abort reasons carry) tells the HTTP layer which error to answer
-        when the request ends before producing any token."""
+        when the request ends before producing any token; ``param``, the request field it names."""
         req = self._find(rid)
         if req is None:
             return False
@@ -179,6 +180,8 @@ class Scheduler:
         req.finish_reason = {"type": "abort", "message": message}
         if status_code is not None:
             req.finish_reason["status_code"] = status_code
+        if param is not None:
+            req.finish_reason["param"] = param
         ended = [rid, *self._unborn_samples(req)]
         self._forget(req, ended)
         for out_rid in ended:

@@ -18,6 +18,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pdserve.disagg.vllm_ids import transfer_room
 from pdserve.http_common import read_body
 from pdserve.server.errors import ServerError, bad_request
 
@@ -138,6 +139,17 @@ class _RoomFields(msgspec.Struct):
     routed_dp_rank: Any = None
     bootstrap_host: Any = None
     bootstrap_port: Any = None
+    kv_transfer_params: Any = None  # vLLM's P/D protocol: a Mooncake-style transfer_id names the room
+
+
+def _transfer_room(params: Any) -> int | None:
+    """The room a prefill half's Mooncake-style ``kv_transfer_params.transfer_id`` names (server/kv_transfer.py)."""
+    if not isinstance(params, dict) or params.get("do_remote_decode") is not True:
+        return None
+    transfer_id = params.get("transfer_id")
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 256:
+        return None
+    return transfer_room(transfer_id)
 
 
 def request_peers(request: Request, default_port: int) -> list[tuple[str, int, int]]:
@@ -186,6 +198,9 @@ def request_rooms(request: Request, dp_size: int) -> tuple[list[int], int | None
             continue
         if room is not None:
             rooms.append(room)
+    transferred = _transfer_room(fields.kv_transfer_params)
+    if transferred is not None:  # its decode half may be waiting already: it learns of the refusal at once
+        rooms.append(transferred)
     try:
         rank = pinned_rank(request, fields, dp_size)
     except ServerError:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.engine.request import RequestError, SamplingParams, TokenLogprobs
 from pdserve.engine.validation import MAX_TOP_LOGPROBS
 from pdserve.request_bodies import ChatBody, CommonBody, CompletionBody, openapi_request_body, request_schema
+from pdserve.server import kv_transfer
 from pdserve.server.access import log_access, rank_headers, sample_meta, served_ranks
 from pdserve.server.api_common import (
     SSE_DONE,
@@ -134,6 +135,14 @@ def _requests(
     prefill_rank = body.disagg_prefill_dp_rank if body.disagg_prefill_dp_rank is not None else (
         body.prefill_data_parallel_rank
     )
+    # ---- vLLM's P/D protocol: kv_transfer_params names the room (and for decode where its KV is)
+    leg = _kv_transfer_leg(state, body, prompts)
+    instance = None
+    if isinstance(leg, kv_transfer.PrefillLeg):
+        rooms = [leg.room]
+    elif isinstance(leg, kv_transfer.DecodeLeg):
+        hosts, ports, rooms, prefill_rank, instance = [leg.host], [leg.port], [leg.room], leg.prefill_rank, leg.instance
+    # ---- end of vLLM's P/D protocol
     base = f"{prefix}-{uuid.uuid4().hex}"
     return [
         GenRequest(
@@ -148,6 +157,10 @@ def _requests(
             bootstrap_port=ports[i],
             bootstrap_room=rooms[i],
             prefill_dp_rank=prefill_rank,
+            detach_room=isinstance(leg, kv_transfer.PrefillLeg),
+            prefill_instance=instance,
+            prefill_room_known=isinstance(leg, kv_transfer.DecodeLeg) and leg.room_known,
+            kv_transfer_leg=leg,
             prompt_field=prompt_field,
             max_tokens_field=max_tokens_field,
             grammar_field=constraint.field if constraint is not None else None,
@@ -179,6 +192,45 @@ def _truncated(body: CommonBody, ids: list[int], context_length: int, max_output
     if len(ids) <= k:
         return ids
     return ids[:k] if side == "right" else ids[len(ids) - k:]
+
+def _kv_transfer_leg(state: ServerState, body: CommonBody, prompts: list[list[int]]) -> Any:
+    """The vLLM P/D leg ``body.kv_transfer_params`` asks for (None without it); 400 naming the field when
+    it cannot be served here or collides with SGLang's room fields."""
+    if body.kv_transfer_params is None:
+        return None
+    disagg = state.config.disagg
+    leg = kv_transfer.parse(body.kv_transfer_params, disagg.mode, disagg.bootstrap_allowed,
+                            state.controller.info.page_size, len(prompts[0]) if prompts else 0)
+    if leg is None:
+        return None
+    for name in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
+        if getattr(body, name) is not None:
+            raise bad_request(f"{name} and {kv_transfer.FIELD} both name the KV's room: send one", name)
+    if len(prompts) != 1:
+        raise bad_request(f"{kv_transfer.FIELD} names one room: send one prompt, not {len(prompts)}",
+                          kv_transfer.FIELD)
+    if isinstance(leg, kv_transfer.DecodeLeg):
+        for name in ("disagg_prefill_dp_rank", "prefill_data_parallel_rank"):
+            value = getattr(body, name)
+            if value is not None and value != leg.prefill_rank:
+                raise bad_request(f"{name} {value} disagrees with {kv_transfer.FIELD}.remote_engine_id (prefill DP "
+                                  f"rank {leg.prefill_rank})", name)
+    if isinstance(leg, kv_transfer.PrefillLeg) and body.stream:
+        raise bad_request(f"{kv_transfer.FIELD}.do_remote_decode needs stream: false (the answer carries the "
+                          "params decode needs)", "stream")
+    return leg
+
+
+def _kv_transfer_answer(state: ServerState, request: Request, gens: list[Generation]) -> dict[str, Any]:
+    """``{"kv_transfer_params": ...}`` for a vLLM P/D prefill answer (empty for any other)."""
+    gen = gens[0]
+    leg = gen.req.kv_transfer_leg
+    bootstrap = state.controller.bootstrap
+    if not isinstance(leg, kv_transfer.PrefillLeg) or bootstrap is None or gen.finish_reason is None:
+        return {}
+    host = request.url.hostname or state.config.host
+    return {kv_transfer.FIELD: kv_transfer.prefill_answer(leg, bootstrap.instance_id, gen.dp_rank, host,
+                                                          bootstrap.port, gen.rid)}
 
 
 def _copy_params(params: SamplingParams) -> SamplingParams:
@@ -354,7 +406,8 @@ async def completions(request: Request) -> Response:
         log_access(request, gens, state.config.disaggregation_mode)
         return JSONResponse(
             {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode)},
+             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode),
+             **_kv_transfer_answer(state, request, gens)},
             headers=rank_headers(gens, state.config.disaggregation_mode),
         )
 
@@ -577,7 +630,8 @@ async def chat_completions(request: Request) -> Response:
         log_access(request, gens, state.config.disaggregation_mode)
         return JSONResponse(
             {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode)},
+             "usage": _usage(gens), **served_ranks(gens[0], state.config.disaggregation_mode),
+             **_kv_transfer_answer(state, request, gens)},
             headers=rank_headers(gens, state.config.disaggregation_mode),
         )
 

@@ -62,6 +62,10 @@ class GenRequest:
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     prefill_dp_rank: int | None = None
+    detach_room: bool = False  # vLLM's P/D protocol (server/kv_transfer.py)
+    prefill_instance: str | None = None
+    prefill_room_known: bool = False
+    kv_transfer_leg: Any = None  # its parsed kv_transfer_params (a PrefillLeg or DecodeLeg)
     prompt_field: str = "input_ids"  # names used in error messages
     max_tokens_field: str = "max_new_tokens"
     grammar_field: str | None = None  # the client's name for the grammar (response_format, guided_json ...)
@@ -283,6 +287,9 @@ class GenerationService:
             bootstrap_port=req.bootstrap_port,
             bootstrap_room=req.bootstrap_room,
             prefill_dp_rank=req.prefill_dp_rank,
+            detach_room=req.detach_room,
+            prefill_instance=req.prefill_instance,
+            prefill_room_known=req.prefill_room_known,
         )
         if self.controller.config.disagg.mode == "prefill":
             return [Generation(self, req, self.controller.submit(message))]
@@ -383,8 +390,9 @@ class Generation:
             if item.finished and not item.new_token_ids and not self.output_ids and reason.get("status_code"):
                 self.finished = True
                 self.finished_at = time.perf_counter()
+                param = reason.get("param")
                 raise ServerError(int(reason["status_code"]), str(reason.get("message", "request failed")),
-                                  retryable=reason.get("retryable"))
+                                  param if isinstance(param, str) else None, retryable=reason.get("retryable"))
             delta = self._apply(item)
             if item.new_token_ids or item.finished:
                 return delta

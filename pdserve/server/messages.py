@@ -52,6 +52,11 @@ class GenerateReq(msgspec.Struct, tag="generate"):
     bootstrap_room: int | None = None
     prefill_dp_rank: int | None = None
     label: str | None = None  # the client's rid (``rid`` is the front's internal id): for logs and fault plans
+    # vLLM's P/D protocol (server/kv_transfer.py): a prefill half answered once computed; the prefill
+    # server instance a decode half's kv_transfer_params.remote_engine_id names (checked at its bootstrap)
+    detach_room: bool = False
+    prefill_instance: str | None = None
+    prefill_room_known: bool = False  # the prefill half answered already: its room must be registered
 
 
 class AbortReq(msgspec.Struct, tag="abort"):

@@ -125,7 +125,7 @@ class Worker:
         if self.disagg is None or room is None:
             self.engine.add_request(req)
         elif self.spec.disagg.mode == "prefill":
-            self.disagg.add(req, room)
+            self.disagg.add(req, room, detached=message.detach_room)
             if self.faults is not None:
                 self.faults.after_add(self.disagg, req.rid, message.label)
         else:
@@ -133,7 +133,8 @@ class Worker:
 
             if not message.bootstrap_host:
                 raise RequestError("bootstrap_host is required with bootstrap_room on a decode server")
-            self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank)
+            self.disagg.add(req, room, message.bootstrap_host, message.bootstrap_port, message.prefill_dp_rank,
+                            prefill_instance=message.prefill_instance, room_known=message.prefill_room_known)
             if self.faults is not None:
                 self.faults.after_add(self.disagg, req.rid, message.label)
 
