@@ -474,3 +474,60 @@ def test_gaie_metric_names_match_get_load(map_server):
     finally:
         thread.join(60)
     assert answers and answers[0]["meta_info"]["completion_tokens"] == 300
+
+
+# ---------------------------------------------------------------------- no server needed
+def test_config_parsing_names_bad_fields_and_offsets_ports_by_rank():
+    from pdserve.server.kv_events_config import bound_tcp_ports, offset_endpoint, parse_kv_events_config
+
+    cfg = parse_kv_events_config('{"enable_kv_cache_events": true, "endpoint": "tcp://*:6000", '
+                                 '"replay_endpoint": "tcp://*:7000", "topic": ""}')
+    assert cfg.enabled and cfg.publisher == "zmq" and cfg.topic == "" and cfg.encoding == "map"
+    assert offset_endpoint("tcp://*:6000", 2) == "tcp://*:6002"
+    assert offset_endpoint("ipc:///tmp/ev", 1) == "ipc:///tmp/ev_dp1"
+    assert bound_tcp_ports(cfg, 2) == [("0.0.0.0", 6000), ("0.0.0.0", 6001), ("0.0.0.0", 7000), ("0.0.0.0", 7001)]
+    for text, field in (('{"enable_kv_cache_events": true, "bogus": 1}', "bogus"),
+                        ('{"enable_kv_cache_events": "yes"}', "enable_kv_cache_events"),
+                        ('{"enable_kv_cache_events": true, "encoding": "xml"}', "encoding"),
+                        ('{"enable_kv_cache_events": true, "endpoint": "http://x:1"}', "endpoint"),
+                        ('{"enable_kv_cache_events": true, "endpoint": "tcp://*:99999"}', "endpoint"),
+                        ('{"enable_kv_cache_events": true, "hwm": 1e400}', "hwm"),
+                        ('{"enable_kv_cache_events": true, "buffer_steps": 0}', "buffer_steps"),
+                        ('{"publisher": "kafka"}', "publisher"), ("[1]", "object"), ("{", "JSON")):
+        with pytest.raises(ValueError, match=field):
+            parse_kv_events_config(text)
+
+
+def test_block_hashes_match_an_independent_computation():
+    from pdserve.vllm_kv_events import BlockHasher, canonical_cbor
+
+    ids = [(13 * i) % 70000 for i in range(5 * PAGE + 7)]
+    for algo in ("sha256", "sha256_cbor"):
+        for seed in ("vllm-none-hash", "0", "12345"):
+            assert BlockHasher(algo, seed).chain(ids, PAGE) == vllm_hashes(ids, algo, seed)
+    for obj in ((b"\x00" * 32, tuple(range(0, 2**20, 4099)), None), "seed", (b"", (), None), (b"x", (2**40, 0, 23, 24), None)):
+        assert canonical_cbor(obj) == cbor2.dumps(obj, canonical=True)
+    raw = BlockHasher("sha256", "0", int_hashes=False).chain(ids, PAGE)
+    assert [int.from_bytes(d, "big") & MASK64 for d in raw] == vllm_hashes(ids, "sha256", "0")
+
+
+def test_a_busy_event_port_fails_startup_naming_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.server_harness import REPO_ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cfg = json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{port}", "bind": True})
+        proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--port", "0", "--kv-events-config", cfg],
+                              capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode != 0 and str(port) in proc.stderr and "kv-events-config" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--kv-events-config", '{"nope": 1}'],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert bad.returncode != 0 and "nope" in bad.stderr
