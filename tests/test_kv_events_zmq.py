@@ -222,6 +222,14 @@ def array_server(tmp_path_factory):
         srv.stop()
 
 
+def assert_no_leaked_pages(srv) -> None:
+    """Idle again: every rank holds no request and no page outside the prefix cache."""
+    def idle() -> bool:
+        loads = httpx.get(srv.url + "/get_load", timeout=10).json()
+        return all(lo["num_reqs"] == 0 and lo["num_used_pages"] == 0 for lo in loads)
+    assert wait_until(idle, 20), httpx.get(srv.url + "/get_load").json()
+
+
 def generate(srv, ids: list[int], rank: int, tokens: int = 2) -> dict:
     resp = httpx.post(srv.url + "/generate", timeout=60, json={
         "input_ids": ids, "data_parallel_rank": rank,
@@ -416,6 +424,7 @@ def test_hostile_subscribers_never_stall_the_engine(map_server, ctx):
     refused = {s.labels["outcome"]: s.value for s in families["pdserve:kv_events_replays"].samples
                if s.name.endswith("_total")}
     assert refused.get("malformed", 0) > 0
+    assert_no_leaked_pages(srv)
 
 
 def test_gaie_metric_names_match_get_load(map_server):
@@ -474,6 +483,32 @@ def test_gaie_metric_names_match_get_load(map_server):
     finally:
         thread.join(60)
     assert answers and answers[0]["meta_info"]["completion_tokens"] == 300
+    assert_no_leaked_pages(srv)
+
+
+
+def test_a_dead_worker_clears_its_rank_for_subscribers(map_server, ctx):
+    """A rank's worker dies: its cache is gone, so subscribers get AllBlocksCleared on that rank
+    (and only there); after the restart the rank publishes again, seq continuing."""
+    import signal
+
+    srv = map_server
+    sub = Subscriber(ctx, srv.pub, b"", "map")
+    time.sleep(0.5)
+    generate(srv, prompt(90, 2), 0)
+    sub.pump(0.5)
+    (rank0,) = [r for r in httpx.get(srv.url + "/health").json()["dp_ranks"] if r["dp_rank"] == 0]
+    os.kill(rank0["pid"], signal.SIGKILL)
+    assert wait_until(lambda: any(isinstance(e, CLEARED) for e in (sub.pump(0.2) or sub.events(0))), 20)
+    assert not any(isinstance(e, CLEARED) for e in sub.events(1))
+    assert wait_until(lambda: httpx.get(srv.url + "/health").status_code == 200 and all(
+        r["state"] == "ready" for r in httpx.get(srv.url + "/health").json()["dp_ranks"]), 60)
+    before = sub.got[0][-1][0]
+    generate(srv, prompt(91, 2), 0)
+    sub.pump(1.0)
+    seqs = [seq for seq, _, _ in sub.got[0]]
+    assert seqs[-1] > before and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert_no_leaked_pages(srv)
 
 
 # ---------------------------------------------------------------------- no server needed
