@@ -20,6 +20,7 @@ unsigned int, vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`` default), or the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -47,6 +48,12 @@ def _cbor_head(major: int, value: int) -> bytes:
     raise ValueError(f"CBOR head value {value} exceeds 64 bits")
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _cbor_uint(value: int) -> bytes:
+    """One token id's canonical CBOR (cached: a vocabulary is small, a prompt's ids repeat)."""
+    return _cbor_head(0, value)
+
+
 def canonical_cbor(obj: Any) -> bytes:
     """Canonical CBOR of what a block hash digests (None, int, bytes, str, tuple/list of those): the
     bytes ``cbor2.dumps(obj, canonical=True)`` gives for them."""
@@ -62,6 +69,8 @@ def canonical_cbor(obj: Any) -> bytes:
         data = obj.encode("utf-8")
         return _cbor_head(3, len(data)) + data
     if isinstance(obj, (tuple, list)):
+        if all(type(x) is int and x >= 0 for x in obj):  # a block's token ids: the hot path
+            return _cbor_head(4, len(obj)) + b"".join(map(_cbor_uint, obj))
         return _cbor_head(4, len(obj)) + b"".join(canonical_cbor(x) for x in obj)
     raise TypeError(f"cannot CBOR-encode {type(obj).__name__} for a block hash")
 
