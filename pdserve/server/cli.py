@@ -13,6 +13,7 @@ from pdserve.http_common import add_http_limit_arguments, http_limits_from_args,
 from pdserve.ports import PortInUse, check_free, listen_socket
 from pdserve.server.config import add_arguments as _add_arguments
 from pdserve.server.config import server_config_from_args
+from pdserve.server.kv_events_config import bound_tcp_ports
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = server_config_from_args(args)
     try:
+        config = server_config_from_args(args)
         config.validate()
         limits = http_limits_from_args(args)
     except ValueError as e:
@@ -34,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
     except PortInUse as e:
         raise SystemExit(f"pdserve serve: {e}; stop it or choose another "
                          f"{'--port' if e.port == config.port else '--disaggregation-bootstrap-port'}") from None
+    if config.kv_events is not None and config.kv_events.enabled:
+        try:  # the ZMQ event ports of every rank, before any worker starts
+            for host, port in bound_tcp_ports(config.kv_events, config.dp_size):
+                check_free(host, port)
+        except PortInUse as e:
+            raise SystemExit(f"pdserve serve: {e}; it is a --kv-events-config port (the endpoint's or the "
+                             "replay endpoint's, plus the DP rank): choose others") from None
     from pdserve.server.app import create_app
 
     logging.basicConfig(

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.disagg.config import DisaggConfig, add_disagg_arguments, disagg_config_from_args
 from pdserve.engine.config import EngineConfig, add_engine_arguments, engine_config_from_args
+from pdserve.server.kv_events_config import KVEventsConfig, parse_kv_events_config
 from pdserve.server.tool_parsers import PARSERS
+from pdserve.vllm_kv_events import HASH_ALGOS
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "follow_bootstrap_room")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -34,6 +36,8 @@ class ServerConfig:
     max_n: int = 16  # most parallel samples (n) one request may ask for
     tool_call_parser: str | None = None  # server/tool_parsers: the model family's tool-call format
     trust_request_chat_template: bool = False  # render chat templates a request supplies (deadline and cap apply)
+    kv_events: KVEventsConfig | None = None  # --kv-events-config: vLLM-format KV events over ZMQ
+    prefix_caching_hash_algo: str = "sha256"  # vLLM's block hash of those events (vLLM's default)
 
     @property
     def disaggregation_mode(self) -> str:
@@ -58,6 +62,14 @@ class ServerConfig:
         if not 0 <= self.worker_restart_backoff_s <= self.worker_restart_backoff_max_s:
             raise ValueError("worker restart backoff must satisfy 0 <= initial <= max, got "
                              f"{self.worker_restart_backoff_s} and {self.worker_restart_backoff_max_s}")
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}, "
+                             f"got {self.prefix_caching_hash_algo!r}")
+        if self.kv_events is not None:
+            self.kv_events.validate()
+            if self.kv_events.enabled and self.engine.disable_radix_cache:
+                raise ValueError("--kv-events-config publishes prefix-cache events: it needs the prefix cache "
+                                 "(drop --disable-radix-cache)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         from pdserve.disagg.auth import is_loopback
@@ -121,6 +133,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="render a chat template a request supplies (chat_template_kwargs.chat_template) instead of refusing it "
         "with 400; it runs on its own thread within a deadline and an output cap (default: off, as vLLM's flag)",
     )
+    parser.add_argument(
+        "--kv-events-config", default=None, metavar="JSON",
+        help="publish prefix-cache events over ZMQ in vLLM's wire format, as vLLM's flag: e.g. "
+        "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\", "
+        "\"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"kv@IP@MODEL\"}' (vLLM's keys: buffer_steps, hwm, "
+        "max_queue_size too; pdserve's: encoding 'map'|'array', bind true|false); the port of each DP rank "
+        "is the given one plus the rank; see docs/kv_events.md",
+    )
+    parser.add_argument(
+        "--prefix-caching-hash-algo", default=defaults.prefix_caching_hash_algo, choices=HASH_ALGOS,
+        help="block hash of the ZMQ KV events, as vLLM's flag (seed: $PYTHONHASHSEED, else vLLM's fixed "
+        "default) (default: %(default)s)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -150,6 +175,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         tool_call_parser=args.tool_call_parser,
         max_n=args.max_n,
         trust_request_chat_template=args.trust_request_chat_template,
+        kv_events=parse_kv_events_config(args.kv_events_config),
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
     )
 
 

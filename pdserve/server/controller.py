@@ -45,6 +45,7 @@ from pdserve.server.config import ServerConfig
 from pdserve.server.dispatch import NoRankAvailable, RankView, make_policy
 from pdserve.server.errors import ServerError
 from pdserve.server.kv_event_feed import KVEventFeed
+from pdserve.server.kv_events_config import default_topic
 from pdserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ class DPController:
         # P/D prefill: RejectRoom messages for ranks that were not ready, sent when they are: (message, expiry)
         self._held_rejections: OrderedDict[tuple[int, int], tuple[msg.RejectRoom, float]] = OrderedDict()
         self.kv_events = KVEventFeed()
+        self.kv_publisher = None  # ZmqKVEventPublisher with --kv-events-config (vLLM's wire format)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -192,6 +194,17 @@ class DPController:
         secret = disagg.secret
         self._plane_auth = PlaneAuth(secret)
         disagg = replace(disagg, host=self.config.host, secret=None)  # the spec is a command line: secret via env
+        events = self.config.kv_events
+        if events is not None and events.enabled:
+            from pdserve.server.kv_event_publisher import ZmqKVEventPublisher
+
+            cfg = self.config
+            model = cfg.served_model_name or os.path.basename(cfg.engine.model_path or "") or "model"
+            topic = events.topic if events.topic is not None else default_topic(cfg.host, model)
+            self.kv_publisher = await asyncio.to_thread(
+                ZmqKVEventPublisher, events, self.dp_size, topic, cfg.prefix_caching_hash_algo, cfg.engine.page_size)
+            if self.metrics is not None:
+                self.metrics.kv_publisher = self.kv_publisher
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-")
         self._sync_ctx = zmq.Context(1)
         self._async_ctx = zmq.asyncio.Context(1)
@@ -300,6 +313,8 @@ class DPController:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
         if self.bootstrap is not None:
             await asyncio.to_thread(self.bootstrap.stop)
+        if self.kv_publisher is not None:
+            await asyncio.to_thread(self.kv_publisher.close)
 
     @property
     def ready(self) -> bool:
@@ -611,6 +626,8 @@ class DPController:
                 self._set_load(state, message.load)
         elif isinstance(message, msg.CacheEvents):
             self.kv_events.publish(message.dp_rank, message.events)
+            if self.kv_publisher is not None:
+                self.kv_publisher.publish(message.dp_rank, message.events)
         elif isinstance(message, msg.DisaggStats):
             self.disagg_reports[message.dp_rank] = message.report
             if self.metrics is not None:
@@ -697,6 +714,8 @@ class DPController:
         if state.phase == RankPhase.DOWN or state.restart_pending:
             return  # already handled (the watchdog and WorkerFailed both report a death)
         was_ready = state.phase == RankPhase.READY
+        if was_ready and self.kv_publisher is not None:
+            self.kv_publisher.rank_reset(state.rank)  # its cache is gone with it
         state.error = reason
         state.load = msg.RankLoad()
         if self.metrics is not None:

@@ -29,8 +29,14 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str = "") -> None:
+    def __init__(self, model_name: str = "", page_size: int = 16, hash_algo: str = "sha256",
+                 prefix_cache: bool = True) -> None:
         self.model_name = model_name
+        self.page_size = page_size
+        self.hash_algo = hash_algo
+        self.prefix_cache = prefix_cache
+        self.loads: dict[int, RankLoad] = {}  # latest load of each rank, for the vLLM-named gauges
+        self.kv_publisher = None  # the ZMQ KV-event publisher, when the server has one
         self.registry = CollectorRegistry(auto_describe=True)
         rank_labels = ["model_name", "dp_rank"]
         self.running = Gauge(
@@ -122,6 +128,8 @@ class ServerMetrics:
         self.refusals = Refusals()  # the front's own listeners (bootstrap service)
         self.disagg = DisaggCollector(self)
         self.registry.register(self.disagg)
+        self.registry.register(VllmNamesCollector(self))
+        self.registry.register(KVEventsCollector(self))
 
     def set_model_name(self, name: str) -> None:
         """Relabel from now on (the name is known only once the workers report the model)."""
@@ -137,6 +145,7 @@ class ServerMetrics:
                 self.preemptions, self.stall_timeouts, self.steps, self.vllm_running, self.vllm_waiting)
 
     def set_load(self, rank: int, load: RankLoad) -> None:
+        self.loads[rank] = load
         labels = (self.model_name, str(rank))
         self.running.labels(*labels).set(load.num_reqs - load.num_waiting_reqs)
         self.waiting.labels(*labels).set(load.num_waiting_reqs)
@@ -219,3 +228,69 @@ class DisaggCollector:
             for key, n in sorted(report.refusals.items()):
                 refusals.add_metric([self.metrics.model_name, f"dp_rank {rank}", *key.split(":", 1)], n)
         yield from (moved, count, latency, failures, rooms, refusals)
+
+
+class VllmNamesCollector:
+    """The gauges the Gateway API Inference Extension's endpoint picker (and llm-d) read from a vLLM
+    server, with vLLM's labels (``engine`` is the DP rank), from the same loads as ``/get_load``:
+    ``vllm:num_requests_waiting`` (queued), ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
+    (a fraction, as vLLM's: pages held by requests / pages of the rank) and the info gauge
+    ``vllm:cache_config_info`` (``block_size``, ``num_gpu_blocks``: the page size and page count).
+    Their SGLang names (``sglang:num_queue_reqs``, ``sglang:num_running_reqs``, ``sglang:token_usage``)
+    are :class:`ServerMetrics`' own."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        labels = ["model_name", "engine"]
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels=labels)
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch", labels=labels)
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent", labels=labels)
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the KV cache config",
+            labels=["engine", "block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo",
+                    "cache_dtype"])
+        for rank, load in sorted(m.loads.items()):
+            values = [m.model_name, str(rank)]
+            waiting.add_metric(values, load.num_waiting_reqs)
+            running.add_metric(values, load.num_reqs - load.num_waiting_reqs)
+            usage.add_metric(values, load.num_used_pages / max(1, load.num_total_pages))
+            info.add_metric([str(rank), str(m.page_size), str(load.num_total_pages), str(m.prefix_cache),
+                             m.hash_algo, "auto"], 1.0)
+        yield from (waiting, running, usage, info)
+
+
+class KVEventsCollector:
+    """Counters of the ZMQ KV-event publisher (absent without ``--kv-events-config``)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        publisher = self.metrics.kv_publisher
+        if publisher is None:
+            return
+        c = publisher.counters()
+        name = [self.metrics.model_name]
+        published = CounterMetricFamily("pdserve:kv_events_published", "KV event batches sent on the ZMQ PUB socket",
+                                        labels=["model_name", "dp_rank"])
+        for rank, n in enumerate(c["published"]):
+            published.add_metric([*name, str(rank)], n)
+        dropped = CounterMetricFamily(
+            "pdserve:kv_events_dropped", "KV event batches dropped oldest-first: the publisher queue was full "
+            "(--kv-events-config max_queue_size)", labels=["model_name"])
+        dropped.add_metric(name, c["dropped"])
+        unmapped = CounterMetricFamily("pdserve:kv_events_unmapped",
+                                       "Events naming a page whose vLLM hash is unknown (not sent)", labels=["model_name"])
+        unmapped.add_metric(name, c["unmapped"])
+        depth = GaugeMetricFamily("pdserve:kv_events_queue_depth", "KV event batches waiting for the publisher thread",
+                                  labels=["model_name"])
+        depth.add_metric(name, c["queue_depth"])
+        replays = CounterMetricFamily("pdserve:kv_events_replays", "Replay requests answered or refused",
+                                      labels=["model_name", "outcome"])
+        replays.add_metric([*name, "served"], c["replays_served"])
+        for reason, n in sorted(c["replays_refused"].items()):
+            replays.add_metric([*name, reason], n)
+        yield from (published, dropped, unmapped, depth, replays)

@@ -17,6 +17,7 @@ from pdserve.server.config import ServerConfig
 from pdserve.server.controller import DPController
 from pdserve.server.errors import ServerError
 from pdserve.server.generation import GenerationService, GenRequest, close_all, run_to_end
+from pdserve.server.kv_events_config import default_topic
 from pdserve.server.metrics import ServerMetrics
 
 MAX_PEERS_TOLD = 64  # a refused batch tells at most this many prefill rooms
@@ -29,7 +30,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metrics = ServerMetrics(config.served_model_name or "")
+        self.metrics = ServerMetrics(config.served_model_name or "", config.engine.page_size,
+                                     config.prefix_caching_hash_algo, not config.engine.disable_radix_cache)
         self.controller = DPController(config, self.metrics)
         self.service: GenerationService | None = None
         self.served_model_name: str | None = None
@@ -52,6 +54,9 @@ class ServerState:
         given = self.config.engine.model_path
         self.served_model_name = self.config.served_model_name or given or os.path.basename(info.model_path)
         self.metrics.set_model_name(self.served_model_name)
+        publisher = self.controller.kv_publisher
+        if publisher is not None and self.config.kv_events is not None and self.config.kv_events.topic is None:
+            publisher.topic = default_topic(self.config.host, self.served_model_name)
         for state in self.controller.ranks:
             self.metrics.set_load(state.rank, state.load)
         self.service = GenerationService(self.controller, tokenizer)
