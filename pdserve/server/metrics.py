@@ -113,18 +113,6 @@ class ServerMetrics:
             "itself (--disaggregation-decode-allow-local-prefill; without it they are refused with 400)",
             ["model_name"], registry=self.registry,
         )
-        # ---- vLLM's names, one series per DP rank as ``engine``: vllm-router's DP discovery
-        # (--intra-node-data-parallel-size) counts the distinct engine labels of the vllm: lines
-        engine_labels = ["model_name", "engine"]
-        self.vllm_running = Gauge(
-            "vllm:num_requests_running", "Requests running on the engine (DP rank)", engine_labels,
-            registry=self.registry,
-        )
-        self.vllm_waiting = Gauge(
-            "vllm:num_requests_waiting", "Requests waiting in the engine's (DP rank's) queue", engine_labels,
-            registry=self.registry,
-        )
-        # ---- end of vLLM's names
         self.refusals = Refusals()  # the front's own listeners (bootstrap service)
         self.disagg = DisaggCollector(self)
         self.registry.register(self.disagg)
@@ -142,7 +130,7 @@ class ServerMetrics:
     def _rank_gauges(self) -> tuple[Gauge, ...]:
         return (self.running, self.waiting, self.used_tokens, self.token_usage, self.used_pages, self.total_pages,
                 self.cached_pages, self.cache_hit_rate, self.cached_tokens, self.prefill_computed, self.retractions,
-                self.preemptions, self.stall_timeouts, self.steps, self.vllm_running, self.vllm_waiting)
+                self.preemptions, self.stall_timeouts, self.steps)
 
     def set_load(self, rank: int, load: RankLoad) -> None:
         self.loads[rank] = load
@@ -161,8 +149,6 @@ class ServerMetrics:
         self.cache_hit_rate.labels(*labels).set(load.cache_hit_rate)
         self.cached_tokens.labels(*labels).set(load.cached_tokens_total)
         self.prefill_computed.labels(*labels).set(load.prefill_tokens_computed)
-        self.vllm_running.labels(*labels).set(load.num_reqs - load.num_waiting_reqs)
-        self.vllm_waiting.labels(*labels).set(load.num_waiting_reqs)
 
     def on_tokens(self, num_new: int, first: bool, arrival: float, last_token_at: float | None, now: float) -> None:
         """New output tokens of one request: TTFT for the first, otherwise one ITL sample per token."""
@@ -232,7 +218,8 @@ class DisaggCollector:
 
 class VllmNamesCollector:
     """The gauges the Gateway API Inference Extension's endpoint picker (and llm-d) read from a vLLM
-    server, with vLLM's labels (``engine`` is the DP rank), from the same loads as ``/get_load``:
+    server, with vLLM's labels (``engine`` is the DP rank), from the same loads as ``/get_load``
+    (vllm-router's ``--intra-node-data-parallel-size`` counts a server's DP ranks by these ``engine`` labels):
     ``vllm:num_requests_waiting`` (queued), ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
     (a fraction, as vLLM's: pages held by requests / pages of the rank) and the info gauge
     ``vllm:cache_config_info`` (``block_size``, ``num_gpu_blocks``: the page size and page count).
