@@ -249,7 +249,10 @@ async def soak(cfg: SoakConfig) -> SoakResult:
     result = SoakResult(requests=cfg.requests)
     rng = random.Random(cfg.seed)
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=4 * cfg.concurrency, max_keepalive_connections=2 * cfg.concurrency)
+    # a kept connection is dropped before the servers' own keep-alive (--http-keep-alive, 5 s) can close it
+    # under a request being written, which a client sees as a ReadError its server never received
+    limits = httpx.Limits(max_connections=4 * cfg.concurrency, max_keepalive_connections=2 * cfg.concurrency,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(limits=limits) as client:
         servers = {"prefill": cfg.prefill_url, "decode": cfg.decode_url}
         before = {name: await _metrics(client, url) for name, url in servers.items()}
@@ -315,8 +318,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the result (JSON) here")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ``with Cluster``, which stops the servers it started
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     from pdserve.bench.cluster import Cluster, machine_info, write_result
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     def config(prefill: str, decode: str, bootstrap_port: int) -> SoakConfig:
         return SoakConfig(prefill, decode, bootstrap_port, args.dp_size, args.dp_size, args.requests,

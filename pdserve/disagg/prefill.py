@@ -522,7 +522,7 @@ class PrefillDisaggManager:
             if k is not None and not r.failed and k.receiver.address == lost.address:
                 self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost decode "
                            f"rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}; its KV was freed",
-                           m.Cause.PEER_LOST, tell_decode=False)
+                           m.Cause.PEER_LOST)  # told on a new connection: a decode still alive learns at once
         for room, (k, _) in list(self.early.items()):
             if k.receiver.address == lost.address:
                 del self.early[room]
