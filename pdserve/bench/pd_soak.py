@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+TRANSPORT_ERROR = -2  # a half's HTTP connection broke under it (httpx ReadError, RemoteProtocolError ...)
 FAILURE_LINE = re.compile(r'^pdserve:kv_transfer_failures_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$', re.M)
 LOST_CAUSES = ("peer_lost", "transfer_error")  # a room failed because its connection went away
 
@@ -62,6 +63,9 @@ class SoakResult:
     aborted: int = 0
     answered: int = 0  # pairs not aborted whose two halves both answered 200, whole
     failed: list[str] = field(default_factory=list)  # pairs not aborted that did not (what went wrong)
+    # pairs not aborted where a half's client connection broke (no HTTP answer at all): not a room failure
+    # the servers named, so kept apart; ``ok`` still requires none
+    transport_errors: list[str] = field(default_factory=list)
     aborted_outcomes: dict[str, int] = field(default_factory=dict)  # the other half's status
     aborted_examples: list[str] = field(default_factory=list)  # the other half's error, a few
     hung: int = 0  # halves with no answer within the request timeout
@@ -76,12 +80,13 @@ class SoakResult:
 
     @property
     def ok(self) -> bool:
-        return (not self.failed and not self.hung and not self.lost and self.pools_clean
-                and self.answered == self.requests - self.aborted)
+        return (not self.failed and not self.transport_errors and not self.hung and not self.lost
+                and self.pools_clean and self.answered == self.requests - self.aborted)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "requests": self.requests, "aborted": self.aborted, "answered": self.answered,
                 "failed": len(self.failed), "failed_examples": self.failed[:10],
+                "transport_errors": len(self.transport_errors), "transport_error_examples": self.transport_errors[:10],
                 "aborted_outcomes": self.aborted_outcomes, "aborted_examples": self.aborted_examples[:10], "hung": self.hung, "lost": self.lost,
                 "failures": self.failures, "peak_page_use": self.peak_page_use, "retractions": self.retractions,
                 "pools_clean": self.pools_clean, "pools": self.pools,
@@ -126,7 +131,7 @@ async def _half(client: httpx.AsyncClient, url: str, body: dict, timeout: float)
     except httpx.TimeoutException:
         return -1, "no answer within the request timeout"
     except httpx.HTTPError as e:
-        return -2, f"{type(e).__name__}: {e}"
+        return TRANSPORT_ERROR, f"{type(e).__name__}: {e}"
     try:
         return resp.status_code, resp.json()
     except ValueError:
@@ -207,6 +212,8 @@ async def _one(cfg: SoakConfig, client: httpx.AsyncClient, rng: random.Random, i
     if problem is None:
         result.answered += 1
         latencies.append(time.monotonic() - start)
+    elif TRANSPORT_ERROR in (ps, ds):  # the client's connection broke: kept apart, and reported
+        result.transport_errors.append(f"request {i} (room {prefill['bootstrap_room']}): {problem}")
     else:
         result.failed.append(f"request {i} (room {prefill['bootstrap_room']}): {problem}")
 
