@@ -311,17 +311,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", help="URL of a running decode server (with --prefill)")
     parser.add_argument("--bootstrap-port", type=int, help="the prefill server's bootstrap port (with --prefill)")
     parser.add_argument("--dp-size", type=int, default=2, help="DP ranks of each server (given or started)")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=48)
-    parser.add_argument("--abort-fraction", type=float, default=0.10)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000, help="pairs to send (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=48, help="pairs in flight (default: %(default)s)")
+    parser.add_argument("--abort-fraction", type=float, default=0.10,
+                        help="share of pairs whose client goes away (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens per pair (default: %(default)s)")
     parser.add_argument("--max-total-tokens", type=int, default=1024,
                         help="KV pool of each started server's ranks: small, for KV pressure")
     parser.add_argument("--idle-timeout", type=float, default=1.0, help="started servers' --disaggregation-idle-timeout")
     parser.add_argument("--waiting-timeout", type=float, default=60.0,
                         help="started servers' --disaggregation-waiting-timeout")
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=1, help="started servers' --torch-threads (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the pairs' random seed (default: %(default)s)")
     parser.add_argument("--output", help="write the result (JSON) here")
 
 
