@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-path", default=None)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-file", default="benchmarks/results/router_overhead.json")
+    p.add_argument("--baseline-tree", default=None,
+                   help="front rows only: also run a P/D pair from this source tree (its PYTHONPATH), "
+                        "interleaved with this tree's, for a before/after P/D TTFT in the same run")
+    p.add_argument("--front-only", action="store_true", help="real servers: the front rows only")
     return p.parse_args(argv)
 
 
@@ -210,18 +214,26 @@ def offline_engine(args: argparse.Namespace):
     return timed
 
 
-def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace) -> list[dict]:
+def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, args: argparse.Namespace,
+                  baseline: tuple[Proc, Proc] | None = None) -> list[dict]:
     """One client, 1-token ``/generate``: a mixed server kept-alive vs fresh, and streamed TTFT of
     P/D (direct: decode's stream, prefill's half alongside) vs mixed, ``--rounds`` times
-    interleaved, medians."""
+    interleaved, medians; with ``baseline`` (a P/D pair from another tree), its P/D TTFT too."""
     n = args.front_requests
     ttfts: dict[str, list[float]] = {"mixed TTFT": [], "P/D direct TTFT": []}
+    extra_ways = {}
+    if baseline is not None:
+        ttfts["P/D direct TTFT (baseline tree)"] = []
+        extra_ways["P/D direct TTFT (baseline tree)"] = (
+            direct_pd_sender(Endpoint(baseline[0].url), Endpoint(baseline[1].url), baseline[0].bootstrap_port,
+                             "/generate", body(args), ttfts["P/D direct TTFT (baseline tree)"]), False)
     ways = {
         "mixed kept-alive": (router_sender(Endpoint(mixed.url), "/generate", body(args)), False),
         "mixed fresh": (router_sender(Endpoint(mixed.url), "/generate", body(args)), True),
         "mixed TTFT": (ttft_sender(Endpoint(mixed.url), "/generate", body(args), ttfts["mixed TTFT"]), False),
         "P/D direct TTFT": (direct_pd_sender(Endpoint(prefill.url), Endpoint(decode.url), prefill.bootstrap_port,
                                              "/generate", body(args), ttfts["P/D direct TTFT"]), False),
+        **extra_ways,
     }
     samples: dict[str, list[dict]] = {name: [] for name in ways}
     engine = offline_engine(args)
@@ -242,7 +254,13 @@ def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, ar
             values = sorted(r["ttft_p50_ms"] for r in samples[name])
             row["ttft_p50_ms"], row["ttft_p50_ms_spread"] = float(np.median(values)), [values[0], values[-1]]
         rows.append(row)
-    kept, new, mixed_ttft, pd_ttft, offline = rows
+    by_name = {r["target"]: r for r in rows}
+    kept, new, mixed_ttft, pd_ttft, offline = (by_name[name] for name in (
+        "mixed kept-alive", "mixed fresh", "mixed TTFT", "P/D direct TTFT", "engine (offline, in-process)"))
+    if baseline is not None:
+        base = by_name["P/D direct TTFT (baseline tree)"]
+        base["pd_over_mixed_ttft_p50"] = base["ttft_p50_ms"] / mixed_ttft["ttft_p50_ms"]
+        pd_ttft["over_baseline_tree_ttft_p50"] = pd_ttft["ttft_p50_ms"] / base["ttft_p50_ms"]
     kept["keepalive_over_fresh_p50"] = kept["p50_ms"] / new["p50_ms"]
     kept["minus_offline_engine_p50_ms"] = kept["p50_ms"] - offline["p50_ms"]
     kept["keepalive_minus_fresh_p50_ms"] = kept["p50_ms"] - new["p50_ms"]
@@ -255,6 +273,10 @@ def measure_front(cluster: Cluster, prefill: Proc, decode: Proc, mixed: Proc, ar
           f"({kept['keepalive_minus_fresh_p50_ms']:+.2f} ms), kept-alive over the offline engine "
           f"{kept['minus_offline_engine_p50_ms']:+.2f} ms; P/D / mixed TTFT p50 "
           f"{pd_ttft['pd_over_mixed_ttft_p50']:.2f}", flush=True)
+    if baseline is not None:
+        print(f"[front] P/D TTFT p50 this tree / baseline tree {pd_ttft['over_baseline_tree_ttft_p50']:.2f}; "
+              f"baseline P/D / mixed {by_name['P/D direct TTFT (baseline tree)']['pd_over_mixed_ttft_p50']:.2f}",
+              flush=True)
     return rows
 
 
@@ -269,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
             prefill = cluster.server("prefill", "prefill", 1, 8192)
             decode = cluster.server("decode", "decode", 1, 8192)
             mixed = cluster.server("mixed", None, 1, 8192)
+            baseline = None
+            if args.baseline_tree:
+                env = {"PYTHONPATH": str(Path(args.baseline_tree).resolve())}
+                baseline = (cluster.server("base-prefill", "prefill", 1, 8192, env=env),
+                            cluster.server("base-decode", "decode", 1, 8192, env=env))
             cluster.wait_healthy()
-            for proc in (prefill, decode, mixed):
+            for proc in (prefill, decode, mixed, *(baseline or ())):
                 cluster.warm_up(proc, 1, (4, 64))
-            out["rows"] += measure_front(cluster, prefill, decode, mixed, args)
-            cluster.stop(mixed)
-            out["rows"] += measure(cluster, prefill, decode, args, args.requests, "real")
+            out["rows"] += measure_front(cluster, prefill, decode, mixed, args, baseline)
+            cluster.stop(mixed, *(baseline or ()))
+            if not args.front_only:
+                out["rows"] += measure(cluster, prefill, decode, args, args.requests, "real")
     if not args.no_stub:
         with Cluster(log_dir / "stub") as cluster:
             prefill, decode = cluster.stub("stub-prefill", "prefill"), cluster.stub("stub-decode", "decode")

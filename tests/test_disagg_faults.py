@@ -84,6 +84,10 @@ def assert_pages_freed(pd) -> None:
         assert wait_until(lambda n=name: used_pages(pd[n]) == 0, 10), f"{name} still holds KV pages"
 
 
+def rank_load(server, rank: int) -> dict:
+    return httpx.get(server.url + "/get_load", timeout=10).json()[rank]
+
+
 def rank_state(server, rank: int) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()["dp_ranks"][rank]
 
@@ -249,13 +253,15 @@ def test_duplicate_rid_through_the_router_leaves_the_owner_alone(pd, pool):
 
 
 def test_killed_prefill_worker(pd, pool):
-    """SIGKILL prefill rank 1 while it holds a room's KV and another room's KV request waits there:
-    both halves fail fast naming the rank, prefill rank 0 keeps serving, rank 1 is restarted and
-    serves again (decode re-resolves its new endpoint)."""
+    """SIGKILL prefill rank 1 while a room's prefill half waits there for its decode half (outside
+    the engine: admission is gated by decode) and another room's KV request waits there for its
+    prefill half: both fail fast naming the rank, prefill rank 0 keeps serving, rank 1 is restarted
+    and serves again (decode re-resolves its new endpoint)."""
     prefill, decode = pd["prefill"], pd["decode"]
     held = pool.submit(timed, prefill, half(pd, 6000, data_parallel_rank=1))
     asked = pool.submit(timed, decode, half(pd, 6001, data_parallel_rank=0, disagg_prefill_dp_rank=1))
-    assert wait_until(lambda: used_pages(prefill) > 0 and used_pages(decode) > 0, 10)
+    assert wait_until(lambda: rank_load(prefill, 1)["num_waiting_reqs"] == 1 and used_pages(decode) > 0, 10)
+    assert used_pages(prefill) == 0  # the waiting prefill half computed nothing
     time.sleep(0.5)  # decode's KV request reached prefill rank 1
     pid = rank_state(prefill, 1)["pid"]
     os.kill(pid, signal.SIGKILL)

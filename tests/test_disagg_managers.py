@@ -326,13 +326,18 @@ def test_rejected_room_fails_decode_in_either_order(engines, cluster_factory):
 
 
 def test_waiting_timeouts_free_pages_on_both_sides(engines, cluster_factory):
+    """Each half alone fails at the waiting timeout, named; decode frees the pages it reserved, and
+    the lonely prefill request never computed anything (admission waits for decode's KV request)."""
     c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1], waiting_timeout=0.6)
     lonely_prefill, lonely_decode = prompt(8, 30), prompt(9, 30)
     c.prefill[0].add(req("p", lonely_prefill), 80)
     c.decode[0].add(req("d", lonely_decode), 81, "127.0.0.1", c.bootstrap.port)
     start = time.monotonic()
-    c.run(lambda: c.prefill[0].core.kv_pool.num_used > 0 and c.decode[0].core.kv_pool.num_used > 0, "KV held")
+    c.run(lambda: c.decode[0].core.kv_pool.num_used > 0, "decode's pages")
+    computed = c.prefill[0].core.scheduler.prefill_tokens_computed
+    assert c.prefill[0].num_gated() == 1 and c.prefill[0].metrics().rooms["waiting_for_decode"] == 1
     c.run_until_finished("p", "d")
+    assert c.prefill[0].core.scheduler.prefill_tokens_computed == computed  # the gate held it outside the engine
     assert time.monotonic() - start < 5
     message = abort_message(c.finished("p"))
     assert "no decode server sent a KV request for bootstrap_room 80" in message and "waiting-timeout" in message
@@ -543,9 +548,12 @@ def test_a_decode_abort_drained_with_the_prefill_finish_is_not_reported_as_succe
     """The race three full-suite runs hit: the step that finishes a room's prompt and decode's
     Abort of that room reach the prefill manager in the same round. The step's success output must
     not go to the client (its half failed); the abort naming decode's reason does."""
-    c = cluster_factory("tcp", engines["prefill"][:1], [])
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
     manager = c.prefill[0]
-    manager.add(req("p", prompt(12, 25)), 91)
+    ids = prompt(12, 25)
+    c.decode[0].add(req("d", ids), 91, "127.0.0.1", c.bootstrap.port)
+    manager.add(req("p", ids), 91)
+    c.run(lambda: manager.rooms[91].admitted, "decode's KV request to admit the prefill request")
     finished: list[StepOutput] = []
     deadline = time.monotonic() + RUN_S
     while not finished:  # step the engine alone: no network event is applied yet
@@ -559,6 +567,37 @@ def test_a_decode_abort_drained_with_the_prefill_finish_is_not_reported_as_succe
     c.run_until_finished("p")
     assert "decode rank 0 aborted room 91: the client went away" in abort_message(c.finished("p"))
     assert [out.finish_reason["type"] for out in c.outputs["p"] if out.finished] == ["abort"]
+    c.run_until_finished("d")  # prefill's failed Status ends decode's half
+    assert "decode rank 0 aborted room 91" in abort_message(c.finished("d"))
+    c.run_until_pools_empty()
+
+
+@pytest.mark.parametrize("prefill_first", [True, False])
+def test_prefill_computes_nothing_until_decode_has_reserved_the_pages(engines, cluster_factory, prefill_first):
+    """Decode-gated admission: decode has no free pages for the prompt (its pool is taken), so it
+    sends no KV request; the prefill request meanwhile waits outside the engine — no pages, nothing
+    computed — whichever half came first. Once decode's pages free up, the KV request goes out, the
+    prefill request enters the engine, and the room completes with the colocated output."""
+    c = cluster_factory("tcp", engines["prefill"][:1], engines["decode"][:1])
+    prefill, decode = c.prefill[0], c.decode[0]
+    dpool = decode.core.kv_pool
+    assert decode.core.flush_cache() is None  # no cached page to evict: the pool really is full
+    taken = dpool.alloc(dpool.num_free - 2)  # what decode's other requests would hold
+    ids = prompt(41 + prefill_first, 40)  # 10 pages of 4
+    halves = [lambda: decode.add(req("d", ids), 96, "127.0.0.1", c.bootstrap.port),
+              lambda: prefill.add(req("p", ids), 96)]
+    for add in halves if not prefill_first else halves[::-1]:
+        add()
+        c.step()
+    computed = prefill.core.scheduler.prefill_tokens_computed
+    until = time.monotonic() + 0.5
+    c.run(lambda: time.monotonic() > until, "half a second of decode pressure")
+    assert decode.metrics().rooms["waiting_for_pages"] == 1 and not prefill.rooms[96].admitted
+    assert prefill.core.kv_pool.num_used == 0 and prefill.core.scheduler.prefill_tokens_computed == computed
+    assert prefill.metrics().rooms["waiting_for_decode"] == 1
+    dpool.unref(taken)
+    c.run_until_finished("d", "p")
+    assert c.tokens("d") == engines["ref"].generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
     c.run_until_pools_empty()
 
 

@@ -403,3 +403,19 @@ def test_a_stuck_write_cut_by_close_room_says_goodbye(guarded_receiver, monkeypa
         b.close()
         a.recv(1)
         assert stream._ended(a) not in (None, stream.CLOSED_ON_PURPOSE)
+
+
+def test_a_quiet_connection_with_a_timeout_is_not_taken_for_a_lost_one():
+    """The soak's ``peer_lost``: the sender's liveness thread asks why a connection is readable, but
+    the fd it polled may number a fresh connection by then (the old one dropped, the fd reused), which
+    has nothing to read. On a socket with a timeout Python's ``recv`` waits that long even with
+    ``MSG_DONTWAIT`` and then raises "timed out", which was reported as the receiver lost (its rooms
+    failed, decode left waiting). A quiet connection must read as nothing wrong, at once."""
+    from pdserve.disagg.transfer import stream
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(2.0)  # as the sender's sockets have (the transfer timeout)
+        start = time.monotonic()
+        assert stream._ended(a) is None
+        assert time.monotonic() - start < 0.5

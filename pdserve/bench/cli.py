@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("pdserve.bench.transfer", "KV transfer throughput between prefill and decode"),
     "engine": ("pdserve.bench.engine_throughput", "offline engine throughput vs transformers"),
     "profile": ("pdserve.bench.profile", "time the real engine's steps; write a --simulate profile:FILE"),
+    "pd-soak": ("pdserve.bench.pd_soak", "P/D pairs at high concurrency, random rank pairs, KV pressure, aborts: no room lost"),
 }
 
 

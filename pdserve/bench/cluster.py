@@ -119,9 +119,10 @@ class Cluster:
         self.close()
 
     # ------------------------------------------------------------------ children
-    def _spawn(self, name: str, cmd: list[str], port: int, bootstrap_port: int | None = None) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], port: int, bootstrap_port: int | None = None,
+               env: dict[str, str] | None = None) -> Proc:
         log_path = self.log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
@@ -134,8 +135,10 @@ class Cluster:
         return self._spawn(name, cmd, port)
 
     def server(self, name: str, mode: str | None = None, dp_size: int = 1, max_total_tokens: int | None = None,
-               transfer_backend: str = "tcp", extra: list[str] | tuple[str, ...] = ()) -> Proc:
-        """A ``pdserve serve`` process: mixed (``mode=None``), ``prefill`` or ``decode``."""
+               transfer_backend: str = "tcp", extra: list[str] | tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> Proc:
+        """A ``pdserve serve`` process: mixed (``mode=None``), ``prefill`` or ``decode``; ``env`` is
+        added to its environment (e.g. ``PYTHONPATH`` of another source tree, for a baseline)."""
         port, bootstrap = free_ports(2, HOST)
         cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", HOST, "--port", str(port),
                "--dp-size", str(dp_size), "--log-level", self.log_level]
@@ -150,7 +153,7 @@ class Cluster:
         if mode == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(bootstrap)]
         cmd += list(extra)
-        return self._spawn(name, cmd, port, bootstrap if mode == "prefill" else None)
+        return self._spawn(name, cmd, port, bootstrap if mode == "prefill" else None, env)
 
     def stub(self, name: str, mode: str | None = None) -> Proc:
         """A STUB upstream (:mod:`pdserve.bench.stub_server`): answers at once, computes nothing."""

@@ -7,10 +7,13 @@ Network I/O runs elsewhere: a PULL socket (control plane, on an event-loop threa
 :class:`KVRequest` / :class:`Abort` from decode ranks, the transfer backend's threads send pages.
 
 Per room: whichever of the local request and the decode KV request arrives first waits for the
-other (bounded by ``waiting_timeout``). Once paired, every complete page is shipped as soon as its
-chunk is computed, so the transfer overlaps the next chunk's compute; when prefill finishes, the
-last pages, an :class:`Aux` record and ``Status(ok)`` follow. The request's finished output is
-held back until then. Every queued page send holds its own reference to the pages it reads
+other (bounded by ``waiting_timeout``). Admission is gated by decode (SGLang's prefill bootstrap
+queue): a prefill request waits *outside* the engine — no pages, no slot, nothing computed — until
+its KV request has come, which decode sends only once it has reserved the prompt's pages; so a
+prefill pool never holds computed KV that no decode will take. Once paired, the request enters
+the engine; every complete page is shipped as soon as its chunk is computed, so the transfer
+overlaps the next chunk's compute; when prefill finishes, the last pages, an :class:`Aux` record
+and ``Status(ok)`` follow. The request's finished output is held back until then. Every queued page send holds its own reference to the pages it reads
 (:meth:`KVPool.ref`), dropped when the backend reports the send done, failed or cancelled; so a
 request retracted or aborted meanwhile never lets its pages be reused while they are being read.
 
@@ -48,7 +51,7 @@ from pdserve.disagg.stats import DisaggMeta, DisaggReport, TransferStats
 from pdserve.disagg.threads import EventLoopThread, Inbox
 from pdserve.disagg.transfer import ReceiverLost, SendResult, create_sender
 from pdserve.engine.engine_core import EngineCore
-from pdserve.engine.request import Req, ReqState, StepOutput
+from pdserve.engine.request import Req, ReqState, RequestError, StepOutput
 from pdserve.kv_events import page_hashes
 
 logger = logging.getLogger("pdserve.disagg.prefill")
@@ -87,6 +90,7 @@ class _Room:
     machine: RoomMachine | None = None  # the room's state and the bound of each (disagg/room.py)
     detached: bool = False  # vLLM's protocol: answer the client when computed, not when shipped
     answered: bool = False  # a detached room's output went to the client
+    admitted: bool = False  # in the engine (its KV request came); before that it holds nothing
 
 
 @dataclass
@@ -191,16 +195,29 @@ class PrefillDisaggManager:
 
     def timeout_s(self) -> float | None:
         """Longest the caller may wait before calling :meth:`process` again (None: until :meth:`fileno`)."""
+        if self._released:
+            return 0.0
         return IDLE_CHECK_S if (self.rooms or self.early or self.tombstones) else None
+
+    def num_gated(self) -> int:
+        """Prefill requests waiting for their decode's KV request outside the engine (they count as
+        queued in the rank's load)."""
+        return sum(1 for r in self.rooms.values() if not r.admitted and not r.failed)
 
     # ------------------------------------------------------------------ requests
     def add(self, req: Req, room: int, detached: bool = False) -> None:
-        """Admit a prefill request for ``room``: its KV is held after the first token until shipped.
-        ``detached``: its output is released once computed, before the KV is shipped (see the module)."""
+        """Take a prefill request for ``room``. It enters the engine once decode's KV request for the
+        room has come (at once if it already has); its KV is held after the first token until shipped.
+        ``detached`` (vLLM's protocol, see the module): decode asks only after this half has answered, so
+        it enters the engine at once and its output is released once computed, before the KV is shipped.
+        What the engine would refuse is refused here, now (:class:`RequestError`)."""
         if room in self.rooms:
             raise RoomConflictError(f"bootstrap_room {room} is already active on prefill rank {self.rank}")
         req.stop_after_prefill = True
-        self.core.add_request(req)
+        self.core.validate(req)
+        if req.rid in self.by_rid:
+            raise RequestError(f"rid {req.rid!r} is already in use by a request waiting for its decode half")
+        self.scheduler.ids.check_free(req.rid, req.num_samples)
         r = _Room(room, req.rid, req, time.monotonic(), detached=detached)
         r.machine = RoomMachine(Side.PREFILL, self.bounds, self.clock, State.WAITING_FOR_DECODE)
         self.rooms[room] = r
@@ -211,6 +228,10 @@ class PrefillDisaggManager:
         if tomb is not None:
             self._fail(r, tomb[0], tomb[1], tomb[3])
             return
+        if detached:  # decode asks only after this half answered: computing cannot wait for it
+            self._admit(r)
+            if r.failed:
+                return
         early = self.early.pop(room, None)
         if early is not None:
             self._pair(r, early[0])
@@ -387,10 +408,21 @@ class PrefillDisaggManager:
         r.pages_sent = r.skip = skip
         if not self._fire(r, Event.PAIRED):
             return
-        if r.output is not None:
+        if not r.admitted:
+            self._admit(r)
+        elif r.output is not None:  # a detached room computed before decode asked
             self._finish(r)
         elif r.req.state == ReqState.PREFILLING:
             self._ship(r, r.req.num_computed // self.pool.page_size)
+
+    def _admit(self, r: _Room) -> None:
+        """Decode has reserved the room's pages and asked for them: the prompt may be computed now."""
+        try:
+            self.scheduler.add_request(r.req)  # validated in add()
+        except RequestError as e:  # its rid was taken meanwhile by a request without a room
+            self._fail(r, f"room {r.room} (prefill rank {self.rank}): {e}", m.Cause.PREFILL_REJECTED, status=400)
+            return
+        r.admitted = True
 
     def _on_progress(self, req: Req, tokens_ready: int) -> None:
         r = self.by_rid.get(req.rid)
@@ -488,7 +520,11 @@ class PrefillDisaggManager:
         self.stats.record_failure(cause)
         logger.info("prefill rank %d: room %d failed (%s): %s", self.rank, r.room, cause, reason)
         self.sender.cancel(r.room)
-        if self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
+        if not r.admitted:  # never reached the engine: its abort output is this manager's to give
+            finish = {"type": "abort", "message": reason, "status_code": status or PD_FAILURE_STATUS}
+            out = StepOutput(r.rid, [], finished=True, finish_reason=finish, prompt_tokens=len(r.req.input_ids))
+            self._released.append((out, self._meta(r)))
+        elif self.scheduler.abort(r.rid, reason, status_code=status or PD_FAILURE_STATUS):
             if r.answered:
                 self._answered_aborts.add(r.rid)
             else:
@@ -525,7 +561,7 @@ class PrefillDisaggManager:
             if k is not None and not r.failed and k.receiver.address == lost.address:
                 self._fail(r, f"room {r.room} (prefill rank {self.rank}, decode rank {k.decode_rank}): lost decode "
                            f"rank {k.decode_rank}'s KV receiver at {lost.address}: {lost.reason}; its KV was freed",
-                           m.Cause.PEER_LOST, tell_decode=False)
+                           m.Cause.PEER_LOST)  # told on a new connection: a decode still alive learns at once
         for room, (k, _) in list(self.early.items()):
             if k.receiver.address == lost.address:
                 del self.early[room]
@@ -547,8 +583,8 @@ class PrefillDisaggManager:
             state = r.machine.state
             if state is State.WAITING_FOR_DECODE:
                 self._fail(r, f"no decode server sent a KV request for bootstrap_room {r.room} to prefill rank "
-                           f"{self.rank} within {cfg.waiting_timeout:g} s ({bound.flag}); its KV was freed",
-                           bound.cause)
+                           f"{self.rank} within {cfg.waiting_timeout:g} s ({bound.flag}); the prompt was not "
+                           "computed (a prefill request waits for its decode half outside the engine)", bound.cause)
             elif state is State.SENDING:
                 assert r.kvreq is not None
                 self._fail(r, f"room {r.room}: KV transfer from prefill rank {self.rank} to decode rank "

@@ -74,7 +74,13 @@ class Worker:
 
     def load(self) -> msg.RankLoad:
         known = msg.RankLoad.__struct_fields__
-        return msg.RankLoad(**{k: v for k, v in self.engine.load().items() if k in known})
+        load = self.engine.load()
+        gated = getattr(self.disagg, "num_gated", None)
+        if gated is not None:  # prefill requests waiting for their decode half outside the engine are queued too
+            waiting = gated()
+            load["num_reqs"] += waiting
+            load["num_waiting_reqs"] += waiting
+        return msg.RankLoad(**{k: v for k, v in load.items() if k in known})
 
     def start_engine(self) -> None:
         from pdserve.engine.engine_core import EngineCore

@@ -383,12 +383,12 @@ class StreamSender(KVSender):
         """Report a receiver whose connection ended (or whose host stopped answering keepalives)."""
         while not self._closed:
             with self._lock:
-                fds = list(self._watched)
-            if not fds:
+                polled = dict(self._watched)
+            if not polled:
                 time.sleep(LIVENESS_POLL_S)
                 continue
             poller = select.poll()
-            for fd in fds:
+            for fd in polled:
                 poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
             try:
                 ready = poller.poll(LIVENESS_POLL_S * 1000)
@@ -397,8 +397,10 @@ class StreamSender(KVSender):
             for fd, _ in ready:
                 with self._lock:
                     watched = self._watched.get(fd)
-                if watched is None:
-                    continue  # the sender thread dropped it meanwhile
+                if watched is None or watched[0] is not polled[fd][0]:
+                    # the sender thread dropped it meanwhile, and the fd may already number a new connection:
+                    # what was polled is not that one
+                    continue
                 sock, dest = watched
                 reason = _ended(sock)
                 if reason is None:
@@ -434,10 +436,16 @@ CLOSED_ON_PURPOSE = "the receiver closed the connection on purpose (idle, or a s
 
 def _ended(sock: socket.socket) -> str | None:
     """Why a connection the receiver writes to after the handshake only to say goodbye is readable:
-    :data:`CLOSED_ON_PURPOSE`, or the reason it ended or failed (None: nothing is wrong after all)."""
+    :data:`CLOSED_ON_PURPOSE`, or the reason it ended or failed (None: nothing is wrong after all).
+    Never blocks: on a socket with a timeout, Python's ``recv`` first waits up to that timeout for
+    data even with ``MSG_DONTWAIT``, so readiness is checked without waiting first."""
+    check = select.poll()
+    check.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     try:
+        if not check.poll(0):
+            return None
         data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
+    except (BlockingIOError, InterruptedError, TimeoutError):
         return None
     except OSError as e:
         if e.errno == errno.ETIMEDOUT:
