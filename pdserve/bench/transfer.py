@@ -31,9 +31,12 @@ from pdserve.disagg.transfer.staging import DEFAULT_STAGING_BYTES
 # (gather, into the kernel, out of it, scatter) where the raw socket makes two: about half, 0.40 with slack.
 # shm and nixl: issue 24's targets (shm 0.8 of memcpy; nixl at least the raw socket, which UCX's shared-memory
 # transports can pass on one host). mooncake's tcp transport is a socket plus the engine's own framing: 0.50.
-TARGETS = {"tcp": 0.70, "tcp-staged": 0.40, "shm": 0.80, "nixl": 1.00, "nixl-tcp": 0.70, "mooncake": 0.50}
-ALL = ("tcp", "tcp-staged", "shm", "nixl", "nixl-tcp", "mooncake")
-ENGINE_VARIANTS = {"nixl-tcp": ("nixl", {"UCX_TLS": "tcp"})}  # a backend run with its engine's environment
+TARGETS = {"tcp": 0.70, "tcp-staged": 0.40, "shm": 0.80, "nixl": 1.00, "nixl-tcp": 0.70, "nixl-sm": 1.00,
+           "mooncake": 0.50}
+ALL = ("tcp", "tcp-staged", "shm", "nixl", "nixl-tcp", "nixl-sm", "mooncake")
+# a backend run with its engine's environment (nixl-sm: UCX error handling off, so its shared-memory transports serve)
+ENGINE_VARIANTS = {"nixl-tcp": ("nixl", {"UCX_TLS": "tcp"}),
+                   "nixl-sm": ("nixl", {"PDSERVE_NIXL_UCX_ERROR_HANDLING": "none"})}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

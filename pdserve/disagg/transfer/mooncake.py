@@ -57,6 +57,14 @@ def start_engine(host: str, protocol: str, device: str, pool: KVPool):
     return engine
 
 
+def stop_engine(engine, pool: KVPool) -> None:
+    """Unregister the pool's layers (the engine object itself lives until it is collected)."""
+    for addr, _ in layer_regions(pool):
+        rc = engine.unregister_memory(addr)
+        if rc != 0:
+            logger.warning("mooncake: unregistering a KV layer at %#x failed (rc %d)", addr, rc)
+
+
 class MooncakeSender(StreamSender):
     backend = "mooncake"
 
@@ -82,6 +90,10 @@ class MooncakeSender(StreamSender):
         send_buffers(dest.connect(), frame(m.Pages(job.room, job.dst_pages, 0)))
         return spans.nbytes
 
+    def close(self) -> None:
+        super().close()
+        stop_engine(self.engine, self.pool)
+
 
 class MooncakeReceiver(StreamReceiver):
     backend = "mooncake"
@@ -104,3 +116,7 @@ class MooncakeReceiver(StreamReceiver):
         if slot is not None:
             self.end_write(slot)
         return error
+
+    def close(self) -> None:
+        super().close()
+        stop_engine(self.engine, self.pool)  # no writer reaches the pool's memory through the engine any more

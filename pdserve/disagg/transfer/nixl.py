@@ -61,6 +61,11 @@ MAX_REMOTE_AGENTS = 256  # decode agents a prefill rank keeps loaded (a restarte
 MAX_NOTIFICATIONS = 4096  # notifications a decode rank keeps for frames that have not come yet
 NOTIFICATION_AGE_S = 120.0  # ... and for at most this long
 LIVENESS_CHECK_S = 0.1  # a write in progress looks at its stream connection this often
+# NIXL's UCX error handling: "peer" (NIXL's default) has UCX report a dead peer itself, and rules out UCX's
+# shared-memory transports (on one host RMA then runs over tcp/lo); "none" lets UCX use them, and a dead
+# decode is then noticed by the stream's liveness watch and the transfer timeout only. A benchmark knob, read
+# when an agent starts: $PDSERVE_NIXL_UCX_ERROR_HANDLING.
+UCX_ERROR_HANDLING_ENV = "PDSERVE_NIXL_UCX_ERROR_HANDLING"
 
 
 def new_agent(role: str):
@@ -70,11 +75,12 @@ def new_agent(role: str):
     from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
     name = f"pdserve-{role}-{os.getpid()}-{secrets.token_hex(6)}"
-    config = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
+    config = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=[],
                                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
     agent = nixl_agent(name, config)
-    if "UCX" not in agent.backends:
-        raise RuntimeError(f"NIXL could not start its UCX backend (plugins found: {agent.get_plugin_list()})")
+    if "UCX" not in agent.get_plugin_list():
+        raise RuntimeError(f"NIXL has no UCX plugin here (plugins found: {agent.get_plugin_list()})")
+    agent.create_backend("UCX", {"ucx_error_handling_mode": os.environ.get(UCX_ERROR_HANDLING_ENV, "peer")})
     return agent
 
 
