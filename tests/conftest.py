@@ -36,3 +36,24 @@ def private_tmpdir():
             os.environ["TMPDIR"] = saved
         tempfile.tempdir = None
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test of a transfer-engine backend (a ``backend`` parameter, or the ``engine_pair`` fixture's)
+    skips, printing why, only where this machine cannot load the engine — and fails instead under
+    ``PDSERVE_REQUIRE_ENGINES=1`` (CI on the machine type that can)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return
+    from pdserve.disagg.config import ENGINE_LIBRARIES, library_error
+
+    backend = callspec.params.get("backend", callspec.params.get("engine_pair"))
+    if backend not in ENGINE_LIBRARIES:
+        return
+    why = library_error(backend)
+    if why is None:
+        return
+    if os.environ.get("PDSERVE_REQUIRE_ENGINES") == "1":
+        pytest.fail(f"PDSERVE_REQUIRE_ENGINES=1 but {why}")
+    print(f"\nskipping {item.nodeid}: {why}")
+    pytest.skip(why)

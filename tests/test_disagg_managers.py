@@ -193,7 +193,9 @@ def test_rooms_registered_by_load_are_looked_up(engines, cluster_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
     c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
-    ids = prompt(5, 120)  # 15 chunks of 8: pages are in flight when the abort comes
+    # 15 chunks of 8: pages are in flight when the abort comes (a prompt of its own per backend: the engines are
+    # shared, and a prompt an earlier backend's run left in prefill's cache would be done before the abort)
+    ids = prompt(5 + 100 * BACKENDS.index(backend), 120)
     c.decode[0].add(req("d", ids), 77, "127.0.0.1", c.bootstrap.port)
     c.prefill[0].add(req("p", ids), 77)
     c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
@@ -210,7 +212,7 @@ def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_abort_reaches_prefill(engines, backend, cluster_factory):
     c = cluster_factory(backend, engines["prefill"][:1], engines["decode"][:1])
-    ids = prompt(6, 120)
+    ids = prompt(6 + 100 * BACKENDS.index(backend), 120)  # its own per backend, as above
     c.prefill[0].add(req("p", ids), 78)
     c.decode[0].add(req("d", ids), 78, "127.0.0.1", c.bootstrap.port)
     c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")

@@ -1,8 +1,9 @@
 """P/D end to end with real ``pdserve serve`` processes: a prefill server (DP 2), a decode server
 (DP 3) and a mixed server for reference; every rank pair through every generation route, the
 request-field spellings, 64 concurrent requests, failures reaching the other side (a refused
-request, a killed prefill server), 409, metrics, the shm backend, and sglang-router 0.3.2 in PD
-mode in front of them.
+request, a killed prefill server), 409, metrics, and sglang-router 0.3.2 in PD mode in front of
+them; then the same scenarios (rank pairs, routes, both arrival orders, decode prefix reuse, a decode
+abort, a killed prefill, sglang-router) on each other byte-moving backend: shm, nixl and mooncake.
 
 The prefill and decode servers stage their KV pages through host buffers as GPU pools do
 (``PDSERVE_TEST_KV_STAGING=1``), so the GPU transfer path runs end to end here on CPU pools; the
@@ -402,13 +403,15 @@ def test_metrics_count_transfers_and_failures(servers):
     assert "pdserve:disagg_rooms" in httpx.get(servers["decode"].url + "/metrics", timeout=10).text
 
 
-def test_prefill_killed_mid_request(tmp_path, pool):
+@pytest.mark.parametrize("backend", ["tcp", "nixl", "mooncake"])
+def test_prefill_killed_mid_request(tmp_path, pool, backend):
     """SIGKILL a prefill server while it computes a long prompt in small chunks: decode answers
     503 within its timeouts and frees every page."""
     bootstrap_port = free_port()
-    prefill = launch(["--disaggregation-mode", "prefill", "--chunked-prefill-size", "4",
+    flags = ["--disaggregation-transfer-backend", backend]
+    prefill = launch(["--disaggregation-mode", "prefill", "--chunked-prefill-size", "4", *flags,
                       "--disaggregation-bootstrap-port", str(bootstrap_port), *COMMON, *PD_TIMEOUTS], tmp_path)
-    decode = launch(["--disaggregation-mode", "decode", *COMMON, *PD_TIMEOUTS], tmp_path)
+    decode = launch(["--disaggregation-mode", "decode", *flags, *COMMON, *PD_TIMEOUTS], tmp_path)
     try:
         prefill.wait_healthy()
         decode.wait_healthy()
@@ -434,15 +437,13 @@ def test_prefill_killed_mid_request(tmp_path, pool):
         decode.stop()
 
 
-@pytest.fixture(scope="module")
-def router(servers, tmp_path_factory):
-    """sglang-router 0.3.2 in PD mode in front of the prefill and decode servers."""
-    pytest.importorskip("sglang_router")
+@contextlib.contextmanager
+def sglang_router(pair, log_path):
+    """sglang-router 0.3.2 in PD mode in front of ``pair``'s prefill and decode servers; its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("router") / "router.log"
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-           "--pd-disaggregation", "--prefill", servers["prefill"].url, str(servers["bootstrap_port"]),
-           "--decode", servers["decode"].url, "--policy", "round_robin", "--log-level", "warn",
+           "--pd-disaggregation", "--prefill", pair["prefill"].url, str(pair["bootstrap_port"]),
+           "--decode", pair["decode"].url, "--policy", "round_robin", "--log-level", "warn",
            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -461,6 +462,14 @@ def router(servers, tmp_path_factory):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def router(servers, tmp_path_factory):
+    """sglang-router 0.3.2 in PD mode in front of the prefill and decode servers."""
+    pytest.importorskip("sglang_router")
+    with sglang_router(servers, tmp_path_factory.mktemp("router") / "router.log") as url:
+        yield url
 
 
 def test_through_sglang_router(servers, router):
@@ -493,32 +502,124 @@ def test_through_sglang_router_chat_and_streaming(servers, router, pool):
     assert_pages_freed(servers)
 
 
-def test_shm_backend_end_to_end(servers, pool, tmp_path):
-    """The same flow with the shared-memory backend, prefill DP 2 x decode DP 3: every rank pair
-    through /generate, one through each OpenAI route streamed and not."""
+# ---------------------------------------------------------------- every byte-moving backend besides tcp
+# One prefill DP 2 x decode DP 3 pair per backend (module-scoped, so pytest starts each pair once and
+# runs every scenario below on it): the shared-memory backend and the two transfer engines.
+
+
+@pytest.fixture(scope="module", params=["shm", "nixl", "mooncake"])
+def engine_pair(request, tmp_path_factory):
+    backend = request.param
+    logs = tmp_path_factory.mktemp(f"pd-{backend}")
     bootstrap_port = free_port()
-    shm = ["--disaggregation-transfer-backend", "shm", "--disaggregation-bootstrap-port", str(bootstrap_port)]
-    prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "2", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
-    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "3", *shm, *COMMON, *PD_TIMEOUTS], tmp_path)
+    flags = ["--disaggregation-transfer-backend", backend, "--disaggregation-bootstrap-port", str(bootstrap_port)]
+    prefill = launch(["--disaggregation-mode", "prefill", "--dp-size", "2", "--chunked-prefill-size", "8", *flags,
+                      *COMMON, *PD_TIMEOUTS], logs)
+    decode = launch(["--disaggregation-mode", "decode", "--dp-size", "3", *flags, *COMMON, *PD_TIMEOUTS], logs)
     try:
-        cases = [("/generate", {"text": f"{PROMPTS[i + j]} <{i}{j}>", "sampling_params": SHORT}, i, j, False)
-                 for i in range(3) for j in range(2)]
-        cases += [(path, openai_body(path, PROMPTS[0], stream), 2, 1, stream)
-                  for path in OPENAI_ROUTES for stream in (False, True)]
-        expected = expected_outputs(servers, pool, [(path, {**body, "stream": False}) for path, body, *_ in cases])
         prefill.wait_healthy()
         decode.wait_healthy()
-        pair = {"prefill": prefill, "decode": decode, "bootstrap_port": bootstrap_port}
-        halves = []
-        for n, (path, body, i, j, _) in enumerate(cases):
-            p_fields, d_fields = pd_fields(bootstrap_port, 1000 + n, i, j)
-            halves.append((path, {**body, **p_fields}, {**body, **d_fields}))
-        for (path, _, i, j, stream), want, (p, d) in zip(cases, expected, run_pairs(pair, halves)):
-            assert p.status_code == 200, p.text
-            assert output_of(path, d, stream) == want, (path, i, j, stream)
-            if path == "/generate":
-                assert d.json()["meta_info"]["kv_transfer_bytes"] > 0
-        assert_pages_freed(pair)
+        yield {"prefill": prefill, "decode": decode, "bootstrap_port": bootstrap_port, "backend": backend}
     finally:
         prefill.stop()
         decode.stop()
+
+
+def test_backend_every_rank_pair_and_route(servers, engine_pair, pool):
+    """Every rank pair through /generate, one through each OpenAI route streamed and not: the output
+    equals the mixed server's."""
+    pair = engine_pair
+    info = httpx.get(pair["decode"].url + "/server_info", timeout=10).json()
+    assert info["disaggregation_transfer_backend"] == pair["backend"]
+    cases = [("/generate", {"text": f"{PROMPTS[i + j]} <{i}{j}>", "sampling_params": SHORT}, i, j, False)
+             for i in range(3) for j in range(2)]
+    cases += [(path, openai_body(path, PROMPTS[0], stream), 2, 1, stream)
+              for path in OPENAI_ROUTES for stream in (False, True)]
+    expected = expected_outputs(servers, pool, [(path, {**body, "stream": False}) for path, body, *_ in cases])
+    halves = []
+    for n, (path, body, i, j, _) in enumerate(cases):
+        p_fields, d_fields = pd_fields(pair["bootstrap_port"], 1000 + n, i, j)
+        halves.append((path, {**body, **p_fields}, {**body, **d_fields}))
+    for (path, _, i, j, stream), want, (p, d) in zip(cases, expected, run_pairs(pair, halves)):
+        assert p.status_code == 200, p.text
+        assert output_of(path, d, stream) == want, (path, i, j, stream)
+        if path == "/generate":
+            assert d.json()["meta_info"]["kv_transfer_bytes"] > 0
+            assert (d.json()["meta_info"]["decode_dp_rank"], d.json()["meta_info"]["prefill_dp_rank"]) == (i, j)
+    assert_pages_freed(pair)
+
+
+def test_backend_both_arrival_orders(servers, engine_pair, pool):
+    """The prefill half well before the decode half, and the other way round."""
+    pair = engine_pair
+    for n, first in enumerate(("prefill", "decode")):
+        text = f"{PROMPTS[n]} arriving {first} first"
+        expected = post(servers["mixed"], {"text": text, "sampling_params": SHORT}).json()["output_ids"]
+        p_fields, d_fields = pd_fields(pair["bootstrap_port"], 2000 + n, n, 1 - n)
+        body = {"text": text, "sampling_params": SHORT}
+        halves = {"prefill": {**body, **p_fields}, "decode": {**body, **d_fields}}
+        early = pool.submit(post, pair[first], halves[first])
+        assert wait_until(lambda f=first: used_pages(pair[f]) > 0, 10)
+        time.sleep(0.3)
+        second = "decode" if first == "prefill" else "prefill"
+        late = post(pair[second], halves[second])
+        d = late if second == "decode" else early.result()
+        p = early.result() if second == "decode" else late
+        assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+        assert d.json()["output_ids"] == expected
+    assert_pages_freed(pair)
+
+
+def test_backend_decode_reuses_its_prefix(engine_pair):
+    """A second prompt sharing a long prefix on the same decode rank: decode's prefix cache holds the
+    shared pages, only the suffix's pages move, and the answer is unchanged."""
+    pair = engine_pair
+    prefix = [random.Random(24).randrange(1000) for _ in range(48)]
+    sizes = []
+    for n, suffix in enumerate(([7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
+        p_fields, d_fields = pd_fields(pair["bootstrap_port"], 3000 + n, 1, 0)
+        body = {"input_ids": prefix + suffix, "sampling_params": SHORT}
+        with concurrent.futures.ThreadPoolExecutor(2) as executor:
+            p = executor.submit(post, pair["prefill"], {**body, **p_fields})
+            d = executor.submit(post, pair["decode"], {**body, **d_fields}).result()
+        assert p.result().status_code == 200 and d.status_code == 200, d.text
+        sizes.append((d.json()["meta_info"]["kv_transfer_bytes"], d.json()["meta_info"].get("decode_cached_tokens")))
+    (first_bytes, first_cached), (second_bytes, second_cached) = sizes
+    assert not first_cached and second_cached and second_cached >= 40, sizes
+    assert 0 < second_bytes < first_bytes / 4, sizes  # 53 tokens: 14 pages sent at first, 2-3 once 48 are cached
+    assert_pages_freed(pair)
+
+
+def test_backend_decode_disconnect_reaches_prefill(engine_pair):
+    """The decode client goes away while its KV request waits: prefill refuses the room's late half."""
+    pair = engine_pair
+    room = 4444
+    body = json.dumps({**room_body(pair, PROMPTS[0], room), "data_parallel_rank": 2}).encode()
+    with socket.create_connection(("127.0.0.1", pair["decode"].port), timeout=10) as client:
+        client.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: used_pages(pair["decode"]) > 0, 10)
+    assert wait_until(lambda: used_pages(pair["decode"]) == 0, 10)
+    time.sleep(0.2)
+    resp = post(pair["prefill"], room_body(pair, PROMPTS[0], room))
+    assert resp.status_code in (499, 503), resp.text
+    assert "client disconnected" in resp.json()["error"]["message"]
+    assert_pages_freed(pair)
+
+
+def test_backend_through_sglang_router(servers, engine_pair, tmp_path):
+    """sglang-router 0.3.2 in PD mode in front of the pair: /generate and a streamed chat completion."""
+    pytest.importorskip("sglang_router")
+    pair = engine_pair
+    with sglang_router(pair, tmp_path / "router.log") as url:
+        text = PROMPTS[2]
+        expected = post(servers["mixed"], {"text": text, "sampling_params": GREEDY}).json()
+        resp = httpx.post(url + "/generate", json={"text": text, "sampling_params": GREEDY}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["output_ids"] == expected["output_ids"]
+        chat = openai_body("/v1/chat/completions", text, stream=True)
+        mixed = post(servers["mixed"], {**chat, "stream": False}, path="/v1/chat/completions")
+        want = output_of("/v1/chat/completions", mixed, False)
+        got = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60)
+        assert output_of("/v1/chat/completions", got, True) == want
+    assert_pages_freed(pair)

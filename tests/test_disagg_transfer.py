@@ -458,3 +458,78 @@ def test_staged_senders_share_a_receiver_concurrently(closing):
     for _, src, _, s, d in plans:
         assert_pages_equal(src, dst, s, d)
     assert len(receiver.staging._idle) <= IDLE_BUFFERS
+
+
+ENGINES = ["nixl", "mooncake"]
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_engine_refuses_a_registration_that_lies(backend, closing):
+    """A ReceiverInfo whose layer addresses point past the memory decode registered: the engine refuses
+    the write, the job fails naming it, and no Pages frame reaches decode (its room never completes).
+    A registration of the wrong shape is refused before the engine is asked."""
+    src, dst = filled_pool(1, "float32"), KVPool(dtype=torch.float32, device="cpu", **SHAPE)
+    events, done = Collector(), []
+    receiver = create_receiver(backend, dst, events, HOST, 5.0)
+    closing(receiver)
+    info = receiver.info()
+    reg = info.registered
+    beyond = [(1 << 20) * (k + 1) for k in range(len(reg.layer_addrs))]  # low addresses nothing ever registered
+    lying = msgspec.structs.replace(info, registered=msgspec.structs.replace(reg, layer_addrs=beyond))
+    short = msgspec.structs.replace(info, registered=msgspec.structs.replace(reg, layer_addrs=reg.layer_addrs[:1]))
+    receiver.open_room(1, [0, 1])
+    for target in (lying, short):  # one sender each: a sender keeps the first info of an address
+        sender = create_sender(backend, src, done.append, 5.0)
+        closing(sender)
+        sender.send_message(target, m.Accepted(1, 0))
+        sender.send_pages(target, 1, [3, 4], [0, 1])
+    deadline = time.monotonic() + WAIT_S
+    while len(done) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pages = [r for r in done if r.kind == "pages"]
+    assert len(pages) == 2 and all(r.error for r in pages), done
+    shape_refused = [r.error for r in pages if "layers of" in r.error]  # the short registration
+    engine_refused = [r.error for r in pages if "outside" in r.error]  # the engine's own check
+    assert len(shape_refused) == 1 and len(engine_refused) == 1, [r.error for r in pages]
+    time.sleep(0.2)
+    assert not any(isinstance(e, m.Pages) for e in events.events), events.events
+    assert not any(layer.any() for layer in dst.layers)  # nothing landed anywhere in the pool
+
+
+def test_nixl_frame_without_its_notification_fails_the_room(closing):
+    """A Pages frame whose NIXL notification never came (or names another room) is reported as a
+    failed Status, never as landed pages: a partial transfer cannot activate a room."""
+    from pdserve.disagg.transfer.stream import _Destination, frame, send_buffers
+
+    src, dst = filled_pool(1, "float32"), KVPool(dtype=torch.float32, device="cpu", **SHAPE)
+    events = Collector()
+    receiver = create_receiver("nixl", dst, events, HOST, 0.5)
+    closing(receiver)
+    sender = create_sender("nixl", src, lambda r: None, 5.0)
+    closing(sender)
+    info = receiver.info()
+    receiver.open_room(5, [2, 3])
+    dest = _Destination(sender, info)
+    sock = dest.connect()
+    send_buffers(sock, frame(m.Pages(5, [2, 3], 0, f"{sender.agent.name}/5/999")))  # no WRITE carried it
+    send_buffers(sock, frame(m.Pages(5, [2, 3], 0, f"{sender.agent.name}/6/1")))  # another room's
+    events.wait_for(lambda ev: len(ev) >= 2, "two verdicts")
+    first, second = events.events[:2]
+    assert isinstance(first, m.Status) and not first.ok and "no NIXL notification" in first.reason, first
+    assert isinstance(second, m.Status) and not second.ok and "not one of room 5" in second.reason, second
+    dest.put(None)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_missing_engine_names_the_extra(backend, monkeypatch):
+    """Without the engine's package a P/D server refuses to start, naming the pip extra."""
+    from pdserve.disagg import config as disagg_config
+    from pdserve.disagg.transfer import BackendUnavailable
+
+    monkeypatch.setitem(disagg_config.ENGINE_LIBRARIES, backend, ("pdserve_no_such_engine_module", backend))
+    why = disagg_config.library_error(backend)
+    assert why and f"pip install -e '.[{backend}]'" in why
+    with pytest.raises(BackendUnavailable, match=rf"\.\[{backend}\]"):
+        create_sender(backend, filled_pool(1, "float32"), lambda r: None, 1.0)
+    with pytest.raises(ValueError, match=rf"\.\[{backend}\]"):
+        DisaggConfig(mode="decode", transfer_backend=backend).check_library()

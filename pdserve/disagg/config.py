@@ -9,7 +9,10 @@ import ipaddress
 from dataclasses import dataclass, field
 
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm")  # one module each under pdserve.disagg.transfer (they move KV bytes)
+BACKENDS = ("tcp", "shm", "nixl", "mooncake")  # one module each under pdserve.disagg.transfer (they move KV bytes)
+# Backends built on a transfer engine from PyPI: the module they import and the pdserve extra that installs it.
+ENGINE_LIBRARIES = {"nixl": ("nixl", "nixl"), "mooncake": ("mooncake.engine", "mooncake")}
+MOONCAKE_PROTOCOLS = ("tcp", "rdma")
 SIM_BACKEND = "sim"  # --simulate only: protocol frames, no bytes (pdserve.sim.transfer)
 ALL_BACKENDS = (*BACKENDS, SIM_BACKEND)
 
@@ -32,6 +35,19 @@ class DisaggConfig:
     handshake_timeout: float = 5.0  # a transfer connection must authenticate within this
     idle_timeout: float = 60.0  # decode closes a transfer connection idle this long; prefill reconnects before
     decode_allow_local_prefill: bool = False  # decode: compute a prompt whose request names no KV source (else 400)
+    mooncake_protocol: str = "tcp"  # mooncake: the engine's transport (rdma needs an RDMA device)
+    ib_device: str = ""  # mooncake rdma: the device(s) to use ("" : the engine picks)
+
+    def engine_options(self) -> dict[str, str]:
+        """What the chosen backend needs beyond the pool and the plane (today: mooncake's transport)."""
+        if self.transfer_backend == "mooncake":
+            return {"protocol": self.mooncake_protocol, "device": self.ib_device, "local_host": self.host}
+        return {}
+
+    def check_library(self) -> None:
+        """Refuse, at startup, a backend whose transfer engine is not installed, naming the extra."""
+        if self.mode != "null" and self.transfer_backend in ENGINE_LIBRARIES:
+            library_error(self.transfer_backend, raise_it=True)
 
     def allowed_networks(self) -> list[str]:
         """The outbound allow-list in force: the flag's entries, else loopback when serving on
@@ -66,6 +82,9 @@ class DisaggConfig:
         for entry in self.allowed_bootstrap:
             if entry != "*" and not _is_network(entry) and not _is_hostname(entry):
                 raise ValueError(f"--disaggregation-allowed-bootstrap entry {entry!r} is not a host, address or CIDR")
+        if self.mooncake_protocol not in MOONCAKE_PROTOCOLS:
+            raise ValueError(f"mooncake protocol must be one of {', '.join(MOONCAKE_PROTOCOLS)}, "
+                             f"got {self.mooncake_protocol!r}")
         if self.max_connections < 1:
             raise ValueError(f"disaggregation max connections must be >= 1, got {self.max_connections}")
         for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "handshake_timeout", "idle_timeout"):
@@ -83,6 +102,48 @@ class DisaggConfig:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if not device.startswith("cpu"):
             raise ValueError(shm_device_error(device))
+
+
+def has_rdma_device() -> bool:
+    """Whether this host has an RDMA (InfiniBand/RoCE/EFA) device."""
+    import os
+
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
+def prepare_engine_environment(backend: str) -> None:
+    """Set what the engine's libraries read at load time, before they load. NIXL's bundled UCX loads its
+    InfiniBand modules (and their bundled libnl-route) even on a host without an RDMA device, and that
+    libnl-route crashes in its exit destructor (``rtnl_tc_unregister``: every process that created an
+    agent ends with SIGSEGV) once the system's libibverbs/libnl are installed, as Mooncake needs. With
+    no RDMA device those modules have nothing to drive, so they are not loaded (``UCX_MODULES``; a value
+    the user set is kept)."""
+    import os
+
+    if backend == "nixl" and not has_rdma_device():
+        os.environ.setdefault("UCX_MODULES", "^ib,rdmacm")
+
+
+def library_error(backend: str, raise_it: bool = False) -> str | None:
+    """Why ``backend``'s transfer engine cannot be loaded here (None: it can); a missing package names
+    the pdserve extra that installs it."""
+    import importlib
+
+    module, extra = ENGINE_LIBRARIES[backend]
+    prepare_engine_environment(backend)
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a shared library the wheel needs (an OSError from dlopen)
+        why = (f"the {backend} transfer backend needs the {module.split('.')[0]} package, which cannot be loaded "
+               f"here ({type(e).__name__}: {e}); install it with pip install -e '.[{extra}]' "
+               f"(or pip install 'pdserve[{extra}]')")
+        if raise_it:
+            raise ValueError(why) from e
+        return why
+    return None
 
 
 def shm_device_error(device: str) -> str:
@@ -152,6 +213,14 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a KV transfer connection has to authenticate before it is closed",
     )
     parser.add_argument(
+        "--disaggregation-mooncake-protocol", default=d.mooncake_protocol, choices=MOONCAKE_PROTOCOLS,
+        help="mooncake backend: the transfer engine's transport (rdma needs an RDMA device)",
+    )
+    parser.add_argument(
+        "--disaggregation-ib-device", default=d.ib_device,
+        help="mooncake backend with rdma: the RDMA device(s) to use, e.g. mlx5_0 (default: empty, the engine picks)",
+    )
+    parser.add_argument(
         "--disaggregation-idle-timeout", type=float, default=d.idle_timeout,
         help="decode: seconds an authenticated KV transfer connection may carry no frame (with no room of its "
         "own open) before it is closed; prefill: drops its connections idle half as long and reconnects",
@@ -180,4 +249,6 @@ def disagg_config_from_args(args: argparse.Namespace) -> DisaggConfig:
         handshake_timeout=args.disaggregation_handshake_timeout,
         idle_timeout=args.disaggregation_idle_timeout,
         decode_allow_local_prefill=args.disaggregation_decode_allow_local_prefill,
+        mooncake_protocol=getattr(args, "disaggregation_mooncake_protocol", DisaggConfig.mooncake_protocol),
+        ib_device=getattr(args, "disaggregation_ib_device", DisaggConfig.ib_device),
     )

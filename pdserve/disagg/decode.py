@@ -137,6 +137,7 @@ class DecodeDisaggManager:
             config.transfer_timeout,
             guard=ReceiverGuard(self.auth, self.stats.refusals, config.max_connections, config.handshake_timeout,
                                 config.idle_timeout),
+            options=config.engine_options(),
         )
         self.receiver_info = self.receiver.info()
         self.rooms: dict[int, _Room] = {}

@@ -129,6 +129,20 @@ class ShmSegment(msgspec.Struct, frozen=True):
     segment: str  # random hex id the decode side chose when it created the segment
 
 
+class RegisteredPool(msgspec.Struct, frozen=True):
+    """A decode pool registered with a transfer engine (``nixl``, ``mooncake``): how the prefill rank
+    reaches the engine and where each layer's pages are in the decode process. It travels only inside
+    a sealed ``KVRequest`` (the authenticated plane); the engine itself refuses a write outside the
+    memory the decode side registered."""
+
+    peer: str  # nixl: the decode agent's name; mooncake: its session "host:rpc_port"
+    layer_addrs: list[int]  # address of page 0 of each layer in the decode process
+    layer_bytes: int  # bytes of one layer (num_pages * page bytes)
+    mem: str = "DRAM"  # DRAM (a CPU pool) or VRAM (a CUDA pool)
+    device: int = 0  # the CUDA device index of a VRAM pool
+    metadata: bytes = b""  # nixl: the decode agent's metadata (UCX worker address, memory keys)
+
+
 class ReceiverInfo(msgspec.Struct, frozen=True):
     """A decode rank's transfer endpoint: the prefill sender connects here."""
 
@@ -137,6 +151,7 @@ class ReceiverInfo(msgspec.Struct, frozen=True):
     port: int
     num_pages: int
     shm: ShmSegment | None = None  # shm backend: the decode pool's shared-memory segment
+    registered: RegisteredPool | None = None  # nixl, mooncake: the decode pool as the engine registered it
 
     @property
     def address(self) -> str:
@@ -187,6 +202,7 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
     room: int
     dst_pages: list[int]
     nbytes: int = 0
+    notif: str = ""  # nixl: the notification the write carried; decode reports the frame once it has arrived
 
 
 class Aux(msgspec.Struct, tag="aux", frozen=True):

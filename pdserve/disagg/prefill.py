@@ -129,7 +129,7 @@ class PrefillDisaggManager:
         self.bootstrap = BootstrapClient(bootstrap_host, bootstrap_port or config.bootstrap_port, self.auth)
         self.inbox = Inbox()
         self.sender = create_sender(config.transfer_backend, self.pool, self.inbox.put, config.transfer_timeout,
-                                    auth=self.auth, idle_timeout=config.idle_timeout)
+                                    auth=self.auth, idle_timeout=config.idle_timeout, options=config.engine_options())
         self.sender.on_lost = self.inbox.put
         self.stats = TransferStats("prefill")
         self.rooms: dict[int, _Room] = {}

@@ -26,6 +26,7 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
+from pdserve.disagg.config import ALL_BACKENDS
 from pdserve.plane_secret import SECRET_ENV, generate_secret
 from pdserve.ports import PortInUse, check_free
 from pdserve.router.config import POLICIES
@@ -270,7 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-dp-size", type=int, default=2, help="DP ranks per decode server")
     parser.add_argument("--host", default="127.0.0.1", help="address of the router and the servers")
     parser.add_argument("--port", type=int, default=8000, help="router port (0: a free one)")
-    parser.add_argument("--transfer-backend", choices=("tcp", "shm", "sim"), default=None,
+    parser.add_argument("--transfer-backend", choices=ALL_BACKENDS, default=None,
                         help="KV transfer backend (default: tcp, or sim with --simulate)")
     parser.add_argument("--simulate", default=None, metavar="HARDWARE|profile:FILE",
                         help="simulated compute on every server (see docs/simulation.md)")

@@ -85,6 +85,7 @@ class ServerConfig:
             raise ValueError("the sim transfer backend goes with --simulate and only with it (sim servers move no "
                              f"KV bytes); got --disaggregation-transfer-backend {self.disagg.transfer_backend}")
         self.disagg.check_device(self.engine.device)
+        self.disagg.check_library()
         if self.engine.simulate:
             from pdserve.sim.validate import check_config
 
