@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill = cluster.server("prefill", "prefill", p_dp, args.prefill_max_total_tokens, args.transfer_backend)
             decode = cluster.server("decode", "decode", d_dp, args.decode_max_total_tokens, args.transfer_backend)
             cluster.wait_healthy()
-            cluster.warm_up(prefill, p_dp, (16, max(args.long_input)))
-            cluster.warm_up(decode, d_dp, (16, max(args.long_input)))
+            cluster.warm_up_pd(prefill, decode, p_dp, d_dp, (16, max(args.long_input)))
             runs: dict[str, list[dict]] = {"decoupled": [], "coupled": []}
             for rep in range(args.repeats):
                 for name in ("decoupled", "coupled"):

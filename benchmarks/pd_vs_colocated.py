@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.wait_healthy()
             warm = (16, max(max(args.long_input), max(args.ttft_prompt_lens)))
             cluster.warm_up(mixed, 2, warm)
-            cluster.warm_up(prefill, 1, warm)
-            cluster.warm_up(decode, 1, warm)
+            cluster.warm_up_pd(prefill, decode, 1, 1, warm)
             policy = ["--policy", "least_load"]
             routers = {"colocated": cluster.pdserve_router("router-colocated", mixed=[mixed], args=policy),
                        "pd": cluster.pdserve_router("router-pd", [prefill], [decode], args=policy)}

@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 baseline = (cluster.server("base-prefill", "prefill", 1, 8192, env=env),
                             cluster.server("base-decode", "decode", 1, 8192, env=env))
             cluster.wait_healthy()
-            for proc in (prefill, decode, mixed, *(baseline or ())):
-                cluster.warm_up(proc, 1, (4, 64))
+            cluster.warm_up(mixed, 1, (4, 64))
+            for pair in ((prefill, decode), *((baseline,) if baseline else ())):
+                cluster.warm_up_pd(*pair, 1, 1, (4, 64))
             out["rows"] += measure_front(cluster, prefill, decode, mixed, args, baseline)
             cluster.stop(mixed, *(baseline or ()))
             if not args.front_only:

@@ -97,8 +97,7 @@ def main(argv=None) -> int:
         p = c.server("real-p", "prefill", 1, extra=[*SERVER, "--step-trace", str(traces[0])])
         d = c.server("real-d", "decode", 1, extra=[*SERVER, "--step-trace", str(traces[1])])
         c.wait_healthy(timeout=300)
-        c.warm_up(p, 1, (16, 400))
-        c.warm_up(d, 1, (16, 400))
+        c.warm_up_pd(p, d, 1, 1, (16, 400))
         real = c.pdserve_router("r-real", [p], [d])
         c.wait_serving(real)
 

@@ -81,6 +81,10 @@ def used_pages(server) -> int:
     return sum(rank["num_used_pages"] for rank in httpx.get(server.url + "/get_load", timeout=10).json())
 
 
+def waiting_reqs(server) -> int:
+    return sum(rank["num_waiting_reqs"] for rank in httpx.get(server.url + "/get_load", timeout=10).json())
+
+
 def assert_pages_freed(servers) -> None:
     for name in ("prefill", "decode"):
         assert wait_until(lambda n=name: used_pages(servers[n]) == 0, 10), f"{name} still holds KV pages"
@@ -559,7 +563,10 @@ def test_backend_both_arrival_orders(servers, engine_pair, pool):
         body = {"text": text, "sampling_params": SHORT}
         halves = {"prefill": {**body, **p_fields}, "decode": {**body, **d_fields}}
         early = pool.submit(post, pair[first], halves[first])
-        assert wait_until(lambda f=first: used_pages(pair[f]) > 0, 10)
+        # decode pre-allocates the room's pages at once; prefill holds a lone half queued (gated on
+        # its decode half, no pages yet) and counts it waiting
+        arrived = (lambda: waiting_reqs(pair["prefill"]) > 0) if first == "prefill" else (lambda: used_pages(pair["decode"]) > 0)
+        assert wait_until(arrived, 10), f"the {first} half never showed up on its server"
         time.sleep(0.3)
         second = "decode" if first == "prefill" else "prefill"
         late = post(pair[second], halves[second])

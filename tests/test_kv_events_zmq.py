@@ -433,29 +433,37 @@ def test_gaie_metric_names_match_get_load(map_server):
     ``engine`` label), with /get_load's values, idle and with a request running."""
     srv = map_server
 
-    def scrape() -> tuple[dict, list[dict]]:
+    def scrape() -> tuple[dict, list[dict], list[dict]]:
+        """/get_load, /metrics, /get_load again: a running request changes the loads between two
+        reads, so each metric must lie between the loads read just before and just after it."""
+        before = httpx.get(srv.url + "/get_load", timeout=10).json()
         text = httpx.get(srv.url + "/metrics", timeout=10).text
-        loads = httpx.get(srv.url + "/get_load", timeout=10).json()
+        after = httpx.get(srv.url + "/get_load", timeout=10).json()
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        return families, loads
+        return families, before, after
 
-    def consistent(families, loads) -> bool:
-        for load in loads:
-            rank = str(load["dp_rank"])
+    def consistent(families, before, after) -> bool:
+        for early, late in zip(before, after):
+            rank = str(early["dp_rank"])
 
             def value(name, rank=rank):
                 (s,) = [s for s in families[name].samples if s.labels.get("engine") == rank]
                 return s.value
-            running = load["num_reqs"] - load["num_waiting_reqs"]
-            if (value("vllm:num_requests_waiting"), value("vllm:num_requests_running")) != (
-                    load["num_waiting_reqs"], running):
+
+            def between(metric: float, a: float, b: float) -> bool:
+                return min(a, b) - 1e-9 <= metric <= max(a, b) + 1e-9
+            if not between(value("vllm:num_requests_waiting"), early["num_waiting_reqs"], late["num_waiting_reqs"]):
                 return False
-            if abs(value("vllm:kv_cache_usage_perc") - load["num_used_pages"] / load["num_total_pages"]) > 1e-9:
+            if not between(value("vllm:num_requests_running"), early["num_reqs"] - early["num_waiting_reqs"],
+                           late["num_reqs"] - late["num_waiting_reqs"]):
+                return False
+            if not between(value("vllm:kv_cache_usage_perc"), early["num_used_pages"] / early["num_total_pages"],
+                           late["num_used_pages"] / late["num_total_pages"]):
                 return False
         return True
 
-    families, loads = scrape()
-    assert consistent(families, loads)
+    families, loads, _ = scrape()
+    assert consistent(families, loads, loads)
     info = {s.labels["engine"]: s for s in families["vllm:cache_config_info"].samples}
     for load in loads:
         s = info[str(load["dp_rank"])]
@@ -477,7 +485,7 @@ def test_gaie_metric_names_match_get_load(map_server):
     thread = threading.Thread(target=long_request)
     thread.start()
     try:
-        seen_running = wait_until(lambda: (lambda f, lo: consistent(f, lo) and any(
+        seen_running = wait_until(lambda: (lambda f, before, after: consistent(f, before, after) and any(
             s.value >= 1 for s in f["vllm:num_requests_running"].samples if s.labels["engine"] == "1"))(*scrape()),
             timeout=30, interval=0.05)
         assert seen_running, "never saw the running request in both /metrics and /get_load"

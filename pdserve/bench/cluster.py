@@ -9,6 +9,7 @@ Only 127.0.0.1 is ever used.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -230,8 +231,9 @@ class Cluster:
         raise ClusterError(f"{proc.name} did not serve within {timeout:.0f} s (last: {last}):\n{proc.log_tail()}")
 
     def warm_up(self, proc: Proc, dp_size: int, prompt_lens: tuple[int, ...] = (16, 1024), new_tokens: int = 8) -> None:
-        """Run a few local generations on every DP rank of a server (no bootstrap room, so a P/D
-        server serves them itself): the first forwards of a fresh worker are much slower."""
+        """Run a few local generations on every DP rank of a mixed or prefill server (no bootstrap
+        room, so a prefill server serves them itself): the first forwards of a fresh worker are much
+        slower. A decode server needs :meth:`warm_up_pd`."""
         for rank in range(dp_size):
             for n in prompt_lens:
                 status, body = post_json(proc.url + "/generate", {
@@ -240,6 +242,31 @@ class Cluster:
                     timeout=120.0)
                 if status != 200:
                     raise ClusterError(f"warm-up of {proc.name} rank {rank} failed: HTTP {status} {body}")
+
+    def warm_up_pd(self, prefill: Proc, decode: Proc, prefill_dp: int, decode_dp: int,
+                   prompt_lens: tuple[int, ...] = (16, 1024), new_tokens: int = 8) -> None:
+        """Warm a prefill/decode pair with P/D requests (both halves at once, one bootstrap room
+        each), so every rank of both and the KV transfer between them have run: a decode server
+        refuses a request that names no KV source."""
+        if prefill.bootstrap_port is None:
+            raise ClusterError(f"{prefill.name} is not a prefill server (no bootstrap port)")
+        room = 1 << 40
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for i in range(max(prefill_dp, decode_dp)):
+                p_rank, d_rank = i % prefill_dp, i % decode_dp
+                for n in prompt_lens:
+                    room += 1
+                    body = {"input_ids": [10 + (k % 500) for k in range(n)],
+                            "sampling_params": {"max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 0},
+                            "bootstrap_host": HOST, "bootstrap_port": prefill.bootstrap_port, "bootstrap_room": room}
+                    halves = [(prefill, {**body, "data_parallel_rank": p_rank}),
+                              (decode, {**body, "data_parallel_rank": d_rank, "disagg_prefill_dp_rank": p_rank})]
+                    futures = [pool.submit(post_json, proc.url + "/generate", half, 120.0) for proc, half in halves]
+                    for (proc, _), future in zip(halves, futures):
+                        status, answer = future.result()
+                        if status != 200:
+                            raise ClusterError(f"P/D warm-up of {proc.name} (prefill rank {p_rank}, decode rank "
+                                               f"{d_rank}, room {room}) failed: HTTP {status} {answer}")
 
     # ------------------------------------------------------------------ stopping
     def stop(self, *procs: Proc) -> None:

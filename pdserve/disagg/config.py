@@ -8,13 +8,14 @@ import argparse
 import ipaddress
 from dataclasses import dataclass, field
 
+from pdserve.transfer_names import ALL_BACKENDS, BACKENDS, SIM_BACKEND
+
+__all__ = ["ALL_BACKENDS", "BACKENDS", "SIM_BACKEND"]  # re-exported: the transfer registry imports them from here
+
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm", "nixl", "mooncake")  # one module each under pdserve.disagg.transfer (they move KV bytes)
 # Backends built on a transfer engine from PyPI: the module they import and the pdserve extra that installs it.
 ENGINE_LIBRARIES = {"nixl": ("nixl", "nixl"), "mooncake": ("mooncake.engine", "mooncake")}
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
-SIM_BACKEND = "sim"  # --simulate only: protocol frames, no bytes (pdserve.sim.transfer)
-ALL_BACKENDS = (*BACKENDS, SIM_BACKEND)
 
 
 @dataclass

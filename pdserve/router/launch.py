@@ -26,10 +26,10 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.disagg.config import ALL_BACKENDS
 from pdserve.plane_secret import SECRET_ENV, generate_secret
 from pdserve.ports import PortInUse, check_free
 from pdserve.router.config import POLICIES
+from pdserve.transfer_names import ALL_BACKENDS
 
 STOP_GRACE_S = 15.0
 POLL_S = 0.25
