@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,16 +41,19 @@ ACCESS = re.compile(r"pdserve\.access: POST (\S+) 200 rid=\S+ room=(\d+) prefill
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def smg_binary() -> str:
-    """The ``smg`` launcher of this interpreter's environment (the ``test`` extra pins smg 1.13.0)."""
-    here = Path(sys.executable).with_name("smg")
-    found = str(here) if here.exists() else shutil.which("smg")
-    if found is None:
-        message = "smg is not installed: pip install -e '.[test]' (smg==1.13.0)"
+def smg_command() -> list[str]:
+    """SMG 1.13.0 run as ``python -m smg``: sglang-router 0.3.2 installs a ``smg`` console script too (its
+    own gateway, 0.3.2), so which one ``bin/smg`` is depends on install order."""
+    try:
+        version = importlib.metadata.version("smg")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version != "1.13.0":
+        message = f"smg 1.13.0 is not installed (found {version}): pip install -e '.[test]'"
         if os.environ.get("PDSERVE_REQUIRE_CLIENTS") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    return found
+    return [sys.executable, "-m", "smg"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"smg-{name}-{self.port}.log"
-        cmd = [smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(self.port), "--pd-disaggregation",
+        cmd = [*smg_command(), "launch", "--host", "127.0.0.1", "--port", str(self.port), "--pd-disaggregation",
                "--prefill", servers["prefill"].url, str(servers["bootstrap_port"]), "--decode", servers["decode"].url,
                "--dp-aware", "--log-level", "debug", "--prometheus-host", "127.0.0.1",
                "--prometheus-port", str(free_port()), *args]
@@ -101,10 +104,10 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"smg {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             workers = self.workers()
-            return len(workers) == 5 and all(w["status"] == "ready" for w in workers)
+            return len(workers) == 5 and all(w.get("status") == "ready" for w in workers)
 
         if not wait_until(ready, SMG_STARTUP_S, 0.3):
-            seen = [(w["url"], w["runtime_type"], w["status"]) for w in self.workers()]
+            seen = [(w.get("url"), w.get("runtime_type"), w.get("status"), w.get("is_healthy")) for w in self.workers()]
             pytest.fail(f"smg {self.name}: expected 5 ready sglang DP workers (URL@rank) within {SMG_STARTUP_S} s, "
                         f"registered {seen} (a worker taken for vllm gets no DP discovery)\n{self.log()[-2000:]}")
 
@@ -284,7 +287,7 @@ def test_cache_aware_sends_a_repeated_prefix_to_the_ranks_that_hold_it(servers, 
 def test_smg_classifies_pdserve_as_sglang(gateways):
     """Every DP worker SMG registered is an SGLang backend (so it injects rooms and sends both legs at once)."""
     workers = gateways["round_robin"].workers()
-    assert {w["runtime_type"] for w in workers} == {"sglang"}, workers
+    assert {w.get("runtime_type") for w in workers} == {"sglang"}, workers
     urls = {w["url"] for w in workers}
     assert len(urls) == 5 and all("@" in url for url in urls), urls
 

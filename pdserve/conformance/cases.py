@@ -437,8 +437,10 @@ class Suite:
         evidence = (f"SIGKILLed {victim.name}'s ranks (pid {pids}); {hits} prefill legs reached it; 8 requests "
                     f"ended with HTTP {statuses}, slowest {max(a.elapsed for a in answers):.2f} s")
         problems = []
-        if not hits:
-            problems.append(f"no prefill leg reached {victim.name} (not exercised)")
+        if not hits and not before:
+            problems.append(f"no prefill leg reached {victim.name}, before or after (not exercised)")
+        elif not hits:  # it served legs before: the router saw the ranks die (load or health poll) first
+            evidence += f"; the router routed around {victim.name} (it had served {before} legs before)"
         late = [a for a in answers if a.error or a.elapsed > FAST_S]
         if late:
             problems.append(f"{len(late)} not answered within {FAST_S:g} s: {late[0].summary()[:200]}")
