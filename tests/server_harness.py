@@ -148,11 +148,14 @@ def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict
     return ServerProcess(proc, port, log_path, api_key)
 
 
-def stream_gaps(base_url: str, during=None, tokens: int = 400) -> list[float]:
-    """Seconds between the events of a ``tokens``-token ``/generate`` stream (another client's pace);
-    ``during()`` runs once it has started, and the stream is read to its end."""
+def stream_gaps(base_url: str, during=None, tokens: int = 400, tail_events: int = 20) -> list[float]:
+    """Seconds between the events of a ``tokens``-token ``/generate`` stream (another client's pace).
+    ``during()`` runs once it has started; the stream is then read ``tail_events`` events past its end
+    (or to its own end) and closed, so the gaps span all of ``during``; without ``during`` it is read whole."""
 
     stamps: list[float] = []
+    finished = threading.Event()
+    tail_from: list[int] = []
 
     def stream() -> None:
         body = {"text": "Once upon a time", "stream": True,
@@ -161,6 +164,11 @@ def stream_gaps(base_url: str, during=None, tokens: int = 400) -> list[float]:
             for line in resp.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     stamps.append(time.monotonic())
+                    if finished.is_set():
+                        if not tail_from:
+                            tail_from.append(len(stamps))
+                        if len(stamps) - tail_from[0] >= tail_events:
+                            return
 
     streamer = threading.Thread(target=stream)
     streamer.start()
@@ -170,6 +178,11 @@ def stream_gaps(base_url: str, during=None, tokens: int = 400) -> list[float]:
     assert stamps, "the stream did not start"
     if during is not None:
         during()
+        ended = time.monotonic()
+        finished.set()
     streamer.join(60)
-    assert len(stamps) > tokens // 4
+    if during is None:
+        assert len(stamps) > tokens // 4
+    else:
+        assert stamps[-1] > ended, "the stream ended before what ran during it"
     return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -102,7 +102,7 @@ def test_the_suite_passes_on_pdserve_router(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_router_ignoring_explicit_ranks_fails_the_rank_cases(tmp_path):
     result = run_suite(f"{{python}} {STUB} --port {{port}} {{prefill_args}} {{decode_args}}", tmp_path,
-                       [3, 3, 1], [2, 2], echo=False)
+                       [3, 3, 1], [2, 2], echo=False, only=RANK_CASES | ROUTE_CASES | {"kv_transferred_not_recomputed"})
     cases = by_name(result)
     for name in RANK_CASES:
         assert not cases[name]["passed"], cases[name]
@@ -118,7 +118,10 @@ def test_a_router_ignoring_explicit_ranks_fails_the_rank_cases(tmp_path):
 def test_a_mixed_router_over_the_decode_servers_fails_every_p_d_case(tmp_path):
     out = tmp_path / "result.json"
     template = "{python} -m pdserve.cli router --host 127.0.0.1 --port {port} --worker-urls {decode_urls}"
-    code = main(["conformance", "--router", template, "--json", str(out), "--log-dir", str(tmp_path / "logs")])
+    checked = ROUTE_CASES | {"kv_transferred_not_recomputed", "every_rank_pair_reachable", "prefill_dp_1",
+                             "leg_fails_fast[prefill 400]"}
+    code = main(["conformance", "--router", template, "--json", str(out), "--log-dir", str(tmp_path / "logs"),
+                 "--router-ready-timeout", "5", "--cases", *sorted(checked)])
     assert code == 1
     result = json.loads(out.read_text())
     assert all(set(c) >= {"name", "passed", "evidence"} for c in result["cases"])

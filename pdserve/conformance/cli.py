@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", default=None, help="keep the servers' and router's logs here (default: a temporary "
                    "folder, removed afterwards)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    p.add_argument("--router-ready-timeout", type=float, default=20.0, metavar="S",
+                   help="how long to wait for the router's /readiness (else /health) to answer 200; a router "
+                   "that never does is still tested (default: 20)")
 
 
 def format_table(results: list[CaseResult], width: int = 110) -> str:
@@ -65,13 +68,13 @@ def format_table(results: list[CaseResult], width: int = 110) -> str:
 
 def run_suite(template: str, log_dir: Path, prefill_dp: list[int], decode_dp: list[int],
               decode_max_total_tokens: int = 2048, only: set[str] | None = None, seed: int = 0,
-              echo: bool = True) -> dict:
+              echo: bool = True, ready_timeout: float = 20.0) -> dict:
     """Start the fleet and the router, run the cases; the result as written by ``--json``."""
     start = time.monotonic()
     fleet = Fleet(log_dir, prefill_dp, decode_dp, decode_max_total_tokens)
     try:
         fleet_s = time.monotonic() - start
-        ready = fleet.start_router(template)
+        ready = fleet.start_router(template, ready_timeout=ready_timeout)
         if echo:
             print(f"fleet: prefill DP {prefill_dp}, decode DP {decode_dp} (sim), healthy in {fleet_s:.1f} s; "
                   f"router: {template} ({ready})", flush=True)
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="pdserve-conformance-"))
     try:
         result = run_suite(args.router, log_dir, args.prefill_dp, args.decode_dp, args.decode_max_total_tokens,
-                           set(args.cases) if args.cases else None, args.seed)
+                           set(args.cases) if args.cases else None, args.seed,
+                           ready_timeout=args.router_ready_timeout)
     except ClusterError as e:
         print(f"conformance: could not start the fleet or the router: {e}", file=sys.stderr)
         return 2

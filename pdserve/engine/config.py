@@ -88,7 +88,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-seed", type=int, default=defaults.random_seed,
                         help="seed of sampling without a request seed")
     parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch CPU threads per worker (default: torch's own choice)")
+                        help="torch CPU threads per DP rank (default for a server: (cores - 1) / dp-size, at least "
+                        "1, leaving a core to the front; in-process engines: torch's own choice)")
     parser.add_argument(
         "--num-reserved-decode-tokens", type=int, default=defaults.num_reserved_decode_tokens,
         help="decode headroom (tokens) kept free per running request when admitting new requests",
