@@ -7,6 +7,10 @@ start): engines default to CUDA in bfloat16 when a GPU is visible, which would s
 float32 token-identity tests against transformers on CPU into bf16-vs-fp32 comparisons, put shared
 memory P/D pools on a device they cannot live on, and have every test server claim a share of one
 GPU's memory. GPU checks live in ``benchmarks/gpu_check.sh``; ``PDSERVE_TEST_CUDA=1`` keeps GPUs visible.
+
+The test process runs torch on one thread (``OMP_NUM_THREADS=1`` before torch loads; the servers it starts
+choose their own): with two, each op waits at an OpenMP barrier whenever a server or a neighbour holds
+the other core (a sampler test took 3.6 s instead of 0.08 s beside one busy process).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import tempfile
 
 import pytest
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ.get("PDSERVE_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA (see the module docstring)
 

@@ -26,8 +26,6 @@ from pdserve.models.rope import RotaryEmbedding, inverse_frequencies
 from pdserve.models.tiny import build_tiny_checkpoint, default_cache_dir, default_model_path
 from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
-torch.set_num_threads(2)
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 MULTIBYTE_TEXTS = (
     "Hello, world! The quick brown fox.",
