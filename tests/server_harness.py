@@ -148,7 +148,7 @@ def launch(args: list[str], log_dir: Path, api_key: str | None = None, env: dict
     return ServerProcess(proc, port, log_path, api_key)
 
 
-def stream_gaps(base_url: str, during=None, tokens: int = 400, tail_events: int = 20) -> list[float]:
+def stream_gaps(base_url: str, during=None, tokens: int = 3000, tail_events: int = 20) -> list[float]:
     """Seconds between the events of a ``tokens``-token ``/generate`` stream (another client's pace).
     ``during()`` runs once it has started; the stream is then read ``tail_events`` events past its end
     (or to its own end) and closed, so the gaps span all of ``during``; without ``during`` it is read whole."""
