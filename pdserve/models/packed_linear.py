@@ -1,0 +1,79 @@
+"""Linears whose weight oneDNN packs once at load, so no call reorders it (CPU only).
+
+``torch.nn.functional.linear`` hands oneDNN (bf16) or MKL (fp32) a plain ``[out, in]`` weight on every
+call; at decode shapes (<= 32 rows) that costs as much as the product. :func:`pack_linears` gives each
+CPU ``nn.Linear`` a copy of its weight in oneDNN's own blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``) and runs it through ``torch.ops.mkldnn._linear_pointwise``
+(what Inductor's CPU freezing pass emits). Measured at the 135M shapes on an AVX512-BF16 CPU (1 thread,
+docs/benchmarks.md result 13b) the packed product is faster at 1, 32 and 512 rows in bf16 and at 32 and
+512 rows in fp32. The plain weight stays (tied embeddings and ``state_dict`` read it), so packed linears
+hold their weight twice. Nothing is packed on CUDA, without oneDNN, for bf16 on a CPU that does not
+compute bf16 natively (:func:`~pdserve.models.cpu_features.bf16_isa`), or with ``PDSERVE_PACK_LINEAR=0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.models.cpu_features import bf16_isa
+
+log = logging.getLogger(__name__)
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters) that multiplies by its oneDNN-packed weight ``packed``; inputs
+    it was not packed for (another dtype or device, the model moved after packing) take ``F.linear``."""
+
+    packed: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        if x.device.type != "cpu" or x.dtype != packed.dtype or self.weight.dtype != packed.dtype:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, "none", [], "")
+        return y.view(*lead, y.shape[-1])
+
+
+def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`pack_linears` packs linears of ``dtype`` on ``device``."""
+    if device.type != "cpu" or os.environ.get("PDSERVE_PACK_LINEAR", "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        return bf16_isa() is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def pack_linear(linear: nn.Linear) -> bool:
+    """Pack one linear in place (its class becomes :class:`PackedLinear`); False where not supported."""
+    weight = linear.weight
+    if isinstance(linear, PackedLinear) or not packing_supported(weight.dtype, weight.device):
+        return False
+    if linear.bias is not None and linear.bias.dtype != weight.dtype:
+        return False
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+            torch.ops.mkldnn._linear_pointwise(probe, packed, linear.bias, "none", [], "")
+    except RuntimeError as exc:  # an op this build or CPU lacks: keep F.linear
+        log.info("linear packing unavailable (%s): using F.linear", exc)
+        return False
+    linear.__class__ = PackedLinear
+    linear.packed = packed
+    return True
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every ``nn.Linear`` of ``model`` that :func:`packing_supported` allows; returns how many."""
+    return sum(pack_linear(m) for m in list(model.modules()) if type(m) is nn.Linear)

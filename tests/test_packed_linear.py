@@ -1,0 +1,75 @@
+"""oneDNN-packed linears equal ``F.linear`` (bf16 within bf16 rounding, fp32 within fp32 rounding), keep
+their parameters, fall back on inputs they were not packed for, and are not used where the CPU lacks
+native bf16 or packing is switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.models import packed_linear
+from pdserve.models.packed_linear import PackedLinear, pack_linear, pack_linears, packing_supported
+
+
+def _linear(dtype: torch.dtype, in_f: int, out_f: int, bias: bool) -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(std=0.05)
+    return lin.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 32, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, rows, bias):
+    if not packing_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN packing for {dtype} on this CPU")
+    lin = _linear(dtype, 576, 960, bias)
+    x = torch.randn(rows, 576).to(dtype)
+    reference = F.linear(x, lin.weight, lin.bias)
+    assert pack_linear(lin) and isinstance(lin, PackedLinear)
+    with torch.inference_mode():
+        ours = lin(x)
+        ours3 = lin(x.view(1, rows, 576))  # leading dims kept
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: a few ulps of outputs of size ~1
+    torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol)
+    assert ours3.shape == (1, rows, 960)
+    torch.testing.assert_close(ours3[0], ours)
+    assert not pack_linear(lin)  # idempotent
+
+
+def test_packed_linear_falls_back_for_other_inputs():
+    if not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("no oneDNN packing on this CPU")
+    lin = _linear(torch.float32, 64, 48, True)
+    pack_linear(lin)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    lin.to(torch.float64)  # moved after packing: the stale packed weight is not used
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    xt = torch.randn(64, 5).t()  # not contiguous
+    lin2 = _linear(torch.float32, 64, 48, False)
+    reference = F.linear(xt, lin2.weight)
+    pack_linear(lin2)
+    torch.testing.assert_close(lin2(xt), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_linears_keeps_parameters_and_skips_unsupported(monkeypatch):
+    model = nn.Sequential(_linear(torch.float32, 32, 16, False), nn.ReLU(), _linear(torch.float32, 16, 8, True))
+    names = [name for name, _ in model.named_parameters()]
+    expected = 2 if packing_supported(torch.float32, torch.device("cpu")) else 0
+    assert pack_linears(model) == expected
+    assert [name for name, _ in model.named_parameters()] == names
+    assert set(model.state_dict()) == set(names)  # the packed weight is not saved
+    monkeypatch.setenv("PDSERVE_PACK_LINEAR", "0")
+    assert pack_linears(nn.Sequential(_linear(torch.float32, 32, 16, False))) == 0
+
+
+def test_bf16_is_not_packed_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(packed_linear, "bf16_isa", lambda: None)  # an AVX2-only CPU
+    assert not packing_supported(torch.bfloat16, torch.device("cpu"))
+    lin = _linear(torch.bfloat16, 32, 16, False)
+    assert not pack_linear(lin) and type(lin) is nn.Linear
+    assert not packing_supported(torch.float32, torch.device("cuda"))  # no packing on CUDA
