@@ -226,6 +226,48 @@ BF16_TARGET static void decode_token_bf16_rowwise(const uint16_t *q, const uint1
     store_normalised_bf16(out, acc, norm, num_q_heads, head_dim);
 }
 
+/* e^x of 16 floats: exp8's Cephes range reduction and polynomial in 512-bit registers */
+BF16_TARGET static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+    x = _mm512_max_ps(_mm512_min_ps(x, hi), _mm512_sub_ps(_mm512_setzero_ps(), hi));
+    const __m512 t = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fmadd_ps(t, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693359375f), x));
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
+    const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(t), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
+}
+
+/* softmax_unnormalised in 16 lanes: w[0, n) = exp(w[0, n) - max), returns 1 / their sum; w has room for a
+ * multiple of 16 floats (the tail is masked) */
+BF16_TARGET static float softmax_unnormalised16(float *w, int64_t n) {
+    if (n <= 0) return 0.f;
+    const int64_t full = n / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1u);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < full; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(w + j));
+    if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, w + full));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < full; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(w + j), mx));
+        _mm512_storeu_ps(w + j, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (tail) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, w + full), mx));
+        _mm512_mask_storeu_ps(w + full, tail, e);
+        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    return sum > 0.f ? 1.f / sum : 0.f;
+}
+
 /* r[i] = the sum of v[i]'s 16 lanes, i < 16, in one vector: a transposing tree (15 adds and 30 shuffles
  * for 16 sums, where 16 horizontal reductions take 16 x 4 of each) */
 BF16_TARGET static inline __attribute__((always_inline)) __m512 sum16x16(const __m512 *v) {
@@ -356,7 +398,7 @@ BF16_TARGET static void decode_token_bf16(const uint16_t *q, const uint16_t *kv,
             }
         }
     }
-    for (int64_t hq = 0; hq < num_q_heads; hq++) norm[hq] = softmax_unnormalised(scores + hq * len8, len);
+    for (int64_t hq = 0; hq < num_q_heads; hq++) norm[hq] = softmax_unnormalised16(scores + hq * len8, len);
     memset(acc, 0, sizeof(float) * (size_t)(num_q_heads * head_dim));
     const int per_pass = 8 / chunks; /* query heads whose 2 * chunks accumulators fit in 16 registers */
     for (int64_t j0 = 0; j0 < len; j0 += KBLOCK) {
@@ -429,7 +471,7 @@ BF16_TARGET static void prefill_tile_bf16(const uint16_t *q, const uint16_t *kv,
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t hq = 0; hq < num_q_heads; hq++)
-            norm[i * num_q_heads + hq] = softmax_unnormalised(scores + (i * num_q_heads + hq) * len8, kv_len[i]);
+            norm[i * num_q_heads + hq] = softmax_unnormalised16(scores + (i * num_q_heads + hq) * len8, kv_len[i]);
     memset(acc, 0, sizeof(float) * (size_t)(n * num_q_heads * head_dim));
     const int per_pass = 16 / vec;
     for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
