@@ -473,37 +473,32 @@ BF16_TARGET static void prefill_tile_bf16(const uint16_t *q, const uint16_t *kv,
         for (int64_t hq = 0; hq < num_q_heads; hq++)
             norm[i * num_q_heads + hq] = softmax_unnormalised16(scores + (i * num_q_heads + hq) * len8, kv_len[i]);
     memset(acc, 0, sizeof(float) * (size_t)(n * num_q_heads * head_dim));
-    const int per_pass = 16 / vec;
+    const int chunks = vec / 2, per_pass = 8 / chunks;
     for (int64_t j0 = 0; j0 < len; j0 += VBLOCK) {
         const int64_t vb = len - j0 < VBLOCK ? len - j0 : VBLOCK;
-        for (int64_t jj = 0; jj < vb; jj++) {
-            const int64_t j = j0 + jj;
-            if (j + VBLOCK < len) prefetch_row(kv, 1, kbase[j + VBLOCK] + half_stride, row_stride);
-            const uint16_t *src = kv + kbase[j] + half_stride;
-            for (int64_t d = 0; d < row_stride; d += 16) _mm512_storeu_ps(block + jj * row_stride + d, load16_bf16(src + d));
-        }
-        for (int64_t i = 0; i < n; i++) {
+        for (int64_t jj = 0; jj < vb && j0 + VBLOCK + jj < len; jj++)
+            prefetch_row(kv, 1, kbase[j0 + VBLOCK + jj] + half_stride, row_stride);
+        for (int64_t i = 0; i < n; i++) { /* the block's bf16 V rows stay in L1 for every query of the tile */
             const int64_t li = kv_len[i];
             if (j0 >= li) continue;
             const int64_t end = li - j0 < vb ? li - j0 : vb;
             for (int64_t h = 0; h < num_kv_heads; h++) {
-                const float *vrow[VBLOCK];
-                for (int64_t jj = 0; jj < end; jj++) vrow[jj] = block + jj * row_stride + h * head_dim;
                 for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
                     const int heads = (int)(group - g0 < per_pass ? group - g0 : per_pass);
-                    float *a[16];
-                    const float *w[16];
+                    float *a[8];
+                    const float *w[8];
                     for (int k = 0; k < heads; k++) {
                         const int64_t m = i * num_q_heads + h * group + g0 + k;
                         a[k] = acc + m * head_dim;
                         w[k] = scores + m * len8 + j0;
                     }
-                    accumulate_heads(a, w, (const void *const *)vrow, end, heads, vec, 1);
+                    values_heads(kv, kbase + j0, half_stride + h * head_dim, end, w, a, heads, chunks);
                 }
             }
         }
     }
-    store_normalised_bf16(out, acc, norm, n * num_q_heads, head_dim);
+    for (int64_t m = 0; m < n * num_q_heads; m++)
+        store_even_odd_bf16(out + m * head_dim, acc + m * head_dim, norm[m], chunks);
 }
 #endif
 
