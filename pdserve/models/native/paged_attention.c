@@ -99,7 +99,7 @@ static inline __attribute__((always_inline)) void accumulate_values(float *a, co
 #ifdef PD_X86
 /* The AVX512-BF16 decode path: compiled for that instruction set whatever -march says, and chosen at
  * run time (pd_bf16_variant) only on a CPU that has it, so the same build runs on an AVX2 machine. */
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define BF16_TARGET PD_AVX512_BF16_TARGET
 #define BF16_VBLOCK 16 /* positions whose V rows are reused from L1 by all query heads */
 #ifndef SCORE_ROWS
 #define SCORE_ROWS 8 /* query rows scored per pass over a transposed K block */
@@ -224,23 +224,6 @@ BF16_TARGET static void decode_token_bf16_rowwise(const uint16_t *q, const uint1
         }
     }
     store_normalised_bf16(out, acc, norm, num_q_heads, head_dim);
-}
-
-/* e^x of 16 floats: exp8's Cephes range reduction and polynomial in 512-bit registers */
-BF16_TARGET static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
-    x = _mm512_max_ps(_mm512_min_ps(x, hi), _mm512_sub_ps(_mm512_setzero_ps(), hi));
-    const __m512 t = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fmadd_ps(t, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693359375f), x));
-    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
-    const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(t), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
 }
 
 /* softmax_unnormalised in 16 lanes: w[0, n) = exp(w[0, n) - max), returns 1 / their sum; w has room for a
