@@ -1,6 +1,7 @@
 """Each native bf16 kernel against torch's own bf16 op, in one run, at the 135M layer shape (SmolLM2-135M:
 hidden 576, 9 query / 3 KV heads of 64): decode attention over 32 rows x 384 and x 1024 tokens
-of scattered pages (the blocked AVX512-BF16 kernel, the previous row-wise one, the generic C), causal prefill
+of scattered pages (and at 384 over 30 layers' pages in turn, per 30 layers: the engine's case, KV read from
+DRAM, where one layer's 9.4 MB would stay in L3 call after call) (the blocked AVX512-BF16 kernel, the previous row-wise one, the generic C), causal prefill
 attention of a 512-token chunk, RMSNorm (with the residual add) and RoPE at 32 and 512 rows, and each linear
 of a layer plus the LM head at 1, 32 and 512 rows as ``F.linear`` vs oneDNN-packed (``pdserve.models.packed_linear``,
 bf16 and fp32) (a bf16 SiLU-and-multiply kernel lost to torch's, 1.64 vs 0.93 ms at 512 rows, and was
@@ -61,9 +62,20 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
             native.paged_attention(q, kv, *tables, scale, out)
         return run
 
-    def gather_decode(meta=decode):
+    def gather_decode(meta=decode, layer=kv):
         for group in meta.decode_groups:
-            attention._decode_group(q_dec, kv, group, meta.workspace, scale, out_dec)
+            attention._decode_group(q_dec, layer, group, meta.workspace, scale, out_dec)
+
+    kv_layers = [torch.randn(num_pages, 2, PAGE, KV_HEADS, HEAD_DIM).to(BF16) for _ in range(30)]
+
+    def native_layers(variant: str, meta):
+        tables = meta.native_tables
+
+        def run():
+            native.bf16_variant(variant)
+            for layer in kv_layers:
+                native.paged_attention(q_dec, layer, *tables, scale, out_dec)
+        return run
 
     def sdpa_prefill():
         F.scaled_dot_product_attention(q_pre.transpose(0, 1), k_pre.transpose(0, 1), k_pre.transpose(0, 1),
@@ -74,6 +86,10 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
         "decode attention 32 x 384": {**{f"native {v}": native_attention(v, q_dec, decode_short, out_dec)
                                          for v in variants},
                                       "torch gather + SDPA": lambda: gather_decode(decode_short)},
+        # the engine's case: every layer's pages out of cache by the time it runs again (9.4 MB each)
+        "decode attention 32 x 384, 30 layers' KV": {
+            **{f"native {v}": native_layers(v, decode_short) for v in variants},
+            "torch gather + SDPA": lambda: [gather_decode(decode_short, layer) for layer in kv_layers]},
         "decode attention 32 x 1024": {**{f"native {v}": native_attention(v, q_dec, decode, out_dec) for v in variants},
                                        "torch gather + SDPA": gather_decode},
         "prefill attention 512": {**{f"native {v}": native_attention(v, q_pre, prefill, out_pre) for v in variants},

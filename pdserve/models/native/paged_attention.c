@@ -348,7 +348,7 @@ BF16_TARGET static void values_heads(const uint16_t *kv, const int64_t *kbase, i
 }
 
 #ifndef DECODE_AHEAD
-#define DECODE_AHEAD 32 /* positions the decode path prefetches ahead: DRAM latency over one block's work */
+#define DECODE_AHEAD 32 /* positions the decode path prefetches ahead (16-64 measured alike) */
 #endif
 
 /* One decode token over its row, 16 positions (KBLOCK) at a time, the next block's rows prefetched (pages
@@ -365,11 +365,13 @@ BF16_TARGET static void decode_token_bf16(const uint16_t *q, const uint16_t *kv,
     const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t j0 = 0; j0 < len; j0 += KBLOCK) {
         const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
-        /* K rows DECODE_AHEAD positions ahead into L1, their V rows into L2 for the values pass (a row's K
-         * and V fit in L2 at the usual lengths) */
+        /* K and V rows DECODE_AHEAD positions ahead into L2 (V for the values pass: a row's K and V fit in
+         * L2 at the usual lengths). Into L2, not L1: on scattered pages that keeps more lines in flight
+         * (6 KB chunks in random order read at 8 GB/s, 12 with an L2 prefetch of the next, 8 with an L1
+         * one, on the AMD EPYC of docs/benchmarks.md result 13b) */
         for (int64_t jj = 0; jj < KBLOCK && j0 + DECODE_AHEAD + jj < len; jj++) {
             const char *next = (const char *)(kv + kbase[j0 + DECODE_AHEAD + jj]);
-            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
             for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + 2 * half_stride + b, _MM_HINT_T1);
         }
         for (int64_t h = 0; h < num_kv_heads; h++) {
