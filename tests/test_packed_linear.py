@@ -41,6 +41,21 @@ def test_packed_linear_matches_f_linear(dtype, rows, bias):
     assert not pack_linear(lin)  # idempotent
 
 
+def test_fp32_single_rows_of_small_weights_take_f_linear(monkeypatch):
+    if not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("no oneDNN packing on this CPU")
+    lin = _linear(torch.float32, 64, 48, False)
+    pack_linear(lin)
+    calls = []
+    real = packed_linear.F.linear
+    monkeypatch.setattr(packed_linear.F, "linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(lin(x), real(x, lin.weight), atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+    lin(torch.randn(2, 64))
+    assert calls == [1]  # two rows: the packed product
+
+
 def test_packed_linear_falls_back_for_other_inputs():
     if not packing_supported(torch.float32, torch.device("cpu")):
         pytest.skip("no oneDNN packing on this CPU")

@@ -6,7 +6,7 @@ CPU ``nn.Linear`` a copy of its weight in oneDNN's own blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``) and runs it through ``torch.ops.mkldnn._linear_pointwise``
 (what Inductor's CPU freezing pass emits). Measured at the 135M shapes on an AVX512-BF16 CPU (1 thread,
 docs/benchmarks.md result 13b) the packed product is faster at 1, 32 and 512 rows in bf16 and at 32 and
-512 rows in fp32. The plain weight stays (tied embeddings and ``state_dict`` read it), so packed linears
+512 rows in fp32 (single fp32 rows keep ``F.linear`` but for large weights). The plain weight stays (tied embeddings and ``state_dict`` read it), so packed linears
 hold their weight twice. Nothing is packed on CUDA, without oneDNN, for bf16 on a CPU that does not
 compute bf16 natively (:func:`~pdserve.models.cpu_features.bf16_isa`), or with ``PDSERVE_PACK_LINEAR=0``.
 """
@@ -25,6 +25,12 @@ from pdserve.models.cpu_features import bf16_isa
 log = logging.getLogger(__name__)
 
 
+# fp32 products of one row with a weight smaller than this many elements run F.linear: at the 135M shapes
+# the packed one was slower there (o 0.047 vs 0.030 ms, down 0.070 vs 0.062), faster for the LM head's
+# 28M (8.1 vs 10.3 ms) and at 32 rows for every weight (result 13b)
+FP32_ONE_ROW_PLAIN_BELOW = 8 << 20
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters) that multiplies by its oneDNN-packed weight ``packed``; inputs
     it was not packed for (another dtype or device, the model moved after packing) take ``F.linear``."""
@@ -37,6 +43,8 @@ class PackedLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] == 1 and packed.dtype == torch.float32 and self.weight.numel() < FP32_ONE_ROW_PLAIN_BELOW:
+            return F.linear(x, self.weight, self.bias)  # fp32 single rows: MKL's plain product measured faster
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, "none", [], "")
