@@ -88,3 +88,29 @@ def test_bf16_is_not_packed_without_native_bf16(monkeypatch):
     lin = _linear(torch.bfloat16, 32, 16, False)
     assert not pack_linear(lin) and type(lin) is nn.Linear
     assert not packing_supported(torch.float32, torch.device("cuda"))  # no packing on CUDA
+
+
+def test_pack_linears_frees_unshared_plain_weights_and_keeps_tied_ones():
+    if not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("no oneDNN packing on this CPU")
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(48, 32)
+            self.proj = _linear(torch.float32, 32, 32, False)
+            self.head = nn.Linear(32, 48, bias=False)
+            self.head.weight = self.embed.weight  # tied, as an LM head
+
+    model = Tied()
+    x = torch.randn(3, 32)
+    expected = model.head(model.proj(x))
+    assert pack_linears(model) == 2
+    assert model.proj.weight.numel() == 0 and not model.proj.has_plain  # held once: packed
+    assert model.head.weight is model.embed.weight and model.head.has_plain  # the embedding still reads it
+    with torch.inference_mode():
+        torch.testing.assert_close(model.head(model.proj(x)), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.proj(x[:1]), expected.new_tensor(F.linear(x[:1], _linear(
+            torch.float32, 32, 32, False).weight)), atol=1e-4, rtol=1e-4)  # one fp32 row: the packed product
+        with pytest.raises(RuntimeError, match="packed"):
+            model.proj(x.double())  # nothing to fall back on: a named error, not a wrong answer
