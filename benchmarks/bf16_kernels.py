@@ -1,7 +1,10 @@
 """Each native bf16 kernel against torch's own bf16 op, in one run, at the 135M layer shape (SmolLM2-135M:
-hidden 576, 9 query / 3 KV heads of 64): decode attention over 32 rows x 1024 tokens
-of scattered pages, causal prefill attention of a 512-token chunk, RMSNorm (with the residual add) and RoPE
-at 32 and 512 rows (a bf16 SiLU-and-multiply kernel lost to torch's, 1.64 vs 0.93 ms at 512 rows, and was
+hidden 576, 9 query / 3 KV heads of 64): decode attention over 32 rows x 384 and x 1024 tokens
+of scattered pages (and at 384 over 30 layers' pages in turn, per 30 layers: the engine's case, KV read from
+DRAM, where one layer's 9.4 MB would stay in L3 call after call) (the blocked AVX512-BF16 kernel, the previous row-wise one, the generic C), causal prefill
+attention of a 512-token chunk, RMSNorm (with the residual add) and RoPE at 32 and 512 rows, and each linear
+of a layer plus the LM head at 1, 32 and 512 rows as ``F.linear`` vs oneDNN-packed (``pdserve.models.packed_linear``,
+bf16 and fp32) (a bf16 SiLU-and-multiply kernel lost to torch's, 1.64 vs 0.93 ms at 512 rows, and was
 removed). Rounds interleave every variant (a busy machine slows whole
 seconds); prints the median and the spread (min-max of the per-round medians) in ms, and the ratio of
 torch's op to the native one. The engine uses whichever is faster (docs/benchmarks.md, result 13).
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from pdserve.models import attention, native
 from pdserve.models.attention import AttentionMetadata
 from pdserve.models.cpu_features import cpu_flags, cpu_isa
+from pdserve.models.packed_linear import packing_supported
 from pdserve.models.rope import rotate
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 576, 9, 3, 64, 16
@@ -35,11 +39,13 @@ BF16 = torch.bfloat16
 def cases() -> dict[str, dict[str, Callable[[], object]]]:
     """Per operation: the variants to time (native ones named by their bf16 path)."""
     torch.manual_seed(0)
-    batch, context, chunk = 32, 1024, 512
-    num_pages = batch * context // PAGE + chunk // PAGE + 8
+    batch, context, chunk, short = 32, 1024, 512, 384
+    num_pages = batch * (context + short) // PAGE + chunk // PAGE + 8
     order = torch.randperm(num_pages).tolist()
     decode_pages = [[order.pop() for _ in range(context // PAGE)] for _ in range(batch)]
     decode = AttentionMetadata.build(PAGE, decode_pages, [context] * batch, [], torch.device("cpu"))
+    short_pages = [[order.pop() for _ in range(short // PAGE)] for _ in range(batch)]
+    decode_short = AttentionMetadata.build(PAGE, short_pages, [short] * batch, [], torch.device("cpu"))
     prefill = AttentionMetadata.build(PAGE, [], [], [(0, chunk, [order.pop() for _ in range(chunk // PAGE)])],
                                       torch.device("cpu"))
     kv = torch.randn(num_pages, 2, PAGE, KV_HEADS, HEAD_DIM).to(BF16)
@@ -56,9 +62,20 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
             native.paged_attention(q, kv, *tables, scale, out)
         return run
 
-    def gather_decode():
-        for group in decode.decode_groups:
-            attention._decode_group(q_dec, kv, group, decode.workspace, scale, out_dec)
+    def gather_decode(meta=decode, layer=kv):
+        for group in meta.decode_groups:
+            attention._decode_group(q_dec, layer, group, meta.workspace, scale, out_dec)
+
+    kv_layers = [torch.randn(num_pages, 2, PAGE, KV_HEADS, HEAD_DIM).to(BF16) for _ in range(30)]
+
+    def native_layers(variant: str, meta):
+        tables = meta.native_tables
+
+        def run():
+            native.bf16_variant(variant)
+            for layer in kv_layers:
+                native.paged_attention(q_dec, layer, *tables, scale, out_dec)
+        return run
 
     def sdpa_prefill():
         F.scaled_dot_product_attention(q_pre.transpose(0, 1), k_pre.transpose(0, 1), k_pre.transpose(0, 1),
@@ -66,6 +83,13 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
 
     variants = [v for v in native.BF16_VARIANTS if v == "generic" or "avx512_bf16" in cpu_flags()]
     table: dict[str, dict[str, Callable[[], object]]] = {
+        "decode attention 32 x 384": {**{f"native {v}": native_attention(v, q_dec, decode_short, out_dec)
+                                         for v in variants},
+                                      "torch gather + SDPA": lambda: gather_decode(decode_short)},
+        # the engine's case: every layer's pages out of cache by the time it runs again (9.4 MB each)
+        "decode attention 32 x 384, 30 layers' KV": {
+            **{f"native {v}": native_layers(v, decode_short) for v in variants},
+            "torch gather + SDPA": lambda: [gather_decode(decode_short, layer) for layer in kv_layers]},
         "decode attention 32 x 1024": {**{f"native {v}": native_attention(v, q_dec, decode, out_dec) for v in variants},
                                        "torch gather + SDPA": gather_decode},
         "prefill attention 512": {**{f"native {v}": native_attention(v, q_pre, prefill, out_pre) for v in variants},
@@ -88,9 +112,33 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
         table[f"add + RMSNorm {rows} rows"] = {
             "native": lambda x=x, residual=residual, weight=weight: native.add_rms_norm(x.clone(), residual, weight, 1e-5),
             "torch": torch_norm}
+        gate_up = torch.randn(rows, 2 * 1536).to(BF16)
+
+        def torch_silu(gate_up=gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        table[f"SiLU-and-multiply {rows} rows"] = {"native": lambda gate_up=gate_up: native.silu_mul(gate_up),
+                                                 "torch": torch_silu}
         table[f"RoPE q+k {rows} rows"] = {
             "native": lambda qkv=qkv, cos=cos, sin=sin: native.rope(qkv, cos, sin, Q_HEADS, KV_HEADS, HEAD_DIM),
             "torch": torch_rope}
+    linears = {"qkv": (960, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (3072, HIDDEN), "down": (HIDDEN, 1536),
+               "lm_head": (49152, HIDDEN)}
+    for dtype in (BF16, torch.float32):
+        if not packing_supported(dtype, torch.device("cpu")):
+            continue
+        for name, (out_f, in_f) in linears.items():
+            weight = (torch.randn(out_f, in_f) * 0.02).to(dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            for rows in (1, 32, 512):
+                if name == "lm_head" and rows == 512:
+                    continue  # the LM head sees the sampled rows only
+                x = torch.randn(rows, in_f).to(dtype)
+                table[f"linear {name} {rows} rows {str(dtype)[6:]}"] = {
+                    "torch F.linear": lambda x=x, weight=weight: F.linear(x, weight),
+                    "oneDNN packed": lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(
+                        x, packed, None, "none", [], "")}
     return table
 
 

@@ -141,3 +141,27 @@ def _reference_attention(q, k, v, kv_layer, meta, scale):
 
     with unittest.mock.patch.object(native, "supports", lambda *_: False):
         return attention.paged_attention(q, k, v, kv_layer, meta, scale)
+
+
+@pytest.mark.parametrize("variant", native.BF16_VARIANTS)
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 1, 32), (10, 2, 64), (6, 2, 96), (3, 1, 192), (2, 2, 128)])
+def test_bf16_decode_blocks_pages_and_groups(bf16_variant, variant, page_size, heads, kv_heads, dim):
+    """The blocked bf16 decode path (16 positions per block, prefetching ahead) on lengths around its block
+    and prefetch distance and around page boundaries, page sizes that split or span a block, query groups
+    of 1-8 per KV head (one or more passes over V), head_dim 32-192; against SDPA in float32."""
+    if bf16_variant(variant) != variant:
+        pytest.skip(f"this CPU has no {variant}")
+    torch.manual_seed(5)
+    lens = [1, 3, 7, 8, 9, 31, 32, 33, 47, 48, 49, 65, 95, 257]
+    num_pages = sum((n + page_size - 1) // page_size for n in lens) + 4
+    kv = torch.randn(num_pages, 2, page_size, kv_heads, dim).to(torch.bfloat16)
+    order = torch.randperm(num_pages).tolist()
+    pages = [[order.pop() for _ in range((n + page_size - 1) // page_size)] for n in lens]
+    meta = AttentionMetadata.build(page_size, pages, lens, [], torch.device("cpu"))
+    q = (torch.randn(len(lens), heads, dim) * 2).to(torch.bfloat16)
+    ours, reference = torch.empty_like(q), torch.empty(q.shape)
+    native.paged_attention(q, kv, *meta.native_tables, dim**-0.5, ours)
+    for group in meta.decode_groups:
+        _decode_group(q.float(), kv.float(), group, meta.workspace, dim**-0.5, reference)
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output: 2^-8 relative

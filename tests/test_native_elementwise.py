@@ -25,6 +25,26 @@ def test_silu_mul(rows, inter):
     torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate) * up, **TOL)
 
 
+@pytest.mark.parametrize("rows,inter", [(1, 8), (7, 768), (33, 1539)])
+def test_silu_mul_bf16(rows, inter):
+    """bf16 on a CPU with AVX512-BF16 (None elsewhere: the caller runs torch's ops), rounded where
+    ``F.silu(gate) * up`` rounds: no element more than one bf16 step off (the exponentials differ in the
+    last float32 bits), nearly all identical."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(rows, 2 * inter) * 6
+    gate_up[0, :4] = torch.tensor([-120.0, -88.0, 90.0, 0.0])
+    gate_up = gate_up.to(torch.bfloat16)
+    ours = native.silu_mul(gate_up)
+    if ours is None:
+        assert native.bf16_variant() == "generic"  # only where the CPU lacks AVX512-BF16
+        pytest.skip("no AVX512-BF16: torch's ops run instead")
+    gate, up = gate_up.chunk(2, dim=-1)
+    reference = F.silu(gate) * up
+    assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
+    torch.testing.assert_close(ours.float(), reference.float(), atol=1e-30, rtol=2**-7)
+    assert (ours == reference).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("rows,dim", [(1, 8), (5, 256), (17, 573)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm(rows, dim, with_residual):

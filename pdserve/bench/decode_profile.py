@@ -26,6 +26,7 @@ from pdserve.engine.request import Req, ReqState, SamplingParams
 from pdserve.models import llama as llama_mod
 from pdserve.models.config import ModelConfig, RopeConfig
 from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.packed_linear import PackedLinear, pack_linears
 
 SHAPES: dict[str, dict] = {
     "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -47,6 +48,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, see
         torch.nn.init.normal_(p, std=0.02)
     model = model.to(device=device, dtype=dtype).eval()
     model.fuse_projections()
+    pack_linears(model)
     return model
 
 
@@ -106,7 +108,7 @@ def profile_decode(shape: str, batch: int, context: int, steps: int, dtype: torc
     walls: list[float] = []
     split: list[dict[str, float]] = []
     with (timers.wrap(llama_mod, "paged_attention", "attention"),
-          timers.wrap(torch.nn.Linear, "forward", "gemm"),
+          timers.wrap(torch.nn.Linear, "forward", "gemm"), timers.wrap(PackedLinear, "forward", "gemm"),
           timers.wrap(runner_mod.ModelRunner, "forward", "forward"),
           timers.wrap(sampler_mod, "sample", "sampling")):
         for step in range(steps + 2):
@@ -171,7 +173,7 @@ def profile_workload(model: str, num_prompts: int, threads: int, clock=time.perf
         runner_mod.ModelRunner.forward = forward
         try:
             with (timers.wrap(llama_mod, "paged_attention", "attention"),
-                  timers.wrap(torch.nn.Linear, "forward", "gemm"),
+                  timers.wrap(torch.nn.Linear, "forward", "gemm"), timers.wrap(PackedLinear, "forward", "gemm"),
                   timers.wrap(sampler_mod, "sample", "sampling")):
                 start = clock()
                 engine.generate(input_ids=prompts, sampling_params=params)

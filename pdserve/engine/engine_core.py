@@ -16,6 +16,7 @@ from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req, SamplingParams, StepOutput
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.validation import RequestLimits
+from pdserve.models.packed_linear import pack_linears
 
 if TYPE_CHECKING:
     from pdserve.models.loader import LoadedModel
@@ -40,6 +41,7 @@ class EngineCore:
 
             loaded = load_model(config.model_path, dtype=config.dtype, device=config.device)
         loaded.model.fuse_projections()
+        pack_linears(loaded.model)  # oneDNN-packed weights on CPU (bf16 where native, fp32)
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer

@@ -113,8 +113,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
-            if native.fused_ok(gate_up) and gate_up.dtype == torch.float32:  # bf16: torch's ops are faster
-                return self.down_proj(native.silu_mul(gate_up))
+            if native.fused_ok(gate_up) and gate_up.is_contiguous():
+                act = native.silu_mul(gate_up)  # None in bf16 without AVX512-BF16 (torch's ops are faster)
+                if act is not None:
+                    return self.down_proj(act)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -4,7 +4,7 @@
 its bfloat16 decode path uses AVX512-BF16 where the CPU has it, chosen at run time (compiled with a
 target attribute, so the same source builds and runs on an AVX2 machine: :func:`bf16_variant`).
 ``elementwise.c`` fuses a layer's element-wise steps: residual add and RMSNorm, RoPE into contiguous
-q/k (float32 and bfloat16), SiLU-and-multiply (float32; torch's is faster in bfloat16). The shared object is built once per source version and CPU into a cache folder
+q/k (float32 and bfloat16), SiLU-and-multiply (float32, and bfloat16 with AVX512-BF16). The shared object is built once per source version and CPU into a cache folder
 (``$PDSERVE_NATIVE_CACHE`` or ``~/.cache/pdserve/native``) with an atomic rename, so concurrent
 processes never see half a file. When no compiler is present, or the build fails, :func:`kernels`
 returns None and callers use their PyTorch path; ``PDSERVE_NATIVE=0`` forces that.
@@ -97,7 +97,7 @@ def kernels() -> ctypes.CDLL | None:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        for name, args in (("pd_silu_mul", [ptr, ptr, i64, i64, c_int]),
+        for name, args in (("pd_silu_mul", [ptr, ptr, i64, i64, c_int]), ("pd_silu_mul_bf16", [ptr, ptr, i64, i64, c_int]),
                            ("pd_add_rms_norm", [c_int, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, c_int]),
                            ("pd_rope", [c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, c_int]),
                            ("pd_bf16_variant", [c_int])):
@@ -136,13 +136,14 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table: torch.
         raise RuntimeError(f"native paged attention failed (code {rc})")
 
 
-BF16_VARIANTS = ("generic", "avx512_bf16")
+# avx512_bf16_rowwise: the AVX512-BF16 path with the previous decode kernel (one position at a time), for A/B runs
+BF16_VARIANTS = ("generic", "avx512_bf16", "avx512_bf16_rowwise")
 
 
 def bf16_variant(force: str | None = None) -> str | None:
     """The bfloat16 decode attention path in use: ``"avx512_bf16"`` (chosen where the CPU has it) or
     ``"generic"``; None without the library. ``force`` switches to one (tests and A/B runs compare both;
-    ``avx512_bf16`` stays ``generic`` on a CPU without it)."""
+    ``avx512_bf16*`` stay ``generic`` on a CPU without it)."""
     lib = kernels()
     if lib is None:
         return None
@@ -154,12 +155,15 @@ def fused_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and kernels() is not None
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of contiguous float32 rows ``[gate | up]`` [T, 2I]: a new [T, I] tensor (in
-    bfloat16 torch's own ops measured faster: benchmarks/bf16_kernels.py)."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` of contiguous rows ``[gate | up]`` [T, 2I]: a new [T, I] tensor. float32 always;
+    bfloat16 on a CPU with AVX512-BF16 (rounded where ``F.silu(gate) * up`` rounds), else None: the
+    generic bf16 code measured slower than torch's ops (benchmarks/bf16_kernels.py), which callers use."""
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    kernels().pd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads())
+    fn = kernels().pd_silu_mul if gate_up.dtype == torch.float32 else kernels().pd_silu_mul_bf16
+    if fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()) != 0:
+        return None
     return out
 
 

@@ -1,6 +1,7 @@
 /* Fused element-wise steps of a Llama layer: one pass over memory each, instead of the three to five
  * tensor operations (and temporaries) PyTorch runs for them.
  *   pd_silu_mul: out[t, i] = silu(x[t, i]) * x[t, inter + i] for x = [gate | up] rows (float32);
+ *   pd_silu_mul_bf16: the same in bfloat16 on a CPU with AVX512-BF16 (returns 1 elsewhere: torch's ops then);
  *   pd_add_rms_norm: optionally x += residual, then out = weight * x / sqrt(mean(x^2) + eps) per row;
  *   pd_rope: rotate-half RoPE of the q and k heads of fused qkv rows into contiguous q and k.
  * dtype: 0 = float32, 1 = bfloat16 (every tensor of a call; arithmetic in float32). In bfloat16 each
@@ -12,7 +13,7 @@
 
 #include "simd.h"
 
-/* float32 only: in bfloat16 torch's own SiLU and multiply measured faster (benchmarks/bf16_kernels.py) */
+/* float32 (the generic bf16 version measured slower than torch's ops; pd_silu_mul_bf16 is the AVX-512 one) */
 int pd_silu_mul(const float *x, float *out, int64_t rows, int64_t inter, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * inter > 32768)
     for (int64_t t = 0; t < rows; t++) {
@@ -26,6 +27,50 @@ int pd_silu_mul(const float *x, float *out, int64_t rows, int64_t inter, int num
         for (; i < inter; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
     return 0;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* 16 bf16 values widened to float32 (mask: the lanes to load) */
+PD_AVX512_BF16_TARGET static inline __m512 load16_bf16_masked(const uint16_t *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* rounded to bf16 (nearest even) and widened back: the value torch keeps after a bf16 op */
+PD_AVX512_BF16_TARGET static inline __m512 round16_bf16(__m512 f) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)), 16));
+}
+
+/* silu(gate) rounded to bf16, times up, rounded: where F.silu(gate) * up rounds */
+PD_AVX512_BF16_TARGET static void silu_mul_bf16_avx512(const uint16_t *x, uint16_t *out, int64_t rows, int64_t inter,
+                                                       int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * inter > 32768)
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *gate = x + t * 2 * inter, *up = gate + inter;
+        uint16_t *o = out + t * inter;
+        for (int64_t i = 0; i < inter; i += 16) {
+            const __mmask16 mask = inter - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (inter - i)) - 1u);
+            const __m512 g = load16_bf16_masked(gate + i, mask);
+            const __m512 minus_g = _mm512_sub_ps(_mm512_setzero_ps(), g);
+            const __mmask16 overflow = _mm512_cmp_ps_mask(minus_g, _mm512_set1_ps(88.3762626647949f), _CMP_GT_OQ);
+            /* exp16 clamps; past its range e^-g is inf for torch, so silu is -0 as there */
+            const __m512 e = _mm512_mask_blend_ps(overflow, exp16(minus_g), _mm512_set1_ps(INFINITY));
+            const __m512 silu = round16_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+            const __m512 prod = _mm512_mul_ps(silu, load16_bf16_masked(up + i, mask));
+            _mm256_mask_storeu_epi16(o + i, mask, (__m256i)_mm512_cvtneps_pbh(prod));
+        }
+    }
+}
+#endif
+
+int pd_silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t inter, int num_threads) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx512bf16")) {
+        silu_mul_bf16_avx512(x, out, rows, inter, num_threads);
+        return 0;
+    }
+#endif
+    (void)x, (void)out, (void)rows, (void)inter, (void)num_threads;
+    return 1;
 }
 
 static void add_rms_norm_f32(float *x, const float *residual, const float *weight, float *out, int64_t rows,

@@ -94,4 +94,28 @@ static inline void store8_bf16(uint16_t *p, v8 f) {
 /* f rounded to bfloat16 and back (the value torch keeps after a bf16 operation) */
 static inline v8 round8_bf16(v8 f) { return (v8)(__builtin_convertvector(to_bf16_8(f), v8u) << 16); }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+/* code for AVX512-BF16 whatever -march says, called only where __builtin_cpu_supports("avx512bf16") */
+#define PD_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+/* e^x of 16 floats: exp8's Cephes range reduction and polynomial in 512-bit registers */
+PD_AVX512_BF16_TARGET static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+    x = _mm512_max_ps(_mm512_min_ps(x, hi), _mm512_sub_ps(_mm512_setzero_ps(), hi));
+    const __m512 t = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fmadd_ps(t, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693359375f), x));
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
+    const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(t), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
+}
+
+#endif
+
 #endif
