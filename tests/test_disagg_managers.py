@@ -78,6 +78,32 @@ class Cluster:
             self.step()
             time.sleep(0.0005)
 
+    def step_decode(self) -> None:
+        for manager in self.decode:
+            outputs, meta = manager.process(manager.core.step() if manager.core.has_work() else [])
+            for out in outputs:
+                self.outputs.setdefault(out.rid, []).append(out)
+            self.meta.update(meta)
+
+    def run_until_transferring(self, timeout: float = RUN_S, settle_s: float = 0.25) -> None:
+        """Until decode rank 0 holds a room mid-transfer: after each prefill step of a paired room only decode
+        runs until it sees the pages sent so far (at most ``settle_s``), so a slow receive thread cannot let the whole
+        prompt through between two looks (which a loaded machine did)."""
+        deadline = time.monotonic() + timeout
+
+        def transferring() -> bool:
+            return self.decode[0].metrics().rooms["transferring"] == 1
+
+        while not transferring():
+            assert time.monotonic() < deadline, f"timed out waiting for the first KV pages; outputs: {self.outputs}"
+            self.step()
+            if not self.prefill[0].metrics().rooms["transferring"]:
+                continue  # not paired yet: no page on the way
+            settle = time.monotonic() + settle_s
+            while not transferring() and time.monotonic() < settle and not self.outputs.get("d"):
+                self.step_decode()
+                time.sleep(0.0005)
+
     def finished(self, rid: str) -> StepOutput | None:
         outs = self.outputs.get(rid, [])
         return outs[-1] if outs and outs[-1].finished else None
@@ -198,7 +224,7 @@ def test_prefill_abort_reaches_decode(engines, backend, cluster_factory):
     ids = prompt(5 + 100 * BACKENDS.index(backend), 120)
     c.decode[0].add(req("d", ids), 77, "127.0.0.1", c.bootstrap.port)
     c.prefill[0].add(req("p", ids), 77)
-    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
+    c.run_until_transferring()
     assert c.prefill[0].abort("p", "the prefill client went away")
     c.run_until_finished("d", "p")
     assert abort_message(c.finished("p")) == "the prefill client went away"
@@ -215,7 +241,7 @@ def test_decode_abort_reaches_prefill(engines, backend, cluster_factory):
     ids = prompt(6 + 100 * BACKENDS.index(backend), 120)  # its own per backend, as above
     c.prefill[0].add(req("p", ids), 78)
     c.decode[0].add(req("d", ids), 78, "127.0.0.1", c.bootstrap.port)
-    c.run(lambda: c.decode[0].metrics().rooms["transferring"] == 1, "the first KV pages")
+    c.run_until_transferring()
     assert c.decode[0].abort("d", "the decode client disconnected")
     c.run_until_finished("d", "p")
     assert abort_message(c.finished("d")) == "the decode client disconnected"
