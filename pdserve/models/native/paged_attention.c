@@ -203,10 +203,8 @@ BF16_TARGET static void decode_token_bf16_rowwise(const uint16_t *q, const uint1
     const int per_pass = 16 / vec; /* query heads whose accumulators fit in 16 registers */
     for (int64_t j0 = 0; j0 < len; j0 += BF16_VBLOCK) {
         const int64_t end = len - j0 < BF16_VBLOCK ? len - j0 : BF16_VBLOCK;
-        for (int64_t jj = 0; jj < end && j0 + BF16_VBLOCK + jj < len; jj++) {
-            const char *next = (const char *)(kv + kbase[j0 + BF16_VBLOCK + jj] + half_stride);
-            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        }
+        for (int64_t jj = 0; jj < end && j0 + BF16_VBLOCK + jj < len; jj++)
+            prefetch_row(kv, 1, kbase[j0 + BF16_VBLOCK + jj] + half_stride, row_stride);
         for (int64_t h = 0; h < num_kv_heads; h++) {
             const uint16_t *vrow[BF16_VBLOCK];
             for (int64_t jj = 0; jj < end; jj++) vrow[jj] = kv + kbase[j0 + jj] + half_stride + h * head_dim;
@@ -388,10 +386,8 @@ BF16_TARGET static void decode_token_bf16(const uint16_t *q, const uint16_t *kv,
     const int per_pass = 8 / chunks; /* query heads whose 2 * chunks accumulators fit in 16 registers */
     for (int64_t j0 = 0; j0 < len; j0 += KBLOCK) {
         const int64_t kb = len - j0 < KBLOCK ? len - j0 : KBLOCK;
-        for (int64_t jj = 0; jj < KBLOCK && j0 + KBLOCK + jj < len; jj++) {
-            const char *next = (const char *)(kv + kbase[j0 + KBLOCK + jj] + half_stride);
-            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        }
+        for (int64_t jj = 0; jj < KBLOCK && j0 + KBLOCK + jj < len; jj++)
+            prefetch_row(kv, 1, kbase[j0 + KBLOCK + jj] + half_stride, row_stride);
         for (int64_t h = 0; h < num_kv_heads; h++) {
             for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
                 const int heads = (int)(group - g0 < per_pass ? group - g0 : per_pass);
