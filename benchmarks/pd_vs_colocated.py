@@ -39,6 +39,7 @@ from pdserve.bench.serving import ServingConfig, benchmark
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.launch import threads_for
+from pdserve.transfer_names import BACKENDS
 
 LOAD_KEYS = ("request_goodput", "slo_attainment", "request_throughput", "output_throughput", "median_ttft_ms",
              "p90_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p90_itl_ms", "p99_itl_ms", "median_tpot_ms",
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-prompt-lens", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--ttft-samples", type=int, default=10)
-    p.add_argument("--transfer-backend", choices=("tcp", "shm"), default="tcp", help="of the P/D servers")
+    p.add_argument("--transfer-backend", choices=BACKENDS, default="tcp", help="of the P/D servers")
     p.add_argument("--transfer-args", default="", help="extra flags for 'pdserve bench transfer', one string")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "ttft", "transfer"])
     p.add_argument("--log-dir", default=None)
