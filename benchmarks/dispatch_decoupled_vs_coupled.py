@@ -23,9 +23,9 @@ from pdserve.bench.cluster import Cluster, machine_info, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
+from pdserve.cpu_threads import torch_threads_per_worker
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.launch import threads_for
 
 KEYS = ("request_goodput", "slo_attainment", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
         "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms", "completed", "failed", "duration_s")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for topo in args.topologies:
         p_dp, d_dp = (int(x) for x in topo.lower().split("x"))
         with Cluster(Path(log_dir) / topo, model_path=args.model_path,
-                     torch_threads=threads_for(p_dp + d_dp)) as cluster:
+                     torch_threads=torch_threads_per_worker(p_dp + d_dp)) as cluster:
             prefill = cluster.server("prefill", "prefill", p_dp, args.prefill_max_total_tokens, args.transfer_backend)
             decode = cluster.server("decode", "decode", d_dp, args.decode_max_total_tokens, args.transfer_backend)
             cluster.wait_healthy()

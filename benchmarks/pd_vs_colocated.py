@@ -36,9 +36,9 @@ from pdserve.bench.cluster import Cluster, Proc, machine_info, write_result
 from pdserve.bench.datasets import sample_mixed
 from pdserve.bench.metrics import parse_slo
 from pdserve.bench.serving import ServingConfig, benchmark
+from pdserve.cpu_threads import torch_threads_per_worker
 from pdserve.models.tiny import default_model_path
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.launch import threads_for
 from pdserve.transfer_names import BACKENDS
 
 LOAD_KEYS = ("request_goodput", "slo_attainment", "request_throughput", "output_throughput", "median_ttft_ms",
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "slo_ms": slo}
     t0 = time.monotonic()
     if "load" not in args.skip or "ttft" not in args.skip:
-        with Cluster(log_dir, model_path=args.model_path, torch_threads=threads_for(2)) as cluster:
+        with Cluster(log_dir, model_path=args.model_path, torch_threads=torch_threads_per_worker(2)) as cluster:
             mixed = cluster.server("mixed", None, 2, args.max_total_tokens)
             prefill = cluster.server("prefill", "prefill", 1, args.max_total_tokens, args.transfer_backend)
             decode = cluster.server("decode", "decode", 1, args.max_total_tokens, args.transfer_backend)

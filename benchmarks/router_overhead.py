@@ -50,7 +50,7 @@ from pdserve.bench.keepalive_client import (
     run_closed_loop,
     ttft_sender,
 )
-from pdserve.router.launch import threads_for
+from pdserve.cpu_threads import torch_threads_per_worker
 
 TARGETS = ("direct", "pdserve", "pdserve-2p", "sglang")
 BODY = {"input_ids": [11, 12, 13, 14], "stream": False,
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "rows": []}
     t0 = time.monotonic()
     if not args.no_real:
-        with Cluster(log_dir / "real", model_path=args.model_path, torch_threads=threads_for(3)) as cluster:
+        with Cluster(log_dir / "real", model_path=args.model_path, torch_threads=torch_threads_per_worker(3)) as cluster:
             prefill = cluster.server("prefill", "prefill", 1, 8192)
             decode = cluster.server("decode", "decode", 1, 8192)
             mixed = cluster.server("mixed", None, 1, 8192)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pdserve.server.controller import default_torch_threads
+from pdserve.cpu_threads import torch_threads_per_worker
 from tests.server_harness import alive, launch, port_is_free, wait_until
 
 
@@ -28,7 +28,7 @@ def _rank_of(pid: int) -> int:
 
 
 def test_default_torch_threads_leave_the_front_a_core():
-    assert [default_torch_threads(c, dp) for c, dp in ((1, 1), (2, 1), (2, 2), (4, 1), (16, 1), (16, 4), (3, 8))] == \
+    assert [torch_threads_per_worker(dp, c) for c, dp in ((1, 1), (2, 1), (2, 2), (4, 1), (16, 1), (16, 4), (3, 8))] == \
         [1, 1, 1, 3, 15, 3, 1]
 
 
@@ -49,7 +49,7 @@ def test_worker_death_then_sigterm(tmp_path):
         assert 503 in statuses  # the port opens before the workers are ready
         workers = {_rank_of(pid): pid for pid in srv.worker_pids()}
         assert sorted(workers) == [0, 1]
-        expected_threads = default_torch_threads(len(os.sched_getaffinity(0)), 2)
+        expected_threads = torch_threads_per_worker(2)
         assert {_spec_of(pid)["engine"]["torch_threads"] for pid in workers.values()} == {expected_threads}
         for room in (7, 8, 2**62 + 1):
             body = {"text": "hi", "sampling_params": {"max_new_tokens": 1}, "bootstrap_room": room,

@@ -105,7 +105,7 @@ class Cluster:
                  torch_threads: int | None = None) -> None:
         """``torch_threads``: passed to every server as ``--torch-threads``. A server divides the
         cores by its own DP size only, so several servers on one machine oversubscribe the cores
-        (OpenMP threads spinning against each other) unless this is set; see :func:`pdserve.router.launch.threads_for`."""
+        (OpenMP threads spinning against each other) unless this is set; see :func:`pdserve.cpu_threads.torch_threads_per_worker`."""
         self.log_dir = Path(log_dir)
         self.torch_threads = torch_threads
         self.log_dir.mkdir(parents=True, exist_ok=True)

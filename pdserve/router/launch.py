@@ -26,6 +26,7 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
+from pdserve.cpu_threads import torch_threads_per_worker
 from pdserve.plane_secret import SECRET_ENV, generate_secret
 from pdserve.ports import PortInUse, check_free
 from pdserve.router.config import POLICIES
@@ -60,12 +61,6 @@ def free_ports(count: int, host: str) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def threads_for(total_workers: int) -> int:
-    """Torch threads per worker so that ``total_workers`` worker processes share this machine's
-    cores without oversubscription (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, total_workers))
 
 
 def healthy(url: str) -> bool:
@@ -127,7 +122,7 @@ class Launcher:
         if a.simulate:
             server_args += ["--simulate", a.simulate]
         if "--torch-threads" not in server_args:  # each server alone would size threads for the whole host
-            server_args += ["--torch-threads", str(threads_for(workers))]
+            server_args += ["--torch-threads", str(torch_threads_per_worker(workers))]
         if a.model_path:
             server_args += ["--model-path", a.model_path]
         if a.served_model_name:

@@ -35,6 +35,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from pdserve.cpu_threads import torch_threads_per_worker
 from pdserve.disagg.auth import PlaneAuth
 from pdserve.disagg.stats import DisaggMeta
 from pdserve.engine.request import StepOutput, sample_rid
@@ -60,14 +61,6 @@ SHUTDOWN_JOIN_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
 logger = logging.getLogger("pdserve.controller")
-
-
-def default_torch_threads(cores: int, dp_size: int) -> int:
-    """Torch threads per DP rank when ``--torch-threads`` is not given: the cores but one, shared by
-    the ranks (at least one each). The front (HTTP, tokenizer, detokenizer) keeps a core, as vLLM's CPU
-    backend reserves one: an OpenMP team with a descheduled thread stalls every op at its barrier
-    (measured on 2 cores: 2 threads served 20-30x slower than 1 beside a busy neighbour)."""
-    return max(1, (cores - 1) // dp_size) if cores > 1 else 1
 
 
 @dataclass
@@ -221,7 +214,7 @@ class DPController:
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(out_addr)
-        threads = self.config.engine.torch_threads or default_torch_threads(len(os.sched_getaffinity(0)), self.dp_size)
+        threads = self.config.engine.torch_threads or torch_threads_per_worker(self.dp_size)
         logger.info("%d torch thread(s) per DP rank (%s)", threads,
                     "--torch-threads" if self.config.engine.torch_threads else "one core left to the front")
         self._env = dict(os.environ, OMP_NUM_THREADS=str(threads))
