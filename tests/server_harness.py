@@ -155,20 +155,18 @@ def stream_gaps(base_url: str, during=None, tokens: int = 3000, tail_events: int
 
     stamps: list[float] = []
     finished = threading.Event()
-    tail_from: list[int] = []
 
     def stream() -> None:
         body = {"text": "Once upon a time", "stream": True,
                 "sampling_params": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": 0}}
         with httpx.Client(base_url=base_url, timeout=60.0) as c, c.stream("POST", "/generate", json=body) as resp:
+            after = 0  # events since during() returned
             for line in resp.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     stamps.append(time.monotonic())
-                    if finished.is_set():
-                        if not tail_from:
-                            tail_from.append(len(stamps))
-                        if len(stamps) - tail_from[0] >= tail_events:
-                            return
+                    after += finished.is_set()
+                    if after > tail_events:
+                        return
 
     streamer = threading.Thread(target=stream)
     streamer.start()

@@ -63,8 +63,9 @@ class Cluster:
         self.outputs: dict[str, list[StepOutput]] = {}
         self.meta: dict[str, dict] = {}
 
-    def step(self) -> None:
-        for manager in (*self.prefill, *self.decode):
+    def step(self, managers=None) -> None:
+        """One loop iteration of every manager (or of ``managers``)."""
+        for manager in managers or (*self.prefill, *self.decode):
             core = manager.core
             outputs, meta = manager.process(core.step() if core.has_work() else [])
             for out in outputs:
@@ -77,13 +78,6 @@ class Cluster:
             assert time.monotonic() < deadline, f"timed out waiting for {what}; outputs: {self.outputs}"
             self.step()
             time.sleep(0.0005)
-
-    def step_decode(self) -> None:
-        for manager in self.decode:
-            outputs, meta = manager.process(manager.core.step() if manager.core.has_work() else [])
-            for out in outputs:
-                self.outputs.setdefault(out.rid, []).append(out)
-            self.meta.update(meta)
 
     def run_until_transferring(self, timeout: float = RUN_S, settle_s: float = 0.25) -> None:
         """Until decode rank 0 holds a room mid-transfer: after each prefill step of a paired room only decode
@@ -100,8 +94,8 @@ class Cluster:
             if not self.prefill[0].metrics().rooms["transferring"]:
                 continue  # not paired yet: no page on the way
             settle = time.monotonic() + settle_s
-            while not transferring() and time.monotonic() < settle and not self.outputs.get("d"):
-                self.step_decode()
+            while not transferring() and time.monotonic() < settle:
+                self.step(self.decode)
                 time.sleep(0.0005)
 
     def finished(self, rid: str) -> StepOutput | None:
