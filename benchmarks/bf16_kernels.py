@@ -1,7 +1,7 @@
 """Each native bf16 kernel against torch's own bf16 op, in one run, at the 135M layer shape (SmolLM2-135M:
 hidden 576, 9 query / 3 KV heads of 64): decode attention over 32 rows x 384 and x 1024 tokens
 of scattered pages (and at 384 over 30 layers' pages in turn, per 30 layers: the engine's case, KV read from
-DRAM, where one layer's 9.4 MB would stay in L3 call after call) (the blocked AVX512-BF16 kernel, the previous row-wise one, the generic C), causal prefill
+DRAM, where one layer's 9.4 MB would stay in L3 call after call) (the blocked AVX512-BF16 kernel, the generic C), causal prefill
 attention of a 512-token chunk, RMSNorm (with the residual add) and RoPE at 32 and 512 rows, and each linear
 of a layer plus the LM head at 1, 32 and 512 rows as ``F.linear`` vs oneDNN-packed (``pdserve.models.packed_linear``,
 bf16 and fp32) (a bf16 SiLU-and-multiply kernel lost to torch's, 1.64 vs 0.93 ms at 512 rows, and was

@@ -136,14 +136,13 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table: torch.
         raise RuntimeError(f"native paged attention failed (code {rc})")
 
 
-# avx512_bf16_rowwise: the AVX512-BF16 path with the previous decode kernel (one position at a time), for A/B runs
-BF16_VARIANTS = ("generic", "avx512_bf16", "avx512_bf16_rowwise")
+BF16_VARIANTS = ("generic", "avx512_bf16")
 
 
 def bf16_variant(force: str | None = None) -> str | None:
     """The bfloat16 decode attention path in use: ``"avx512_bf16"`` (chosen where the CPU has it) or
     ``"generic"``; None without the library. ``force`` switches to one (tests and A/B runs compare both;
-    ``avx512_bf16*`` stay ``generic`` on a CPU without it)."""
+    ``avx512_bf16`` stays ``generic`` on a CPU without it)."""
     lib = kernels()
     if lib is None:
         return None

@@ -100,129 +100,9 @@ static inline __attribute__((always_inline)) void accumulate_values(float *a, co
 /* The AVX512-BF16 decode path: compiled for that instruction set whatever -march says, and chosen at
  * run time (pd_bf16_variant) only on a CPU that has it, so the same build runs on an AVX2 machine. */
 #define BF16_TARGET PD_AVX512_BF16_TARGET
-#define BF16_VBLOCK 16 /* positions whose V rows are reused from L1 by all query heads */
 #ifndef SCORE_ROWS
 #define SCORE_ROWS 8 /* query rows scored per pass over a transposed K block */
 #endif
-
-/* a, b: dim bf16 values each (dim % 32 == 0); the dot product with float32 accumulation */
-BF16_TARGET static inline __attribute__((always_inline)) float dot_bf16(const uint16_t *a, const uint16_t *b,
-                                                                         int64_t dim) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
-    return _mm512_reduce_add_ps(acc);
-}
-
-BF16_TARGET static inline __attribute__((always_inline)) __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* acc[h][0, 16 * vec) += sum over positions jj < end of w[h][jj] * vrow[jj][0, 16 * vec) for `heads` query
- * heads of one KV head, V rows bf16 (rows_f32 0) or already float32 (1); inlined with constants the
- * accumulators stay in registers */
-BF16_TARGET static inline __attribute__((always_inline)) void accumulate_values_x16(
-    float *const *acc, const float *const *w, const void *const *vrow, int64_t end, int heads, int vec, int rows_f32) {
-    __m512 sum[16];
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < vec; c++) sum[h * vec + c] = _mm512_loadu_ps(acc[h] + 16 * c);
-    for (int64_t jj = 0; jj < end; jj++) {
-        for (int c = 0; c < vec; c++) {
-            const __m512 v = rows_f32 ? _mm512_loadu_ps((const float *)vrow[jj] + 16 * c)
-                                      : load16_bf16((const uint16_t *)vrow[jj] + 16 * c);
-            for (int h = 0; h < heads; h++) sum[h * vec + c] = _mm512_fmadd_ps(_mm512_set1_ps(w[h][jj]), v, sum[h * vec + c]);
-        }
-    }
-    for (int h = 0; h < heads; h++)
-        for (int c = 0; c < vec; c++) _mm512_storeu_ps(acc[h] + 16 * c, sum[h * vec + c]);
-}
-
-#define ACCUMULATE_CASES(F32)                                                                            \
-    switch (vec * 100 + heads) { /* constants, so the accumulators stay in registers */                  \
-    case 201: accumulate_values_x16(a, w, vrow, end, 1, 2, F32); break;                                  \
-    case 202: accumulate_values_x16(a, w, vrow, end, 2, 2, F32); break;                                  \
-    case 204: accumulate_values_x16(a, w, vrow, end, 4, 2, F32); break;                                  \
-    case 208: accumulate_values_x16(a, w, vrow, end, 8, 2, F32); break;                                  \
-    case 401: accumulate_values_x16(a, w, vrow, end, 1, 4, F32); break;                                  \
-    case 402: accumulate_values_x16(a, w, vrow, end, 2, 4, F32); break;                                  \
-    case 403: accumulate_values_x16(a, w, vrow, end, 3, 4, F32); break;                                  \
-    case 404: accumulate_values_x16(a, w, vrow, end, 4, 4, F32); break;                                  \
-    case 801: accumulate_values_x16(a, w, vrow, end, 1, 8, F32); break;                                  \
-    case 802: accumulate_values_x16(a, w, vrow, end, 2, 8, F32); break;                                  \
-    case 1201: accumulate_values_x16(a, w, vrow, end, 1, 12, F32); break;                                \
-    case 1601: accumulate_values_x16(a, w, vrow, end, 1, 16, F32); break;                                \
-    default:                                                                                             \
-        for (int i = 0; i < heads; i++) accumulate_values_x16(a + i, w + i, vrow, end, 1, vec, F32);     \
-    }
-
-/* heads * (vec / 16) <= 16 accumulators: per_pass = 16 / vec query heads at a time */
-BF16_TARGET static void accumulate_heads(float *const *a, const float *const *w, const void *const *vrow, int64_t end,
-                                         int heads, int vec, int rows_f32) {
-    if (rows_f32) {
-        ACCUMULATE_CASES(1)
-    } else {
-        ACCUMULATE_CASES(0)
-    }
-}
-
-/* out[m][d] = bf16(acc[m][d] * norm[m]) for rows m < rows (head_dim % 16 == 0) */
-BF16_TARGET static void store_normalised_bf16(uint16_t *out, const float *acc, const float *norm, int64_t rows,
-                                              int64_t head_dim) {
-    for (int64_t m = 0; m < rows; m++) {
-        const __m512 scale = _mm512_set1_ps(norm[m]);
-        for (int64_t d = 0; d < head_dim; d += 16) {
-            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + m * head_dim + d), scale);
-            store8_bf16(out + m * head_dim + d, _mm512_extractf32x8_ps(v, 0));
-            store8_bf16(out + m * head_dim + d + 8, _mm512_extractf32x8_ps(v, 1));
-        }
-    }
-}
-
-/* The previous decode path (variant 2, kept to compare against): one position at a time, a horizontal sum
- * per score.
- * One decode token over its row: scores by dpbf16 dot products (float32 accumulation), float32 softmax,
- * then values converted to float32 once per position and accumulated for every query head of the KV
- * head. out: bf16 [num_q_heads * head_dim]. Requires head_dim % 32 == 0, head_dim <= 256. */
-BF16_TARGET static void decode_token_bf16_rowwise(const uint16_t *q, const uint16_t *kv, uint16_t *out, const int64_t *kbase,
-                                          int64_t len, int64_t len8, int64_t num_q_heads, int64_t num_kv_heads,
-                                          int64_t head_dim, int64_t half_stride, int64_t row_stride, float scale,
-                                          float *scores, float *acc, float *norm) {
-    const int64_t group = num_q_heads / num_kv_heads;
-    const int vec = (int)(head_dim / 16);
-    for (int64_t j = 0; j < len; j++) {
-        if (j + PREFETCH_AHEAD < len) {
-            const char *next = (const char *)(kv + kbase[j + PREFETCH_AHEAD]);
-            for (int64_t b = 0; b < row_stride * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        }
-        const uint16_t *k = kv + kbase[j];
-        for (int64_t hq = 0; hq < num_q_heads; hq++)
-            scores[hq * len8 + j] = scale * dot_bf16(q + hq * head_dim, k + (hq / group) * head_dim, head_dim);
-    }
-    for (int64_t hq = 0; hq < num_q_heads; hq++) norm[hq] = softmax_unnormalised(scores + hq * len8, len);
-    memset(acc, 0, sizeof(float) * (size_t)(num_q_heads * head_dim));
-    const int per_pass = 16 / vec; /* query heads whose accumulators fit in 16 registers */
-    for (int64_t j0 = 0; j0 < len; j0 += BF16_VBLOCK) {
-        const int64_t end = len - j0 < BF16_VBLOCK ? len - j0 : BF16_VBLOCK;
-        for (int64_t jj = 0; jj < end && j0 + BF16_VBLOCK + jj < len; jj++)
-            prefetch_row(kv, 1, kbase[j0 + BF16_VBLOCK + jj] + half_stride, row_stride);
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const uint16_t *vrow[BF16_VBLOCK];
-            for (int64_t jj = 0; jj < end; jj++) vrow[jj] = kv + kbase[j0 + jj] + half_stride + h * head_dim;
-            for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
-                const int heads = (int)(group - g0 < per_pass ? group - g0 : per_pass);
-                float *a[16];
-                const float *w[16];
-                for (int i = 0; i < heads; i++) {
-                    const int64_t hq = h * group + g0 + i;
-                    a[i] = acc + hq * head_dim;
-                    w[i] = scores + hq * len8 + j0;
-                }
-                accumulate_heads(a, w, (const void *const *)vrow, end, heads, vec, 0);
-            }
-        }
-    }
-    store_normalised_bf16(out, acc, norm, num_q_heads, head_dim);
-}
 
 /* softmax_unnormalised in 16 lanes: w[0, n) = exp(w[0, n) - max), returns 1 / their sum; w has room for a
  * multiple of 16 floats (the tail is masked) */
@@ -483,12 +363,11 @@ BF16_TARGET static void prefill_tile_bf16(const uint16_t *q, const uint16_t *kv,
 }
 #endif
 
-static int bf16_variant = -1; /* -1: not chosen yet; 0: the generic code; 1: AVX512-BF16; 2: 1 with the
-                               * previous row-wise decode path (for A/B runs) */
+static int bf16_variant = -1; /* -1: not chosen yet; 0: the generic code; 1: AVX512-BF16 */
 
-/* request -1: the variant in use (chosen on first call: AVX512-BF16 where the CPU has it); 0, 1 or 2:
- * use that one (1 and 2 only where supported, else 0; tests and benchmarks compare them). Returns the
- * variant now in use. */
+/* request -1: the variant in use (chosen on first call: AVX512-BF16 where the CPU has it); 0 or 1: use
+ * that one (1 only where supported, else 0; tests and benchmarks compare them). Returns the variant now
+ * in use. */
 int pd_bf16_variant(int request) {
 #ifdef PD_X86
     const int supported = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
@@ -496,7 +375,7 @@ int pd_bf16_variant(int request) {
     const int supported = 0;
 #endif
     if (request >= 0)
-        bf16_variant = supported && request <= 2 ? request : 0;
+        bf16_variant = supported && request <= 1 ? request : 0;
     else if (bf16_variant < 0)
         bf16_variant = supported;
     return bf16_variant;
@@ -559,17 +438,10 @@ int pd_paged_attention(int dtype, const void *q, const void *kv, void *out, cons
             if (++slot == page_size) slot = 0, page++;
         }
 #ifdef PD_X86
-        if (n == 1 && bf16_fast == 1) {
+        if (n == 1 && bf16_fast) {
             decode_token_bf16((const uint16_t *)q + t0 * width, (const uint16_t *)kv, (uint16_t *)out + t0 * width,
                               kbase, len, len8, num_q_heads, num_kv_heads, head_dim, half_stride, row_stride, scale,
                               scores, acc, norm);
-            free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
-            continue;
-        }
-        if (n == 1 && bf16_fast) {
-            decode_token_bf16_rowwise((const uint16_t *)q + t0 * width, (const uint16_t *)kv,
-                                      (uint16_t *)out + t0 * width, kbase, len, len8, num_q_heads, num_kv_heads,
-                                      head_dim, half_stride, row_stride, scale, scores, acc, norm);
             free(qf), free(acc), free(norm), free(block), free(scores), free(kbase);
             continue;
         }
